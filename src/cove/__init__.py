@@ -1,19 +1,14 @@
-"""cove: self-hosted sandboxes for AI agents."""
+"""cove: self-hosted sandboxes for AI agents.
 
-from cove.errors import (
-    AuthError,
-    CommandTimeout,
-    Conflict,
-    CoveError,
-    FileNotFound,
-    InvalidRequest,
-    NotFound,
-    SandboxNotFound,
-)
-from cove.sdk import AsyncSandbox, Sandbox
+The SDK is imported lazily so that the server-side modules (the sandbox launcher in particular,
+which runs on every create) do not pay for httpx and pydantic at start.
+"""
 
-__all__ = [
-    "AsyncSandbox",
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_ERRORS = {
     "AuthError",
     "CommandTimeout",
     "Conflict",
@@ -21,7 +16,32 @@ __all__ = [
     "FileNotFound",
     "InvalidRequest",
     "NotFound",
-    "Sandbox",
     "SandboxNotFound",
-]
-__version__ = "0.1.0"
+}
+_SDK = {"Sandbox", "AsyncSandbox"}
+__all__ = sorted(_ERRORS | _SDK)
+
+if TYPE_CHECKING:
+    from cove.errors import (
+        AuthError,
+        CommandTimeout,
+        Conflict,
+        CoveError,
+        FileNotFound,
+        InvalidRequest,
+        NotFound,
+        SandboxNotFound,
+    )
+    from cove.sdk import AsyncSandbox, Sandbox
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ERRORS:
+        from cove import errors
+
+        return getattr(errors, name)
+    if name in _SDK:
+        from cove import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'cove' has no attribute {name!r}")

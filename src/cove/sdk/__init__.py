@@ -1,0 +1,31 @@
+"""The cove Python SDK.
+
+::
+
+    from cove import Sandbox
+
+    with Sandbox.create(template="base") as sb:
+        print(sb.exec("python3 -c 'print(6*7)'").stdout)   # 42
+        sb.files.write("/home/user/a.txt", "hello")
+
+:class:`Sandbox` blocks; :class:`AsyncSandbox` is the same API for asyncio. Both read the server
+address and key from ``COVE_URL`` (default ``http://127.0.0.1:7770``) and ``COVE_API_KEY`` unless
+``url=`` / ``api_key=`` are given.
+"""
+
+from cove.sdk.aio import AsyncFiles, AsyncSandbox
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo
+from cove.sdk.sync import Files, Sandbox
+
+__all__ = [
+    "ApiKey",
+    "AsyncFiles",
+    "AsyncSandbox",
+    "EntryInfo",
+    "ExecEvent",
+    "ExecResult",
+    "Files",
+    "Limits",
+    "Sandbox",
+    "SandboxInfo",
+]

@@ -1,0 +1,609 @@
+"""The ``cove`` command line: manage sandboxes on a cove server from a shell.
+
+Every command talks to the server at ``--url`` / ``COVE_URL`` (default ``http://127.0.0.1:7770``)
+with the key from ``--api-key`` / ``COVE_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from cove.errors import CommandTimeout, CoveError, FileNotFound, InvalidArgument
+from cove.sdk import Sandbox, SandboxInfo
+from cove.sdk.sync import create_key, delete_key, list_keys
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="cove",
+    help="Self-hosted sandboxes for AI agents.\n\n"
+    "Point the CLI at a server with [bold]COVE_URL[/] and [bold]COVE_API_KEY[/] (or --url / --api-key).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+keys_app = typer.Typer(
+    help="Manage API keys (needs an admin key).", no_args_is_help=True, pretty_exceptions_enable=False
+)
+app.add_typer(keys_app, name="keys")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_REMOTE = re.compile(r"^(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*):(?P<path>.*)$")
+_CHUNK = 256 * 1024
+
+
+# ------------------------------------------------------------------------------------- plumbing
+
+
+class _Conn:
+    def __init__(self, url: str | None, api_key: str | None) -> None:
+        self.url = url
+        self.api_key = api_key
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        return Sandbox(sandbox_id, url=self.url, api_key=self.api_key)
+
+
+def _conn(ctx: typer.Context) -> _Conn:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, _Conn) else _Conn(None, None)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] [red]{escape(message)}[/]")
+    raise typer.Exit(code)
+
+
+def _friendly(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn SDK and OS errors into one red line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except CoveError as exc:
+            _fail(exc.message or type(exc).__name__)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}")
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} must look like KEY=VALUE, got {item!r}")
+        result[key] = value
+    return result
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    seconds = int((datetime.now(UTC) - value).total_seconds())
+    future = seconds < 0
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            text = f"{seconds // size}{unit}"
+            break
+    else:
+        text = f"{seconds}s"
+    return f"in {text}" if future else f"{text} ago"
+
+
+_STATE_STYLE = {"running": "green", "starting": "yellow", "killed": "dim", "error": "red"}
+
+
+def _state(state: str) -> str:
+    return f"[{_STATE_STYLE.get(state, 'white')}]{escape(state)}[/]"
+
+
+def _info_json(info: SandboxInfo) -> dict[str, Any]:
+    data = asdict(info)
+    for key in ("created_at", "expires_at"):
+        value = data.get(key)
+        data[key] = value.isoformat() if isinstance(value, datetime) else value
+    return data
+
+
+# -------------------------------------------------------------------------------------- options
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", envvar="COVE_URL", help="Server URL \\[default: http://127.0.0.1:7770]."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="COVE_API_KEY", help="API key.", show_default=False),
+    ] = None,
+) -> None:
+    ctx.obj = _Conn(url, api_key)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@_friendly
+def create(
+    ctx: typer.Context,
+    template: Annotated[str, typer.Option("--template", "-t", help="Template to start from.")] = "base",
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="Environment variable KEY=VALUE (repeatable).")
+    ] = None,
+    timeout: Annotated[
+        int | None, typer.Option("--timeout", help="Lifetime in seconds (0 = none) \\[default: 300].")
+    ] = None,
+    cpu: Annotated[float | None, typer.Option("--cpu", help="CPU cores (0.05-64).")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", help="Memory limit in MB.")] = None,
+    pids: Annotated[int | None, typer.Option("--pids", help="Maximum number of processes.")] = None,
+    disk: Annotated[int | None, typer.Option("--disk", help="Disk limit in MB.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="Metadata KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Start a sandbox and print its id.
+
+    [bold]Example:[/]  [cyan]cove create -t base -e DEBUG=1 -l project=demo --memory 512[/]
+    """
+    conn = _conn(ctx)
+    sandbox = Sandbox.create(
+        template,
+        env=_pairs(env, "--env"),
+        timeout=timeout,
+        metadata=_pairs(label, "--label"),
+        cpu=cpu,
+        memory_mb=memory,
+        pids=pids,
+        disk_mb=disk,
+        url=conn.url,
+        api_key=conn.api_key,
+    )
+    sandbox.close()
+    out.print(sandbox.id)
+
+
+@app.command("ls")
+@_friendly
+def ls(
+    ctx: typer.Context,
+    state: Annotated[
+        str | None, typer.Option("--state", "-s", help="Only this state (running, killed, ...).")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="Only with metadata KEY=VALUE (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the ids.")] = False,
+) -> None:
+    """List sandboxes.
+
+    [bold]Example:[/]  [cyan]cove ls --state running -l project=demo[/]   ([cyan]cove kill $(cove ls -q)[/] kills them all)
+    """
+    conn = _conn(ctx)
+    items = Sandbox.list(state=state, metadata=_pairs(label, "--label"), url=conn.url, api_key=conn.api_key)
+    if as_json:
+        out.print_json(json.dumps([_info_json(i) for i in items]))
+        return
+    if quiet:
+        for info in items:
+            out.print(info.id)
+        return
+    if not items:
+        err.print("[dim]no sandboxes[/]")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("ID", no_wrap=True, min_width=max(len(i.id) for i in items))
+    table.add_column("TEMPLATE")
+    table.add_column("STATE")
+    table.add_column("CREATED")
+    table.add_column("EXPIRES")
+    table.add_column("LABELS")
+    for info in items:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+        table.add_row(
+            escape(info.id),
+            escape(info.template),
+            _state(info.state),
+            _ago(info.created_at),
+            _ago(info.expires_at) if info.expires_at else "never",
+            escape(labels) or "-",
+        )
+    out.print(table)
+
+
+@app.command()
+@_friendly
+def info(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one sandbox.
+
+    [bold]Example:[/]  [cyan]cove info sb-1234 --json[/]
+    """
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        data = sandbox.info()
+    finally:
+        sandbox.close()
+    if as_json:
+        out.print_json(json.dumps(_info_json(data)))
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    limits = data.limits
+    limit_text = ", ".join(
+        f"{name}={value}"
+        for name, value in (
+            ("cpu", limits.cpu),
+            ("memory_mb", limits.memory_mb),
+            ("pids", limits.pids),
+            ("disk_mb", limits.disk_mb),
+        )
+        if value is not None
+    )
+    rows = [
+        ("id", escape(data.id)),
+        ("state", _state(data.state) + (f" ({escape(data.end_reason)})" if data.end_reason else "")),
+        ("template", escape(data.template)),
+        ("runtime", escape(data.runtime) or "-"),
+        ("created", f"{_when(data.created_at)} UTC ({_ago(data.created_at)})"),
+        (
+            "expires",
+            f"{_when(data.expires_at)} UTC ({_ago(data.expires_at)})" if data.expires_at else "never",
+        ),
+        ("timeout", f"{data.timeout}s" if data.timeout else "none"),
+        ("user", escape(data.user or "-")),
+        ("workdir", escape(data.workdir or "-")),
+        ("limits", escape(limit_text) or "-"),
+        ("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items()))) or "-"),
+    ]
+    for key, value in rows:
+        grid.add_row(key, value)
+    out.print(grid)
+
+
+def _exit_status(code: int) -> int:
+    if code < 0:  # killed by a signal
+        return 128 + min(-code, 127)
+    return code if code <= 255 else 255
+
+
+@app.command("exec", context_settings={"ignore_unknown_options": False})
+@_friendly
+def exec_(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    cmd: Annotated[list[str], typer.Argument(metavar="CMD", help="The command, after --.", show_default=False)],
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="Environment variable KEY=VALUE (repeatable).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Kill the command after SECONDS.")
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", "-i", help="Send this terminal's stdin to the command.")
+    ] = False,
+) -> None:
+    """Run a command in a sandbox, streaming its output; exits with the command's exit code.
+
+    One argument is run by the shell ([cyan]bash -c[/]); several are run as an argv list.
+    A command that times out is killed and [bold]cove exec[/] exits with 124.
+
+    [bold]Examples:[/]  [cyan]cove exec sb-1234 -- ls -la /tmp[/]
+               [cyan]cove exec sb-1234 -- 'cd /src && make 2>&1 | tail'[/]
+               [cyan]echo hi | cove exec -i sb-1234 -- cat[/]
+    """
+    command: str | list[str] = cmd[0] if len(cmd) == 1 else list(cmd)
+    stdin_data = sys.stdin.read() if stdin else None
+
+    def write_out(data: str) -> None:
+        sys.stdout.write(data)
+        sys.stdout.flush()
+
+    def write_err(data: str) -> None:
+        sys.stderr.write(data)
+        sys.stderr.flush()
+
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        result = sandbox.exec(
+            command,
+            user=user,
+            cwd=cwd,
+            env=_pairs(env, "--env"),
+            timeout=timeout,
+            stdin=stdin_data,
+            on_stdout=write_out,
+            on_stderr=write_err,
+        )
+    except CommandTimeout as exc:
+        _fail(exc.message, 124)
+    finally:
+        sandbox.close()
+    raise typer.Exit(_exit_status(result.exit_code))
+
+
+def _progress(description: str) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def _split_remote(arg: str) -> tuple[str, str] | None:
+    """``ID:/path`` → ``(ID, /path)``; a local path (use ``./a:b`` for odd names) → ``None``."""
+    if arg in ("-",) or arg.startswith(("/", "./", "../", "~")):
+        return None
+    match = _REMOTE.match(arg)
+    if not match:
+        return None
+    return match["id"], match["path"] or "."
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _upload(sandbox: Sandbox, local: str, remote: str) -> None:
+    if local == "-":
+        source: IO[bytes] = sys.stdin.buffer
+        total: int | None = None
+        name = "stdin"
+    else:
+        path = Path(local).expanduser()
+        if path.is_dir():
+            raise InvalidArgument(f"{local} is a directory; cove cp copies single files")
+        source = path.open("rb")
+        total = path.stat().st_size
+        name = path.name
+    try:
+        if remote.endswith("/"):
+            remote += name
+        else:
+            try:
+                if sandbox.files.stat(remote).is_dir:
+                    remote = remote.rstrip("/") + "/" + name
+            except FileNotFound:
+                pass
+        sent = 0
+        with _progress(f"↑ {name}") as progress:
+            task = progress.add_task(f"↑ {name}", total=total)
+
+            def chunks() -> Iterator[bytes]:
+                nonlocal sent
+                while chunk := source.read(_CHUNK):
+                    sent += len(chunk)
+                    progress.advance(task, len(chunk))
+                    yield chunk
+
+            entry = sandbox.files.write(remote, chunks())
+        err.print(f"[green]uploaded[/] {_human(sent)} to {escape(sandbox.id)}:{escape(entry.path or remote)}")
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def _download(sandbox: Sandbox, remote: str, local: str) -> None:
+    entry = sandbox.files.stat(remote)
+    if entry.is_dir:
+        raise InvalidArgument(f"{sandbox.id}:{remote} is a directory; cove cp copies single files")
+    name = entry.name or os.path.basename(remote.rstrip("/")) or "download"
+    if local == "-":
+        sink: IO[bytes] = sys.stdout.buffer
+        target = "stdout"
+    else:
+        path = Path(local).expanduser()
+        if path.is_dir() or local.endswith("/"):
+            path = path / name
+        target = str(path)
+        sink = path.open("wb")
+    received = 0
+    try:
+        with _progress(f"↓ {name}") as progress:
+            task = progress.add_task(f"↓ {name}", total=entry.size or None)
+            for chunk in sandbox.files.read(remote, format="stream"):
+                sink.write(chunk)
+                received += len(chunk)
+                progress.advance(task, len(chunk))
+        sink.flush()
+    finally:
+        if sink is not sys.stdout.buffer:
+            sink.close()
+    if local != "-":
+        err.print(f"[green]downloaded[/] {_human(received)} to {escape(target)}")
+
+
+@app.command()
+@_friendly
+def cp(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="Source: a local path, ID:/path, or - for stdin.")],
+    dst: Annotated[str, typer.Argument(help="Destination: a local path, ID:/path, or - for stdout.")],
+) -> None:
+    """Copy a file into or out of a sandbox (exactly one side is [cyan]ID:/path[/]); streamed.
+
+    A destination that is a directory (or ends with /) gets the source's file name.
+    Relative sandbox paths start at the user's home. Write [cyan]./a:b[/] for a local name with a colon.
+
+    [bold]Examples:[/]  [cyan]cove cp data.csv sb-1234:/home/user/[/]
+               [cyan]cove cp sb-1234:/home/user/out.tar.gz .[/]
+    """
+    src_remote, dst_remote = _split_remote(src), _split_remote(dst)
+    if (src_remote is None) == (dst_remote is None):
+        raise InvalidArgument(
+            "exactly one of SRC and DST must be a sandbox path like ID:/path "
+            f"(got {src!r} and {dst!r}; write ./name for a local file with a colon)"
+        )
+    remote = src_remote or dst_remote
+    assert remote is not None
+    sandbox = _conn(ctx).sandbox(remote[0])
+    try:
+        if dst_remote is not None:
+            _upload(sandbox, src, dst_remote[1])
+        else:
+            _download(sandbox, remote[1], dst)
+    finally:
+        sandbox.close()
+
+
+@app.command()
+def kill(
+    ctx: typer.Context,
+    sandbox_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Sandbox ids.")],
+) -> None:
+    """Kill one or more sandboxes (killing a dead sandbox is fine).
+
+    [bold]Example:[/]  [cyan]cove kill sb-1234 sb-5678[/]
+    """
+    conn = _conn(ctx)
+    failed = 0
+    for sandbox_id in sandbox_ids:
+        try:
+            Sandbox.kill_by_id(sandbox_id, url=conn.url, api_key=conn.api_key)
+        except CoveError as exc:
+            failed += 1
+            err.print(f"[bold red]error:[/] [red]{escape(sandbox_id)}: {escape(exc.message)}[/]")
+        else:
+            out.print(f"killed {escape(sandbox_id)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@keys_app.command("create")
+@_friendly
+def keys_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", "-n", help="A name to recognise the key by.")],
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for.")] = "default",
+    admin: Annotated[bool, typer.Option("--admin", help="Let the key manage keys.")] = False,
+) -> None:
+    """Create an API key and print it (it is shown only this once).
+
+    [bold]Example:[/]  [cyan]export COVE_API_KEY=$(cove keys create --name ci --tenant team-a)[/]
+    """
+    conn = _conn(ctx)
+    key = create_key(name, tenant=tenant, admin=admin, url=conn.url, api_key=conn.api_key)
+    out.print(key.key or "")
+    role = "admin key" if key.admin else "key"
+    err.print(
+        f"[green]created {role}[/] {escape(key.id)} ({escape(key.name)}, tenant {escape(key.tenant)}); "
+        "store it now, it is not shown again"
+    )
+
+
+@keys_app.command("ls")
+@_friendly
+def keys_ls(ctx: typer.Context) -> None:
+    """List API keys (without their secrets).
+
+    [bold]Example:[/]  [cyan]cove keys ls[/]
+    """
+    conn = _conn(ctx)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "NAME", "TENANT", "ADMIN", "CREATED"):
+        table.add_column(column, no_wrap=column == "ID")
+    for key in list_keys(url=conn.url, api_key=conn.api_key):
+        table.add_row(
+            escape(key.id),
+            escape(key.name),
+            escape(key.tenant),
+            "yes" if key.admin else "",
+            _when(key.created_at),
+        )
+    out.print(table)
+
+
+@keys_app.command("rm")
+@_friendly
+def keys_rm(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="Key id (not the secret).")],
+) -> None:
+    """Revoke an API key.
+
+    [bold]Example:[/]  [cyan]cove keys rm key-1234[/]
+    """
+    conn = _conn(ctx)
+    delete_key(key_id, url=conn.url, api_key=conn.api_key)
+    out.print(f"revoked {escape(key_id)}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on.")] = 7770,
+    home: Annotated[
+        str | None, typer.Option("--home", envvar="COVE_HOME", help="State directory (database, sandboxes).")
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Start in demo mode.")] = False,
+) -> None:
+    """Run the cove server.
+
+    [bold]Example:[/]  [cyan]cove serve --host 0.0.0.0 --port 7770 --home /var/lib/cove[/]
+    """
+    from cove.controlplane.server import serve as run_server
+
+    run_server(host=host, port=port, home=home, demo=demo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,53 @@
+"""Server settings, read once from the environment (every knob has a COVE_* variable)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("COVE_HOME") or Path.home() / ".cove")
+
+
+def _guest_python() -> str:
+    # Resolve a real interpreter: a pyenv shim on PATH costs ~44 ms per start (DESIGN.md).
+    for candidate in (os.environ.get("COVE_GUEST_PYTHON"), "/usr/bin/python3", shutil.which("python3")):
+        if candidate and os.path.isfile(candidate) and "shims" not in candidate:
+            return os.path.realpath(candidate)
+    raise RuntimeError("no python3 interpreter found for the guest agent (set COVE_GUEST_PYTHON)")
+
+
+@dataclass
+class Settings:
+    home: Path = field(default_factory=_default_home)
+    host: str = "127.0.0.1"
+    port: int = 7770
+    # The api key to create at start (scripts and tests drive a fresh server with it).
+    api_key: str | None = field(default_factory=lambda: os.environ.get("COVE_API_KEY") or None)
+    # Parent cgroup of all sandboxes of this server (several servers on one host need distinct ones).
+    cgroup_parent: str = field(default_factory=lambda: os.environ.get("COVE_CGROUP_PARENT", "cove"))
+    # Host uid/gid range that uid 0..65535 inside every sandbox maps to.
+    uid_base: int = field(default_factory=lambda: int(os.environ.get("COVE_UID_BASE", "100000")))
+    guest_python: str = field(default_factory=_guest_python)
+    default_timeout: int = 300
+    max_upload_bytes: int = field(default_factory=lambda: int(os.environ.get("COVE_MAX_UPLOAD_BYTES", str(1 << 30))))
+    max_output_bytes: int = 16 << 20  # per stream, for buffered (non-streaming) exec
+    reaper_interval: float = 1.0
+    default_memory_mb: int = 1024
+    default_pids: int = 1024
+    demo: bool = False  # `cove serve --demo`: run the demo once the server is up
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "cove.db"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.home / "sandboxes"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.home / "storage"

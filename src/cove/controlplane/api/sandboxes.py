@@ -1,0 +1,66 @@
+"""/v1/sandboxes: lifecycle."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from cove.controlplane.auth import Caller, caller
+from cove.controlplane.errors import ApiError
+from cove.controlplane.schemas import CreateSandbox, SandboxOut, SandboxPage, SetTimeout, State
+from cove.controlplane.service import SandboxService
+
+from .deps import service
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+Svc = Annotated[SandboxService, Depends(service)]
+Who = Annotated[Caller, Depends(caller)]
+
+
+def _parse_metadata(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ApiError(422, "validation_error", f"metadata: expected key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+@router.post("", status_code=201, response_model=SandboxOut)
+async def create_sandbox(body: CreateSandbox, who: Who, svc: Svc) -> SandboxOut:
+    """Start a sandbox from a template, with its env, limits, timeout and metadata labels."""
+    return SandboxOut.of(await svc.create(who, body))
+
+
+@router.get("", response_model=SandboxPage)
+async def list_sandboxes(
+    who: Who,
+    svc: Svc,
+    state: Annotated[list[State] | None, Query(description="filter by state (repeatable)")] = None,
+    metadata: Annotated[list[str], Query(description="filter by label, key=value (repeatable)")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> SandboxPage:
+    """List the caller's sandboxes, newest last, a page at a time."""
+    page = await svc.list(who, list(state) if state else None, _parse_metadata(metadata), limit, cursor)
+    return SandboxPage(items=[SandboxOut.of(r) for r in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{sandbox_id}", response_model=SandboxOut)
+async def get_sandbox(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
+    return SandboxOut.of(await svc.get(who, sandbox_id))
+
+
+@router.delete("/{sandbox_id}", status_code=204)
+async def kill_sandbox(sandbox_id: str, who: Who, svc: Svc) -> Response:
+    """Kill every process of the sandbox and free its resources. Killing a dead sandbox is a no-op."""
+    await svc.kill(who, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/{sandbox_id}/timeout", response_model=SandboxOut)
+async def set_timeout(sandbox_id: str, body: SetTimeout, who: Who, svc: Svc) -> SandboxOut:
+    """Reset the sandbox's timeout to `timeout` seconds from now (0: never expires)."""
+    return SandboxOut.of(await svc.set_timeout(who, sandbox_id, body.timeout))

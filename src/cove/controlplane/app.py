@@ -1,0 +1,107 @@
+"""The FastAPI application: wiring of store, node, service and routers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+
+from cove import __version__
+from cove.config import Settings
+from cove.controlplane import auth, errors
+from cove.controlplane.api import commands, files, keys, sandboxes, system
+from cove.controlplane.metrics import Metrics
+from cove.controlplane.service import SandboxService
+from cove.node.base import NodeAgent
+from cove.node.local import LocalNode
+from cove.store.base import Store
+from cove.store.sqlite import SQLiteStore
+
+log = logging.getLogger("cove.server")
+
+
+@dataclass
+class Cove:
+    settings: Settings
+    store: Store
+    node: NodeAgent
+    metrics: Metrics
+    service: SandboxService
+    # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
+    first_key: str | None = None
+    demo_key: str | None = None  # a key for `cove serve --demo`, revoked at shutdown
+
+
+async def _ensure_keys(cove: Cove) -> None:
+    s = cove.settings
+    if s.api_key:
+        if await cove.store.key_by_hash(auth.hash_key(s.api_key)) is None:
+            await auth.create_key(cove.store, "COVE_API_KEY", "default", admin=True, key=s.api_key)
+    elif await cove.store.count_keys() == 0:
+        _, cove.first_key = await auth.create_key(cove.store, "first key", "default", admin=True)
+        log.warning("created the first admin API key; it is shown only now", extra={"api_key": cove.first_key})
+        print(f"\n  cove: your admin API key (shown once): {cove.first_key}\n", flush=True)
+    if s.demo:
+        _, cove.demo_key = await auth.create_key(cove.store, "demo", "default", admin=False)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    store = SQLiteStore(settings.db_path)
+    node = LocalNode(settings)
+    metrics = Metrics()
+    cove = Cove(settings, store, node, metrics, SandboxService(settings, store, node, metrics))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        # Sandbox roots live below the data dir; their (unprivileged) init must be able to traverse it.
+        settings.home.chmod(settings.home.stat().st_mode | 0o111)
+        await store.open()
+        await node.start()
+        await _ensure_keys(cove)
+        await cove.service.adopt()
+        cove.service.start_reaper()
+        log.info("cove ready", extra={"home": str(settings.home), "version": __version__})
+        try:
+            yield
+        finally:
+            await cove.service.stop_reaper()
+            if cove.demo_key:
+                rec = await store.key_by_hash(auth.hash_key(cove.demo_key))
+                if rec:
+                    await store.delete_key(rec.id)
+            await node.close()
+            await store.close()
+
+    app = FastAPI(
+        title="cove",
+        version=__version__,
+        description="Self-hosted sandboxes for AI agents. Authenticate with `Authorization: Bearer KEY`.",
+        lifespan=lifespan,
+    )
+    app.state.cove = cove
+    errors.install_handlers(app)
+    for module in (system, sandboxes, commands, files, keys):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        return response
+
+    return app

@@ -1,0 +1,178 @@
+"""Request and response models: the single source of the OpenAPI schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from cove.store.base import KeyRecord, SandboxRecord
+
+UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
+AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
+SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+State = Literal["starting", "running", "killed", "error"]
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for k, v in env.items():
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise ValueError(f"invalid environment variable name {k!r}")
+    return env
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandbox(Strict):
+    template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")] = "base"
+    env: dict[str, str] = Field(default_factory=dict, max_length=512)
+    workdir: AbsPath | None = None
+    user: UserName | None = None
+    cpu: float | None = Field(default=None, ge=0.05, le=64, description="CPU cores")
+    memory_mb: int | None = Field(default=None, ge=16, le=1 << 20)
+    pids: int | None = Field(default=None, ge=8, le=1 << 20)
+    disk_mb: int | None = Field(default=None, ge=16, le=1 << 24)
+    timeout: int | None = Field(default=None, ge=0, le=30 * 86400, description="seconds; 0 = no timeout")
+    metadata: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    _env = field_validator("env")(_check_env)
+
+
+class SetTimeout(Strict):
+    timeout: int = Field(ge=0, le=30 * 86400, description="seconds from now; 0 = no timeout")
+
+
+class LimitsOut(BaseModel):
+    cpu: float | None = None
+    memory_mb: int | None = None
+    pids: int | None = None
+    disk_mb: int | None = None
+
+
+def _iso(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts is not None else None
+
+
+class SandboxOut(BaseModel):
+    id: str
+    template: str
+    state: State
+    runtime: str
+    created_at: datetime
+    expires_at: datetime | None
+    timeout: int
+    metadata: dict[str, str]
+    user: str
+    workdir: str
+    limits: LimitsOut
+    end_reason: str | None = None
+
+    @classmethod
+    def of(cls, r: SandboxRecord) -> SandboxOut:
+        return cls(
+            id=r.id,
+            template=r.template,
+            state=r.state,  # type: ignore[arg-type]
+            runtime=r.runtime,
+            created_at=_iso(r.created_at),  # type: ignore[arg-type]
+            expires_at=_iso(r.expires_at),
+            timeout=r.timeout,
+            metadata=r.metadata,
+            user=r.user,
+            workdir=r.workdir,
+            limits=LimitsOut(**r.limits),
+            end_reason=r.end_reason,
+        )
+
+
+class SandboxPage(BaseModel):
+    items: list[SandboxOut]
+    next_cursor: str | None
+
+
+class ExecRequest(Strict):
+    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
+    argv: list[Annotated[str, StringConstraints(max_length=1 << 20)]] | None = Field(default=None, min_length=1)
+    cwd: SandboxPath | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    user: UserName | None = None
+    timeout: float | None = Field(default=None, gt=0, le=30 * 86400, description="seconds")
+    stdin: str | None = Field(default=None, max_length=16 << 20)
+
+    _env = field_validator("env")(_check_env)
+
+    @model_validator(mode="after")
+    def _one_command(self) -> ExecRequest:
+        if (self.cmd is None) == (self.argv is None):
+            raise ValueError("give exactly one of cmd (a shell string) or argv (a list)")
+        if self.argv is not None and any("\x00" in a for a in self.argv):
+            raise ValueError("argv must not contain NUL bytes")
+        return self
+
+
+class ExecResult(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool
+    duration_ms: float
+    truncated: bool = False
+
+
+class Entry(BaseModel):
+    name: str
+    path: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    mtime: float
+    symlink_target: str | None = None
+
+
+class EntryList(BaseModel):
+    entries: list[Entry]
+
+
+class MkdirRequest(Strict):
+    path: SandboxPath
+    user: UserName | None = None
+
+
+class RenameRequest(Strict):
+    src: SandboxPath
+    dst: SandboxPath
+    user: UserName | None = None
+
+
+class CreateKey(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    tenant: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")] = "default"
+    admin: bool = False
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    tenant: str
+    admin: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, k: KeyRecord) -> KeyOut:
+        return cls(id=k.id, name=k.name, tenant=k.tenant, admin=k.admin, created_at=_iso(k.created_at))  # type: ignore[arg-type]
+
+
+class NewKey(KeyOut):
+    key: str = Field(description="the secret; shown only once")
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]

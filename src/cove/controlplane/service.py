@@ -1,0 +1,213 @@
+"""The sandbox state machine: create, look up, kill, expire, adopt after a restart.
+
+States and the only transitions allowed (persisted in the store, compare-and-set):
+    starting -> running | error
+    running  -> killed | error
+Later issues add paused and hibernated. Every lifecycle change of one sandbox holds its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import defaultdict
+from typing import Any
+
+from cove.config import Settings
+from cove.controlplane.auth import Caller
+from cove.controlplane.errors import ApiError, not_found
+from cove.controlplane.metrics import Metrics
+from cove.controlplane.schemas import CreateSandbox
+from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec
+from cove.node.guest_client import GuestClient
+from cove.store.base import Page, SandboxRecord, Store
+
+log = logging.getLogger("cove.sandboxes")
+
+TRANSITIONS = {
+    "starting": {"running", "error"},
+    "running": {"killed", "error"},
+    "killed": set(),
+    "error": set(),
+}
+LIVE = ("starting", "running")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_sandbox_id() -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(16))
+
+
+class SandboxService:
+    def __init__(self, settings: Settings, store: Store, node: NodeAgent, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.node = node
+        self.metrics = metrics
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- state machine ---------------------------------------------------------------------
+    async def _transition(self, rec: SandboxRecord, to: str, **fields: Any) -> None:
+        if to not in TRANSITIONS[rec.state]:
+            raise ApiError(409, "conflict", f"sandbox {rec.id} cannot go from {rec.state} to {to}")
+        now = time.time()
+        if not await self.store.update_sandbox(rec.id, expect_state=rec.state, state=to, updated_at=now, **fields):
+            raise ApiError(409, "conflict", f"sandbox {rec.id} changed state concurrently")
+        log.info("sandbox %s", to, extra={"sandbox": rec.id, "from": rec.state, **fields})
+        rec.state, rec.updated_at = to, now
+        for k, v in fields.items():
+            setattr(rec, k, v)
+
+    # -- lookups -------------------------------------------------------------------------
+    async def get(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        """The caller's sandbox, or 404 (also for another tenant's: ids must not leak)."""
+        rec = await self.store.get_sandbox(sandbox_id)
+        if rec is None or rec.tenant != who.tenant:
+            raise not_found("sandbox", sandbox_id)
+        return rec
+
+    async def running(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        rec = await self.get(who, sandbox_id)
+        if rec.state != "running":
+            why = f" ({rec.end_reason})" if rec.end_reason else ""
+            raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}{why}")
+        return rec
+
+    def guest(self, rec: SandboxRecord) -> GuestClient:
+        return self.node.guest(rec.id)
+
+    async def list(
+        self, who: Caller, states: list[str] | None, metadata: dict[str, str], limit: int, cursor: str | None
+    ) -> Page:
+        try:
+            return await self.store.list_sandboxes(who.tenant, states, metadata, limit, cursor)
+        except ValueError as e:
+            raise ApiError(422, "validation_error", f"cursor: {e}") from e
+
+    # -- create --------------------------------------------------------------------------
+    async def create(self, who: Caller, req: CreateSandbox) -> SandboxRecord:
+        started = time.perf_counter()
+        template = await self.node.base_template()
+        if req.template != template.name:
+            raise not_found("template", req.template)
+        if req.disk_mb is not None:
+            raise ApiError(
+                422,
+                "validation_error",
+                "disk_mb: disk quotas are not available on this node yet (the writable layer shares the data dir)",
+            )
+        cfg = template.config
+        timeout = self.settings.default_timeout if req.timeout is None else req.timeout
+        limits = Limits(
+            cpu=req.cpu,
+            memory_mb=req.memory_mb or self.settings.default_memory_mb,
+            pids=req.pids or self.settings.default_pids,
+            disk_mb=req.disk_mb,
+        )
+        now = time.time()
+        rec = SandboxRecord(
+            id=new_sandbox_id(),
+            tenant=who.tenant,
+            template=template.name,
+            state="starting",
+            runtime="namespaces",
+            created_at=now,
+            updated_at=now,
+            expires_at=now + timeout if timeout else None,
+            timeout=timeout,
+            metadata=dict(req.metadata),
+            env=dict(req.env),
+            user=req.user or cfg.get("user", "user"),
+            workdir=req.workdir or cfg.get("workdir", "/home/user"),
+            limits={"cpu": limits.cpu, "memory_mb": limits.memory_mb, "pids": limits.pids, "disk_mb": limits.disk_mb},
+        )
+        spec = SandboxSpec(id=rec.id, template=template, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits)
+        async with self._locks[rec.id]:
+            await self.store.insert_sandbox(rec)
+            try:
+                handle = await self.node.create(spec)
+            except (NodeError, OSError) as e:
+                await self._transition(rec, "error", end_reason=str(e)[:2000])
+                raise ApiError(503, "sandbox_failed", str(e)) from e
+            except BaseException:
+                # Cancelled (client went away) or a bug: never leave half a sandbox behind.
+                with contextlib.suppress(Exception):
+                    await self.node.kill(rec.id, None)
+                with contextlib.suppress(Exception):
+                    await self._transition(rec, "error", end_reason="creation interrupted")
+                raise
+            await self._transition(rec, "running", node=handle)
+        self.metrics.create_seconds.observe(time.perf_counter() - started)
+        return rec
+
+    # -- kill / timeout ------------------------------------------------------------------
+    async def kill(self, who: Caller, sandbox_id: str) -> None:
+        rec = await self.get(who, sandbox_id)
+        await self._end(rec, "killed", "killed by request")
+
+    async def _end(self, rec: SandboxRecord, state: str, reason: str) -> None:
+        async with self._locks[rec.id]:
+            fresh = await self.store.get_sandbox(rec.id)
+            if fresh is None or fresh.state not in LIVE:
+                return  # already ended: kill is idempotent
+            await self.node.kill(fresh.id, fresh.node)
+            await self._transition(fresh, state, end_reason=reason)
+        self._locks.pop(rec.id, None)
+
+    async def set_timeout(self, who: Caller, sandbox_id: str, timeout: int) -> SandboxRecord:
+        rec = await self.running(who, sandbox_id)
+        expires = time.time() + timeout if timeout else None
+        await self.store.update_sandbox(rec.id, expect_state="running", timeout=timeout, expires_at=expires)
+        return await self.get(who, sandbox_id)
+
+    async def check_alive(self, rec: SandboxRecord) -> bool:
+        """After the guest stopped answering: mark a dead sandbox as such (and free it)."""
+        if await self.node.alive(rec.id, rec.node):
+            return True
+        await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
+        return False
+
+    # -- background work -----------------------------------------------------------------
+    async def adopt(self) -> None:
+        """At start: keep sandboxes that survived the restart, mark the others, sweep leftovers."""
+        page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
+        keep: set[str] = set()
+        for rec in page.items:
+            if rec.state == "running" and await self.node.alive(rec.id, rec.node):
+                keep.add(rec.id)
+                continue
+            await self.node.kill(rec.id, rec.node)
+            reason = "lost while the server was down" if rec.state == "running" else "creation interrupted by restart"
+            await self._transition(rec, "error", end_reason=reason)
+        swept = await self.node.sweep(keep)
+        log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
+
+    async def reap_once(self) -> None:
+        now = time.time()
+        page = await self.store.list_sandboxes(None, ["running"], limit=1_000_000)
+        for rec in page.items:
+            try:
+                if rec.expires_at is not None and rec.expires_at <= now:
+                    await self._end(rec, "killed", "timeout")
+                elif not await self.node.alive(rec.id, rec.node):
+                    await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
+            except Exception:
+                log.exception("reaper failed on sandbox %s", rec.id)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval)
+            await self.reap_once()
+
+    def start_reaper(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="cove-reaper")
+
+    async def stop_reaper(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper

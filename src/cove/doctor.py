@@ -1,0 +1,60 @@
+"""`cove doctor`: what this host supports, and why not where it doesn't."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+
+from cove.node.namespaces import cgroups, seccomp
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def checks() -> list[Check]:
+    out = [
+        Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else "cove serve must run as root"),
+        Check("kernel", True, f"{platform.system()} {platform.release()} ({platform.machine()})"),
+    ]
+    userns = _read("/proc/sys/user/max_user_namespaces")
+    out.append(Check("user namespaces", userns not in ("", "0"), f"max_user_namespaces={userns or 'unknown'}"))
+    fs = _read("/proc/filesystems")
+    out.append(Check("overlayfs", "overlay" in fs, "overlay listed in /proc/filesystems" if "overlay" in fs else "modprobe overlay"))
+    lay = cgroups.layout()
+    have = sorted(set(lay.v1) | (set(lay.v2_controllers) & {"memory", "pids", "cpu"}))
+    missing = {"memory", "pids", "cpu"} - set(have)
+    out.append(
+        Check(
+            "cgroups",
+            not missing,
+            f"{lay.kind} layout; controllers {', '.join(have) or 'none'}"
+            + (f"; missing {', '.join(sorted(missing))}" if missing else ""),
+        )
+    )
+    release = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2] if x.isdigit())
+    v2kill = bool(lay.v2) and release >= (5, 14)  # cgroup.kill exists in non-root v2 groups since 5.14
+    out.append(Check("cgroup.kill", v2kill, "whole-tree kill" if v2kill else "falls back to freeze + SIGKILL", False))
+    out.append(
+        Check("seccomp", seccomp.supported(), f"filter for {platform.machine()}" if seccomp.supported() else "no syscall table for this architecture", False)
+    )
+    py = shutil.which("python3", path="/usr/bin")
+    out.append(Check("guest python", py is not None, py or "/usr/bin/python3 missing: the base template needs it"))
+    for tool, why in (("bwrap", "benchmark floor"), ("runc", "benchmark floor")):
+        path = shutil.which(tool)
+        out.append(Check(tool, path is not None, path or f"not installed ({why} only)", False))
+    return out

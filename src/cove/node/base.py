@@ -1,0 +1,80 @@
+"""The interface between the control plane and a node (one host that runs sandboxes).
+
+On one machine the node is in-process (`LocalNode`); in a cluster it is reached through
+Kubernetes objects. The control plane never touches namespaces, cgroups or mounts itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from cove.node.guest_client import GuestClient
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu: float | None = None  # cores
+    memory_mb: int | None = None
+    pids: int | None = None
+    disk_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str
+    layers: tuple[str, ...]  # committed layer ids, bottom-most first
+    config: dict[str, Any]  # binds, user, workdir, env
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    id: str
+    template: TemplateSpec
+    env: dict[str, str] = field(default_factory=dict)
+    user: str = "user"
+    workdir: str = "/home/user"
+    limits: Limits = field(default_factory=Limits)
+
+
+class NodeError(Exception):
+    """A node could not carry out an operation; the message says why."""
+
+
+class NodeAgent(ABC):
+    @abstractmethod
+    async def start(self) -> None:
+        """Prepare the node (templates, directories); called once at server start."""
+
+    @abstractmethod
+    async def create(self, spec: SandboxSpec) -> dict[str, Any]:
+        """Start a sandbox; returns the node handle to persist (enough to re-adopt it later)."""
+
+    @abstractmethod
+    async def kill(self, sandbox_id: str, handle: dict[str, Any] | None) -> None:
+        """Kill every process and release every resource (mounts, cgroups, dirs). Idempotent."""
+
+    @abstractmethod
+    async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        """Is the sandbox started with `handle` still running (and answering)?"""
+
+    @abstractmethod
+    def guest(self, sandbox_id: str) -> GuestClient:
+        """A client for the sandbox's guest agent."""
+
+    @abstractmethod
+    async def base_template(self) -> TemplateSpec:
+        """The default template, built on first use."""
+
+    @abstractmethod
+    async def stats(self, sandbox_id: str) -> dict[str, Any]:
+        """Resource usage (memory bytes, pids, disk bytes)."""
+
+    @abstractmethod
+    async def sweep(self, keep: set[str]) -> list[str]:
+        """Release resources of sandboxes this node holds that are not in `keep`; returns their ids."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Called at server shutdown; running sandboxes stay running."""

@@ -1,0 +1,278 @@
+"""Host side of the guest protocol (docs/guest-protocol.md): an asyncio client for one sandbox's agent.
+
+Every operation opens its own connection to the agent's unix socket (the agent serves one operation
+per connection), so operations run concurrently and closing a connection is how the host cancels:
+the agent kills a command whose connection closes, and drops a half-written upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import Any
+
+from cove.guest import protocol
+from cove.guest.protocol import (
+    HEADER,
+    HEADER_SIZE,
+    KIND_DATA,
+    KIND_JSON,
+    KIND_STDERR,
+    KIND_STDIN,
+    KIND_STDOUT,
+    MAX_PAYLOAD,
+)
+
+# Largest `0` frame we send: big enough to keep per-frame overhead low, small enough to stream.
+SEND_CHUNK = 256 * 1024
+# StreamReader buffer: a 64 KiB frame should not pause the transport half-way.
+READ_LIMIT = 1024 * 1024
+
+ByteSource = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
+
+
+class GuestError(Exception):
+    """The agent answered `ok: false`; `code` is one of protocol.ERROR_CODES."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class GuestUnavailable(Exception):
+    """The agent cannot be reached, or the connection broke before its reply."""
+
+
+def _reply(payload: bytes) -> dict[str, Any]:
+    try:
+        reply = protocol.decode_json(payload)
+    except protocol.ProtocolError as exc:
+        raise GuestUnavailable(f"malformed reply from the guest agent: {exc}") from None
+    if reply.get("ok") is True:
+        return reply
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        raise GuestUnavailable(f"malformed reply from the guest agent: {reply!r}")
+    raise GuestError(str(error.get("code", "internal")), str(error.get("message", "")))
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """The next frame, or None if the agent closed the connection between frames."""
+    try:
+        header = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise GuestUnavailable("connection to the guest agent closed inside a frame") from None
+        return None
+    except OSError as exc:
+        raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+    kind, length = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        raise GuestUnavailable(f"frame of {length} bytes from the guest agent exceeds the limit")
+    if not length:
+        return kind, b""
+    try:
+        return kind, await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise GuestUnavailable("connection to the guest agent closed inside a frame") from None
+    except OSError as exc:
+        raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+
+
+async def _final_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """Skip data frames up to the final `J` frame and return it (or raise its error)."""
+    while True:
+        frame = await _read_frame(reader)
+        if frame is None:
+            raise GuestUnavailable("the guest agent closed the connection without a reply")
+        if frame[0] == KIND_JSON:
+            return _reply(frame[1])
+
+
+async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(data)
+    await writer.drain()
+
+
+async def _chunks(source: ByteSource) -> AsyncIterator[bytes]:
+    """Any byte source as an async iterator of pieces of at most SEND_CHUNK bytes, none empty."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        items: AsyncIterable[bytes] | Iterable[bytes] = [bytes(source)]
+    else:
+        items = source
+    if isinstance(items, AsyncIterable):
+        async for chunk in items:
+            for i in range(0, len(chunk), SEND_CHUNK):
+                yield chunk[i : i + SEND_CHUNK]
+    else:
+        for chunk in items:
+            for i in range(0, len(chunk), SEND_CHUNK):
+                yield chunk[i : i + SEND_CHUNK]
+
+
+def _request(op: str, fields: dict[str, Any]) -> bytes:
+    # Omitted and null fields mean the same to the agent; leave them out.
+    return protocol.encode_json({"op": op, **{k: v for k, v in fields.items() if v is not None}})
+
+
+class GuestClient:
+    def __init__(self, socket_path: str, connect_timeout: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self.connect_timeout = connect_timeout
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(self.socket_path, limit=READ_LIMIT), self.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise GuestUnavailable(f"cannot connect to the guest agent at {self.socket_path}: {exc}") from exc
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One simple operation (ping, stat, list, mkdir, remove, rename); returns the `ok` reply."""
+        reader, writer = await self._open()
+        try:
+            try:
+                await _send(writer, _request(op, fields))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            return await _final_reply(reader)
+        finally:
+            writer.close()
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping")
+
+    async def exec(
+        self,
+        cmd: str | None = None,
+        argv: list[str] | None = None,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        user: str | int | None = None,
+        timeout: float | None = None,
+        stdin: ByteSource | None = None,
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
+        """Run a command: yields ("stdout", bytes) / ("stderr", bytes) as produced, then ("exit", {...}).
+
+        Closing the iterator early (aclose, or dropping it) closes the connection, which kills the
+        command. An error before the command starts (bad cwd, unknown user) raises GuestError.
+        """
+        fields = {"cmd": cmd, "argv": argv, "cwd": cwd, "env": env, "user": user, "timeout": timeout}
+        reader, writer = await self._open()
+        feeder: asyncio.Task[None] | None = None
+        try:
+            try:
+                await _send(writer, _request("exec", {**fields, "stdin": stdin is not None}))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            if stdin is not None:
+                feeder = asyncio.create_task(self._feed(writer, stdin))
+            while True:
+                try:
+                    frame = await _read_frame(reader)
+                except GuestUnavailable:
+                    _raise_feeder_error(feeder)
+                    raise
+                if frame is None:
+                    _raise_feeder_error(feeder)
+                    raise GuestUnavailable("the guest agent closed the connection before the command ended")
+                kind, payload = frame
+                if kind == KIND_STDOUT:
+                    yield "stdout", payload
+                elif kind == KIND_STDERR:
+                    yield "stderr", payload
+                elif kind == KIND_JSON:
+                    reply = _reply(payload)
+                    yield "exit", {"exit_code": reply["exit_code"], "timed_out": reply["timed_out"]}
+                    return
+        finally:
+            if feeder is not None:
+                if not feeder.done():
+                    feeder.cancel()
+                elif not feeder.cancelled():
+                    feeder.exception()  # retrieved (and re-raised above where it mattered)
+            writer.close()
+
+    @staticmethod
+    async def _feed(writer: asyncio.StreamWriter, stdin: ByteSource) -> None:
+        """Send stdin as `0` frames, then the empty `0` frame (end of input)."""
+        try:
+            async for piece in _chunks(stdin):
+                await _send(writer, protocol.encode_frame(KIND_STDIN, piece))
+            await _send(writer, protocol.encode_frame(KIND_STDIN, b""))
+        except OSError:
+            pass  # the command ended and the agent is gone; the reader reports what happened
+        except Exception:
+            # The stdin source itself failed: abort the command rather than feed it a truncated
+            # input as if it were complete. The exec iterator re-raises this error.
+            writer.close()
+            raise
+
+    async def read(self, path: str, user: str | int | None = None) -> AsyncIterator[bytes]:
+        """A file's bytes in chunks of at most 64 KiB. Errors (not_found, is_a_directory, ...) are
+        raised by the first iteration step, before any chunk."""
+        reader, writer = await self._open()
+        try:
+            try:
+                await _send(writer, _request("read", {"path": path, "user": user}))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            while True:
+                frame = await _read_frame(reader)
+                if frame is None:
+                    raise GuestUnavailable("the guest agent closed the connection during a download")
+                kind, payload = frame
+                if kind == KIND_DATA:
+                    if payload:
+                        yield payload
+                elif kind == KIND_JSON:
+                    _reply(payload)
+                    return
+        finally:
+            writer.close()
+
+    async def write(
+        self, path: str, chunks: ByteSource, user: str | int | None = None, mode: int | None = None
+    ) -> dict[str, Any]:
+        """Upload a file from `chunks`; returns the reply (`{"ok": True, "entry": {...}}`).
+
+        If `chunks` raises, the connection is closed before the end-of-input frame, so the agent
+        discards the partial upload and the error propagates.
+        """
+        reader, writer = await self._open()
+        # Read concurrently: the agent may answer with an error (e.g. permission_denied) before it
+        # has taken the data, and then we stop sending.
+        replied = asyncio.create_task(_final_reply(reader))
+        try:
+            try:
+                await _send(writer, _request("write", {"path": path, "user": user, "mode": mode}))
+                async for piece in _chunks(chunks):
+                    if replied.done():
+                        break
+                    await _send(writer, protocol.encode_frame(KIND_STDIN, piece))
+                else:
+                    await _send(writer, protocol.encode_frame(KIND_STDIN, b""))
+            except OSError as exc:
+                # Our send failed: an error reply may have been sent just before; prefer it.
+                with contextlib.suppress(TimeoutError, GuestUnavailable):
+                    return await asyncio.wait_for(asyncio.shield(replied), 1.0)
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            return await replied
+        finally:
+            if not replied.done():
+                replied.cancel()
+            elif not replied.cancelled():
+                replied.exception()  # mark any error as retrieved; it was raised above if relevant
+            writer.close()
+
+
+def _raise_feeder_error(feeder: asyncio.Task[None] | None) -> None:
+    """If the stdin source failed (and so the connection was aborted), raise its error."""
+    if feeder is not None and feeder.done() and not feeder.cancelled():
+        exc = feeder.exception()
+        if exc is not None:
+            raise exc

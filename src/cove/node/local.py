@@ -1,0 +1,56 @@
+"""The in-process node: this host runs the sandboxes itself (the single-machine deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cove.config import Settings
+from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
+from cove.node.guest_client import GuestClient
+from cove.node.namespaces.runtime import NamespacesRuntime
+from cove.storage import base_template
+from cove.storage.layers import LayerStore
+
+
+class LocalNode(NodeAgent):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layers = LayerStore(settings.storage_dir)
+        self.runtime = NamespacesRuntime(settings, self.layers)
+        self._base: TemplateSpec | None = None
+
+    async def start(self) -> None:
+        await self.base_template()
+
+    async def base_template(self) -> TemplateSpec:
+        if self._base is None:
+            layer = await asyncio.to_thread(
+                self.layers.build, lambda root: base_template.fill(root, self.settings.uid_base)
+            )
+            self._base = TemplateSpec(name="base", layers=(layer,), config=dict(base_template.CONFIG))
+        return self._base
+
+    async def create(self, spec: SandboxSpec) -> dict[str, Any]:
+        return await self.runtime.create(spec)
+
+    async def kill(self, sandbox_id: str, handle: dict[str, Any] | None = None) -> None:
+        await self.runtime.kill(sandbox_id)
+
+    async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        return await self.runtime.alive(sandbox_id, handle)
+
+    def guest(self, sandbox_id: str) -> GuestClient:
+        return GuestClient(self.runtime.socket_path(sandbox_id))
+
+    async def stats(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.runtime.stats(sandbox_id)
+
+    async def sweep(self, keep: set[str]) -> list[str]:
+        stray = sorted((await asyncio.to_thread(self.runtime.present)) - keep)
+        for sandbox_id in stray:
+            await self.runtime.kill(sandbox_id)
+        return stray
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.runtime.release_parent)

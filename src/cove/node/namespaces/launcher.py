@@ -1,0 +1,257 @@
+"""Start one sandbox: cgroup, overlay root, namespaces, then exec the guest agent as its pid 1.
+
+Run as `python3 -I -S launcher.py` with the launch spec (JSON) on stdin; prints `{"pid": …}` and exits
+once the guest agent serves. The sandbox does not stay our child: the process that creates the
+namespaces exits, so pid 1 is re-parented away from the server and survives server restarts (the
+agent itself is the per-sandbox supervisor that owns every process in the sandbox).
+
+Process shape (see docs/architecture.md):
+    launcher ──fork──> A: join cgroup, unshare(user|mnt|pid|net|uts|ipc), wait for the id maps
+                          └─fork──> B (pid 1): mounts, pivot_root, drop privileges, exec the agent
+Standard library only, so that a create costs one lean interpreter start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+if __package__ in (None, ""):  # run by path: make `cove` importable without the site machinery
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+from cove.node.namespaces import cgroups, seccomp, syscalls
+from cove.node.namespaces.syscalls import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+
+# Docker's default capability set; everything else leaves the bounding set before the agent runs.
+KEEP_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# /proc entries that reveal or control the host (masked as Docker does); /proc/sys etc. read-only.
+PROC_MASKED = ("kcore", "keys", "kallsyms", "kmsg", "timer_list", "sched_debug", "latency_stats", "sysrq-trigger")
+PROC_MASKED_DIRS = ("acpi", "scsi", "asound", "driver")
+PROC_READONLY = ("sys", "bus", "fs", "irq")
+AGENT_FD = 3
+READY_FD = 4
+
+
+def _fail(msg: str) -> None:
+    sys.stdout.write(json.dumps({"error": msg}) + "\n")
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _setup_mounts(spec: dict) -> None:
+    """Inside the new mount namespace: build the root and switch to it."""
+    root = spec["rootfs"]
+    syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # pivot_root refuses a mount copied from the parent namespace (it is locked): bind it onto itself.
+    syscalls.mount(root, root, None, MS_BIND | MS_REC)
+    for bind in spec.get("binds", []):
+        dst = root + bind["dst"]
+        os.makedirs(dst, exist_ok=True)
+        syscalls.mount(bind["src"], dst, None, MS_BIND | MS_REC)
+        if bind.get("ro", True):
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | syscalls.mount_flags_of(bind["src"])
+            syscalls.mount(None, dst, None, flags)
+    syscalls.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mask_proc(root + "/proc")
+    dev = root + "/dev"
+    syscalls.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k")
+    for name in DEVICES:
+        path = f"{dev}/{name}"
+        open(path, "w").close()
+        syscalls.mount(f"/dev/{name}", path, None, MS_BIND)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/pts")
+    os.mkdir(f"{dev}/shm")
+    syscalls.mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    syscalls.mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    agent_dir = root + "/run/cove"
+    os.makedirs(agent_dir, exist_ok=True)
+    syscalls.mount(spec["run_dir"], agent_dir, None, MS_BIND)
+    syscalls.mount(None, agent_dir, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    syscalls.pivot_root(".", ".")
+    syscalls.umount(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def _mask_proc(proc: str) -> None:
+    for name in PROC_MASKED:
+        if os.path.exists(f"{proc}/{name}"):
+            syscalls.mount("/dev/null", f"{proc}/{name}", None, MS_BIND)
+    for name in PROC_MASKED_DIRS:
+        if os.path.isdir(f"{proc}/{name}"):
+            syscalls.mount("tmpfs", f"{proc}/{name}", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0")
+    for name in PROC_READONLY:
+        path = f"{proc}/{name}"
+        if os.path.isdir(path):
+            syscalls.mount(path, path, None, MS_BIND | MS_REC)
+            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            syscalls.mount(None, path, None, flags | syscalls.mount_flags_of(path))
+
+
+def _sandbox_init(spec: dict, listener: int, ready_w: int) -> None:
+    """Process B, pid 1 of the new pid namespace. Never returns."""
+    try:
+        os.setsid()
+        _setup_mounts(spec)
+        syscalls.set_loopback_up()
+        syscalls.sethostname(spec.get("hostname", "sandbox"))
+        syscalls.drop_bounding_caps(KEEP_CAPS)
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        if spec.get("seccomp", True) and seccomp.supported():
+            seccomp.install()
+        os.dup2(listener, AGENT_FD)
+        os.dup2(ready_w, READY_FD)
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(READY_FD + 1, 65536)
+        for fd in (AGENT_FD, READY_FD):
+            os.set_inheritable(fd, True)
+        env = {"COVE_AGENT_FD": str(AGENT_FD), "COVE_READY_FD": str(READY_FD), "PATH": "/usr/bin:/bin"}
+        python = spec.get("python", "/usr/bin/python3")
+        os.execve(python, [python, "-I", "-S", "/run/cove/agent.py"], env)
+    except BaseException as e:  # report through the ready pipe; the launcher turns it into an error
+        try:
+            os.write(ready_w, f"error: {e}".encode()[:4000])
+        finally:
+            os._exit(1)
+
+
+def launch(spec: dict) -> dict:
+    cg = cgroups.Cgroup(spec["cgroup"])
+    cg.create()
+    limits = spec.get("limits", {})
+    cg.set_limits(limits.get("memory_bytes"), limits.get("cpu"), limits.get("pids"))
+
+    root = spec["rootfs"]
+    if not os.path.ismount(root):
+        opts = f"lowerdir={':'.join(spec['lowerdirs'])},upperdir={spec['upper']},workdir={spec['work']}"
+        syscalls.mount("overlay", root, "overlay", 0, opts)
+
+    sock_path = os.path.join(spec["run_dir"], "agent.sock")
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o600)  # only host root may talk to the agent
+    listener.listen(128)
+
+    ready_r, ready_w = os.pipe()
+    to_a_r, to_a_w = os.pipe()
+    from_a_r, from_a_w = os.pipe()
+    a = os.fork()
+    if a == 0:  # process A
+        try:
+            os.close(ready_r)
+            os.close(to_a_w)
+            os.close(from_a_r)
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, 9)
+            cg.add(os.getpid())
+            syscalls.unshare(
+                syscalls.CLONE_NEWUSER
+                | syscalls.CLONE_NEWNS
+                | syscalls.CLONE_NEWPID
+                | syscalls.CLONE_NEWNET
+                | syscalls.CLONE_NEWUTS
+                | syscalls.CLONE_NEWIPC
+            )
+            os.write(from_a_w, b"u")
+            if os.read(to_a_r, 1) != b"g":
+                os._exit(1)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            os.setgroups([])
+            b = os.fork()
+            if b == 0:
+                os.close(from_a_w)
+                _sandbox_init(spec, listener.fileno(), ready_w)
+            os.write(from_a_w, str(b).encode())
+            os._exit(0)
+        except BaseException as e:
+            os.write(ready_w, f"error: {e}".encode())
+            os._exit(1)
+
+    os.close(ready_w)
+    os.close(to_a_r)
+    os.close(from_a_w)
+    listener.close()
+    if os.read(from_a_r, 1) != b"u":
+        os.waitpid(a, 0)
+        return {"error": os.read(ready_r, 4000).decode(errors="replace") or "namespace setup failed"}
+    uid = spec["uid_map"]  # [inside, outside, count]
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{a}/{name}", "w") as f:
+            f.write(f"{uid[0]} {uid[1]} {uid[2]}\n")
+    os.write(to_a_w, b"g")
+    raw = os.read(from_a_r, 32)
+    os.waitpid(a, 0)
+    if not raw:
+        return {"error": os.read(ready_r, 4000).decode(errors="replace") or "sandbox init failed"}
+    pid = int(raw)
+    msg = _read_all(ready_r, timeout=spec.get("ready_timeout", 20))
+    if msg != b"ok":
+        cg.kill()
+        return {"error": msg.decode(errors="replace") or "guest agent exited before it was ready"}
+    return {"pid": pid, "start_time": process_start_time(pid)}
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sel.select(left):
+            return out or b"error: guest agent did not become ready in time"
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return out
+        out += chunk
+        if out == b"ok":
+            return out
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: tells a re-used pid from the process we started."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    try:
+        result = launch(spec)
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0 if "pid" in result else 1)
+
+
+if __name__ == "__main__":
+    main()

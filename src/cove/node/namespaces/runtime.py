@@ -1,0 +1,156 @@
+"""Host side of the namespaces runtime: prepares a sandbox's files, runs the launcher, tears down.
+
+Everything here that blocks (mounts, cgroup writes, directory trees) runs in a worker thread, so the
+server's event loop never waits on the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cove.config import Settings
+from cove.node.base import NodeError, SandboxSpec
+from cove.node.namespaces import cgroups, syscalls
+from cove.node.namespaces.launcher import process_start_time
+from cove.storage.layers import LayerStore
+
+GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
+LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
+
+
+class NamespacesRuntime:
+    name = "namespaces"
+
+    def __init__(self, settings: Settings, layers: LayerStore) -> None:
+        self.settings = settings
+        self.layers = layers
+        self.settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- paths ---------------------------------------------------------------------------
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.settings.sandboxes_dir / sandbox_id
+
+    def socket_path(self, sandbox_id: str) -> str:
+        return str(self.sandbox_dir(sandbox_id) / "run" / "agent.sock")
+
+    def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
+        return cgroups.Cgroup(f"{self.settings.cgroup_parent}/{sandbox_id}")
+
+    # -- create --------------------------------------------------------------------------
+    def _prepare(self, spec: SandboxSpec) -> dict[str, Any]:
+        base = self.settings.uid_base
+        sdir = self.sandbox_dir(spec.id)
+        run = sdir / "run"
+        rootfs = sdir / "rootfs"
+        run.mkdir(parents=True, mode=0o755)
+        rootfs.mkdir(mode=0o755)
+        for name in ("agent.py", "protocol.py"):
+            shutil.copyfile(GUEST_DIR / name, run / name)
+        env = {**spec.template.config.get("env", {}), **spec.env}
+        (run / "config.json").write_text(json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir}))
+        active = self.layers.prepare(spec.id, list(spec.template.layers), owner=(base, base))
+        limits = spec.limits
+        return {
+            "rootfs": str(rootfs),
+            "run_dir": str(run),
+            "upper": str(active.upper),
+            "work": str(active.work),
+            "lowerdirs": list(active.lowerdirs),
+            "binds": spec.template.config.get("binds", []),
+            "cgroup": f"{self.settings.cgroup_parent}/{spec.id}",
+            "limits": {
+                "memory_bytes": limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                "cpu": limits.cpu,
+                "pids": limits.pids,
+            },
+            "uid_map": [0, base, 65536],
+            "hostname": "sandbox",
+            "python": self.settings.guest_python,
+        }
+
+    async def create(self, spec: SandboxSpec) -> dict[str, Any]:
+        if os.path.exists(self.sandbox_dir(spec.id)):
+            raise NodeError(f"sandbox {spec.id} already exists on this node")
+        try:
+            launch_spec = await asyncio.to_thread(self._prepare, spec)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                str(LAUNCHER),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            out, err = await proc.communicate(json.dumps(launch_spec).encode())
+            try:
+                result = json.loads(out.decode().strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                result = {"error": (err or out).decode(errors="replace").strip()[-2000:] or "launcher failed"}
+            if "pid" not in result:
+                raise NodeError(f"sandbox failed to start: {result['error']}")
+            return {"pid": result["pid"], "start_time": result["start_time"], "runtime": self.name}
+        except BaseException:
+            await self.kill(spec.id)
+            raise
+
+    # -- inspect -------------------------------------------------------------------------
+    def _alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        try:
+            if process_start_time(handle["pid"]) != handle["start_time"]:
+                return False
+        except (OSError, KeyError, ValueError):
+            return False
+        return handle["pid"] in self.cgroup(sandbox_id).pids() and os.path.exists(self.socket_path(sandbox_id))
+
+    async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+        return await asyncio.to_thread(self._alive, sandbox_id, handle)
+
+    def _stats(self, sandbox_id: str) -> dict[str, Any]:
+        cg = self.cgroup(sandbox_id)
+        return {
+            "memory_bytes": cg.memory_usage(),
+            "pids": len(cg.pids()),
+            "disk_bytes": self.layers.usage(sandbox_id),
+        }
+
+    async def stats(self, sandbox_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._stats, sandbox_id)
+
+    # -- teardown ------------------------------------------------------------------------
+    def _kill(self, sandbox_id: str) -> None:
+        cg = self.cgroup(sandbox_id)
+        if cg.exists():
+            cg.kill()
+        sdir = self.sandbox_dir(sandbox_id)
+        rootfs = sdir / "rootfs"
+        if os.path.ismount(rootfs):
+            syscalls.umount(str(rootfs), syscalls.MNT_DETACH)
+        shutil.rmtree(sdir, ignore_errors=True)
+        self.layers.remove_active(sandbox_id)
+        if cg.exists():
+            cg.remove()
+
+    async def kill(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self._kill, sandbox_id)
+
+    def present(self) -> set[str]:
+        """Ids of every sandbox with files or a cgroup on this host."""
+        ids = {p.name for p in self.settings.sandboxes_dir.iterdir()} if self.settings.sandboxes_dir.exists() else set()
+        ids |= {p.name for p in self.layers.active_dir.iterdir()}
+        lay = cgroups.layout()
+        for mnt in [*lay.v1.values(), *([lay.v2] if lay.v2 else [])]:
+            parent = Path(mnt) / self.settings.cgroup_parent
+            if parent.is_dir():
+                ids |= {p.name for p in parent.iterdir() if p.is_dir()}
+        return ids
+
+    def release_parent(self) -> None:
+        cgroups.remove_parent_if_empty(self.settings.cgroup_parent)

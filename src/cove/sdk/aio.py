@@ -1,0 +1,477 @@
+"""The asyncio SDK: :class:`AsyncSandbox`, the same API as :class:`~cove.sdk.Sandbox` with ``await``.
+
+All logic lives in :mod:`cove.sdk._core`; this module is only the async I/O edge.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing, asynccontextmanager
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+import httpx
+
+from cove.errors import CoveError, InvalidArgument
+from cove.sdk import _core
+from cove.sdk._core import Call, Command, Config, Op
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo
+
+__all__ = ["AsyncFiles", "AsyncSandbox", "create_key", "delete_key", "list_keys"]
+
+T = TypeVar("T")
+OutputCallback = Callable[[str], Any]  # may return an awaitable
+
+
+class _AsyncHTTP:
+    """Runs core operations over one lazily created ``httpx.AsyncClient``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(**self.config.client_kwargs())
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def request(self, call: Call, content: Any = None) -> Any:
+        kwargs = call.request_kwargs()
+        if content is not None:
+            kwargs["content"] = content
+        try:
+            response = await self.client.request(call.method, call.path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        return _core.decode_reply(response.status_code, response.content, call, self.config)
+
+    async def run(self, op: Op[T]) -> T:
+        """Drive a core operation: send each call it yields, feed back the reply (or the error)."""
+        reply: Any = None
+        error: CoveError | None = None
+        while True:
+            try:
+                call = op.throw(error) if error is not None else op.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                reply = await self.request(call)
+            except CoveError as exc:
+                error = exc
+
+    async def open_stream(self, call: Call) -> httpx.Response:
+        """Send ``call`` and return the response with its body unread; errors are raised here."""
+        request = self.client.build_request(call.method, call.path, **call.request_kwargs())
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            finally:
+                await response.aclose()
+            _core.check_response(response.status_code, content, call, self.config)
+        return response
+
+    @asynccontextmanager
+    async def stream(self, call: Call) -> AsyncIterator[httpx.Response]:
+        response = await self.open_stream(call)
+        try:
+            yield response
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        finally:
+            await response.aclose()
+
+    async def iter_bytes(self, call: Call, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        finally:
+            await response.aclose()
+
+
+async def _aiter_upload(data: Any) -> AsyncIterator[bytes]:
+    """An async upload body from a (sync or async) file-like object or (async) iterable of chunks."""
+    if hasattr(data, "read"):
+        while True:
+            chunk = data.read(_core.CHUNK_SIZE)
+            if inspect.isawaitable(chunk):
+                chunk = await chunk
+            if not chunk:
+                return
+            yield _core.chunk_bytes(chunk)
+    elif isinstance(data, AsyncIterable):
+        async for chunk in data:
+            if chunk:
+                yield _core.chunk_bytes(chunk)
+    elif isinstance(data, Iterable):
+        for chunk in _core.iter_upload(data):
+            yield chunk
+    else:
+        raise InvalidArgument(
+            f"upload data must be str, bytes, a file-like object or an (async) iterable of bytes, "
+            f"not {type(data).__name__}"
+        )
+
+
+async def _call_back(callback: OutputCallback | None, data: str) -> None:
+    if callback is not None:
+        result = callback(data)
+        if inspect.isawaitable(result):
+            await result
+
+
+class AsyncFiles:
+    """File operations inside one sandbox: ``sandbox.files``."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def _http(self) -> _AsyncHTTP:
+        return self._sandbox._http
+
+    @property
+    def _id(self) -> str:
+        return self._sandbox.id
+
+    async def write(
+        self, path: str, data: Any, *, user: str | None = None, mode: int | None = None
+    ) -> EntryInfo:
+        """Write a file (parents are created), streaming the upload.
+
+        ``data`` is ``str``, ``bytes``, a file-like object (sync or async ``read``) or a (async)
+        iterable of ``bytes`` chunks.
+        """
+        call = _core.write_call(self._id, path, user, mode)
+        body = _core.whole_body(data)
+        content: Any = body if body is not None else _aiter_upload(data)
+        return _core.parse_entry(await self._http.request(call, content=content))
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = "text", user: str | None = None) -> str: ...
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"], user: str | None = None) -> bytes: ...
+    @overload
+    async def read(
+        self, path: str, *, format: Literal["stream"], user: str | None = None
+    ) -> AsyncIterator[bytes]: ...
+
+    async def read(
+        self, path: str, *, format: _core.ReadFormat = "text", user: str | None = None
+    ) -> str | bytes | AsyncIterator[bytes]:
+        """Read a file as ``str`` (UTF-8), ``bytes``, or an async iterator of chunks (``"stream"``)."""
+        fmt = _core.check_format(format)
+        call = _core.read_call(self._id, path, user)
+        response = await self._http.open_stream(call)
+        chunks = self._http.iter_bytes(call, response)
+        if fmt == "stream":
+            return chunks
+        content = b"".join([chunk async for chunk in chunks])
+        return content if fmt == "bytes" else _core.decode_text(content, path)
+
+    async def list(
+        self, path: str = ".", *, depth: int = 1, user: str | None = None
+    ) -> builtins.list[EntryInfo]:
+        """The entries of a directory (``depth`` > 1 descends into subdirectories)."""
+        return await self._http.run(_core.list_files(self._id, path, depth, user))
+
+    async def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """Describe one path (a symlink is described, not followed)."""
+        return await self._http.run(_core.stat_file(self._id, path, user))
+
+    async def exists(self, path: str, *, user: str | None = None) -> bool:
+        return await self._http.run(_core.file_exists(self._id, path, user))
+
+    async def mkdir(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """Create a directory and its parents; an existing directory is fine."""
+        return await self._http.run(_core.make_dir(self._id, path, user))
+
+    async def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        """Remove a file, or a directory (non-empty ones need ``recursive=True``)."""
+        await self._http.run(_core.remove_file(self._id, path, recursive, user))
+
+    async def rename(self, src: str, dst: str, *, user: str | None = None) -> EntryInfo:
+        """Move ``src`` to ``dst``."""
+        return await self._http.run(_core.rename_file(self._id, src, dst, user))
+
+
+class _Creating(Awaitable["AsyncSandbox"]):
+    """What :meth:`AsyncSandbox.create` returns: await it, or use it directly in ``async with``."""
+
+    def __init__(self, make: Callable[[], Awaitable[AsyncSandbox]]) -> None:
+        self._make = make
+        self._sandbox: AsyncSandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        self._sandbox = await self._make()
+        return self._sandbox
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.kill()
+
+
+class AsyncSandbox:
+    """A sandbox on a cove server, for asyncio code.
+
+    ::
+
+        async with AsyncSandbox.create() as sb:          # or: sb = await AsyncSandbox.create()
+            r = await sb.exec("echo hi")
+            async for ev in sb.exec_stream("make"):
+                ...
+
+    Leaving the ``async with`` block kills the sandbox. Callbacks may be plain functions or coroutines.
+    """
+
+    def __init__(
+        self, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        self._id = sandbox_id
+        self._http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        self._info: SandboxInfo | None = None
+        self.files = AsyncFiles(self)
+
+    @classmethod
+    def _adopt(cls, info: SandboxInfo, http: _AsyncHTTP) -> AsyncSandbox:
+        sandbox = cls.__new__(cls)
+        sandbox._id = info.id
+        sandbox._http = http
+        sandbox._info = info
+        sandbox.files = AsyncFiles(sandbox)
+        return sandbox
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "base",
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        disk_mb: int | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        transport: Any = None,
+    ) -> _Creating:
+        """Start a new sandbox: ``sb = await AsyncSandbox.create()`` or ``async with AsyncSandbox.create()``."""
+        op_args: dict[str, Any] = {
+            "template": template,
+            "env": env,
+            "timeout": timeout,
+            "metadata": metadata,
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "pids": pids,
+            "disk_mb": disk_mb,
+            "workdir": workdir,
+            "user": user,
+        }
+
+        async def make() -> AsyncSandbox:
+            http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+            try:
+                info = await http.run(_core.create_sandbox(**op_args))
+            except BaseException:
+                await http.close()
+                raise
+            return cls._adopt(info, http)
+
+        return _Creating(make)
+
+    @classmethod
+    async def connect(
+        cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> AsyncSandbox:
+        """Attach to an existing sandbox; raises :class:`~cove.errors.SandboxNotFound` if there is none."""
+        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        try:
+            info = await http.run(_core.get_sandbox(sandbox_id))
+        except BaseException:
+            await http.close()
+            raise
+        return cls._adopt(info, http)
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        state: str | Sequence[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        transport: Any = None,
+    ) -> builtins.list[SandboxInfo]:
+        """All sandboxes of this key's tenant, filtered by state (one or several) and metadata (all must match)."""
+        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        try:
+            return await http.run(_core.list_sandboxes(state=state, metadata=metadata))
+        finally:
+            await http.close()
+
+    @classmethod
+    async def kill_by_id(
+        cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        """Kill a sandbox by id (idempotent on a dead sandbox)."""
+        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        try:
+            await http.run(_core.kill_sandbox(sandbox_id))
+        finally:
+            await http.close()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    async def info(self) -> SandboxInfo:
+        """Fresh information about this sandbox from the server."""
+        self._info = await self._http.run(_core.get_sandbox(self._id))
+        return self._info
+
+    async def set_timeout(self, seconds: int) -> SandboxInfo:
+        """Make the sandbox expire ``seconds`` from now (0 = never)."""
+        self._info = await self._http.run(_core.set_timeout(self._id, seconds))
+        return self._info
+
+    async def kill(self) -> None:
+        """Kill the sandbox and close this object's HTTP client."""
+        try:
+            await self._http.run(_core.kill_sandbox(self._id))
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP client; the sandbox keeps running."""
+        await self._http.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.kill()
+
+    def __repr__(self) -> str:
+        state = f" state={self._info.state!r}" if self._info else ""
+        return f"<AsyncSandbox id={self._id!r}{state} url={self._http.config.url!r}>"
+
+    async def exec(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run a command and wait for it; see :meth:`cove.sdk.Sandbox.exec`."""
+        kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "user": user, "timeout": timeout, "stdin": stdin}
+        if on_stdout is None and on_stderr is None:
+            return await self._http.run(_core.exec_command(self._id, cmd, **kwargs))
+        collector = _core.ExecCollector()
+        async with aclosing(self.exec_stream(cmd, **kwargs)) as events:
+            async for event in events:
+                collector.feed(event)
+                if event.type == "stdout":
+                    await _call_back(on_stdout, event.data)
+                elif event.type == "stderr":
+                    await _call_back(on_stderr, event.data)
+        return collector.result()
+
+    async def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """Run a command and yield its events as they happen: ``async for ev in sb.exec_stream(cmd)``."""
+        call = _core.exec_call(
+            self._id, cmd, stream=True, cwd=cwd, env=env, user=user, timeout=timeout, stdin=stdin
+        )
+        async with self._http.stream(call) as response:
+            async for line in response.aiter_lines():
+                event = _core.parse_event(line)
+                if event is not None:
+                    yield event
+
+
+async def create_key(
+    name: str,
+    *,
+    tenant: str = "default",
+    admin: bool = False,
+    url: str | None = None,
+    api_key: str | None = None,
+    transport: Any = None,
+) -> ApiKey:
+    """Create an API key (needs an admin key); the returned ``.key`` is shown only this once."""
+    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+    try:
+        return await http.run(_core.create_key(name, tenant, admin))
+    finally:
+        await http.close()
+
+
+async def list_keys(
+    *, url: str | None = None, api_key: str | None = None, transport: Any = None
+) -> list[ApiKey]:
+    """All API keys (needs an admin key); secrets are not included."""
+    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+    try:
+        return await http.run(_core.list_keys())
+    finally:
+        await http.close()
+
+
+async def delete_key(
+    key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+) -> None:
+    """Revoke an API key (needs an admin key)."""
+    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+    try:
+        await http.run(_core.delete_key(key_id))
+    finally:
+        await http.close()

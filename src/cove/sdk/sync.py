@@ -1,0 +1,426 @@
+"""The blocking SDK: :class:`Sandbox`. All logic lives in :mod:`cove.sdk._core`; this is the I/O edge."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+import httpx
+
+from cove.errors import CoveError
+from cove.sdk import _core
+from cove.sdk._core import Call, Command, Config, Op
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo
+
+__all__ = ["Files", "Sandbox", "create_key", "delete_key", "list_keys"]
+
+T = TypeVar("T")
+OutputCallback = Callable[[str], Any]
+
+
+class _HTTP:
+    """Runs core operations over one lazily created ``httpx.Client``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._client: httpx.Client | None = None
+
+    @property
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(**self.config.client_kwargs())
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def request(self, call: Call, content: Any = None) -> Any:
+        kwargs = call.request_kwargs()
+        if content is not None:
+            kwargs["content"] = content
+        try:
+            response = self.client.request(call.method, call.path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        return _core.decode_reply(response.status_code, response.content, call, self.config)
+
+    def run(self, op: Op[T]) -> T:
+        """Drive a core operation: send each call it yields, feed back the reply (or the error)."""
+        reply: Any = None
+        error: CoveError | None = None
+        while True:
+            try:
+                call = op.throw(error) if error is not None else op.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                reply = self.request(call)
+            except CoveError as exc:
+                error = exc
+
+    def open_stream(self, call: Call) -> httpx.Response:
+        """Send ``call`` and return the response with its body unread; errors are raised here."""
+        request = self.client.build_request(call.method, call.path, **call.request_kwargs())
+        try:
+            response = self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        if response.status_code >= 400:
+            try:
+                content = response.read()
+            finally:
+                response.close()
+            _core.check_response(response.status_code, content, call, self.config)
+        return response
+
+    @contextmanager
+    def stream(self, call: Call) -> Iterator[httpx.Response]:
+        response = self.open_stream(call)
+        try:
+            yield response
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        finally:
+            response.close()
+
+    def iter_bytes(self, call: Call, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise _core.transport_error(exc, call, self.config) from exc
+        finally:
+            response.close()
+
+
+class Files:
+    """File operations inside one sandbox: ``sandbox.files``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def _http(self) -> _HTTP:
+        return self._sandbox._http
+
+    @property
+    def _id(self) -> str:
+        return self._sandbox.id
+
+    def write(self, path: str, data: Any, *, user: str | None = None, mode: int | None = None) -> EntryInfo:
+        """Write a file (parents are created), streaming the upload.
+
+        ``data`` is ``str``, ``bytes``, a binary file-like object or an iterable of ``bytes`` chunks::
+
+            sb.files.write("/home/user/a.txt", "hello")
+            with open("big.tar", "rb") as f:
+                sb.files.write("big.tar", f)
+        """
+        call = _core.write_call(self._id, path, user, mode)
+        body = _core.whole_body(data)
+        content: Any = body if body is not None else _core.iter_upload(data)
+        return _core.parse_entry(self._http.request(call, content=content))
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = "text", user: str | None = None) -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"], user: str | None = None) -> bytes: ...
+    @overload
+    def read(self, path: str, *, format: Literal["stream"], user: str | None = None) -> Iterator[bytes]: ...
+
+    def read(
+        self, path: str, *, format: _core.ReadFormat = "text", user: str | None = None
+    ) -> str | bytes | Iterator[bytes]:
+        """Read a file as ``str`` (UTF-8), ``bytes``, or an iterator of ``bytes`` chunks (``"stream"``).
+
+        A missing file raises :class:`~cove.errors.FileNotFound` right away, also for ``"stream"``.
+        """
+        fmt = _core.check_format(format)
+        call = _core.read_call(self._id, path, user)
+        response = self._http.open_stream(call)
+        chunks = self._http.iter_bytes(call, response)
+        if fmt == "stream":
+            return chunks
+        content = b"".join(chunks)
+        return content if fmt == "bytes" else _core.decode_text(content, path)
+
+    def list(self, path: str = ".", *, depth: int = 1, user: str | None = None) -> builtins.list[EntryInfo]:
+        """The entries of a directory (``depth`` > 1 descends into subdirectories)."""
+        return self._http.run(_core.list_files(self._id, path, depth, user))
+
+    def stat(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """Describe one path (a symlink is described, not followed)."""
+        return self._http.run(_core.stat_file(self._id, path, user))
+
+    def exists(self, path: str, *, user: str | None = None) -> bool:
+        return self._http.run(_core.file_exists(self._id, path, user))
+
+    def mkdir(self, path: str, *, user: str | None = None) -> EntryInfo:
+        """Create a directory and its parents; an existing directory is fine."""
+        return self._http.run(_core.make_dir(self._id, path, user))
+
+    def remove(self, path: str, *, recursive: bool = False, user: str | None = None) -> None:
+        """Remove a file, or a directory (non-empty ones need ``recursive=True``)."""
+        self._http.run(_core.remove_file(self._id, path, recursive, user))
+
+    def rename(self, src: str, dst: str, *, user: str | None = None) -> EntryInfo:
+        """Move ``src`` to ``dst``."""
+        return self._http.run(_core.rename_file(self._id, src, dst, user))
+
+
+class Sandbox:
+    """A sandbox on a cove server.
+
+    ::
+
+        with Sandbox.create(template="base") as sb:
+            print(sb.exec("python3 -c 'print(6*7)'").stdout)
+
+    ``Sandbox(id)`` binds to an existing sandbox without any request; :meth:`connect` also checks it
+    exists. Each object holds one HTTP client, opened on first use and closed by :meth:`close` or
+    :meth:`kill`. Leaving the ``with`` block kills the sandbox.
+    """
+
+    def __init__(
+        self, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        self._id = sandbox_id
+        self._http = _HTTP(Config.resolve(url, api_key, transport))
+        self._info: SandboxInfo | None = None
+        self.files = Files(self)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "base",
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        disk_mb: int | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        transport: Any = None,
+    ) -> Sandbox:
+        """Start a new sandbox. ``timeout`` is its lifetime in seconds (0 = none; server default 300)."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            info = http.run(
+                _core.create_sandbox(
+                    template=template,
+                    env=env,
+                    timeout=timeout,
+                    metadata=metadata,
+                    cpu=cpu,
+                    memory_mb=memory_mb,
+                    pids=pids,
+                    disk_mb=disk_mb,
+                    workdir=workdir,
+                    user=user,
+                )
+            )
+        except BaseException:
+            http.close()
+            raise
+        return cls._adopt(info, http)
+
+    @classmethod
+    def _adopt(cls, info: SandboxInfo, http: _HTTP) -> Sandbox:
+        sandbox = cls.__new__(cls)
+        sandbox._id = info.id
+        sandbox._http = http
+        sandbox._info = info
+        sandbox.files = Files(sandbox)
+        return sandbox
+
+    @classmethod
+    def connect(
+        cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> Sandbox:
+        """Attach to an existing sandbox; raises :class:`~cove.errors.SandboxNotFound` if there is none."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            info = http.run(_core.get_sandbox(sandbox_id))
+        except BaseException:
+            http.close()
+            raise
+        return cls._adopt(info, http)
+
+    @classmethod
+    def list(
+        cls,
+        *,
+        state: str | Sequence[str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        transport: Any = None,
+    ) -> builtins.list[SandboxInfo]:
+        """All sandboxes of this key's tenant, filtered by state (one or several) and metadata (all must match)."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            return http.run(_core.list_sandboxes(state=state, metadata=metadata))
+        finally:
+            http.close()
+
+    @classmethod
+    def kill_by_id(
+        cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        """Kill a sandbox by id (idempotent on a dead sandbox)."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            http.run(_core.kill_sandbox(sandbox_id))
+        finally:
+            http.close()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    def info(self) -> SandboxInfo:
+        """Fresh information about this sandbox from the server."""
+        self._info = self._http.run(_core.get_sandbox(self._id))
+        return self._info
+
+    def set_timeout(self, seconds: int) -> SandboxInfo:
+        """Make the sandbox expire ``seconds`` from now (0 = never)."""
+        self._info = self._http.run(_core.set_timeout(self._id, seconds))
+        return self._info
+
+    def kill(self) -> None:
+        """Kill the sandbox and close this object's HTTP client."""
+        try:
+            self._http.run(_core.kill_sandbox(self._id))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the HTTP client; the sandbox keeps running."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        state = f" state={self._info.state!r}" if self._info else ""
+        return f"<Sandbox id={self._id!r}{state} url={self._http.config.url!r}>"
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run a command and wait for it. ``cmd`` is a shell string (``bash -c``) or an argv list.
+
+        A non-zero exit code is a normal result; running past ``timeout`` seconds raises
+        :class:`~cove.errors.CommandTimeout` (with the output so far). With ``on_stdout`` /
+        ``on_stderr`` the output is streamed and the callbacks get each piece as it arrives::
+
+            r = sb.exec(["ls", "-la"], cwd="/tmp")
+            sb.exec("make", on_stdout=print, timeout=600)
+        """
+        kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "user": user, "timeout": timeout, "stdin": stdin}
+        if on_stdout is None and on_stderr is None:
+            return self._http.run(_core.exec_command(self._id, cmd, **kwargs))
+        collector = _core.ExecCollector()
+        with closing(self.exec_stream(cmd, **kwargs)) as events:
+            for event in events:
+                collector.feed(event)
+                if event.type == "stdout" and on_stdout is not None:
+                    on_stdout(event.data)
+                elif event.type == "stderr" and on_stderr is not None:
+                    on_stderr(event.data)
+        return collector.result()
+
+    def exec_stream(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+    ) -> Generator[ExecEvent, None, None]:
+        """Run a command and yield its :class:`ExecEvent` s as they happen; the last has type ``"exit"``.
+
+        A timeout does not raise here: the exit event has ``timed_out=True``::
+
+            for ev in sb.exec_stream("for i in 1 2 3; do echo $i; sleep 1; done"):
+                print(ev.type, ev.data or ev.exit_code)
+        """
+        call = _core.exec_call(
+            self._id, cmd, stream=True, cwd=cwd, env=env, user=user, timeout=timeout, stdin=stdin
+        )
+        with self._http.stream(call) as response:
+            for line in response.iter_lines():
+                event = _core.parse_event(line)
+                if event is not None:
+                    yield event
+
+
+# ---------------------------------------------------------------------------------------- keys
+
+
+def create_key(
+    name: str,
+    *,
+    tenant: str = "default",
+    admin: bool = False,
+    url: str | None = None,
+    api_key: str | None = None,
+    transport: Any = None,
+) -> ApiKey:
+    """Create an API key (needs an admin key); the returned ``.key`` is shown only this once."""
+    http = _HTTP(Config.resolve(url, api_key, transport))
+    try:
+        return http.run(_core.create_key(name, tenant, admin))
+    finally:
+        http.close()
+
+
+def list_keys(*, url: str | None = None, api_key: str | None = None, transport: Any = None) -> list[ApiKey]:
+    """All API keys (needs an admin key); secrets are not included."""
+    http = _HTTP(Config.resolve(url, api_key, transport))
+    try:
+        return http.run(_core.list_keys())
+    finally:
+        http.close()
+
+
+def delete_key(
+    key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+) -> None:
+    """Revoke an API key (needs an admin key)."""
+    http = _HTTP(Config.resolve(url, api_key, transport))
+    try:
+        http.run(_core.delete_key(key_id))
+    finally:
+        http.close()

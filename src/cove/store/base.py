@@ -1,0 +1,91 @@
+"""The control plane's state, behind one interface (SQLite now; PostgreSQL implements the same)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    tenant: str
+    template: str
+    state: str
+    runtime: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    timeout: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    user: str = "user"
+    workdir: str = "/home/user"
+    limits: dict[str, Any] = field(default_factory=dict)
+    node: dict[str, Any] = field(default_factory=dict)  # the node's handle (pid, start time…)
+    end_reason: str | None = None
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    name: str
+    tenant: str
+    admin: bool
+    created_at: float
+    hash: str = ""
+
+
+@dataclass
+class Page:
+    items: list[SandboxRecord]
+    next_cursor: str | None
+
+
+class Store(ABC):
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # sandboxes
+    @abstractmethod
+    async def insert_sandbox(self, rec: SandboxRecord) -> None: ...
+
+    @abstractmethod
+    async def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None: ...
+
+    @abstractmethod
+    async def update_sandbox(self, sandbox_id: str, expect_state: str | None = None, **fields: Any) -> bool:
+        """Update fields; with `expect_state`, only if the current state matches (compare-and-set)."""
+
+    @abstractmethod
+    async def list_sandboxes(
+        self,
+        tenant: str | None,
+        states: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page: ...
+
+    @abstractmethod
+    async def count_by_state(self) -> dict[str, int]: ...
+
+    # api keys
+    @abstractmethod
+    async def insert_key(self, rec: KeyRecord) -> None: ...
+
+    @abstractmethod
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def delete_key(self, key_id: str) -> bool: ...
+
+    @abstractmethod
+    async def count_keys(self) -> int: ...

@@ -1,0 +1,215 @@
+"""SQLite (WAL) implementation of the store. Calls run in a worker thread, one connection, one lock."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from cove.store.base import KeyRecord, Page, SandboxRecord, Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    template TEXT NOT NULL,
+    state TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL,
+    timeout INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    env TEXT NOT NULL,
+    user TEXT NOT NULL,
+    workdir TEXT NOT NULL,
+    limits TEXT NOT NULL,
+    node TEXT NOT NULL,
+    end_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sandboxes_tenant_state ON sandboxes (tenant, state);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    hash TEXT UNIQUE NOT NULL
+);
+"""
+_JSON_FIELDS = {"metadata", "env", "limits", "node"}
+_SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
+
+
+def _to_row(rec: SandboxRecord) -> dict[str, Any]:
+    d = asdict(rec)
+    for k in _JSON_FIELDS:
+        d[k] = json.dumps(d[k])
+    return d
+
+
+def _from_row(row: sqlite3.Row) -> SandboxRecord:
+    d = {k: row[k] for k in _SANDBOX_FIELDS}
+    for k in _JSON_FIELDS:
+        d[k] = json.loads(d[k])
+    return SandboxRecord(**d)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        with self._lock:
+            assert self._db is not None, "store is not open"
+            with self._db:  # one transaction per call
+                return fn(self._db, *args)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(self._run, fn, *args)
+
+    async def open(self) -> None:
+        def _open() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            self._db = db
+
+        await asyncio.to_thread(_open)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.to_thread(db.close)
+
+    # -- sandboxes -----------------------------------------------------------------------
+    async def insert_sandbox(self, rec: SandboxRecord) -> None:
+        row = _to_row(rec)
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        await self._call(lambda db: db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})", row))
+
+    async def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
+        def q(db: sqlite3.Connection) -> SandboxRecord | None:
+            row = db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+            return _from_row(row) if row else None
+
+        return await self._call(q)
+
+    async def update_sandbox(self, sandbox_id: str, expect_state: str | None = None, **changes: Any) -> bool:
+        unknown = set(changes) - set(_SANDBOX_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown sandbox fields: {sorted(unknown)}")
+        vals = {k: json.dumps(v) if k in _JSON_FIELDS else v for k, v in changes.items()}
+        sets = ", ".join(f"{k} = :{k}" for k in vals)
+        sql = f"UPDATE sandboxes SET {sets} WHERE id = :_id"
+        vals["_id"] = sandbox_id
+        if expect_state is not None:
+            sql += " AND state = :_expect"
+            vals["_expect"] = expect_state
+        return bool(await self._call(lambda db: db.execute(sql, vals).rowcount))
+
+    async def list_sandboxes(
+        self,
+        tenant: str | None,
+        states: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        where, args = ["1=1"], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            args.extend(states)
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(metadata, ?) = ?")
+            args.extend(['$."' + key.replace('"', '""') + '"', value])
+        if cursor:
+            where.append("seq > ?")
+            args.append(decode_cursor(cursor))
+        sql = f"SELECT * FROM sandboxes WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        args.append(limit + 1)
+
+        def q(db: sqlite3.Connection) -> Page:
+            rows = db.execute(sql, args).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            nxt = encode_cursor(rows[-1]["seq"]) if more and rows else None
+            return Page(items=[_from_row(r) for r in rows], next_cursor=nxt)
+
+        return await self._call(q)
+
+    async def count_by_state(self) -> dict[str, int]:
+        def q(db: sqlite3.Connection) -> dict[str, int]:
+            return {r[0]: r[1] for r in db.execute("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")}
+
+        return await self._call(q)
+
+    # -- keys ----------------------------------------------------------------------------
+    async def insert_key(self, rec: KeyRecord) -> None:
+        await self._call(
+            lambda db: db.execute(
+                "INSERT INTO api_keys (id, name, tenant, admin, created_at, hash) VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.id, rec.name, rec.tenant, int(rec.admin), rec.created_at, rec.hash),
+            )
+        )
+
+    @staticmethod
+    def _key(row: sqlite3.Row) -> KeyRecord:
+        return KeyRecord(
+            id=row["id"],
+            name=row["name"],
+            tenant=row["tenant"],
+            admin=bool(row["admin"]),
+            created_at=row["created_at"],
+            hash=row["hash"],
+        )
+
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        def q(db: sqlite3.Connection) -> KeyRecord | None:
+            row = db.execute("SELECT * FROM api_keys WHERE hash = ?", (key_hash,)).fetchone()
+            return self._key(row) if row else None
+
+        return await self._call(q)
+
+    async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        def q(db: sqlite3.Connection) -> list[KeyRecord]:
+            if tenant is None:
+                rows = db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM api_keys WHERE tenant = ? ORDER BY created_at", (tenant,)).fetchall()
+            return [self._key(r) for r in rows]
+
+        return await self._call(q)
+
+    async def delete_key(self, key_id: str) -> bool:
+        return bool(await self._call(lambda db: db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount))
+
+    async def count_keys(self) -> int:
+        return int(await self._call(lambda db: db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]))
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("invalid cursor") from e

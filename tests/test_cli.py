@@ -1,0 +1,229 @@
+"""The ``cove`` CLI against the real server (typer's CliRunner, plus one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cove.cli.main import app
+from cove.sdk import Sandbox
+
+
+@pytest.fixture
+def cli_env(server: Any) -> dict[str, str]:
+    return {"COVE_URL": server.url, "COVE_API_KEY": server.api_key, "COLUMNS": "200"}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def sandbox_id(server: Any) -> Iterator[str]:
+    sb = Sandbox.create(url=server.url, api_key=server.api_key, timeout=600)
+    yield sb.id
+    sb.kill()
+
+
+def _run(runner: CliRunner, env: dict[str, str], *args: str, input: str | None = None) -> Any:
+    return runner.invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def test_help_teaches() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for command in ("create", "ls", "info", "exec", "cp", "kill", "keys", "serve"):
+        assert command in result.stdout
+    exec_help = CliRunner().invoke(app, ["exec", "--help"], env={"COLUMNS": "200"})
+    assert exec_help.exit_code == 0 and "Example" in exec_help.stdout and "cove exec" in exec_help.stdout
+
+
+def test_create_ls_info_kill(runner: CliRunner, cli_env: dict[str, str], server: Any) -> None:
+    label = uuid.uuid4().hex[:10]
+    result = _run(
+        runner,
+        cli_env,
+        "create",
+        "--env",
+        "A=1",
+        "--label",
+        f"suite={label}",
+        "--label",
+        "x=y",
+        "--timeout",
+        "300",
+    )
+    assert result.exit_code == 0, result.output
+    sandbox_id = result.stdout.strip()
+    assert sandbox_id and "\n" not in sandbox_id
+    try:
+        info = Sandbox.connect(sandbox_id, url=server.url, api_key=server.api_key)
+        assert info.info().metadata == {"suite": label, "x": "y"}
+        assert info.exec("echo $A").stdout == "1\n"
+        info.close()
+
+        ls = _run(runner, cli_env, "ls", "--label", f"suite={label}")
+        assert ls.exit_code == 0, ls.output
+        assert sandbox_id in ls.stdout and "running" in ls.stdout and f"suite={label}" in ls.stdout
+        quiet = _run(runner, cli_env, "ls", "-q", "--label", f"suite={label}", "--state", "running")
+        assert quiet.stdout.split() == [sandbox_id]
+        as_json = _run(runner, cli_env, "ls", "--json", "--label", f"suite={label}")
+        assert [i["id"] for i in json.loads(as_json.stdout)] == [sandbox_id]
+
+        shown = _run(runner, cli_env, "info", sandbox_id)
+        assert shown.exit_code == 0, shown.output
+        assert sandbox_id in shown.stdout and "running" in shown.stdout and "base" in shown.stdout
+        shown_json = _run(runner, cli_env, "info", sandbox_id, "--json")
+        data = json.loads(shown_json.stdout)
+        assert data["id"] == sandbox_id and data["state"] == "running" and data["metadata"]["suite"] == label
+    finally:
+        killed = _run(runner, cli_env, "kill", sandbox_id)
+    assert killed.exit_code == 0, killed.output
+    assert f"killed {sandbox_id}" in killed.stdout
+    quiet = _run(runner, cli_env, "ls", "-q", "--label", f"suite={label}", "--state", "running")
+    assert quiet.stdout.split() == []
+
+
+def test_exec_streams_and_propagates_exit_code(
+    runner: CliRunner, cli_env: dict[str, str], sandbox_id: str
+) -> None:
+    ok = _run(runner, cli_env, "exec", sandbox_id, "--", "echo hello; echo oops >&2")
+    assert ok.exit_code == 0
+    assert ok.stdout == "hello\n"
+    assert ok.stderr == "oops\n"
+
+    failed = _run(runner, cli_env, "exec", sandbox_id, "--", "sh", "-c", "echo partial; exit 3")
+    assert failed.exit_code == 3
+    assert failed.stdout == "partial\n"
+
+    argv = _run(runner, cli_env, "exec", sandbox_id, "--", "printf", "%s|", "a b", "c")
+    assert argv.stdout == "a b|c|"
+
+    opts = _run(
+        runner,
+        cli_env,
+        "exec",
+        "--cwd",
+        "/tmp",
+        "-e",
+        "X=42",
+        "--user",
+        "root",
+        sandbox_id,
+        "--",
+        "echo $X; pwd; id -un",
+    )
+    assert opts.exit_code == 0, opts.output
+    assert opts.stdout == "42\n/tmp\nroot\n"
+
+    fed = _run(runner, cli_env, "exec", "-i", sandbox_id, "--", "cat", input="piped in")
+    assert fed.stdout == "piped in"
+
+    timed_out = _run(runner, cli_env, "exec", "--timeout", "0.5", sandbox_id, "--", "echo t; sleep 30")
+    assert timed_out.exit_code == 124
+    assert timed_out.stdout == "t\n"
+    assert "timed out" in timed_out.stderr
+
+
+def test_exec_as_real_process(cli_env: dict[str, str], sandbox_id: str) -> None:
+    """The console entry point, in a real process: streams output and exits with the command's code."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cove.cli.main", "exec", sandbox_id, "--", "echo out; echo err >&2; exit 42"],
+        env={**os.environ, **cli_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 42, proc.stderr
+    assert proc.stdout == "out\n" and proc.stderr == "err\n"
+
+
+def test_cp_both_ways(runner: CliRunner, cli_env: dict[str, str], sandbox_id: str, tmp_path: Path) -> None:
+    src = tmp_path / "data.bin"
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    src.write_bytes(payload)
+
+    up = _run(runner, cli_env, "cp", str(src), f"{sandbox_id}:/home/user/data.bin")
+    assert up.exit_code == 0, up.output
+    check = Sandbox(sandbox_id, url=cli_env["COVE_URL"], api_key=cli_env["COVE_API_KEY"])
+    assert check.files.stat("/home/user/data.bin").size == len(payload)
+
+    # a directory destination (trailing slash or existing dir) keeps the file name
+    up_dir = _run(runner, cli_env, "cp", str(src), f"{sandbox_id}:/tmp/")
+    assert up_dir.exit_code == 0, up_dir.output
+    assert check.files.stat("/tmp/data.bin").size == len(payload)
+
+    out_file = tmp_path / "back.bin"
+    down = _run(runner, cli_env, "cp", f"{sandbox_id}:/home/user/data.bin", str(out_file))
+    assert down.exit_code == 0, down.output
+    assert out_file.read_bytes() == payload
+
+    out_dir = tmp_path / "dir"
+    out_dir.mkdir()
+    down_dir = _run(runner, cli_env, "cp", f"{sandbox_id}:/tmp/data.bin", str(out_dir))
+    assert down_dir.exit_code == 0, down_dir.output
+    assert (out_dir / "data.bin").read_bytes() == payload
+
+    # relative sandbox paths start at the user's home
+    text = tmp_path / "note.txt"
+    text.write_text("hi there\n")
+    assert _run(runner, cli_env, "cp", str(text), f"{sandbox_id}:notes/note.txt").exit_code == 0
+    assert check.files.read("/home/user/notes/note.txt") == "hi there\n"
+    check.close()
+
+    missing = _run(runner, cli_env, "cp", f"{sandbox_id}:/home/user/nope.txt", str(tmp_path / "x"))
+    assert missing.exit_code == 1
+    assert "nope.txt" in missing.stderr and "Traceback" not in missing.output
+    both_local = _run(runner, cli_env, "cp", str(src), str(tmp_path / "y"))
+    assert both_local.exit_code == 1 and "exactly one" in both_local.stderr
+
+
+def test_readable_errors(runner: CliRunner, cli_env: dict[str, str], server: Any) -> None:
+    for args in (["info", "sb-nope"], ["exec", "sb-nope", "--", "true"], ["kill", "sb-nope"]):
+        result = _run(runner, cli_env, *args)
+        assert result.exit_code == 1, args
+        assert "sb-nope" in result.stderr and "not found" in result.stderr
+        assert "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+
+    bad_key = _run(runner, {**cli_env, "COVE_API_KEY": "wrong"}, "ls")
+    assert bad_key.exit_code == 1 and bad_key.stderr.startswith("error:")
+
+    bad_limit = _run(runner, cli_env, "create", "--memory", "1")
+    assert bad_limit.exit_code == 1 and "memory_mb" in bad_limit.stderr
+
+    unreachable = _run(runner, {**cli_env, "COVE_URL": "http://127.0.0.1:1"}, "ls")
+    assert unreachable.exit_code == 1 and "could not connect" in unreachable.stderr
+
+    # global options win over the environment
+    flags = _run(
+        runner, {}, "--url", server.url, "--api-key", server.api_key, "ls", "-q", "--label", "none=none"
+    )
+    assert flags.exit_code == 0, flags.output
+
+
+def test_keys_create(runner: CliRunner, cli_env: dict[str, str]) -> None:
+    name = "cli-" + uuid.uuid4().hex[:8]
+    result = _run(runner, cli_env, "keys", "create", "--name", name, "--tenant", "team-cli")
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip()
+    assert secret and name in result.stderr
+
+    as_tenant = {**cli_env, "COVE_API_KEY": secret}
+    ls = _run(runner, as_tenant, "ls", "-q")
+    assert ls.exit_code == 0 and ls.stdout.strip() == ""
+    forbidden = _run(runner, as_tenant, "keys", "create", "--name", "nope")
+    assert forbidden.exit_code == 1 and "error:" in forbidden.stderr
+
+    listed = _run(runner, cli_env, "keys", "ls")
+    assert name in listed.stdout

@@ -1,0 +1,136 @@
+"""A sandbox cannot see or reach the host, other sandboxes, or the network, and its limits hold."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import Server
+
+
+def run(api: httpx.Client, sid: str, cmd: str, **kw: object) -> dict:
+    r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_sees_only_its_own_processes(api: httpx.Client, sandbox: dict) -> None:
+    out = run(api, sandbox["id"], "ls /proc | grep -E '^[0-9]+$' | wc -l; tr '\\0' ' ' < /proc/1/cmdline")["stdout"]
+    count, cmdline = out.splitlines()
+    assert int(count) < 10, "host processes are visible"
+    assert "agent.py" in cmdline, "pid 1 must be the guest agent"
+
+
+def test_root_inside_is_unprivileged_outside(api: httpx.Client, sandbox: dict) -> None:
+    sid = sandbox["id"]
+    assert run(api, sid, "cat /proc/self/uid_map", user="root")["stdout"].split() == ["0", "100000", "65536"]
+    caps = run(api, sid, "grep CapBnd /proc/self/status", user="root")["stdout"].split()[1]
+    assert not int(caps, 16) & (1 << 21), "CAP_SYS_ADMIN must not be in the bounding set"
+    assert run(api, sid, "grep NoNewPrivs /proc/self/status")["stdout"].split()[1] == "1"
+    res = run(api, sid, "mount -t tmpfs none /mnt", user="root")
+    assert res["exit_code"] != 0
+    res = run(api, sid, "python3 -c 'import ctypes; l=ctypes.CDLL(None,use_errno=True); print(l.unshare(0x10000000), ctypes.get_errno())'")
+    assert res["stdout"].split() == ["-1", "1"], "creating a user namespace must be refused (EPERM)"
+    res = run(api, sid, "touch /usr/bin/evil", user="root")
+    assert res["exit_code"] != 0 and "Read-only" in res["stderr"]
+    assert not Path("/usr/bin/evil").exists()
+
+
+def test_template_layer_is_never_written(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    assert run(api, sandbox["id"], "echo 'intruder:x:0:0::/:/bin/sh' >> /etc/passwd", user="root")["exit_code"] == 0
+    layers = list((server.home / "storage" / "layers").iterdir())
+    assert layers
+    for layer in layers:
+        assert "intruder" not in (layer / "etc" / "passwd").read_text()
+    fresh = api.post("/v1/sandboxes", json={}).json()
+    try:
+        assert "intruder" not in run(api, fresh["id"], "cat /etc/passwd")["stdout"]
+    finally:
+        api.delete(f"/v1/sandboxes/{fresh['id']}")
+
+
+def test_cannot_see_other_sandboxes_files(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    other = api.post("/v1/sandboxes", json={}).json()
+    try:
+        assert run(api, sandbox["id"], "echo secret > /tmp/mine")["exit_code"] == 0
+        upper = server.home / "storage" / "active" / sandbox["id"] / "upper"
+        assert (upper / "tmp" / "mine").exists()
+        res = run(api, other["id"], f"cat /tmp/mine; ls {upper}; ls {server.home}")
+        assert "secret" not in res["stdout"] and res["exit_code"] != 0
+    finally:
+        api.delete(f"/v1/sandboxes/{other['id']}")
+
+
+def test_has_no_network(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    probe = (
+        "import socket\n"
+        "for host, port in [('127.0.0.1', %d), ('1.1.1.1', 80), ('10.0.0.1', 80)]:\n"
+        "    s = socket.socket(); s.settimeout(2)\n"
+        "    try:\n"
+        "        s.connect((host, port)); print('connected', host)\n"
+        "    except OSError as e:\n"
+        "        print('refused', host, e.errno)\n"
+    ) % server.port
+    out = run(api, sandbox["id"], f"python3 -c \"{probe}\"")["stdout"]
+    assert "connected" not in out, out
+    assert out.count("refused") == 3
+    links = run(api, sandbox["id"], "ls /sys/class/net 2>/dev/null || cat /proc/net/dev")["stdout"]
+    assert "eth" not in links and "veth" not in links
+
+
+def test_memory_limit_kills_inside_the_sandbox_only(api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={"memory_mb": 64}).json()
+    try:
+        res = run(api, sb["id"], "python3 -c 'b = bytearray(300 * 1024 * 1024); print(len(b))'")
+        assert res["exit_code"] == 137, res  # SIGKILL by the OOM killer of the sandbox's cgroup
+        assert run(api, sb["id"], "echo still alive")["stdout"] == "still alive\n"
+    finally:
+        api.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+def test_fork_bomb_is_contained(server: Server, api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={"pids": 64}).json()
+    try:
+        started = time.monotonic()
+        r = api.post(
+            f"/v1/sandboxes/{sb['id']}/exec",
+            json={"cmd": "bomb() { bomb | bomb & }; bomb; sleep 3", "timeout": 4},
+        )
+        assert r.status_code == 200
+        # The host stays responsive: the server answers right away while the bomb runs its course.
+        t = time.monotonic()
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - t < 2
+        pids_max = Path(f"/sys/fs/cgroup/pids/{server.cgroup_parent}/{sb['id']}/pids.max")
+        if pids_max.exists():
+            assert pids_max.read_text().strip() == "64"
+        assert time.monotonic() - started < 30
+    finally:
+        assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
+
+
+def test_kill_leaves_nothing_behind(server: Server, api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={}).json()
+    # A daemonised process (own session) must die with the sandbox too.
+    assert run(api, sb["id"], "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo started")["exit_code"] == 0
+    assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
+    with open("/proc/self/mountinfo") as f:
+        assert sb["id"] not in f.read()
+    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
+        assert sb["id"] not in dirs, f"cgroup left in {root}"
+        if root.count("/") > 5:
+            dirs[:] = []
+    assert not (server.home / "sandboxes" / sb["id"]).exists()
+    assert not (server.home / "storage" / "active" / sb["id"]).exists()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                # Zombies only wait for the host's init to reap them (this host's init is lazy).
+                if "\nState:\tZ" in (p / "status").read_text():
+                    continue
+                assert sb["id"] not in (p / "cgroup").read_text(), f"process {p.name} survived"
+            except OSError:
+                pass
