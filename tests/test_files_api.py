@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+from pathlib import Path
 
 import httpx
 
@@ -85,7 +86,7 @@ def test_paths_cannot_escape_the_sandbox(server: Server, api: httpx.Client, sand
         assert api.get(files(sid, "/stat"), params={"path": "/home/user/hostlink"}).json()["type"] == "symlink"
         # Shadow here is the sandbox's own, never the host's.
         r = api.get(files(sid), params={"path": "/etc/shadow", "user": "root"})
-        host_shadow = open("/etc/shadow").read()
+        host_shadow = Path("/etc/shadow").read_text()
         assert r.status_code == 200 and r.text != host_shadow and "root:*" in r.text
     finally:
         marker.unlink()

@@ -69,7 +69,7 @@ def descendants_of(pid: int) -> list[int]:
 
 
 def wait_gone(pid: int, timeout: float = 3.0) -> bool:
-    """True once pid has exited and been reaped (or is at least a zombie, if reap is False)."""
+    """True once pid has exited and been reaped (a zombie still counts as there)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc_stat(pid) is None:
@@ -79,27 +79,34 @@ def wait_gone(pid: int, timeout: float = 3.0) -> bool:
 
 
 class Agent:
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+    """The agent in test mode. With `run_as`, it runs from a copy of agent.py + protocol.py placed
+    side by side (as in /run/cove) under that uid, which must be able to reach `root`."""
+
+    def __init__(self, root: Path, run_as: int | None = None, default_user: str = "root") -> None:
         self.root = root
         self.work = root / "work"
         self.work.mkdir()
         self.socket = str(root / "agent.sock")
+        script = AGENT
+        if run_as is not None:
+            for name in ("agent.py", "protocol.py"):
+                shutil.copy(AGENT.parent / name, root / name)
+            script = root / "agent.py"
         config = root / "config.json"
         config.write_text(
-            '{"env": {"FROM_CONFIG": "config", "SHADOWED": "config"}, "user": "root", '
-            f'"workdir": "{self.work}"}}'
+            '{"env": {"FROM_CONFIG": "config", "SHADOWED": "config"}, '
+            f'"user": "{default_user}", "workdir": "{self.work}"}}'
         )
         ready_r, ready_w = os.pipe()
-        env = {
-            "COVE_READY_FD": str(ready_w),
-            "COVE_SECRET": "hidden",
-            "HOST_ONLY": "hidden",
-            **(extra_env or {}),
-        }
+        # COVE_SECRET and HOST_ONLY must not reach commands.
+        env = {"COVE_READY_FD": str(ready_w), "COVE_SECRET": "hidden", "HOST_ONLY": "hidden"}
         self.proc = subprocess.Popen(
-            [PYTHON, "-I", "-S", str(AGENT), "--socket", self.socket, "--config", str(config)],
+            [PYTHON, "-I", "-S", str(script), "--socket", self.socket, "--config", str(config)],
             env=env,
             pass_fds=(ready_w,),
+            user=run_as,
+            group=run_as,
+            extra_groups=[] if run_as is not None else None,
         )
         os.close(ready_w)
         try:
@@ -299,6 +306,7 @@ def test_cwd(agent: Agent, client: GuestClient) -> None:
 def test_exec_as_another_user(client: GuestClient) -> None:
     out, _, end = sh(client, "id -u; id -g; echo $HOME $USER", user="nobody", cwd="/")
     assert out == b"65534\n65534\n/nonexistent nobody\n"
+    assert end["exit_code"] == 0
     assert sh(client, "id -u", user=65534, cwd="/")[0] == b"65534\n"
     assert error_of(collect(client, "true", user="cove-no-such-user")).code == "invalid"
 
@@ -316,7 +324,7 @@ def test_concurrent_execs(client: GuestClient) -> None:
 
 def test_orphans_are_reaped(agent: Agent, client: GuestClient) -> None:
     out, _, end = sh(client, "for i in 1 2 3 4 5 6 7 8; do (sleep 0.3 &); done; echo started")
-    assert out == b"started\n"
+    assert (out, end["exit_code"]) == (b"started\n", 0)
     # The orphaned sleeps were re-parented to the agent (pid 1 in a sandbox, subreaper here)...
     orphans = [pid for pid, comm, _ in children_of(agent.proc.pid) if comm == "sleep"]
     assert len(orphans) == 8
@@ -534,3 +542,61 @@ def test_file_ops_run_as_the_requested_user(client: GuestClient, shared_dir: Pat
     assert (open_dir / "g").stat().st_uid == 65534
     locked.chmod(0o700)
     assert error_of(client.call("list", path=str(locked), user="nobody")).code == "permission_denied"
+
+
+def test_agent_not_running_as_root(shared_dir: Path) -> None:
+    """Outside a sandbox, as an ordinary user: acting as yourself works, as anyone else is refused."""
+    shared_dir.chmod(0o777)
+    a = Agent(shared_dir, run_as=65534, default_user="nobody")
+    try:
+        client = a.client
+        assert sh(client, "id -u", cwd="/")[0] == b"65534\n"
+        assert run(client.write(str(shared_dir / "mine"), [b"x"]))["entry"]["owner"] == "nobody"
+        assert error_of(collect(client, "id -u", user="root", cwd="/")).code == "permission_denied"
+        assert error_of(client.call("stat", path="/", user="root")).code == "permission_denied"
+        assert run(client.call("stat", path="/", user="nobody"))["entry"]["owner"] == "root"
+    finally:
+        a.stop()
+
+
+def test_connection_drop_is_unavailable(agent: Agent, client: GuestClient) -> None:
+    """The agent's handler dies mid-command: the client reports GuestUnavailable, not a result."""
+
+    async def go() -> int:
+        pgid = 0
+        with pytest.raises(GuestUnavailable):
+            async for kind, data in client.exec("echo $PPID $$; exec sleep 30"):
+                if kind == "stdout":
+                    handler, pgid = (int(p) for p in data.split())  # type: ignore[union-attr]
+                    os.kill(handler, signal.SIGKILL)
+        return pgid
+
+    pgid = run(go())
+    os.killpg(pgid, signal.SIGKILL)  # nobody was left to kill it: clean up ourselves
+
+
+def test_os_errors_map_to_protocol_codes() -> None:
+    import errno
+
+    from cove.guest.agent import os_error
+
+    cases = {
+        errno.ENOENT: "not_found",
+        errno.EEXIST: "exists",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+        errno.EROFS: "permission_denied",
+        errno.ENOTDIR: "not_a_directory",
+        errno.EISDIR: "is_a_directory",
+        errno.ENOTEMPTY: "not_empty",
+        errno.ENOSPC: "too_large",
+        errno.EIO: "internal",
+    }
+    for number, code in cases.items():
+        err = os_error(OSError(number, os.strerror(number), "/some/path"))
+        assert err.code == code
+        assert err.message.endswith(": /some/path")
+    assert (
+        os_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/x")).message == "read-only file system: /x"
+    )
+    assert os_error(OSError(errno.EIO, os.strerror(errno.EIO))).message == os.strerror(errno.EIO)

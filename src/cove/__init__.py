@@ -19,7 +19,18 @@ _ERRORS = {
     "SandboxNotFound",
 }
 _SDK = {"Sandbox", "AsyncSandbox"}
-__all__ = sorted(_ERRORS | _SDK)
+__all__ = [
+    "AsyncSandbox",
+    "AuthError",
+    "CommandTimeout",
+    "Conflict",
+    "CoveError",
+    "FileNotFound",
+    "InvalidRequest",
+    "NotFound",
+    "Sandbox",
+    "SandboxNotFound",
+]
 
 if TYPE_CHECKING:
     from cove.errors import (

@@ -48,6 +48,18 @@ def checks() -> list[Check]:
     )
     release = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2] if x.isdigit())
     v2kill = bool(lay.v2) and release >= (5, 14)  # cgroup.kill exists in non-root v2 groups since 5.14
+    fdm = False
+    if lay.v2:
+        with open("/proc/self/mountinfo") as f:
+            fdm = any("favordynmods" in line and f" {lay.v2} " in line for line in f)
+    out.append(
+        Check(
+            "cheap cgroup moves",
+            fdm,
+            "favordynmods is set" if fdm else "cove serve sets favordynmods at start (saves ≈15 ms per create)",
+            False,
+        )
+    )
     out.append(Check("cgroup.kill", v2kill, "whole-tree kill" if v2kill else "falls back to freeze + SIGKILL", False))
     out.append(
         Check("seccomp", seccomp.supported(), f"filter for {platform.machine()}" if seccomp.supported() else "no syscall table for this architecture", False)

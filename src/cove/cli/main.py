@@ -320,7 +320,9 @@ def _exit_status(code: int) -> int:
 def exec_(
     ctx: typer.Context,
     sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
-    cmd: Annotated[list[str], typer.Argument(metavar="CMD", help="The command, after --.", show_default=False)],
+    cmd: Annotated[
+        list[str], typer.Argument(metavar="CMD", help="The command, after --.", show_default=False)
+    ],
     user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
     cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
     env: Annotated[

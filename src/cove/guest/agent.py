@@ -877,32 +877,60 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
     poller.register(wake_r, select.POLLIN)
     if ready_fd is not None:
         _signal_ready(ready_fd)
+    warm = True
     while True:
-        for fd, _ in poller.poll():
-            if fd == wake_r:
-                try:
-                    while os.read(wake_r, 512):
+        try:
+            events = poller.poll(0 if warm else None)
+            if warm and not events:
+                warm = False
+                _warm_up()  # once idle: not on the way to the first reply
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
                         pass
-                except BlockingIOError:
-                    pass
-                reap()
-                continue
-            while True:
-                try:
-                    conn_fd, _ = listener._accept()
-                except BlockingIOError:
-                    break
-                except OSError:
-                    time.sleep(0.05)  # EMFILE and friends: do not spin; pid 1 must live on
-                    break
-                try:
-                    pid = os.fork()
-                except OSError as exc:
-                    _refuse(conn_fd, exc)
-                    continue
-                if pid == 0:
-                    _handler_child(conn_fd, listener, (wake_r, wake_w))
-                os.close(conn_fd)
+                    reap()
+                else:
+                    _accept_all(listener, (wake_r, wake_w))
+        except Exception:
+            # As pid 1 our exit would end the sandbox: log, and serve on.
+            _log_exception()
+            time.sleep(0.01)
+
+
+def _warm_up() -> None:
+    """Load glibc's NSS modules now, so that handlers inherit them instead of each loading them.
+
+    getgrouplist() (every user switch) consults every source in nsswitch.conf; loading e.g.
+    libnss_systemd in each forked handler cost about a millisecond per operation.
+    """
+    try:
+        user = resolve_user(None)
+        if user.known:
+            os.getgrouplist(user.name, user.gid)
+    except Exception:
+        pass
+
+
+def _accept_all(listener: _socket.socket, wake: tuple[int, int]) -> None:
+    while True:
+        try:
+            conn_fd, _ = listener._accept()
+        except BlockingIOError:
+            return
+        except OSError:
+            time.sleep(0.05)  # EMFILE and friends: do not spin
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            _refuse(conn_fd, exc)
+            continue
+        if pid == 0:
+            _handler_child(conn_fd, listener, wake)
+        os.close(conn_fd)
 
 
 def _signal_ready(fd: int) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from cove.config import Settings
 from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
+from cove.node.namespaces import cgroups
 from cove.node.namespaces.runtime import NamespacesRuntime
 from cove.storage import base_template
 from cove.storage.layers import LayerStore
+
+
+log = logging.getLogger("cove.node")
 
 
 class LocalNode(NodeAgent):
@@ -21,6 +26,8 @@ class LocalNode(NodeAgent):
         self._base: TemplateSpec | None = None
 
     async def start(self) -> None:
+        if await asyncio.to_thread(cgroups.favor_dynmods):
+            log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
 
     async def base_template(self) -> TemplateSpec:
@@ -53,4 +60,5 @@ class LocalNode(NodeAgent):
         return stray
 
     async def close(self) -> None:
+        await self.runtime.close()
         await asyncio.to_thread(self.runtime.release_parent)

@@ -8,6 +8,7 @@ an active layer into a new committed one, so a fork is a new overlay over the sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -81,10 +82,8 @@ class LayerStore:
         total = 0
         for dirpath, _dirs, files in os.walk(self.active_dir / key / "upper"):
             for f in files:
-                try:
+                with contextlib.suppress(OSError):
                     total += os.lstat(os.path.join(dirpath, f)).st_size
-                except OSError:
-                    pass
         return total
 
 

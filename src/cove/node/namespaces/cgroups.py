@@ -8,6 +8,7 @@ tree atomically. Standard library only (the launcher imports it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -120,10 +121,8 @@ class Cgroup:
         parts = self.name.split("/")
         path = self.layout.v2
         for part in parts:
-            try:
+            with contextlib.suppress(OSError):
                 _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
-            except OSError:
-                pass
             path = os.path.join(path, part)
 
     def set_limits(self, memory_bytes: int | None, cpu: float | None, pids: int | None) -> None:
@@ -214,20 +213,16 @@ class Cgroup:
             except (OSError, TimeoutError):
                 frozen = False
             for pid in self.pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             if frozen:
                 self.freeze(False, timeout=2)
         while self.pids():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"processes of cgroup {self.name} survived SIGKILL")
             for pid in self.pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.002)
 
     def remove(self, timeout: float = 5.0) -> None:
@@ -255,7 +250,35 @@ def remove_parent_if_empty(parent: str, lay: Layout | None = None) -> None:
     mounts = list(lay.v1.values()) + ([lay.v2] if lay.v2 else [])
     for mnt in set(mounts):
         d = os.path.join(mnt, parent.strip("/"))
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(d)
-        except OSError:
-            pass
+
+
+def favor_dynmods(lay: Layout | None = None) -> bool:
+    """Make moving a task into a cgroup cheap (≈0.4 ms instead of ≈15 ms here).
+
+    Every migration takes the kernel's global threadgroup rwsem for writing, which waits an RCU grace
+    period unless the hierarchy is mounted with `favordynmods`; that option makes forks and exits a
+    little more expensive instead. The flag is global, so setting it on the cgroup2 mount is enough.
+    Returns whether it is in effect. Opt out with COVE_CGROUP_FAVORDYNMODS=0.
+    """
+    lay = lay or layout()
+    if not lay.v2 or os.environ.get("COVE_CGROUP_FAVORDYNMODS", "1") == "0":
+        return False
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == lay.v2 and right.split()[0] == "cgroup2":
+                opts = [o for o in right.split()[2].split(",") if o not in ("rw", "ro")]
+                break
+        else:
+            return False
+    if "favordynmods" in opts:
+        return True
+    from cove.node.namespaces import syscalls
+
+    try:
+        syscalls.mount(None, lay.v2, None, syscalls.MS_REMOUNT, ",".join([*opts, "favordynmods"]))
+    except OSError:
+        return False
+    return True

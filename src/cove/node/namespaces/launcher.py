@@ -242,12 +242,51 @@ def process_start_time(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def main() -> None:
-    spec = json.loads(sys.stdin.read())
+def launch_safely(spec: dict) -> dict:
     try:
-        result = launch(spec)
+        return launch(spec)
     except Exception as e:
-        result = {"error": f"{type(e).__name__}: {e}"}
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def serve(sock_path: str) -> None:
+    """Fork server: launch sandboxes on request without paying an interpreter start each time.
+
+    Protocol: the client sends the spec as JSON and shuts down its write side; the reply is one
+    JSON line. Each request is handled in a forked child, so a failure never takes the server down.
+    The server dies with its parent (the cove server), which restarts it; sandboxes are unaffected.
+    """
+    import signal
+
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    listener.listen(64)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        conn, _ = listener.accept()
+        if os.fork() == 0:
+            listener.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            result = launch_safely(json.loads(data))
+            conn.sendall(json.dumps(result).encode() + b"\n")
+            os._exit(0)
+        conn.close()
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        serve(sys.argv[2])
+        return
+    result = launch_safely(json.loads(sys.stdin.read()))
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     os._exit(0 if "pid" in result else 1)

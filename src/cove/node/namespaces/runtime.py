@@ -7,6 +7,7 @@ server's event loop never waits on the kernel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,53 @@ class NamespacesRuntime:
         self.settings = settings
         self.layers = layers
         self.settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self._forkserver: asyncio.subprocess.Process | None = None
+        self._forkserver_lock = asyncio.Lock()
+
+    @property
+    def forkserver_socket(self) -> str:
+        return str(self.settings.home / "launcher.sock")
+
+    async def _ensure_forkserver(self) -> None:
+        """Start the launcher's fork server (once, and again if it died)."""
+        async with self._forkserver_lock:
+            if self._forkserver and self._forkserver.returncode is None:
+                return
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(LAUNCHER), "--serve", self.forkserver_socket,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            if line.strip() != b"ready":
+                raise NodeError("the sandbox launcher failed to start")
+            self._forkserver = proc
+
+    async def _launch(self, launch_spec: dict[str, Any]) -> dict[str, Any]:
+        await self._ensure_forkserver()
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.forkserver_socket)
+        except OSError as e:
+            raise NodeError(f"cannot reach the sandbox launcher: {e}") from e
+        try:
+            writer.write(json.dumps(launch_spec).encode())
+            await writer.drain()
+            writer.write_eof()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        try:
+            return json.loads(line)
+        except ValueError:
+            return {"error": "the sandbox launcher exited without an answer"}
+
+    async def close(self) -> None:
+        if self._forkserver and self._forkserver.returncode is None:
+            self._forkserver.kill()
+            await self._forkserver.wait()
+        self._forkserver = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.forkserver_socket)
 
     # -- paths ---------------------------------------------------------------------------
     def sandbox_dir(self, sandbox_id: str) -> Path:
@@ -80,20 +128,7 @@ class NamespacesRuntime:
             raise NodeError(f"sandbox {spec.id} already exists on this node")
         try:
             launch_spec = await asyncio.to_thread(self._prepare, spec)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-I",
-                "-S",
-                str(LAUNCHER),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            out, err = await proc.communicate(json.dumps(launch_spec).encode())
-            try:
-                result = json.loads(out.decode().strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                result = {"error": (err or out).decode(errors="replace").strip()[-2000:] or "launcher failed"}
+            result = await self._launch(launch_spec)
             if "pid" not in result:
                 raise NodeError(f"sandbox failed to start: {result['error']}")
             return {"pid": result["pid"], "start_time": result["start_time"], "runtime": self.name}

@@ -1,0 +1,94 @@
+"""Run every benchmark, print the tables, and write docs/benchmarks.md.
+
+    sudo .venv/bin/python bench/run.py [--runs 50]
+
+Absolute times on a shared 2-core VM are noisy; read each figure against the floor measured in the
+same run (the ratio column), and the CPU time beside the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import core  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {platform.release()}, load average {load}"
+
+
+def render(result: dict, args: argparse.Namespace) -> str:
+    rows: dict[str, core.Row] = result["rows"]
+    bw = rows.get("bwrap_py")
+    lines = [
+        "| measurement | p50 ms | p95 ms | CPU ms | runs | vs. floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        ratio = ""
+        if key == "create" and bw:
+            ratio = f"{row.p50 / bw.p50:.2f}× bubblewrap+python (target ≤ 2.5×)"
+        if key == "exec":
+            ratio = "target p50 ≤ 3 ms"
+        cpu = f"{row.cpu_ms:.1f}" if row.cpu_ms is not None else ""
+        lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.95):.2f} | {cpu} | {len(row.samples_ms)} | {ratio} |")
+    m = result["memory"]
+    mem = [
+        "| idle sandboxes | RSS per sandbox | PSS per sandbox | cgroup memory per sandbox | target |",
+        "|---|---|---|---|---|",
+        f"| {m['sandboxes']} | {m['rss_mib']:.1f} MiB | {m['pss_mib']:.1f} MiB | {m['cgroup_mib']:.1f} MiB | ≤ 15 MB RSS |",
+    ]
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"Command: `sudo .venv/bin/python bench/run.py --runs {args.runs}`  ",
+            f"Machine: {machine()}  ",
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
+            "## Sandbox start and exec",
+            "Create → first output is the client-side time of `POST /v1/sandboxes` plus `POST …/exec` of",
+            "`echo hi` on one keep-alive connection. The floors run interleaved with cove's runs. CPU ms is the",
+            "server's CPU time and its launcher's per create (kill included).",
+            "",
+            *lines,
+            "",
+            "## Idle memory",
+            "Processes of idle sandboxes (the guest agent as pid 1): resident set, proportional set (shared",
+            "pages of the interpreter split between sandboxes) and the sandbox cgroup's own accounting.",
+            "",
+            *mem,
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--exec-runs", type=int, default=200)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/run.py needs root (it starts a cove server)")
+    result = core.run(runs=args.runs, exec_runs=args.exec_runs)
+    text = render(result, args)
+    print(text)
+    if not args.no_write:
+        (ROOT / "docs" / "benchmarks.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

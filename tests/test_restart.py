@@ -1,0 +1,53 @@
+"""Sandboxes outlive a restart of the server: live ones are re-adopted, dead ones are marked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import Server
+
+
+@pytest.fixture
+def own_server() -> Iterator[Server]:
+    srv = Server(f"restart-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server) -> None:
+    srv = own_server
+    with srv.client() as c:
+        alive = c.post("/v1/sandboxes", json={"metadata": {"keep": "yes"}}).json()
+        doomed = c.post("/v1/sandboxes", json={}).json()
+        c.put(f"/v1/sandboxes/{alive['id']}/files", params={"path": "/home/user/state.txt"}, content=b"kept")
+        r = c.post(
+            f"/v1/sandboxes/{alive['id']}/exec",
+            json={"cmd": "setsid python3 -c 'import time; time.sleep(600)' >/dev/null 2>&1 < /dev/null & echo $!"},
+        )
+        bg = r.json()["stdout"].strip()
+
+    srv.stop()
+    # While the server is down, one sandbox dies (its init process is killed from the host).
+    db = sqlite3.connect(srv.home / "cove.db")
+    (node,) = db.execute("SELECT node FROM sandboxes WHERE id = ?", (doomed["id"],)).fetchone()
+    db.close()
+    os.kill(__import__("json").loads(node)["pid"], signal.SIGKILL)
+    srv.start()
+
+    with srv.client() as c:
+        got = c.get(f"/v1/sandboxes/{alive['id']}").json()
+        assert got["state"] == "running" and got["metadata"] == {"keep": "yes"}
+        assert c.get(f"/v1/sandboxes/{alive['id']}/files", params={"path": "state.txt"}).content == b"kept"
+        r = c.post(f"/v1/sandboxes/{alive['id']}/exec", json={"cmd": f"kill -0 {bg} && echo running"})
+        assert r.json()["stdout"] == "running\n", "a background process must survive the server restart"
+        dead = c.get(f"/v1/sandboxes/{doomed['id']}").json()
+        assert dead["state"] == "error" and "server was down" in dead["end_reason"]
+        assert not (srv.home / "sandboxes" / doomed["id"]).exists()
+        listed = {s["id"] for s in c.get("/v1/sandboxes", params={"state": "running"}).json()["items"]}
+        assert listed == {alive["id"]}
