@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -185,6 +186,19 @@ def test_invalid_requests(client: GuestClient) -> None:
     assert "Traceback" not in err.message
 
 
+def test_malformed_frames_get_an_invalid_reply(agent: Agent) -> None:
+    from cove.guest import protocol
+
+    for frame in (protocol.encode_frame(b"D", b"x"), protocol.encode_frame(b"J", b"{nope"), b"J\0\0\0\x02[]"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(agent.socket)
+            sock.sendall(frame)
+            kind, payload = protocol.recv_frame(sock) or (b"", b"")
+            reply = protocol.decode_json(payload)
+            assert kind == b"J" and reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+            assert "Traceback" not in payload.decode()
+
+
 # --- exec -------------------------------------------------------------------------------------
 
 
@@ -299,6 +313,8 @@ def test_cwd(agent: Agent, client: GuestClient) -> None:
     err = error_of(collect(client, "pwd", cwd=str(agent.root / "missing")))
     assert err.code == "not_found"
     assert "working directory does not exist" in err.message
+    err = error_of(collect(client, "cat", cwd=str(agent.root / "missing"), stdin=os.urandom(8 << 20)))
+    assert err.code == "not_found"
     # Another user starts in its own home; nobody's (/nonexistent) does not exist.
     assert error_of(collect(client, "pwd", user="nobody")).code == "not_found"
 
@@ -424,7 +440,8 @@ def test_write_errors(agent: Agent, client: GuestClient) -> None:
     directory = agent.root / "werr"
     (directory / "sub").mkdir(parents=True)
     (directory / "file").write_text("x")
-    assert error_of(client.write(str(directory / "sub"), [b"data"])).code == "is_a_directory"
+    # A big upload refused up front: the error reply must not be lost while we are still sending.
+    assert error_of(client.write(str(directory / "sub"), [os.urandom(8 << 20)])).code == "is_a_directory"
     assert error_of(client.write(str(directory / "file" / "x"), [b"data"])).code == "not_a_directory"
     assert error_of(client.write(str(directory / "m"), b"", mode=0o10000)).code == "invalid"
     assert leftovers(directory) == [] and leftovers(directory / "sub") == []

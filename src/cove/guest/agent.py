@@ -727,10 +727,10 @@ def run_command(
                 kill_group()
                 timed_out = True
     finally:
+        _signal.set_wakeup_fd(-1)
         for fd in (*outputs, in_w, wake_r, wake_w):
             if fd >= 0:
                 os.close(fd)
-        _signal.set_wakeup_fd(-1)
         if status is None:  # only on an unexpected error: never leave the command running
             kill_group()
             os.waitpid(pid, 0)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from cove.node.namespaces import cgroups, syscalls
 from cove.node.namespaces.launcher import process_start_time
 from cove.storage.layers import LayerStore
 
+log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
 
@@ -127,8 +130,14 @@ class NamespacesRuntime:
         if os.path.exists(self.sandbox_dir(spec.id)):
             raise NodeError(f"sandbox {spec.id} already exists on this node")
         try:
+            t0 = time.perf_counter()
             launch_spec = await asyncio.to_thread(self._prepare, spec)
+            t1 = time.perf_counter()
             result = await self._launch(launch_spec)
+            log.debug(
+                "sandbox launched",
+                extra={"sandbox": spec.id, "prepare_ms": round((t1 - t0) * 1000, 2), "launch_ms": round((time.perf_counter() - t1) * 1000, 2)},
+            )
             if "pid" not in result:
                 raise NodeError(f"sandbox failed to start: {result['error']}")
             return {"pid": result["pid"], "start_time": result["start_time"], "runtime": self.name}
