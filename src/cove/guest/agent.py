@@ -459,58 +459,64 @@ def build_env(user: User, extra: object) -> dict[str, str]:
     return env
 
 
-def _exec_child(
-    argv: list[str], shell: bool, user: User, cwd: str, env: dict[str, str], fds: tuple[int, int, int, int]
-) -> None:
-    """In the forked command process: set up and exec; never returns."""
-    in_r, out_w, err_w, report_w = fds
+def _spawn(
+    argv: list[str], shell: bool, user: User, cwd: str, env: dict[str, str], fds: tuple[int, int, int]
+) -> int:
+    """Start the command in its own session with posix_spawn (vfork: no copy of this process).
+
+    The handler process is throwaway, so it switches to the user and cwd itself first; posix_spawn
+    cannot. Raises OpError for a bad cwd and SpawnFailed when the program cannot be executed.
+    """
+    in_r, out_w, err_w = fds
+    try:  # user commands should be the OOM killer's choice, not the agent
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+    become(user)
     try:
-        try:
-            _signal.set_wakeup_fd(-1)
-            # Python ignores SIGPIPE/SIGXFSZ; ignored dispositions survive exec, so restore them.
-            for sig in (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ):
-                _signal.signal(sig, _signal.SIG_DFL)
-            os.setsid()  # own session and process group, so a timeout can kill the whole tree
-            if in_r < 0:
-                in_r = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            try:  # user commands should be the OOM killer's choice, not the agent
-                with open("/proc/self/oom_score_adj", "w") as f:
-                    f.write("0")
+        os.chdir(cwd)
+    except FileNotFoundError:
+        raise OpError("not_found", f"working directory does not exist: {cwd}") from None
+    except NotADirectoryError:
+        raise OpError("not_a_directory", f"working directory is not a directory: {cwd}") from None
+    except PermissionError:
+        raise OpError("permission_denied", f"working directory is not accessible: {cwd}") from None
+    # posix_spawnp searches the caller's PATH, not the one in `env`.
+    os.environ["PATH"] = env.get("PATH", BASE_PATH)
+    stdin = (
+        (os.POSIX_SPAWN_DUP2, in_r, 0) if in_r >= 0 else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)
+    )
+    actions = [stdin, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+    # Python ignores SIGPIPE/SIGXFSZ; ignored dispositions survive exec, so restore them.
+    sigdef = (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ)
+    try:
+        return os.posix_spawnp(argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=sigdef)
+    except OSError as exc:
+        if shell and exc.errno == errno.ENOENT:  # a template without bash still has sh
+            try:
+                return os.posix_spawn(
+                    "/bin/sh",
+                    ["/bin/sh", *argv[1:]],
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=sigdef,
+                )
             except OSError:
                 pass
-            become(user)
-            try:
-                os.chdir(cwd)
-            except FileNotFoundError:
-                raise OpError("not_found", f"working directory does not exist: {cwd}") from None
-            except NotADirectoryError:
-                raise OpError("not_a_directory", f"working directory is not a directory: {cwd}") from None
-        except OpError as exc:
-            os.write(report_w, f"{exc.code}\0{exc.message}".encode("utf-8", "replace"))
-            os._exit(126)
-        except OSError as exc:
-            err = os_error(exc)
-            os.write(report_w, f"{err.code}\0{err.message}".encode("utf-8", "replace"))
-            os._exit(126)
-        try:
-            os.execvpe(argv[0], argv, env)
-        except OSError as exc:
-            if shell and exc.errno == errno.ENOENT:
-                try:  # noqa: SIM105 - a template without bash still has sh
-                    os.execve("/bin/sh", ["/bin/sh", *argv[1:]], env)
-                except OSError:
-                    pass
-            if exc.errno == errno.ENOENT and "/" not in argv[0]:
-                message = f"{argv[0]}: command not found\n"
-            else:
-                message = f"{argv[0]}: {exc.strerror}\n"
-            os.write(2, message.encode("utf-8", "replace"))
-            os._exit(127 if exc.errno == errno.ENOENT else 126)
-    finally:
-        os._exit(127)
+        if exc.errno == errno.ENOENT and "/" not in argv[0]:
+            raise SpawnFailed(127, f"{argv[0]}: command not found\n") from None
+        raise SpawnFailed(127 if exc.errno == errno.ENOENT else 126, f"{argv[0]}: {exc.strerror}\n") from None
+
+
+class SpawnFailed(Exception):
+    """The program could not be executed: reported like a shell does (exit 126/127 + stderr)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _exit_code(status: int) -> int:
@@ -562,30 +568,24 @@ def run_command(
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if want_stdin else (-1, -1)
-    report_r, report_w = os.pipe()  # close-on-exec: EOF without data means exec succeeded
     wake_r, wake_w = os.pipe()  # SIGCHLD wakes poll() even while the output pipes stay quiet
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     _signal.signal(_signal.SIGCHLD, _noop_handler)
     _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
-    pid = os.fork()
-    if pid == 0:
-        _exec_child(argv, shell, user, cwd, env, (in_r, out_w, err_w, report_w))
-    for fd in (out_w, err_w, in_r, report_w):
+    try:
+        pid = _spawn(argv, shell, user, cwd, env, (in_r, out_w, err_w))
+    except SpawnFailed as exc:
+        for fd in (out_r, out_w, err_r, err_w, in_r, in_w, wake_r, wake_w):
+            if fd >= 0:
+                os.close(fd)
+        _signal.set_wakeup_fd(-1)
+        protocol.send_frame(c.sock, KIND_STDERR, exc.message.encode("utf-8", "replace"))
+        return {"exit_code": exc.code, "timed_out": False}
+    for fd in (out_w, err_w, in_r):
         if fd >= 0:
             os.close(fd)
-    report = b""
-    while True:
-        data = os.read(report_r, 4096)
-        if not data:
-            break
-        report += data
-    os.close(report_r)
-    if report:
-        os.waitpid(pid, 0)
-        code, _, message = report.decode("utf-8", "replace").partition("\0")
-        raise OpError(code, message)
 
     sock = c.sock
     conn_fd = sock.fileno()

@@ -29,6 +29,7 @@ class LocalNode(NodeAgent):
         if await asyncio.to_thread(cgroups.favor_dynmods):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
+        await self.runtime.start()
 
     async def base_template(self) -> TemplateSpec:
         if self._base is None:

@@ -131,7 +131,7 @@ def _sandbox_init(spec: dict, listener: int, ready_w: int) -> None:
             os.set_inheritable(fd, True)
         env = {"COVE_AGENT_FD": str(AGENT_FD), "COVE_READY_FD": str(READY_FD), "PATH": "/usr/bin:/bin"}
         python = spec.get("python", "/usr/bin/python3")
-        os.execve(python, [python, "-I", "-S", "/run/cove/agent.py"], env)
+        os.execve(python, [python, "-I", "-S", spec.get("agent", "/run/cove/agent.py")], env)
     except BaseException as e:  # report through the ready pipe; the launcher turns it into an error
         try:
             os.write(ready_w, f"error: {e}".encode()[:4000])

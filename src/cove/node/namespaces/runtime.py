@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from cove.storage.layers import LayerStore
 log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
+GUEST_FILES = ("agent.pyc", "protocol.pyc")
 
 
 class NamespacesRuntime:
@@ -38,6 +41,39 @@ class NamespacesRuntime:
         self.settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self._forkserver: asyncio.subprocess.Process | None = None
         self._forkserver_lock = asyncio.Lock()
+
+    @functools.cached_property
+    def guest_code(self) -> Path:
+        """The guest agent, byte-compiled once by the guest's own interpreter.
+
+        A script run as __main__ is never cached by Python, so compiling here saves every sandbox
+        start ≈7 ms; unchecked-hash .pyc files stay valid when linked into each sandbox.
+        """
+        sources = [GUEST_DIR / "agent.py", GUEST_DIR / "protocol.py"]
+        digest = hashlib.sha256(self.settings.guest_python.encode())
+        for src in sources:
+            digest.update(src.read_bytes())
+        out = self.settings.home / "guest" / digest.hexdigest()[:16]
+        if not (out / "agent.pyc").exists():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            script = (
+                "import py_compile, sys\n"
+                "for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+                "    py_compile.compile(src, cfile=dst, doraise=True,\n"
+                "        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+            )
+            args = [a for src in sources for a in (str(src), str(tmp / (src.stem + ".pyc")))]
+            subprocess.run([self.settings.guest_python, "-I", "-c", script, *args], check=True)
+            for f in tmp.iterdir():
+                f.chmod(0o444)
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        return out
+
+    async def start(self) -> None:
+        await asyncio.to_thread(lambda: self.guest_code)
+        await self._ensure_forkserver()
 
     @property
     def forkserver_socket(self) -> str:
@@ -102,8 +138,8 @@ class NamespacesRuntime:
         rootfs = sdir / "rootfs"
         run.mkdir(parents=True, mode=0o755)
         rootfs.mkdir(mode=0o755)
-        for name in ("agent.py", "protocol.py"):
-            shutil.copyfile(GUEST_DIR / name, run / name)
+        for name in GUEST_FILES:
+            os.link(self.guest_code / name, run / name)  # shared, read-only inside
         env = {**spec.template.config.get("env", {}), **spec.env}
         (run / "config.json").write_text(json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir}))
         active = self.layers.prepare(spec.id, list(spec.template.layers), owner=(base, base))
@@ -124,6 +160,7 @@ class NamespacesRuntime:
             "uid_map": [0, base, 65536],
             "hostname": "sandbox",
             "python": self.settings.guest_python,
+            "agent": "/run/cove/agent.pyc",
         }
 
     async def create(self, spec: SandboxSpec) -> dict[str, Any]:
