@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove import __version__
 from cove.config import Settings
@@ -31,6 +32,7 @@ class Cove:
     node: NodeAgent
     metrics: Metrics
     service: SandboxService
+    keys: auth.KeyCache
     # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
     first_key: str | None = None
     demo_key: str | None = None  # a key for `cove serve --demo`, revoked at shutdown
@@ -49,12 +51,46 @@ async def _ensure_keys(cove: Cove) -> None:
         _, cove.demo_key = await auth.create_key(cove.store, "demo", "default", admin=False)
 
 
+class AccessLog:
+    """One structured log line per request (pure ASGI: BaseHTTPMiddleware costs ~1 ms a request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     store = SQLiteStore(settings.db_path)
     node = LocalNode(settings)
     metrics = Metrics()
-    cove = Cove(settings, store, node, metrics, SandboxService(settings, store, node, metrics))
+    service = SandboxService(settings, store, node, metrics)
+    cove = Cove(settings, store, node, metrics, service, auth.KeyCache(store))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 rec = await store.key_by_hash(auth.hash_key(cove.demo_key))
                 if rec:
                     await store.delete_key(rec.id)
+                    cove.keys.forget(rec.id)
             await node.close()
             await store.close()
 
@@ -89,19 +126,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (system, sandboxes, commands, files, keys):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.url.path,
-                "status": response.status_code,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-            },
-        )
-        return response
-
+    app.add_middleware(AccessLog)
     return app

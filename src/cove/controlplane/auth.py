@@ -45,6 +45,36 @@ async def create_key(store: Store, name: str, tenant: str, admin: bool, key: str
     return rec, key
 
 
+class KeyCache:
+    """Known keys by hash, so that authenticating a request costs no database round trip.
+
+    Entries live `ttl` seconds (bounding how long another replica's revocation takes to apply);
+    a revocation through this server applies at once.
+    """
+
+    def __init__(self, store: Store, ttl: float = 5.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, KeyRecord]] = {}
+
+    async def lookup(self, key_hash: str) -> KeyRecord | None:
+        hit = self._entries.get(key_hash)
+        now = time.monotonic()
+        if hit and now - hit[0] < self.ttl:
+            return hit[1]
+        rec = await self.store.key_by_hash(key_hash)
+        if rec is None:
+            self._entries.pop(key_hash, None)
+        else:
+            self._entries[key_hash] = (now, rec)
+        return rec
+
+    def forget(self, key_id: str) -> None:
+        for h, (_, rec) in list(self._entries.items()):
+            if rec.id == key_id:
+                del self._entries[h]
+
+
 def _presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
@@ -59,7 +89,7 @@ async def caller(request: Request) -> Caller:
     key = _presented_key(request)
     if not key:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-    rec = await request.app.state.cove.store.key_by_hash(hash_key(key))
+    rec = await request.app.state.cove.keys.lookup(hash_key(key))
     if rec is None:
         raise ApiError(401, "unauthorized", "invalid API key")
     return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)

@@ -22,6 +22,7 @@ GUEST_STATUS = {
     "not_empty": 409,
     "invalid": 400,
     "too_large": 413,
+    "busy": 503,  # the sandbox cannot start another process (its pid limit)
 }
 
 

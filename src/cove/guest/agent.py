@@ -46,6 +46,7 @@ LIST_LIMIT = 50_000  # keeps a list reply well under protocol.MAX_PAYLOAD
 STDIN_HIGH_WATER = 4 * 1024 * 1024  # stop reading the host while this much stdin is unread
 EXIT_IDLE = 0.1  # after the command exits: stop once its pipes are quiet this long...
 EXIT_GRACE = 1.0  # ...or after this long, if a background process keeps them open
+SPARES = 2  # pre-forked handlers waiting for the next connection
 LINGER = 10.0  # how long to drain host input we will not use, before closing (see linger())
 
 CONFIG: dict = {"env": {}, "user": None, "workdir": None}
@@ -826,13 +827,20 @@ def _log_exception() -> None:
 # --- main process -----------------------------------------------------------------------------
 
 
-def _handler_child(fd: int, listener: _socket.socket, wake: tuple[int, int]) -> None:
+def _spare(listener: _socket.socket, taken_w: int, wake: tuple[int, int]) -> None:
+    """A pre-forked handler: waits in accept(), tells the main process it was taken, serves, exits.
+
+    Forking before the connection arrives takes the fork off every operation's latency.
+    """
     try:
         _signal.set_wakeup_fd(-1)
         _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
-        listener.close()
         os.close(wake[0])
         os.close(wake[1])
+        fd, _ = listener._accept()
+        os.write(taken_w, os.getpid().to_bytes(4, "little"))
+        os.close(taken_w)
+        listener.close()
         sock = _socket.socket(fileno=fd)
         sock.setblocking(True)
         serve_connection(sock)
@@ -849,51 +857,85 @@ def _refuse(fd: int, exc: OSError) -> None:
         sock = _socket.socket(fileno=fd)
         sock.settimeout(1.0)
         message = f"cannot start a handler: {exc.strerror or exc}"
-        sock.sendall(protocol.encode_json({"ok": False, "error": {"code": "internal", "message": message}}))
+        sock.sendall(protocol.encode_json({"ok": False, "error": {"code": "busy", "message": message}}))
         sock.close()
     except OSError:
         os.close(fd)
 
 
-def reap() -> None:
+def reap() -> list[int]:
+    """Collect every exited child (our handlers and orphans re-parented to pid 1)."""
+    done = []
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return done
         if pid == 0:
-            return
+            return done
+        done.append(pid)
 
 
 def serve(listener: _socket.socket, ready_fd: int | None) -> None:
-    listener.setblocking(False)
+    """Pid 1's loop: keep SPARES handlers waiting in accept(), reap every child and orphan."""
+    listener.setblocking(True)  # shared by the spares, which block in accept()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
+    taken_r, taken_w = os.pipe()
+    os.set_blocking(taken_r, False)
     _signal.signal(_signal.SIGCHLD, _noop_handler)
     _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _warm_up()  # before forking, so every handler inherits what it loads
+    idle: set[int] = set()
     poller = select.poll()
-    poller.register(listener.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    poller.register(taken_r, select.POLLIN)
+    watching_listener = False
+
+    def refill() -> bool:
+        while len(idle) < SPARES:
+            try:
+                pid = os.fork()
+            except OSError:
+                return False  # e.g. the sandbox's pid limit: retry soon, refuse meanwhile
+            if pid == 0:
+                _spare(listener, taken_w, (wake_r, wake_w))
+            idle.add(pid)
+        return True
+
+    refill()
     if ready_fd is not None:
         _signal_ready(ready_fd)
-    warm = True
     while True:
         try:
-            events = poller.poll(0 if warm else None)
-            if warm and not events:
-                warm = False
-                _warm_up()  # once idle: not on the way to the first reply
-            for fd, _ in events:
+            full = refill()
+            # Without any spare (fork failing) pid 1 answers connections itself, with a refusal.
+            if not idle and not watching_listener:
+                poller.register(listener.fileno(), select.POLLIN)
+                watching_listener = True
+            elif idle and watching_listener:
+                poller.unregister(listener.fileno())
+                watching_listener = False
+            for fd, _ in poller.poll(None if full else 50):
                 if fd == wake_r:
                     try:
                         while os.read(wake_r, 512):
                             pass
                     except BlockingIOError:
                         pass
-                    reap()
-                else:
-                    _accept_all(listener, (wake_r, wake_w))
+                    for pid in reap():
+                        idle.discard(pid)  # a spare that died before it was taken
+                elif fd == taken_r:
+                    try:
+                        while data := os.read(taken_r, 4096):
+                            for i in range(0, len(data) - 3, 4):
+                                idle.discard(int.from_bytes(data[i : i + 4], "little"))
+                    except BlockingIOError:
+                        pass
+                elif not idle:
+                    conn_fd, _ = listener._accept()
+                    _refuse(conn_fd, OSError(errno.EAGAIN, "no process can be started (pid limit reached?)"))
         except Exception:
             # As pid 1 our exit would end the sandbox: log, and serve on.
             _log_exception()
@@ -912,25 +954,6 @@ def _warm_up() -> None:
             os.getgrouplist(user.name, user.gid)
     except Exception:
         pass
-
-
-def _accept_all(listener: _socket.socket, wake: tuple[int, int]) -> None:
-    while True:
-        try:
-            conn_fd, _ = listener._accept()
-        except BlockingIOError:
-            return
-        except OSError:
-            time.sleep(0.05)  # EMFILE and friends: do not spin
-            return
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            _refuse(conn_fd, exc)
-            continue
-        if pid == 0:
-            _handler_child(conn_fd, listener, wake)
-        os.close(conn_fd)
 
 
 def _signal_ready(fd: int) -> None:

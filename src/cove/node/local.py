@@ -14,7 +14,6 @@ from cove.node.namespaces.runtime import NamespacesRuntime
 from cove.storage import base_template
 from cove.storage.layers import LayerStore
 
-
 log = logging.getLogger("cove.node")
 
 

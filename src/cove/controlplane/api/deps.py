@@ -13,7 +13,8 @@ from cove.node.guest_client import GuestError, GuestUnavailable
 from cove.store.base import SandboxRecord
 
 
-def service(request: Request) -> SandboxService:
+async def service(request: Request) -> SandboxService:
+    # async on purpose: FastAPI runs plain `def` dependencies in a thread pool.
     return request.app.state.cove.service
 
 

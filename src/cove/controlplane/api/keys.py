@@ -31,4 +31,5 @@ async def delete_key(key_id: str, request: Request, _: Admin) -> Response:
     """Revoke a key at once."""
     if not await request.app.state.cove.store.delete_key(key_id):
         raise not_found("key", key_id)
+    request.app.state.cove.keys.forget(key_id)
     return Response(status_code=204)
