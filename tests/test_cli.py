@@ -227,3 +227,13 @@ def test_keys_create(runner: CliRunner, cli_env: dict[str, str]) -> None:
 
     listed = _run(runner, cli_env, "keys", "ls")
     assert name in listed.stdout
+
+
+def test_doctor_reports_host_support() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cove", "doctor"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("user namespaces", "overlayfs", "cgroups", "seccomp"):
+        assert name in done.stdout

@@ -92,6 +92,21 @@ def test_memory_limit_kills_inside_the_sandbox_only(api: httpx.Client) -> None:
         api.delete(f"/v1/sandboxes/{sb['id']}")
 
 
+def test_disk_limit_gives_enospc_inside_only(server: Server, api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={"disk_mb": 32}).json()
+    try:
+        res = run(api, sb["id"], "dd if=/dev/zero of=/home/user/fill bs=1M count=64")
+        assert res["exit_code"] != 0 and "No space left on device" in res["stderr"]
+        assert run(api, sb["id"], "rm /home/user/fill && echo freed")["stdout"] == "freed\n"
+        assert run(api, sb["id"], "dd if=/dev/zero of=/home/user/half bs=1M count=20")["exit_code"] == 0
+        r = api.put(f"/v1/sandboxes/{sb['id']}/files", params={"path": "/tmp/big"}, content=b"x" * (20 << 20))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+        assert "big" not in run(api, sb["id"], "ls -A /tmp")["stdout"]
+    finally:
+        api.delete(f"/v1/sandboxes/{sb['id']}")
+    assert not (server.home / "storage" / "active" / sb["id"]).exists()
+
+
 def test_fork_bomb_is_contained(server: Server, api: httpx.Client) -> None:
     sb = api.post("/v1/sandboxes", json={"pids": 64}).json()
     try:

@@ -114,7 +114,7 @@ def test_timeout_kills_and_can_be_extended(api: httpx.Client) -> None:
         ({"workdir": "relative/path"}, "workdir"),
         ({"user": "Robert'); DROP"}, "user"),
         ({"templat": "base"}, "templat"),
-        ({"disk_mb": 100}, "disk_mb"),
+        ({"disk_mb": 1}, "disk_mb"),
     ],
 )
 def test_invalid_create_is_422_naming_the_field(api: httpx.Client, body: dict, field: str) -> None:

@@ -596,15 +596,40 @@ def serve(
     home: Annotated[
         str | None, typer.Option("--home", envvar="COVE_HOME", help="State directory (database, sandboxes).")
     ] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Start in demo mode.")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Run a short demo against the server once it is up.")] = False,
 ) -> None:
-    """Run the cove server.
+    """Run the cove server (as root: it creates namespaces, cgroups and mounts).
 
-    [bold]Example:[/]  [cyan]cove serve --host 0.0.0.0 --port 7770 --home /var/lib/cove[/]
+    Sandboxes are owned by their own init process, not by the server: stopping or restarting the
+    server leaves them running, and the next start re-adopts them. Without COVE_API_KEY, the first
+    start prints an admin key once.
+
+    [bold]Example:[/]  [cyan]sudo COVE_HOME=/var/lib/cove cove serve --port 7770[/]
     """
     from cove.controlplane.server import serve as run_server
 
     run_server(host=host, port=port, home=home, demo=demo)
+
+
+@app.command()
+def doctor() -> None:
+    """Check what this host supports: namespaces, cgroups, overlayfs, seccomp, the guest interpreter.
+
+    Exits non-zero when something cove needs is missing, and says what to do about it.
+
+    [bold]Example:[/]  [cyan]sudo cove doctor[/]
+    """
+    from cove.doctor import checks
+
+    table = Table(box=None, show_header=False)
+    failed = False
+    for check in checks():
+        mark = "[green]ok[/]" if check.ok else ("[red]missing[/]" if check.required else "[yellow]no[/]")
+        failed |= check.required and not check.ok
+        table.add_row(mark, check.name, escape(check.detail))
+    out.print(table)
+    if failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,12 +94,6 @@ class SandboxService:
         template = await self.node.base_template()
         if req.template != template.name:
             raise not_found("template", req.template)
-        if req.disk_mb is not None:
-            raise ApiError(
-                422,
-                "validation_error",
-                "disk_mb: disk quotas are not available on this node yet (the writable layer shares the data dir)",
-            )
         cfg = template.config
         timeout = self.settings.default_timeout if req.timeout is None else req.timeout
         limits = Limits(

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,31 +61,62 @@ class LayerStore:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
-    def prepare(self, key: str, parents: list[str], owner: tuple[int, int]) -> Active:
-        """A new writable layer over `parents` (bottom-most first); its root dir belongs to `owner`."""
+    def prepare(self, key: str, parents: list[str], owner: tuple[int, int], size_mb: int | None = None) -> Active:
+        """A new writable layer over `parents` (bottom-most first); its root dir belongs to `owner`.
+
+        With `size_mb`, the layer lives in its own ext4 image of that size (sparse, loop-mounted), so
+        a sandbox that fills its disk gets ENOSPC and the host's disk is untouched.
+        """
         base = self.active_dir / key
-        upper, work = base / "upper", base / "work"
-        upper.mkdir(parents=True)
+        base.mkdir(parents=True)
+        if size_mb is not None:
+            _make_disk(base, size_mb)
+        root = self._root(key)
+        upper, work = root / "upper", root / "work"
+        upper.mkdir()
         work.mkdir()
         os.chown(upper, *owner)
         return self.active(key, parents)
 
-    def active(self, key: str, parents: list[str]) -> Active:
+    def _root(self, key: str) -> Path:
         base = self.active_dir / key
+        return base / "fs" if (base / DISK_IMAGE).exists() else base
+
+    def active(self, key: str, parents: list[str]) -> Active:
+        root = self._root(key)
         lower = tuple(str(self.path(p)) for p in reversed(parents))
-        return Active(key=key, upper=base / "upper", work=base / "work", lowerdirs=lower)
+        return Active(key=key, upper=root / "upper", work=root / "work", lowerdirs=lower)
 
     def remove_active(self, key: str) -> None:
+        fs = self.active_dir / key / "fs"
+        if os.path.ismount(fs):
+            subprocess.run(["umount", "-l", str(fs)], check=False, capture_output=True)
         shutil.rmtree(self.active_dir / key, ignore_errors=True)
 
     def usage(self, key: str) -> int:
         """Bytes written by a sandbox (its upper dir)."""
         total = 0
-        for dirpath, _dirs, files in os.walk(self.active_dir / key / "upper"):
+        for dirpath, _dirs, files in os.walk(self._root(key) / "upper"):
             for f in files:
                 with contextlib.suppress(OSError):
                     total += os.lstat(os.path.join(dirpath, f)).st_size
         return total
+
+
+DISK_IMAGE = "disk.img"
+
+
+def _make_disk(base: Path, size_mb: int) -> None:
+    """A sparse ext4 image for one writable layer (≈20 ms), mounted at base/fs."""
+    image, mnt = base / DISK_IMAGE, base / "fs"
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    mnt.mkdir()
+    mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", str(image)]
+    for argv in (mkfs, ["mount", "-o", "loop,nosuid,nodev", str(image), str(mnt)]):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{argv[0]} failed: {done.stderr.strip()}")
 
 
 def tree_digest(root: Path) -> str:

@@ -142,7 +142,7 @@ class NamespacesRuntime:
             os.link(self.guest_code / name, run / name)  # shared, read-only inside
         env = {**spec.template.config.get("env", {}), **spec.env}
         (run / "config.json").write_text(json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir}))
-        active = self.layers.prepare(spec.id, list(spec.template.layers), owner=(base, base))
+        active = self.layers.prepare(spec.id, list(spec.template.layers), (base, base), spec.limits.disk_mb)
         limits = spec.limits
         return {
             "rootfs": str(rootfs),
