@@ -1,0 +1,35 @@
+"""Every Python example in the README and docs/ runs against a real server."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+EXAMPLES = [
+    pytest.param(page, i, code, id=f"{page.name}-{i}")
+    for page in PAGES
+    for i, code in enumerate(BLOCK.findall(page.read_text()))
+    if code.startswith(("from ", "import "))  # fragments without imports are not standalone programs
+]
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize(("page", "index", "code"), EXAMPLES)
+def test_example_runs(server: Server, tmp_path: Path, page: Path, index: int, code: str) -> None:
+    (tmp_path / "model.bin").write_bytes(b"\0" * 4096)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=server.env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"
