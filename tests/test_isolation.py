@@ -150,3 +150,27 @@ def test_kill_leaves_nothing_behind(server: Server, api: httpx.Client) -> None:
                 assert sb["id"] not in (p / "cgroup").read_text(), f"process {p.name} survived"
             except OSError:
                 pass
+
+
+def test_planted_symlink_cannot_redirect_the_server(server: Server, api: httpx.Client, tmp_path: Path) -> None:
+    import socket
+
+    trap_path = tmp_path / "host.sock"
+    trap = socket.socket(socket.AF_UNIX)
+    trap.bind(str(trap_path))
+    trap.listen(1)
+    trap.settimeout(0.5)
+    sb = api.post("/v1/sandboxes", json={}).json()
+    try:
+        cmd = f"mv /run/cove/sock/agent.sock /run/cove/sock/moved && ln -s {trap_path} /run/cove/sock/agent.sock"
+        assert run(api, sb["id"], cmd, user="root")["exit_code"] == 0
+        r = api.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "true"})
+        assert r.status_code == 503 and "not a socket" in r.json()["error"]["message"]
+        try:
+            trap.accept()
+            raise AssertionError("the server followed a symlink planted in the sandbox")
+        except TimeoutError:
+            pass
+    finally:
+        trap.close()
+        assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204

@@ -23,6 +23,7 @@ from cove.store.base import Store
 from cove.store.sqlite import SQLiteStore
 
 log = logging.getLogger("cove.server")
+access = logging.getLogger("cove.access")
 
 
 @dataclass
@@ -73,7 +74,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            log.info(
+            access.info(
                 "request",
                 extra={
                     "method": scope["method"],

@@ -23,9 +23,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(level: str = "INFO") -> None:
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal: time, level, message, then the structured fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD and k != "color_message")
+        line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7} {record.getMessage()}"
+        if fields:
+            line += f"  {fields}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(level: str = "INFO", fmt: str | None = None, quiet_requests: bool = False) -> None:
+    """JSON lines by default; text when stderr is a terminal (or COVE_LOG_FORMAT=text)."""
+    fmt = fmt or ("text" if sys.stderr.isatty() else "json")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -33,3 +48,7 @@ def setup(level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware logs requests
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if quiet_requests:  # the demo's own output should read cleanly
+        for name in ("cove.access", "cove.sandboxes", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)

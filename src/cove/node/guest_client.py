@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import stat
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
@@ -117,6 +120,24 @@ def _request(op: str, fields: dict[str, Any]) -> bytes:
     return protocol.encode_json({"op": op, **{k: v for k, v in fields.items() if v is not None}})
 
 
+def _open_socket_inode(path: str) -> int:
+    """An O_PATH handle on the agent's socket, refusing symlinks.
+
+    The socket's directory belongs to the sandbox's root, who could swap the socket for a symlink to
+    a host socket; connecting through /proc/self/fd/N of a checked O_PATH handle cannot be redirected.
+    """
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    parent = os.open(os.path.dirname(path) or ".", flags | os.O_DIRECTORY)
+    try:
+        fd = os.open(os.path.basename(path), flags, dir_fd=parent)
+    finally:
+        os.close(parent)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EPROTOTYPE, "not a socket (refusing to follow a symlink or file)")
+    return fd
+
+
 class GuestClient:
     def __init__(self, socket_path: str, connect_timeout: float = 5.0) -> None:
         self.socket_path = socket_path
@@ -124,11 +145,17 @@ class GuestClient:
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
+            fd = _open_socket_inode(self.socket_path)
+        except OSError as exc:
+            raise GuestUnavailable(f"cannot connect to the guest agent at {self.socket_path}: {exc}") from exc
+        try:
             return await asyncio.wait_for(
-                asyncio.open_unix_connection(self.socket_path, limit=READ_LIMIT), self.connect_timeout
+                asyncio.open_unix_connection(f"/proc/self/fd/{fd}", limit=READ_LIMIT), self.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             raise GuestUnavailable(f"cannot connect to the guest agent at {self.socket_path}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """One simple operation (ping, stat, list, mkdir, remove, rename); returns the `ok` reply."""

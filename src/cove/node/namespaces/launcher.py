@@ -42,6 +42,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 PROC_MASKED = ("kcore", "keys", "kallsyms", "kmsg", "timer_list", "sched_debug", "latency_stats", "sysrq-trigger")
 PROC_MASKED_DIRS = ("acpi", "scsi", "asound", "driver")
 PROC_READONLY = ("sys", "bus", "fs", "irq")
+AGENT_SOCKET = "/run/cove/sock/agent.sock"
 AGENT_FD = 3
 READY_FD = 4
 
@@ -87,8 +88,9 @@ def _setup_mounts(spec: dict) -> None:
     syscalls.mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     agent_dir = root + "/run/cove"
     os.makedirs(agent_dir, exist_ok=True)
+    # Read-write, but only sock/ belongs to the sandbox's root: the rest is host root's (unmapped here).
     syscalls.mount(spec["run_dir"], agent_dir, None, MS_BIND)
-    syscalls.mount(None, agent_dir, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    syscalls.mount(None, agent_dir, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.chdir(root)
     syscalls.pivot_root(".", ".")
     syscalls.umount(".", MNT_DETACH)
@@ -110,11 +112,25 @@ def _mask_proc(proc: str) -> None:
             syscalls.mount(None, path, None, flags | syscalls.mount_flags_of(path))
 
 
-def _sandbox_init(spec: dict, listener: int, ready_w: int) -> None:
+def _listen() -> socket.socket:
+    """The agent's socket, bound inside the sandbox (so CRIU checkpoints it like any other file).
+
+    Its directory belongs to the sandbox's root; mode 0600 keeps the sandbox's other users out. The
+    host connects through an O_PATH handle, never following a symlink the sandbox may plant there.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(AGENT_SOCKET)
+    os.chmod(AGENT_SOCKET, 0o600)
+    listener.listen(128)
+    return listener
+
+
+def _sandbox_init(spec: dict, ready_w: int) -> None:
     """Process B, pid 1 of the new pid namespace. Never returns."""
     try:
         os.setsid()
         _setup_mounts(spec)
+        listener = _listen().detach()
         syscalls.set_loopback_up()
         syscalls.sethostname(spec.get("hostname", "sandbox"))
         syscalls.drop_bounding_caps(KEEP_CAPS)
@@ -150,14 +166,6 @@ def launch(spec: dict) -> dict:
         opts = f"lowerdir={':'.join(spec['lowerdirs'])},upperdir={spec['upper']},workdir={spec['work']}"
         syscalls.mount("overlay", root, "overlay", 0, opts)
 
-    sock_path = os.path.join(spec["run_dir"], "agent.sock")
-    if os.path.exists(sock_path):
-        os.unlink(sock_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    os.chmod(sock_path, 0o600)  # only host root may talk to the agent
-    listener.listen(128)
-
     ready_r, ready_w = os.pipe()
     to_a_r, to_a_w = os.pipe()
     from_a_r, from_a_w = os.pipe()
@@ -186,7 +194,7 @@ def launch(spec: dict) -> dict:
             b = os.fork()
             if b == 0:
                 os.close(from_a_w)
-                _sandbox_init(spec, listener.fileno(), ready_w)
+                _sandbox_init(spec, ready_w)
             os.write(from_a_w, str(b).encode())
             os._exit(0)
         except BaseException as e:
@@ -196,7 +204,6 @@ def launch(spec: dict) -> dict:
     os.close(ready_w)
     os.close(to_a_r)
     os.close(from_a_w)
-    listener.close()
     if os.read(from_a_r, 1) != b"u":
         os.waitpid(a, 0)
         return {"error": os.read(ready_r, 4000).decode(errors="replace") or "namespace setup failed"}

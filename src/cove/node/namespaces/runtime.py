@@ -125,7 +125,7 @@ class NamespacesRuntime:
         return self.settings.sandboxes_dir / sandbox_id
 
     def socket_path(self, sandbox_id: str) -> str:
-        return str(self.sandbox_dir(sandbox_id) / "run" / "agent.sock")
+        return str(self.sandbox_dir(sandbox_id) / "run" / "sock" / "agent.sock")
 
     def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
         return cgroups.Cgroup(f"{self.settings.cgroup_parent}/{sandbox_id}")
@@ -138,6 +138,8 @@ class NamespacesRuntime:
         rootfs = sdir / "rootfs"
         run.mkdir(parents=True, mode=0o755)
         rootfs.mkdir(mode=0o755)
+        (run / "sock").mkdir(mode=0o700)
+        os.chown(run / "sock", base, base)  # the sandbox's root binds the agent socket here
         for name in GUEST_FILES:
             os.link(self.guest_code / name, run / name)  # shared, read-only inside
         env = {**spec.template.config.get("env", {}), **spec.env}
