@@ -237,3 +237,10 @@ def test_doctor_reports_host_support() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("user namespaces", "overlayfs", "cgroups", "seccomp"):
         assert name in done.stdout
+
+
+def test_pause_and_resume(runner: CliRunner, cli_env: dict[str, str], sandbox_id: str) -> None:
+    paused = _run(runner, cli_env, "pause", sandbox_id)
+    assert paused.exit_code == 0 and "paused" in paused.output
+    resumed = _run(runner, cli_env, "resume", sandbox_id)
+    assert resumed.exit_code == 0 and "running" in resumed.output

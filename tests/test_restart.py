@@ -25,6 +25,8 @@ def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server)
     with srv.client() as c:
         alive = c.post("/v1/sandboxes", json={"metadata": {"keep": "yes"}}).json()
         doomed = c.post("/v1/sandboxes", json={}).json()
+        paused = c.post("/v1/sandboxes", json={}).json()
+        assert c.post(f"/v1/sandboxes/{paused['id']}/pause").json()["state"] == "paused"
         c.put(f"/v1/sandboxes/{alive['id']}/files", params={"path": "/home/user/state.txt"}, content=b"kept")
         r = c.post(
             f"/v1/sandboxes/{alive['id']}/exec",
@@ -51,3 +53,5 @@ def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server)
         assert not (srv.home / "sandboxes" / doomed["id"]).exists()
         listed = {s["id"] for s in c.get("/v1/sandboxes", params={"state": "running"}).json()["items"]}
         assert listed == {alive["id"]}
+        assert c.get(f"/v1/sandboxes/{paused['id']}").json()["state"] == "paused"
+        assert c.post(f"/v1/sandboxes/{paused['id']}/exec", json={"cmd": "echo thawed"}).json()["stdout"] == "thawed\n"

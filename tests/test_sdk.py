@@ -568,3 +568,22 @@ def test_async_main_paths(conn: Conn) -> None:
             await sb2.close()
 
     asyncio.run(main())
+
+
+def test_pause_resume_and_auto_resume(server: Any) -> None:
+    with Sandbox.create(url=server.url, api_key=server.api_key, auto_resume=False) as sb:
+        assert sb.pause().state == "paused"
+        with pytest.raises(Conflict):
+            sb.exec("true")
+        assert sb.resume().state == "running"
+        assert sb.exec("echo ok").stdout == "ok\n"
+
+
+def test_async_pause_resume(server: Any) -> None:
+    async def main() -> None:
+        async with AsyncSandbox.create(url=server.url, api_key=server.api_key) as sb:
+            assert (await sb.pause()).state == "paused"
+            assert (await sb.exec("echo woke")).stdout == "woke\n"  # auto-resumes
+            assert (await sb.info()).state == "running"
+
+    asyncio.run(main())

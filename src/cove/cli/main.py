@@ -130,7 +130,14 @@ def _ago(value: datetime | None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
-_STATE_STYLE = {"running": "green", "starting": "yellow", "killed": "dim", "error": "red"}
+_STATE_STYLE = {
+    "running": "green",
+    "starting": "yellow",
+    "paused": "cyan",
+    "hibernated": "blue",
+    "killed": "dim",
+    "error": "red",
+}
 
 
 def _state(state: str) -> str:
@@ -528,6 +535,38 @@ def kill(
             out.print(f"killed {escape(sandbox_id)}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def pause(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+) -> None:
+    """Freeze a sandbox: its processes stop using CPU; memory and files are kept.
+
+    The next exec or file call resumes it (unless it was created with auto_resume off).
+
+    [bold]Example:[/]  [cyan]cove pause sb-1234[/]
+    """
+    conn = _conn(ctx)
+    info = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).pause()
+    out.print(f"{escape(info.id)} {_state(info.state)}")
+
+
+@app.command()
+@_friendly
+def resume(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+) -> None:
+    """Resume a paused sandbox; its processes continue where they stopped.
+
+    [bold]Example:[/]  [cyan]cove resume sb-1234[/]
+    """
+    conn = _conn(ctx)
+    info = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).resume()
+    out.print(f"{escape(info.id)} {_state(info.state)}")
 
 
 @keys_app.command("create")

@@ -12,7 +12,7 @@ from cove.store.base import KeyRecord, SandboxRecord
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
 SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
-State = Literal["starting", "running", "killed", "error"]
+State = Literal["starting", "running", "paused", "killed", "error"]
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
@@ -39,6 +39,10 @@ class CreateSandbox(Strict):
     metadata: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
         default_factory=dict, max_length=64
     )
+    auto_resume: bool = Field(default=True, description="calls on a paused sandbox resume it (else 409)")
+    idle_timeout: int = Field(default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle")
+    on_idle: Literal["pause"] = "pause"
+    on_timeout: Literal["kill"] = "kill"
 
     _env = field_validator("env")(_check_env)
 
@@ -71,6 +75,10 @@ class SandboxOut(BaseModel):
     workdir: str
     limits: LimitsOut
     end_reason: str | None = None
+    auto_resume: bool = True
+    idle_timeout: int = 0
+    on_idle: str = "pause"
+    on_timeout: str = "kill"
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -87,6 +95,10 @@ class SandboxOut(BaseModel):
             workdir=r.workdir,
             limits=LimitsOut(**r.limits),
             end_reason=r.end_reason,
+            auto_resume=r.auto_resume,
+            idle_timeout=r.idle_timeout,
+            on_idle=r.on_idle,
+            on_timeout=r.on_timeout,
         )
 
 

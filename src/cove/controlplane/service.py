@@ -2,8 +2,9 @@
 
 States and the only transitions allowed (persisted in the store, compare-and-set):
     starting -> running | error
-    running  -> killed | error
-Later issues add paused and hibernated. Every lifecycle change of one sandbox holds its lock.
+    running  -> paused | killed | error
+    paused   -> running | killed | error
+Every lifecycle change of one sandbox holds its lock.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ log = logging.getLogger("cove.sandboxes")
 
 TRANSITIONS = {
     "starting": {"running", "error"},
-    "running": {"killed", "error"},
+    "running": {"paused", "killed", "error"},
+    "paused": {"running", "killed", "error"},
     "killed": set(),
     "error": set(),
 }
-LIVE = ("starting", "running")
+LIVE = ("starting", "running", "paused")
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -48,6 +50,7 @@ class SandboxService:
         self.node = node
         self.metrics = metrics
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
         self._reaper: asyncio.Task[None] | None = None
 
     # -- state machine ---------------------------------------------------------------------
@@ -71,7 +74,13 @@ class SandboxService:
         return rec
 
     async def running(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        """The caller's sandbox, ready for work: a paused one is resumed if it allows that."""
         rec = await self.get(who, sandbox_id)
+        self._activity[rec.id] = time.monotonic()
+        if rec.state == "paused":
+            if not rec.auto_resume:
+                raise ApiError(409, "paused", f"sandbox {sandbox_id} is paused; resume it first (auto_resume is off)")
+            rec = await self._resume(rec)
         if rec.state != "running":
             why = f" ({rec.end_reason})" if rec.end_reason else ""
             raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}{why}")
@@ -118,6 +127,11 @@ class SandboxService:
             user=req.user or cfg.get("user", "user"),
             workdir=req.workdir or cfg.get("workdir", "/home/user"),
             limits={"cpu": limits.cpu, "memory_mb": limits.memory_mb, "pids": limits.pids, "disk_mb": limits.disk_mb},
+            layers=list(template.layers),
+            auto_resume=req.auto_resume,
+            idle_timeout=req.idle_timeout,
+            on_idle=req.on_idle,
+            on_timeout=req.on_timeout,
         )
         spec = SandboxSpec(id=rec.id, template=template, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits)
         async with self._locks[rec.id]:
@@ -151,12 +165,49 @@ class SandboxService:
             await self.node.kill(fresh.id, fresh.node)
             await self._transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
+        self._activity.pop(rec.id, None)
 
     async def set_timeout(self, who: Caller, sandbox_id: str, timeout: int) -> SandboxRecord:
-        rec = await self.running(who, sandbox_id)
+        rec = await self.get(who, sandbox_id)
+        if rec.state not in LIVE:
+            raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
         expires = time.time() + timeout if timeout else None
-        await self.store.update_sandbox(rec.id, expect_state="running", timeout=timeout, expires_at=expires)
+        await self.store.update_sandbox(rec.id, expect_state=rec.state, timeout=timeout, expires_at=expires)
         return await self.get(who, sandbox_id)
+
+    # -- pause / resume ------------------------------------------------------------------
+    async def pause(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        """Freeze the sandbox: no CPU, memory kept. Pausing a paused sandbox is a no-op."""
+        rec = await self.get(who, sandbox_id)
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state == "running":
+                await self.node.pause(rec.id)
+                await self._transition(rec, "paused")
+            elif rec.state != "paused":
+                raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
+        return rec
+
+    async def resume(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        rec = await self.get(who, sandbox_id)
+        self._activity[rec.id] = time.monotonic()
+        return await self._resume(rec)
+
+    async def _resume(self, rec: SandboxRecord) -> SandboxRecord:
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state == "paused":
+                await self.node.resume(rec.id)
+                await self._transition(rec, "running")
+            elif rec.state != "running":
+                raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+        return rec
+
+    async def _fresh(self, rec: SandboxRecord) -> SandboxRecord:
+        fresh = await self.store.get_sandbox(rec.id)
+        if fresh is None:
+            raise not_found("sandbox", rec.id)
+        return fresh
 
     async def check_alive(self, rec: SandboxRecord) -> bool:
         """After the guest stopped answering: mark a dead sandbox as such (and free it)."""
@@ -171,26 +222,39 @@ class SandboxService:
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         keep: set[str] = set()
         for rec in page.items:
-            if rec.state == "running" and await self.node.alive(rec.id, rec.node):
+            if rec.state in ("running", "paused") and await self.node.alive(rec.id, rec.node):
                 keep.add(rec.id)
                 continue
             await self.node.kill(rec.id, rec.node)
-            reason = "lost while the server was down" if rec.state == "running" else "creation interrupted by restart"
+            reason = "creation interrupted by restart" if rec.state == "starting" else "lost while the server was down"
             await self._transition(rec, "error", end_reason=reason)
         swept = await self.node.sweep(keep)
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
 
     async def reap_once(self) -> None:
-        now = time.time()
-        page = await self.store.list_sandboxes(None, ["running"], limit=1_000_000)
+        """Enforce timeouts and idle policies; notice sandboxes that died on their own."""
+        now, mono = time.time(), time.monotonic()
+        page = await self.store.list_sandboxes(None, ["running", "paused"], limit=1_000_000)
         for rec in page.items:
             try:
                 if rec.expires_at is not None and rec.expires_at <= now:
                     await self._end(rec, "killed", "timeout")
                 elif not await self.node.alive(rec.id, rec.node):
                     await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
+                elif rec.state == "running" and rec.idle_timeout:
+                    last = self._activity.setdefault(rec.id, mono)
+                    if mono - last >= rec.idle_timeout:
+                        await self._idle(rec)
             except Exception:
                 log.exception("reaper failed on sandbox %s", rec.id)
+
+    async def _idle(self, rec: SandboxRecord) -> None:
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state == "running":
+                await self.node.pause(rec.id)
+                await self._transition(rec, "paused", end_reason=None)
+                log.info("paused idle sandbox", extra={"sandbox": rec.id, "idle_timeout": rec.idle_timeout})
 
     async def _reap_forever(self) -> None:
         while True:

@@ -60,6 +60,14 @@ class NodeAgent(ABC):
         """Is the sandbox started with `handle` still running (and answering)?"""
 
     @abstractmethod
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process (no CPU; memory kept)."""
+
+    @abstractmethod
+    async def resume(self, sandbox_id: str) -> None:
+        """Thaw a paused sandbox."""
+
+    @abstractmethod
     def guest(self, sandbox_id: str) -> GuestClient:
         """A client for the sandbox's guest agent."""
 

@@ -47,6 +47,12 @@ class LocalNode(NodeAgent):
     async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return await self.runtime.alive(sandbox_id, handle)
 
+    async def pause(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.runtime.cgroup(sandbox_id).freeze, True)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.runtime.cgroup(sandbox_id).freeze, False)
+
     def guest(self, sandbox_id: str) -> GuestClient:
         return GuestClient(self.runtime.socket_path(sandbox_id))
 

@@ -199,9 +199,13 @@ def create_sandbox(
     disk_mb: int | None = None,
     workdir: str | None = None,
     user: str | None = None,
+    auto_resume: bool | None = None,
+    idle_timeout: int | None = None,
 ) -> Op[SandboxInfo]:
     body: dict[str, Any] = {"template": template, "env": dict(env or {}), "metadata": dict(metadata or {})}
     optional = {
+        "auto_resume": auto_resume,
+        "idle_timeout": idle_timeout,
         "timeout": timeout,
         "cpu": cpu,
         "memory_mb": memory_mb,
@@ -253,6 +257,16 @@ def list_sandboxes(
 
 def kill_sandbox(sandbox_id: str) -> Op[None]:
     yield Call("DELETE", sandbox_path(sandbox_id))
+
+
+def pause_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
+    data = yield Call("POST", sandbox_path(sandbox_id, "/pause"))
+    return SandboxInfo.from_dict(data)
+
+
+def resume_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
+    data = yield Call("POST", sandbox_path(sandbox_id, "/resume"))
+    return SandboxInfo.from_dict(data)
 
 
 def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:

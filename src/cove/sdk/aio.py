@@ -284,6 +284,8 @@ class AsyncSandbox:
         disk_mb: int | None = None,
         workdir: str | None = None,
         user: str | None = None,
+        auto_resume: bool | None = None,
+        idle_timeout: int | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -300,6 +302,8 @@ class AsyncSandbox:
             "disk_mb": disk_mb,
             "workdir": workdir,
             "user": user,
+            "auto_resume": auto_resume,
+            "idle_timeout": idle_timeout,
         }
 
         async def make() -> AsyncSandbox:
@@ -361,6 +365,16 @@ class AsyncSandbox:
     async def info(self) -> SandboxInfo:
         """Fresh information about this sandbox from the server."""
         self._info = await self._http.run(_core.get_sandbox(self._id))
+        return self._info
+
+    async def pause(self) -> SandboxInfo:
+        """Freeze the sandbox: no CPU, memory and files kept. Calls resume it unless auto_resume=False."""
+        self._info = await self._http.run(_core.pause_sandbox(self._id))
+        return self._info
+
+    async def resume(self) -> SandboxInfo:
+        """Thaw a paused sandbox."""
+        self._info = await self._http.run(_core.resume_sandbox(self._id))
         return self._info
 
     async def set_timeout(self, seconds: int) -> SandboxInfo:

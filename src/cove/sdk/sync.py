@@ -210,6 +210,8 @@ class Sandbox:
         disk_mb: int | None = None,
         workdir: str | None = None,
         user: str | None = None,
+        auto_resume: bool | None = None,
+        idle_timeout: int | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -229,6 +231,8 @@ class Sandbox:
                     disk_mb=disk_mb,
                     workdir=workdir,
                     user=user,
+                    auto_resume=auto_resume,
+                    idle_timeout=idle_timeout,
                 )
             )
         except BaseException:
@@ -293,6 +297,16 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         """Fresh information about this sandbox from the server."""
         self._info = self._http.run(_core.get_sandbox(self._id))
+        return self._info
+
+    def pause(self) -> SandboxInfo:
+        """Freeze the sandbox: no CPU, memory and files kept. Calls resume it unless auto_resume=False."""
+        self._info = self._http.run(_core.pause_sandbox(self._id))
+        return self._info
+
+    def resume(self) -> SandboxInfo:
+        """Thaw a paused sandbox."""
+        self._info = self._http.run(_core.resume_sandbox(self._id))
         return self._info
 
     def set_timeout(self, seconds: int) -> SandboxInfo:

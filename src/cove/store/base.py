@@ -25,6 +25,12 @@ class SandboxRecord:
     limits: dict[str, Any] = field(default_factory=dict)
     node: dict[str, Any] = field(default_factory=dict)  # the node's handle (pid, start time…)
     end_reason: str | None = None
+    layers: list[str] = field(default_factory=list)  # committed layers under its writable one
+    auto_resume: bool = True  # calls on a paused/hibernated sandbox resume it (else 409)
+    idle_timeout: int = 0  # seconds without API activity before `on_idle` (0 = never)
+    on_idle: str = "pause"  # pause | hibernate
+    on_timeout: str = "kill"  # kill | hibernate
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # how it was hibernated
 
 
 @dataclass

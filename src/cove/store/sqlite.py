@@ -31,7 +31,13 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     workdir TEXT NOT NULL,
     limits TEXT NOT NULL,
     node TEXT NOT NULL,
-    end_reason TEXT
+    end_reason TEXT,
+    layers TEXT NOT NULL DEFAULT '[]',
+    auto_resume INTEGER NOT NULL DEFAULT 1,
+    idle_timeout INTEGER NOT NULL DEFAULT 0,
+    on_idle TEXT NOT NULL DEFAULT 'pause',
+    on_timeout TEXT NOT NULL DEFAULT 'kill',
+    checkpoint TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_tenant_state ON sandboxes (tenant, state);
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -43,7 +49,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
-_JSON_FIELDS = {"metadata", "env", "limits", "node"}
+_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint"}
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 
 
@@ -58,6 +64,7 @@ def _from_row(row: sqlite3.Row) -> SandboxRecord:
     d = {k: row[k] for k in _SANDBOX_FIELDS}
     for k in _JSON_FIELDS:
         d[k] = json.loads(d[k])
+    d["auto_resume"] = bool(d["auto_resume"])
     return SandboxRecord(**d)
 
 

@@ -64,3 +64,15 @@ async def kill_sandbox(sandbox_id: str, who: Who, svc: Svc) -> Response:
 async def set_timeout(sandbox_id: str, body: SetTimeout, who: Who, svc: Svc) -> SandboxOut:
     """Reset the sandbox's timeout to `timeout` seconds from now (0: never expires)."""
     return SandboxOut.of(await svc.set_timeout(who, sandbox_id, body.timeout))
+
+
+@router.post("/{sandbox_id}/pause", response_model=SandboxOut)
+async def pause(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
+    """Freeze every process of the sandbox (no CPU; memory and files kept)."""
+    return SandboxOut.of(await svc.pause(who, sandbox_id))
+
+
+@router.post("/{sandbox_id}/resume", response_model=SandboxOut)
+async def resume(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
+    """Thaw a paused sandbox; its processes continue where they stopped."""
+    return SandboxOut.of(await svc.resume(who, sandbox_id))
