@@ -100,7 +100,11 @@ def run(runs: int = 50, exec_runs: int = 200, idle: int = 10) -> dict[str, Row]:
                 c.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["true"]})
             for _ in range(exec_runs):
                 rows["exec"].samples_ms.append(
-                    _time(lambda: c.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["true"]}).raise_for_status())
+                    _time(
+                        lambda: c.post(
+                            f"/v1/sandboxes/{sid}/exec", json={"argv": ["true"]}
+                        ).raise_for_status()
+                    )
                 )
             c.delete(f"/v1/sandboxes/{sid}")
             memory = idle_memory(srv, c, idle)
@@ -132,7 +136,12 @@ def idle_memory(srv: Server, c: httpx.Client, n: int) -> dict[str, float]:
             rss += sum(_proc_kib(p, "VmRSS", "status") for p in pids)
             pss += sum(_proc_kib(p, "Pss", "smaps_rollup") for p in pids)
             cg += _cgroup_memory(srv.cgroup_parent, sid)
-        return {"sandboxes": n, "rss_mib": rss / n / 1024, "pss_mib": pss / n / 1024, "cgroup_mib": cg / n / 2**20}
+        return {
+            "sandboxes": n,
+            "rss_mib": rss / n / 1024,
+            "pss_mib": pss / n / 1024,
+            "cgroup_mib": cg / n / 2**20,
+        }
     finally:
         for sid in ids:
             c.delete(f"/v1/sandboxes/{sid}")

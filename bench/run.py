@@ -45,7 +45,9 @@ def render(result: dict, args: argparse.Namespace) -> str:
         if key == "exec":
             ratio = "target p50 ≤ 3 ms"
         cpu = f"{row.cpu_ms:.1f}" if row.cpu_ms is not None else ""
-        lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.95):.2f} | {cpu} | {len(row.samples_ms)} | {ratio} |")
+        lines.append(
+            f"| {row.name} | {row.p50:.2f} | {row.pct(0.95):.2f} | {cpu} | {len(row.samples_ms)} | {ratio} |"
+        )
     m = result["memory"]
     mem = [
         "| idle sandboxes | RSS per sandbox | PSS per sandbox | cgroup memory per sandbox | target |",

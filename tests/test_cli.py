@@ -233,7 +233,9 @@ def test_doctor_reports_host_support() -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "cove", "doctor"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "cove", "doctor"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("user namespaces", "overlayfs", "cgroups", "seccomp"):
         assert name in done.stdout

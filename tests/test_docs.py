@@ -30,6 +30,11 @@ def test_there_are_examples() -> None:
 def test_example_runs(server: Server, tmp_path: Path, page: Path, index: int, code: str) -> None:
     (tmp_path / "model.bin").write_bytes(b"\0" * 4096)
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=server.env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"

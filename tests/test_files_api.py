@@ -27,7 +27,9 @@ def test_write_read_list_stat_mkdir_rename_remove(api: httpx.Client, sandbox: di
     listing = api.get(files(sid, "/list"), params={"path": "/home/user/deep", "depth": 2}).json()["entries"]
     assert [e["path"] for e in listing] == ["/home/user/deep/new", "/home/user/deep/new/file.txt"]
     assert api.post(files(sid, "/mkdir"), json={"path": "/home/user/a/b"}).json()["type"] == "dir"
-    r = api.post(files(sid, "/rename"), json={"src": "/home/user/deep/new/file.txt", "dst": "/home/user/a/b/moved.txt"})
+    r = api.post(
+        files(sid, "/rename"), json={"src": "/home/user/deep/new/file.txt", "dst": "/home/user/a/b/moved.txt"}
+    )
     assert r.status_code == 200 and r.json()["path"] == "/home/user/a/b/moved.txt"
     r = api.delete(files(sid), params={"path": "/home/user/a"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "not_empty"
@@ -79,11 +81,15 @@ def test_paths_cannot_escape_the_sandbox(server: Server, api: httpx.Client, sand
         # Symlinks made inside resolve inside.
         cmd = f"ln -s / /home/user/rootlink && ln -s {marker} /home/user/hostlink"
         assert api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd}).json()["exit_code"] == 0
-        assert api.get(files(sid), params={"path": "/home/user/rootlink/etc/hostname"}).content == b"sandbox\n"
+        assert (
+            api.get(files(sid), params={"path": "/home/user/rootlink/etc/hostname"}).content == b"sandbox\n"
+        )
         assert api.get(files(sid), params={"path": "/home/user/hostlink"}).status_code == 404
         r = api.put(files(sid), params={"path": f"/home/user/rootlink{marker}"}, content=b"overwritten")
         assert marker.read_text() == "host data"
-        assert api.get(files(sid, "/stat"), params={"path": "/home/user/hostlink"}).json()["type"] == "symlink"
+        assert (
+            api.get(files(sid, "/stat"), params={"path": "/home/user/hostlink"}).json()["type"] == "symlink"
+        )
         # Shadow here is the sandbox's own, never the host's.
         r = api.get(files(sid), params={"path": "/etc/shadow", "user": "root"})
         host_shadow = Path("/etc/shadow").read_text()

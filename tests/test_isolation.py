@@ -18,7 +18,9 @@ def run(api: httpx.Client, sid: str, cmd: str, **kw: object) -> dict:
 
 
 def test_sees_only_its_own_processes(api: httpx.Client, sandbox: dict) -> None:
-    out = run(api, sandbox["id"], "ls /proc | grep -E '^[0-9]+$' | wc -l; tr '\\0' ' ' < /proc/1/cmdline")["stdout"]
+    out = run(api, sandbox["id"], "ls /proc | grep -E '^[0-9]+$' | wc -l; tr '\\0' ' ' < /proc/1/cmdline")[
+        "stdout"
+    ]
     count, cmdline = out.splitlines()
     assert int(count) < 10, "host processes are visible"
     assert "agent.py" in cmdline, "pid 1 must be the guest agent"
@@ -32,7 +34,11 @@ def test_root_inside_is_unprivileged_outside(api: httpx.Client, sandbox: dict) -
     assert run(api, sid, "grep NoNewPrivs /proc/self/status")["stdout"].split()[1] == "1"
     res = run(api, sid, "mount -t tmpfs none /mnt", user="root")
     assert res["exit_code"] != 0
-    res = run(api, sid, "python3 -c 'import ctypes; l=ctypes.CDLL(None,use_errno=True); print(l.unshare(0x10000000), ctypes.get_errno())'")
+    res = run(
+        api,
+        sid,
+        "python3 -c 'import ctypes; l=ctypes.CDLL(None,use_errno=True); print(l.unshare(0x10000000), ctypes.get_errno())'",
+    )
     assert res["stdout"].split() == ["-1", "1"], "creating a user namespace must be refused (EPERM)"
     res = run(api, sid, "touch /usr/bin/evil", user="root")
     assert res["exit_code"] != 0 and "Read-only" in res["stderr"]
@@ -40,7 +46,10 @@ def test_root_inside_is_unprivileged_outside(api: httpx.Client, sandbox: dict) -
 
 
 def test_template_layer_is_never_written(server: Server, api: httpx.Client, sandbox: dict) -> None:
-    assert run(api, sandbox["id"], "echo 'intruder:x:0:0::/:/bin/sh' >> /etc/passwd", user="root")["exit_code"] == 0
+    assert (
+        run(api, sandbox["id"], "echo 'intruder:x:0:0::/:/bin/sh' >> /etc/passwd", user="root")["exit_code"]
+        == 0
+    )
     layers = list((server.home / "storage" / "layers").iterdir())
     assert layers
     for layer in layers:
@@ -74,7 +83,7 @@ def test_has_no_network(server: Server, api: httpx.Client, sandbox: dict) -> Non
         "except OSError as e:\n"
         "    print('refused', e.errno)\n"
     )
-    out = run(api, sandbox["id"], f"python3 -c \"{probe}\"")["stdout"]
+    out = run(api, sandbox["id"], f'python3 -c "{probe}"')["stdout"]
     assert out.startswith("refused"), out
     interfaces = run(api, sandbox["id"], "tail -n +3 /proc/net/dev | cut -d: -f1")["stdout"].split()
     assert interfaces == ["lo"]
@@ -131,7 +140,9 @@ def test_fork_bomb_is_contained(server: Server, api: httpx.Client) -> None:
 def test_kill_leaves_nothing_behind(server: Server, api: httpx.Client) -> None:
     sb = api.post("/v1/sandboxes", json={}).json()
     # A daemonised process (own session) must die with the sandbox too.
-    assert run(api, sb["id"], "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo started")["exit_code"] == 0
+    assert (
+        run(api, sb["id"], "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo started")["exit_code"] == 0
+    )
     assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
     with open("/proc/self/mountinfo") as f:
         assert sb["id"] not in f.read()
@@ -152,7 +163,9 @@ def test_kill_leaves_nothing_behind(server: Server, api: httpx.Client) -> None:
                 pass
 
 
-def test_planted_symlink_cannot_redirect_the_server(server: Server, api: httpx.Client, tmp_path: Path) -> None:
+def test_planted_symlink_cannot_redirect_the_server(
+    server: Server, api: httpx.Client, tmp_path: Path
+) -> None:
     import socket
 
     trap_path = tmp_path / "host.sock"

@@ -30,7 +30,9 @@ def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server)
         c.put(f"/v1/sandboxes/{alive['id']}/files", params={"path": "/home/user/state.txt"}, content=b"kept")
         r = c.post(
             f"/v1/sandboxes/{alive['id']}/exec",
-            json={"cmd": "setsid python3 -c 'import time; time.sleep(600)' >/dev/null 2>&1 < /dev/null & echo $!"},
+            json={
+                "cmd": "setsid python3 -c 'import time; time.sleep(600)' >/dev/null 2>&1 < /dev/null & echo $!"
+            },
         )
         bg = r.json()["stdout"].strip()
 
@@ -54,4 +56,7 @@ def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server)
         listed = {s["id"] for s in c.get("/v1/sandboxes", params={"state": "running"}).json()["items"]}
         assert listed == {alive["id"]}
         assert c.get(f"/v1/sandboxes/{paused['id']}").json()["state"] == "paused"
-        assert c.post(f"/v1/sandboxes/{paused['id']}/exec", json={"cmd": "echo thawed"}).json()["stdout"] == "thawed\n"
+        assert (
+            c.post(f"/v1/sandboxes/{paused['id']}/exec", json={"cmd": "echo thawed"}).json()["stdout"]
+            == "thawed\n"
+        )

@@ -41,7 +41,9 @@ def test_exec_results_streaming_and_timeouts(api: httpx.Client, sandbox: dict) -
     assert (res["stdout"], res["stderr"], res["exit_code"]) == ("out\n", "err\n", 3)
     res = exec_ok(api, sid, "sleep 30", timeout=0.5)
     assert res["timed_out"] is True and res["exit_code"] != 0
-    r = api.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["python3", "-c", "import sys; print(sys.argv)", "a b"]})
+    r = api.post(
+        f"/v1/sandboxes/{sid}/exec", json={"argv": ["python3", "-c", "import sys; print(sys.argv)", "a b"]}
+    )
     assert r.json()["stdout"] == "['-c', 'a b']\n"
     assert exec_ok(api, sid, "cat", stdin="fed through stdin")["stdout"] == "fed through stdin"
     assert exec_ok(api, sid, "id -u", user="root")["stdout"] == "0\n"
@@ -51,7 +53,9 @@ def test_exec_results_streaming_and_timeouts(api: httpx.Client, sandbox: dict) -
     events = []
     first_at = None
     started = time.monotonic()
-    with api.stream("POST", f"/v1/sandboxes/{sid}/exec/stream", json={"cmd": "echo one; sleep 1; echo two"}) as r:
+    with api.stream(
+        "POST", f"/v1/sandboxes/{sid}/exec/stream", json={"cmd": "echo one; sleep 1; echo two"}
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line:
@@ -70,9 +74,13 @@ def test_list_filters_and_pagination(api: httpx.Client) -> None:
         ids.append(r.json()["id"])
     try:
         api.delete(f"/v1/sandboxes/{ids[2]}")
-        running = api.get("/v1/sandboxes", params={"metadata": "suite=list", "state": "running"}).json()["items"]
+        running = api.get("/v1/sandboxes", params={"metadata": "suite=list", "state": "running"}).json()[
+            "items"
+        ]
         assert {s["id"] for s in running} == set(ids[:2])
-        one = api.get("/v1/sandboxes", params=[("metadata", "suite=list"), ("metadata", "n=1")]).json()["items"]
+        one = api.get("/v1/sandboxes", params=[("metadata", "suite=list"), ("metadata", "n=1")]).json()[
+            "items"
+        ]
         assert [s["id"] for s in one] == [ids[1]]
         seen, cursor = [], None
         while True:
@@ -170,7 +178,13 @@ def test_health_metrics_and_schema(server: Server, api: httpx.Client, sandbox: d
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     text = httpx.get(f"{server.url}/metrics").text
     assert 'cove_sandboxes{state="running"}' in text
-    running = float(next(line.split()[-1] for line in text.splitlines() if line.startswith('cove_sandboxes{state="running"}')))
+    running = float(
+        next(
+            line.split()[-1]
+            for line in text.splitlines()
+            if line.startswith('cove_sandboxes{state="running"}')
+        )
+    )
     assert running >= 1
     assert "cove_sandbox_create_seconds_bucket" in text
     schema = httpx.get(f"{server.url}/openapi.json").json()

@@ -33,7 +33,9 @@ class Settings:
     uid_base: int = field(default_factory=lambda: int(os.environ.get("COVE_UID_BASE", "100000")))
     guest_python: str = field(default_factory=_guest_python)
     default_timeout: int = 300
-    max_upload_bytes: int = field(default_factory=lambda: int(os.environ.get("COVE_MAX_UPLOAD_BYTES", str(1 << 30))))
+    max_upload_bytes: int = field(
+        default_factory=lambda: int(os.environ.get("COVE_MAX_UPLOAD_BYTES", str(1 << 30)))
+    )
     max_output_bytes: int = 16 << 20  # per stream, for buffered (non-streaming) exec
     reaper_interval: float = 1.0
     default_memory_mb: int = 1024

@@ -63,7 +63,9 @@ class Server:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"cove serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"cove serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
@@ -93,7 +95,9 @@ class Server:
     def kill_all(self) -> None:
         with self.client() as c:
             for state in ("running", "starting"):
-                for sb in c.get("/v1/sandboxes", params={"state": state, "limit": 1000}).json().get("items", []):
+                for sb in (
+                    c.get("/v1/sandboxes", params={"state": state, "limit": 1000}).json().get("items", [])
+                ):
                     c.delete(f"/v1/sandboxes/{sb['id']}")
 
     def close(self) -> None:

@@ -28,13 +28,25 @@ def _read(path: str) -> str:
 
 def checks() -> list[Check]:
     out = [
-        Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else "cove serve must run as root"),
+        Check(
+            "root",
+            os.geteuid() == 0,
+            "running as root" if os.geteuid() == 0 else "cove serve must run as root",
+        ),
         Check("kernel", True, f"{platform.system()} {platform.release()} ({platform.machine()})"),
     ]
     userns = _read("/proc/sys/user/max_user_namespaces")
-    out.append(Check("user namespaces", userns not in ("", "0"), f"max_user_namespaces={userns or 'unknown'}"))
+    out.append(
+        Check("user namespaces", userns not in ("", "0"), f"max_user_namespaces={userns or 'unknown'}")
+    )
     fs = _read("/proc/filesystems")
-    out.append(Check("overlayfs", "overlay" in fs, "overlay listed in /proc/filesystems" if "overlay" in fs else "modprobe overlay"))
+    out.append(
+        Check(
+            "overlayfs",
+            "overlay" in fs,
+            "overlay listed in /proc/filesystems" if "overlay" in fs else "modprobe overlay",
+        )
+    )
     lay = cgroups.layout()
     have = sorted(set(lay.v1) | (set(lay.v2_controllers) & {"memory", "pids", "cpu"}))
     missing = {"memory", "pids", "cpu"} - set(have)
@@ -56,16 +68,29 @@ def checks() -> list[Check]:
         Check(
             "cheap cgroup moves",
             fdm,
-            "favordynmods is set" if fdm else "cove serve sets favordynmods at start (saves ≈15 ms per create)",
+            "favordynmods is set"
+            if fdm
+            else "cove serve sets favordynmods at start (saves ≈15 ms per create)",
             False,
         )
     )
-    out.append(Check("cgroup.kill", v2kill, "whole-tree kill" if v2kill else "falls back to freeze + SIGKILL", False))
     out.append(
-        Check("seccomp", seccomp.supported(), f"filter for {platform.machine()}" if seccomp.supported() else "no syscall table for this architecture", False)
+        Check("cgroup.kill", v2kill, "whole-tree kill" if v2kill else "falls back to freeze + SIGKILL", False)
+    )
+    out.append(
+        Check(
+            "seccomp",
+            seccomp.supported(),
+            f"filter for {platform.machine()}"
+            if seccomp.supported()
+            else "no syscall table for this architecture",
+            False,
+        )
     )
     py = shutil.which("python3", path="/usr/bin")
-    out.append(Check("guest python", py is not None, py or "/usr/bin/python3 missing: the base template needs it"))
+    out.append(
+        Check("guest python", py is not None, py or "/usr/bin/python3 missing: the base template needs it")
+    )
     for tool, why in (("bwrap", "benchmark floor"), ("runc", "benchmark floor")):
         path = shutil.which(tool)
         out.append(Check(tool, path is not None, path or f"not installed ({why} only)", False))

@@ -635,7 +635,9 @@ def serve(
     home: Annotated[
         str | None, typer.Option("--home", envvar="COVE_HOME", help="State directory (database, sandboxes).")
     ] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Run a short demo against the server once it is up.")] = False,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Run a short demo against the server once it is up.")
+    ] = False,
 ) -> None:
     """Run the cove server (as root: it creates namespaces, cgroups and mounts).
 

@@ -46,7 +46,9 @@ async def _ensure_keys(cove: Cove) -> None:
             await auth.create_key(cove.store, "COVE_API_KEY", "default", admin=True, key=s.api_key)
     elif await cove.store.count_keys() == 0:
         _, cove.first_key = await auth.create_key(cove.store, "first key", "default", admin=True)
-        log.warning("created the first admin API key; it is shown only now", extra={"api_key": cove.first_key})
+        log.warning(
+            "created the first admin API key; it is shown only now", extra={"api_key": cove.first_key}
+        )
         print(f"\n  cove: your admin API key (shown once): {cove.first_key}\n", flush=True)
     if s.demo:
         _, cove.demo_key = await auth.create_key(cove.store, "demo", "default", admin=False)

@@ -31,7 +31,9 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(24)
 
 
-async def create_key(store: Store, name: str, tenant: str, admin: bool, key: str | None = None) -> tuple[KeyRecord, str]:
+async def create_key(
+    store: Store, name: str, tenant: str, admin: bool, key: str | None = None
+) -> tuple[KeyRecord, str]:
     key = key or new_key()
     rec = KeyRecord(
         id="key_" + secrets.token_hex(6),
@@ -88,7 +90,9 @@ async def caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller, or 401."""
     key = _presented_key(request)
     if not key:
-        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        raise ApiError(
+            401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+        )
     rec = await request.app.state.cove.keys.lookup(hash_key(key))
     if rec is None:
         raise ApiError(401, "unauthorized", "invalid API key")

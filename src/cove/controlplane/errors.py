@@ -35,7 +35,9 @@ class ApiError(Exception):
         self.extra = extra
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"code": self.code, "message": self.message, **self.extra}}, self.status)
+        return JSONResponse(
+            {"error": {"code": self.code, "message": self.message, **self.extra}}, self.status
+        )
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -66,7 +68,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "error")
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
+            exc.status_code, "error"
+        )
         return ApiError(exc.status_code, code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)

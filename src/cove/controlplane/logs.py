@@ -27,7 +27,9 @@ class TextFormatter(logging.Formatter):
     """For a person at a terminal: time, level, message, then the structured fields as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD and k != "color_message")
+        fields = " ".join(
+            f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD and k != "color_message"
+        )
         line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7} {record.getMessage()}"
         if fields:
             line += f"  {fields}"

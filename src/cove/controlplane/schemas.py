@@ -36,11 +36,13 @@ class CreateSandbox(Strict):
     pids: int | None = Field(default=None, ge=8, le=1 << 20)
     disk_mb: int | None = Field(default=None, ge=16, le=1 << 24)
     timeout: int | None = Field(default=None, ge=0, le=30 * 86400, description="seconds; 0 = no timeout")
-    metadata: dict[Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]] = Field(
-        default_factory=dict, max_length=64
-    )
+    metadata: dict[
+        Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=1024)]
+    ] = Field(default_factory=dict, max_length=64)
     auto_resume: bool = Field(default=True, description="calls on a paused sandbox resume it (else 409)")
-    idle_timeout: int = Field(default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle")
+    idle_timeout: int = Field(
+        default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle"
+    )
     on_idle: Literal["pause"] = "pause"
     on_timeout: Literal["kill"] = "kill"
 
@@ -109,7 +111,9 @@ class SandboxPage(BaseModel):
 
 class ExecRequest(Strict):
     cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
-    argv: list[Annotated[str, StringConstraints(max_length=1 << 20)]] | None = Field(default=None, min_length=1)
+    argv: list[Annotated[str, StringConstraints(max_length=1 << 20)]] | None = Field(
+        default=None, min_length=1
+    )
     cwd: SandboxPath | None = None
     env: dict[str, str] = Field(default_factory=dict)
     user: UserName | None = None

@@ -17,7 +17,9 @@ from cove.controlplane.app import create_app
 def serve(host: str = "127.0.0.1", port: int = 7770, home: str | None = None, demo: bool = False) -> None:
     if os.geteuid() != 0:
         raise SystemExit("cove serve needs root: it creates namespaces, cgroups and overlay mounts")
-    logs.setup(os.environ.get("COVE_LOG_LEVEL", "INFO"), os.environ.get("COVE_LOG_FORMAT"), quiet_requests=demo)
+    logs.setup(
+        os.environ.get("COVE_LOG_LEVEL", "INFO"), os.environ.get("COVE_LOG_FORMAT"), quiet_requests=demo
+    )
     settings = Settings(home=Path(home)) if home else Settings()
     settings.host, settings.port, settings.demo = host, port, demo
     app = create_app(settings)

@@ -58,7 +58,9 @@ class SandboxService:
         if to not in TRANSITIONS[rec.state]:
             raise ApiError(409, "conflict", f"sandbox {rec.id} cannot go from {rec.state} to {to}")
         now = time.time()
-        if not await self.store.update_sandbox(rec.id, expect_state=rec.state, state=to, updated_at=now, **fields):
+        if not await self.store.update_sandbox(
+            rec.id, expect_state=rec.state, state=to, updated_at=now, **fields
+        ):
             raise ApiError(409, "conflict", f"sandbox {rec.id} changed state concurrently")
         log.info("sandbox %s", to, extra={"sandbox": rec.id, "from": rec.state, **fields})
         rec.state, rec.updated_at = to, now
@@ -79,7 +81,9 @@ class SandboxService:
         self._activity[rec.id] = time.monotonic()
         if rec.state == "paused":
             if not rec.auto_resume:
-                raise ApiError(409, "paused", f"sandbox {sandbox_id} is paused; resume it first (auto_resume is off)")
+                raise ApiError(
+                    409, "paused", f"sandbox {sandbox_id} is paused; resume it first (auto_resume is off)"
+                )
             rec = await self._resume(rec)
         if rec.state != "running":
             why = f" ({rec.end_reason})" if rec.end_reason else ""
@@ -126,14 +130,21 @@ class SandboxService:
             env=dict(req.env),
             user=req.user or cfg.get("user", "user"),
             workdir=req.workdir or cfg.get("workdir", "/home/user"),
-            limits={"cpu": limits.cpu, "memory_mb": limits.memory_mb, "pids": limits.pids, "disk_mb": limits.disk_mb},
+            limits={
+                "cpu": limits.cpu,
+                "memory_mb": limits.memory_mb,
+                "pids": limits.pids,
+                "disk_mb": limits.disk_mb,
+            },
             layers=list(template.layers),
             auto_resume=req.auto_resume,
             idle_timeout=req.idle_timeout,
             on_idle=req.on_idle,
             on_timeout=req.on_timeout,
         )
-        spec = SandboxSpec(id=rec.id, template=template, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits)
+        spec = SandboxSpec(
+            id=rec.id, template=template, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits
+        )
         async with self._locks[rec.id]:
             await self.store.insert_sandbox(rec)
             try:
@@ -226,7 +237,11 @@ class SandboxService:
                 keep.add(rec.id)
                 continue
             await self.node.kill(rec.id, rec.node)
-            reason = "creation interrupted by restart" if rec.state == "starting" else "lost while the server was down"
+            reason = (
+                "creation interrupted by restart"
+                if rec.state == "starting"
+                else "lost while the server was down"
+            )
             await self._transition(rec, "error", end_reason=reason)
         swept = await self.node.sweep(keep)
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})

@@ -48,7 +48,12 @@ CONFIG = {
 
 def fill(root: Path, uid_base: int) -> None:
     """Populate a scratch dir with the base layer."""
-    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+    for link, target in (
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ):
         if os.path.lexists(f"/{link}"):
             os.symlink(target, root / link)
     for d in ("usr", "etc", "home", "root", "tmp", "var/tmp", "var/lib", "var/log", "var/cache", "run/cove",

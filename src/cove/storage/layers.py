@@ -61,7 +61,9 @@ class LayerStore:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
-    def prepare(self, key: str, parents: list[str], owner: tuple[int, int], size_mb: int | None = None) -> Active:
+    def prepare(
+        self, key: str, parents: list[str], owner: tuple[int, int], size_mb: int | None = None
+    ) -> Active:
         """A new writable layer over `parents` (bottom-most first); its root dir belongs to `owner`.
 
         With `size_mb`, the layer lives in its own ext4 image of that size (sparse, loop-mounted), so

@@ -199,13 +199,17 @@ class SQLiteStore(Store):
             if tenant is None:
                 rows = db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
             else:
-                rows = db.execute("SELECT * FROM api_keys WHERE tenant = ? ORDER BY created_at", (tenant,)).fetchall()
+                rows = db.execute(
+                    "SELECT * FROM api_keys WHERE tenant = ? ORDER BY created_at", (tenant,)
+                ).fetchall()
             return [self._key(r) for r in rows]
 
         return await self._call(q)
 
     async def delete_key(self, key_id: str) -> bool:
-        return bool(await self._call(lambda db: db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount))
+        return bool(
+            await self._call(lambda db: db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount)
+        )
 
     async def count_keys(self) -> int:
         return int(await self._call(lambda db: db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]))

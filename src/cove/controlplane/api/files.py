@@ -22,12 +22,18 @@ from .deps import guest_errors, service
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/files", tags=["files"])
 Svc = Annotated[SandboxService, Depends(service)]
 Who = Annotated[Caller, Depends(caller)]
-PathQ = Annotated[SandboxPath, Query(description="path inside the sandbox; relative paths start at the user's home")]
+PathQ = Annotated[
+    SandboxPath, Query(description="path inside the sandbox; relative paths start at the user's home")
+]
 UserQ = Annotated[UserName | None, Query(description="user to act as (default: the sandbox's user)")]
 
 
-@router.get("", response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}}})
-async def read_file(sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = None) -> StreamingResponse:
+@router.get(
+    "", response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}}}
+)
+async def read_file(
+    sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = None
+) -> StreamingResponse:
     """Download a file, streamed."""
     rec = await svc.running(who, sandbox_id)
     chunks = svc.guest(rec).read(path, user=user or rec.user)
@@ -55,7 +61,9 @@ async def write_file(
     who: Who,
     svc: Svc,
     user: UserQ = None,
-    mode: Annotated[int | None, Query(ge=0, le=0o7777, description="permission bits, e.g. 420 for 0644")] = None,
+    mode: Annotated[
+        int | None, Query(ge=0, le=0o7777, description="permission bits, e.g. 420 for 0644")
+    ] = None,
 ) -> Entry:
     """Upload a file (the raw request body, streamed). Parents are created; a failed upload leaves nothing."""
     rec = await svc.running(who, sandbox_id)

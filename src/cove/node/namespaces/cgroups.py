@@ -115,7 +115,11 @@ class Cgroup:
     def _enable_v2_controllers(self) -> None:
         # On pure v2 every ancestor must delegate the controllers to its children.
         assert self.layout.v2
-        wanted = [c for c in ("memory", "pids", "cpu") if c in self.layout.v2_controllers and c not in self.layout.v1]
+        wanted = [
+            c
+            for c in ("memory", "pids", "cpu")
+            if c in self.layout.v2_controllers and c not in self.layout.v1
+        ]
         if not wanted:
             return
         parts = self.name.split("/")

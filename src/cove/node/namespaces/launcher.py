@@ -20,7 +20,9 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run by path: make `cove` importable without the site machinery
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    sys.path.insert(
+        0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    )
 
 from cove.node.namespaces import cgroups, seccomp, syscalls
 from cove.node.namespaces.syscalls import (
@@ -39,7 +41,16 @@ from cove.node.namespaces.syscalls import (
 KEEP_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # /proc entries that reveal or control the host (masked as Docker does); /proc/sys etc. read-only.
-PROC_MASKED = ("kcore", "keys", "kallsyms", "kmsg", "timer_list", "sched_debug", "latency_stats", "sysrq-trigger")
+PROC_MASKED = (
+    "kcore",
+    "keys",
+    "kallsyms",
+    "kmsg",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+)
 PROC_MASKED_DIRS = ("acpi", "scsi", "asound", "driver")
 PROC_READONLY = ("sys", "bus", "fs", "irq")
 AGENT_SOCKET = "/run/cove/sock/agent.sock"
@@ -64,7 +75,9 @@ def _setup_mounts(spec: dict) -> None:
         os.makedirs(dst, exist_ok=True)
         syscalls.mount(bind["src"], dst, None, MS_BIND | MS_REC)
         if bind.get("ro", True):
-            flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | syscalls.mount_flags_of(bind["src"])
+            flags = (
+                MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | syscalls.mount_flags_of(bind["src"])
+            )
             syscalls.mount(None, dst, None, flags)
     syscalls.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     _mask_proc(root + "/proc")
@@ -84,7 +97,9 @@ def _setup_mounts(spec: dict) -> None:
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(f"{dev}/pts")
     os.mkdir(f"{dev}/shm")
-    syscalls.mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    syscalls.mount(
+        "devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    )
     syscalls.mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     agent_dir = root + "/run/cove"
     os.makedirs(agent_dir, exist_ok=True)
@@ -103,7 +118,9 @@ def _mask_proc(proc: str) -> None:
             syscalls.mount("/dev/null", f"{proc}/{name}", None, MS_BIND)
     for name in PROC_MASKED_DIRS:
         if os.path.isdir(f"{proc}/{name}"):
-            syscalls.mount("tmpfs", f"{proc}/{name}", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0")
+            syscalls.mount(
+                "tmpfs", f"{proc}/{name}", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0"
+            )
     for name in PROC_READONLY:
         path = f"{proc}/{name}"
         if os.path.isdir(path):

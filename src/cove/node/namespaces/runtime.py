@@ -175,7 +175,11 @@ class NamespacesRuntime:
             result = await self._launch(launch_spec)
             log.debug(
                 "sandbox launched",
-                extra={"sandbox": spec.id, "prepare_ms": round((t1 - t0) * 1000, 2), "launch_ms": round((time.perf_counter() - t1) * 1000, 2)},
+                extra={
+                    "sandbox": spec.id,
+                    "prepare_ms": round((t1 - t0) * 1000, 2),
+                    "launch_ms": round((time.perf_counter() - t1) * 1000, 2),
+                },
             )
             if "pid" not in result:
                 raise NodeError(f"sandbox failed to start: {result['error']}")
@@ -191,7 +195,9 @@ class NamespacesRuntime:
                 return False
         except (OSError, KeyError, ValueError):
             return False
-        return handle["pid"] in self.cgroup(sandbox_id).pids() and os.path.exists(self.socket_path(sandbox_id))
+        return handle["pid"] in self.cgroup(sandbox_id).pids() and os.path.exists(
+            self.socket_path(sandbox_id)
+        )
 
     async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return await asyncio.to_thread(self._alive, sandbox_id, handle)
@@ -226,7 +232,11 @@ class NamespacesRuntime:
 
     def present(self) -> set[str]:
         """Ids of every sandbox with files or a cgroup on this host."""
-        ids = {p.name for p in self.settings.sandboxes_dir.iterdir()} if self.settings.sandboxes_dir.exists() else set()
+        ids = (
+            {p.name for p in self.settings.sandboxes_dir.iterdir()}
+            if self.settings.sandboxes_dir.exists()
+            else set()
+        )
         ids |= {p.name for p in self.layers.active_dir.iterdir()}
         lay = cgroups.layout()
         for mnt in [*lay.v1.values(), *([lay.v2] if lay.v2 else [])]:
