@@ -53,7 +53,7 @@ def test_template_layer_is_never_written(server: Server, api: httpx.Client, sand
     layers = list((server.home / "storage" / "layers").iterdir())
     assert layers
     for layer in layers:
-        assert "intruder" not in (layer / "etc" / "passwd").read_text()
+        assert "intruder" not in (layer / "upper" / "etc" / "passwd").read_text()
     fresh = api.post("/v1/sandboxes", json={}).json()
     try:
         assert "intruder" not in run(api, fresh["id"], "cat /etc/passwd")["stdout"]
@@ -101,11 +101,11 @@ def test_memory_limit_kills_inside_the_sandbox_only(api: httpx.Client) -> None:
         api.delete(f"/v1/sandboxes/{sb['id']}")
 
 
-def test_disk_limit_gives_enospc_inside_only(server: Server, api: httpx.Client) -> None:
+def test_disk_limit_stops_writes_inside_only(server: Server, api: httpx.Client) -> None:
     sb = api.post("/v1/sandboxes", json={"disk_mb": 32}).json()
     try:
         res = run(api, sb["id"], "dd if=/dev/zero of=/home/user/fill bs=1M count=64")
-        assert res["exit_code"] != 0 and "No space left on device" in res["stderr"]
+        assert res["exit_code"] != 0 and "Disk quota exceeded" in res["stderr"]
         assert run(api, sb["id"], "rm /home/user/fill && echo freed")["stdout"] == "freed\n"
         assert run(api, sb["id"], "dd if=/dev/zero of=/home/user/half bs=1M count=20")["exit_code"] == 0
         r = api.put(f"/v1/sandboxes/{sb['id']}/files", params={"path": "/tmp/big"}, content=b"x" * (20 << 20))

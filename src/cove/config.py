@@ -40,6 +40,9 @@ class Settings:
     reaper_interval: float = 1.0
     default_memory_mb: int = 1024
     default_pids: int = 1024
+    # Layer storage: auto (btrfs, in a loop-mounted image if the data dir is not btrfs) | btrfs | dirs.
+    storage_backend: str = field(default_factory=lambda: os.environ.get("COVE_STORAGE", "auto"))
+    storage_image_size: str = field(default_factory=lambda: os.environ.get("COVE_STORAGE_SIZE", "512G"))
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

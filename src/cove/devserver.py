@@ -106,6 +106,10 @@ class Server:
                 self.kill_all()
         finally:
             self.stop()
+            # The server keeps its storage image mounted (sandboxes outlive it); a scratch one goes.
+            storage = self.home / "storage"
+            if os.path.ismount(storage):
+                subprocess.run(["umount", str(storage)], check=False)
             leftovers = leaks(self)
             shutil.rmtree(self.home, ignore_errors=True)
             if leftovers:

@@ -7,6 +7,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 
+from cove.node.checkpoint import CRIU, criu_version
 from cove.node.namespaces import cgroups, seccomp
 
 
@@ -84,6 +85,30 @@ def checks() -> list[Check]:
             f"filter for {platform.machine()}"
             if seccomp.supported()
             else "no syscall table for this architecture",
+            False,
+        )
+    )
+    from cove.storage.layers import btrfs_available
+
+    bt = btrfs_available()
+    out.append(
+        Check(
+            "btrfs storage",
+            bt,
+            "constant-time snapshots (btrfs subvolumes)"
+            if bt
+            else "snapshots will copy files (apt-get install btrfs-progs)",
+            False,
+        )
+    )
+    criu = criu_version()
+    out.append(
+        Check(
+            "CRIU >= 4.1",
+            criu is not None and criu >= (4, 1),
+            f"criu {'.'.join(map(str, criu))} at {CRIU}: hibernate and fork keep memory"
+            if criu and criu >= (4, 1)
+            else "missing or too old: hibernate and fork restart processes instead (scripts/install-criu.sh)",
             False,
         )
     )

@@ -12,19 +12,23 @@ from cove.node.guest_client import GuestClient
 from cove.node.namespaces import cgroups
 from cove.node.namespaces.runtime import NamespacesRuntime
 from cove.storage import base_template
-from cove.storage.layers import LayerStore
+from cove.storage.layers import LayerStore, open_storage
 
 log = logging.getLogger("cove.node")
 
 
 class LocalNode(NodeAgent):
+    layers: LayerStore
+    runtime: NamespacesRuntime
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.layers = LayerStore(settings.storage_dir)
-        self.runtime = NamespacesRuntime(settings, self.layers)
         self._base: TemplateSpec | None = None
 
     async def start(self) -> None:
+        s = self.settings
+        self.layers = await asyncio.to_thread(open_storage, s.home, s.storage_backend, s.storage_image_size)
+        self.runtime = NamespacesRuntime(s, self.layers)
         if await asyncio.to_thread(cgroups.favor_dynmods):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()

@@ -1,22 +1,35 @@
 """Layer storage in the shape of containerd's snapshotter.
 
-*Committed* layers are immutable directories named by the digest of their content; *active* layers
-are a writable upper dir (plus overlayfs's work dir) over a chain of committed parents. A sandbox's
-root is an overlay of its active layer over its template's chain. Snapshots (a later issue) commit
-an active layer into a new committed one, so a fork is a new overlay over the same chain.
+*Committed* layers are immutable; *active* layers are a writable volume holding overlayfs's upper and
+work dirs, over a chain of committed parents. A sandbox's root is an overlay of its active layer over
+its chain. Committing an active layer (a snapshot) makes a read-only copy of its volume, so a fork
+or a restore is a new overlay over the same chain plus one layer.
+
+Two backends do the copying:
+- `btrfs` (default): volumes are subvolumes and a commit is a read-only subvolume snapshot, constant
+  time at any size. When the data dir is not on btrfs, cove keeps its storage in a sparse btrfs image
+  loop-mounted at `$COVE_HOME/storage`.
+- `dirs` (fallback where btrfs is unavailable): plain directories; a commit copies the upper dir
+  (`cp -a --reflink=auto`), which costs time in proportion to its size.
+
+Layout: `layers/<id>/upper` is a committed layer's content; `active/<key>/{upper,work}` a writable one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 import os
+import secrets
 import shutil
 import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("cove.storage")
+BTRFS_MAGIC = 0x9123683E
 
 
 @dataclass(frozen=True)
@@ -30,95 +43,198 @@ class Active:
         return f"lowerdir={':'.join(self.lowerdirs)},upperdir={self.upper},workdir={self.work}"
 
 
-class LayerStore:
+def _run(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"{' '.join(argv[:3])} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+class Btrfs:
+    name = "btrfs"
+
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._quota = False
+
+    def volume(self, path: Path) -> None:
+        _run("btrfs", "subvolume", "create", str(path))
+
+    def snapshot(self, src: Path, dst: Path) -> None:
+        _run("btrfs", "subvolume", "snapshot", "-r", str(src), str(dst))
+
+    def delete(self, path: Path) -> None:
+        if not path.exists():
+            return
+        if _is_subvolume(path):
+            _run("btrfs", "subvolume", "delete", str(path))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def limit(self, path: Path, size_mb: int) -> None:
+        if not self._quota:
+            _run("btrfs", "quota", "enable", str(self.root))
+            self._quota = True
+        _run("btrfs", "qgroup", "limit", f"{size_mb}M", str(path))
+
+
+class Dirs:
+    name = "dirs"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def volume(self, path: Path) -> None:
+        path.mkdir()
+
+    def snapshot(self, src: Path, dst: Path) -> None:
+        tmp = dst.with_name(dst.name + ".tmp")
+        _run("cp", "-a", "--reflink=auto", str(src), str(tmp))
+        os.rename(tmp, dst)
+
+    def delete(self, path: Path) -> None:
+        fs = path / "fs"
+        if os.path.ismount(fs):
+            subprocess.run(["umount", "-l", str(fs)], check=False, capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def limit(self, path: Path, size_mb: int) -> None:
+        raise OSError("disk limits need the btrfs storage backend")
+
+
+def _is_subvolume(path: Path) -> bool:
+    return os.stat(path).st_ino == 256  # the root inode of every btrfs subvolume
+
+
+def is_btrfs(path: Path) -> bool:
+    import ctypes
+    import ctypes.util
+
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is its first field
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.statfs(str(path).encode(), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:8], "little") == BTRFS_MAGIC
+
+
+def btrfs_available() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            known = "btrfs" in f.read()
+    except OSError:
+        return False
+    return known and shutil.which("btrfs") is not None and shutil.which("mkfs.btrfs") is not None
+
+
+def open_storage(home: Path, backend: str = "auto", image_size: str = "512G") -> LayerStore:
+    """The node's layer store under `home/storage`, mounting its btrfs image when needed."""
+    root = home / "storage"
+    root.mkdir(parents=True, exist_ok=True)
+    if backend in ("auto", "btrfs") and not is_btrfs(root):
+        if btrfs_available():
+            image = home / "storage.btrfs"
+            if not image.exists():
+                with open(image, "wb") as f:
+                    f.truncate(_size_bytes(image_size))  # sparse: costs only what is written
+                _run("mkfs.btrfs", "-q", str(image))
+            _run("mount", "-o", "loop,noatime", str(image), str(root))
+            log.info("mounted the btrfs storage image", extra={"image": str(image), "at": str(root)})
+        elif backend == "btrfs":
+            raise OSError("COVE_STORAGE=btrfs, but btrfs is not available (apt-get install btrfs-progs)")
+    impl: Btrfs | Dirs = Btrfs(root) if is_btrfs(root) else Dirs(root)
+    if impl.name == "dirs":
+        log.warning("btrfs is unavailable: snapshots copy the writable layer (time grows with its size)")
+    return LayerStore(root, impl)
+
+
+def _size_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+class LayerStore:
+    def __init__(self, root: Path, backend: Btrfs | Dirs) -> None:
+        self.root = root
+        self.backend = backend
         self.layers_dir = root / "layers"
         self.active_dir = root / "active"
         self.layers_dir.mkdir(parents=True, exist_ok=True)
         self.active_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, layer_id: str) -> Path:
-        return self.layers_dir / layer_id
+        """The content of a committed layer (what overlayfs gets as a lowerdir)."""
+        return self.layers_dir / layer_id / "upper"
 
     def exists(self, layer_id: str) -> bool:
-        return self.path(layer_id).is_dir()
+        return (self.layers_dir / layer_id).is_dir()
+
+    def layer_ids(self) -> set[str]:
+        return {p.name for p in self.layers_dir.iterdir() if not p.name.startswith(".")}
 
     def build(self, fill: Callable[[Path], None]) -> str:
         """Create a committed layer: `fill` populates a scratch dir, which is then named by its digest."""
-        scratch = self.layers_dir / f".build-{os.getpid()}-{os.urandom(4).hex()}"
-        scratch.mkdir(mode=0o755)
+        scratch = self.layers_dir / f".build-{os.getpid()}-{secrets.token_hex(4)}"
+        self.backend.volume(scratch)
         try:
-            fill(scratch)
-            layer_id = tree_digest(scratch)
-            target = self.path(layer_id)
-            if target.exists():
-                shutil.rmtree(scratch)
-            else:
-                os.rename(scratch, target)
+            (scratch / "upper").mkdir(mode=0o755)
+            fill(scratch / "upper")
+            layer_id = tree_digest(scratch / "upper")
+            if not self.exists(layer_id):
+                self.backend.snapshot(scratch, self.layers_dir / layer_id)
             return layer_id
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
+        finally:
+            self.backend.delete(scratch)
 
     def prepare(
         self, key: str, parents: list[str], owner: tuple[int, int], size_mb: int | None = None
     ) -> Active:
         """A new writable layer over `parents` (bottom-most first); its root dir belongs to `owner`.
 
-        With `size_mb`, the layer lives in its own ext4 image of that size (sparse, loop-mounted), so
-        a sandbox that fills its disk gets ENOSPC and the host's disk is untouched.
+        With `size_mb`, writes beyond that size fail inside the sandbox (EDQUOT), not on the host.
         """
         base = self.active_dir / key
-        base.mkdir(parents=True)
-        if size_mb is not None:
-            _make_disk(base, size_mb)
-        root = self._root(key)
-        upper, work = root / "upper", root / "work"
-        upper.mkdir()
-        work.mkdir()
-        os.chown(upper, *owner)
+        self.backend.volume(base)
+        try:
+            if size_mb is not None:
+                self.backend.limit(base, size_mb)
+            (base / "upper").mkdir()
+            (base / "work").mkdir()
+            os.chown(base / "upper", *owner)
+        except BaseException:
+            self.backend.delete(base)
+            raise
         return self.active(key, parents)
 
-    def _root(self, key: str) -> Path:
-        base = self.active_dir / key
-        return base / "fs" if (base / DISK_IMAGE).exists() else base
-
     def active(self, key: str, parents: list[str]) -> Active:
-        root = self._root(key)
+        base = self.active_dir / key
         lower = tuple(str(self.path(p)) for p in reversed(parents))
-        return Active(key=key, upper=root / "upper", work=root / "work", lowerdirs=lower)
+        return Active(key=key, upper=base / "upper", work=base / "work", lowerdirs=lower)
+
+    def has_active(self, key: str) -> bool:
+        return (self.active_dir / key).is_dir()
+
+    def commit(self, key: str) -> str:
+        """Seal a copy of an active layer as a new committed layer (the caller keeps writers frozen)."""
+        layer_id = "snap-" + secrets.token_hex(8)
+        self.backend.snapshot(self.active_dir / key, self.layers_dir / layer_id)
+        return layer_id
 
     def remove_active(self, key: str) -> None:
-        fs = self.active_dir / key / "fs"
-        if os.path.ismount(fs):
-            subprocess.run(["umount", "-l", str(fs)], check=False, capture_output=True)
-        shutil.rmtree(self.active_dir / key, ignore_errors=True)
+        self.backend.delete(self.active_dir / key)
+
+    def remove_layer(self, layer_id: str) -> None:
+        self.backend.delete(self.layers_dir / layer_id)
 
     def usage(self, key: str) -> int:
         """Bytes written by a sandbox (its upper dir)."""
         total = 0
-        for dirpath, _dirs, files in os.walk(self._root(key) / "upper"):
+        for dirpath, _dirs, files in os.walk(self.active_dir / key / "upper"):
             for f in files:
-                with contextlib.suppress(OSError):
+                try:
                     total += os.lstat(os.path.join(dirpath, f)).st_size
+                except OSError:
+                    continue
         return total
-
-
-DISK_IMAGE = "disk.img"
-
-
-def _make_disk(base: Path, size_mb: int) -> None:
-    """A sparse ext4 image for one writable layer (≈20 ms), mounted at base/fs."""
-    image, mnt = base / DISK_IMAGE, base / "fs"
-    with open(image, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
-    mnt.mkdir()
-    mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", str(image)]
-    for argv in (mkfs, ["mount", "-o", "loop,nosuid,nodev", str(image), str(mnt)]):
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(f"{argv[0]} failed: {done.stderr.strip()}")
 
 
 def tree_digest(root: Path) -> str:
