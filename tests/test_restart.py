@@ -60,3 +60,29 @@ def test_restart_readopts_live_sandboxes_and_marks_dead_ones(own_server: Server)
             c.post(f"/v1/sandboxes/{paused['id']}/exec", json={"cmd": "echo thawed"}).json()["stdout"]
             == "thawed\n"
         )
+
+
+def test_restart_keeps_hibernated_sandboxes_and_rolls_back_half_made_snapshots(own_server: Server) -> None:
+    srv = own_server
+    with srv.client() as c:
+        sb = c.post("/v1/sandboxes", json={}).json()
+        c.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "echo saved > /home/user/f"})
+        assert c.post(f"/v1/sandboxes/{sb['id']}/hibernate").json()["state"] == "hibernated"
+    srv.stop()
+    db = sqlite3.connect(srv.home / "cove.db")
+    with db:  # what a server killed in the middle of a snapshot leaves behind
+        db.execute(
+            "INSERT INTO snapshots (id, tenant, name, sandbox_id, state, created_at, layers, memory, config)"
+            " VALUES ('snaphalfmade', 'default', NULL, ?, 'creating', 0, '[]', 0, '{}')",
+            (sb["id"],),
+        )
+    db.close()
+    srv.start()
+    with srv.client() as c:
+        assert c.get(f"/v1/sandboxes/{sb['id']}").json()["state"] == "hibernated"
+        assert c.get("/v1/snapshots/snaphalfmade").status_code == 404
+        r = c.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "cat /home/user/f"})
+        assert r.json()["stdout"] == "saved\n"
+    db = sqlite3.connect(srv.home / "cove.db")
+    assert db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0] == 0
+    db.close()

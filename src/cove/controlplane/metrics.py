@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 
 from cove.store.base import Store
 
-STATES = ("starting", "running", "paused", "killed", "error")
+STATES = ("starting", "running", "paused", "hibernated", "killed", "error")
 
 
 class Metrics:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from cove.store.base import KeyRecord, SandboxRecord
+from cove.store.base import KeyRecord, SandboxRecord, SnapshotRecord
 
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
 SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
-State = Literal["starting", "running", "paused", "killed", "error"]
+State = Literal["starting", "running", "paused", "hibernated", "killed", "error"]
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
@@ -43,8 +43,11 @@ class CreateSandbox(Strict):
     idle_timeout: int = Field(
         default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle"
     )
-    on_idle: Literal["pause"] = "pause"
-    on_timeout: Literal["kill"] = "kill"
+    on_idle: Literal["pause", "hibernate"] = "pause"
+    on_timeout: Literal["kill", "hibernate"] = "kill"
+    snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
+        default=None, description="start from this snapshot instead of a template"
+    )
 
     _env = field_validator("env")(_check_env)
 
@@ -81,6 +84,9 @@ class SandboxOut(BaseModel):
     idle_timeout: int = 0
     on_idle: str = "pause"
     on_timeout: str = "kill"
+    hibernation: dict[str, Any] | None = Field(
+        default=None, description="how it was hibernated (memory kept or not)"
+    )
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -101,6 +107,7 @@ class SandboxOut(BaseModel):
             idle_timeout=r.idle_timeout,
             on_idle=r.on_idle,
             on_timeout=r.on_timeout,
+            hibernation=r.checkpoint or None,
         )
 
 
@@ -166,6 +173,43 @@ class RenameRequest(Strict):
     src: SandboxPath
     dst: SandboxPath
     user: UserName | None = None
+
+
+class CreateSnapshot(Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    name: str | None
+    sandbox_id: str
+    created_at: datetime
+    layers: int = Field(description="length of its layer chain")
+    memory: bool
+
+    @classmethod
+    def of(cls, s: SnapshotRecord) -> SnapshotOut:
+        return cls(
+            id=s.id,
+            name=s.name,
+            sandbox_id=s.sandbox_id,
+            created_at=_iso(s.created_at),  # type: ignore[arg-type]
+            layers=len(s.layers),
+            memory=s.memory,
+        )
+
+
+class SnapshotList(BaseModel):
+    items: list[SnapshotOut]
+
+
+class ForkRequest(Strict):
+    count: int = Field(default=1, ge=1, le=20)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class SandboxList(BaseModel):
+    items: list[SandboxOut]
 
 
 class CreateKey(Strict):

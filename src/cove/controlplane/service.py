@@ -2,9 +2,11 @@
 
 States and the only transitions allowed (persisted in the store, compare-and-set):
     starting -> running | error
-    running  -> paused | killed | error
-    paused   -> running | killed | error
-Every lifecycle change of one sandbox holds its lock.
+    running    -> paused | hibernated | killed | error
+    paused     -> running | hibernated | killed | error
+    hibernated -> running | killed | error
+Every lifecycle change of one sandbox holds its lock. Committed layers are shared by templates,
+snapshots and sandboxes, and are deleted (`collect_layers`) once none of them references a layer.
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.schemas import CreateSandbox
-from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec
+from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
-from cove.store.base import Page, SandboxRecord, Store
+from cove.store.base import Page, SandboxRecord, SnapshotRecord, Store
 
 log = logging.getLogger("cove.sandboxes")
 
 TRANSITIONS = {
     "starting": {"running", "error"},
-    "running": {"paused", "killed", "error"},
-    "paused": {"running", "killed", "error"},
+    "running": {"paused", "hibernated", "killed", "error"},
+    "paused": {"running", "hibernated", "killed", "error"},
+    "hibernated": {"running", "killed", "error"},
     "killed": set(),
     "error": set(),
 }
-LIVE = ("starting", "running", "paused")
+LIVE = ("starting", "running", "paused", "hibernated")  # states that hold resources
+ACTIVE = ("running", "paused")  # states with processes
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -51,6 +55,7 @@ class SandboxService:
         self.metrics = metrics
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
+        self._layer_refs = asyncio.Lock()  # held while layer references are read or added
         self._reaper: asyncio.Task[None] | None = None
 
     # -- state machine ---------------------------------------------------------------------
@@ -76,13 +81,15 @@ class SandboxService:
         return rec
 
     async def running(self, who: Caller, sandbox_id: str) -> SandboxRecord:
-        """The caller's sandbox, ready for work: a paused one is resumed if it allows that."""
+        """The caller's sandbox, ready for work: a paused or hibernated one is resumed if it allows."""
         rec = await self.get(who, sandbox_id)
         self._activity[rec.id] = time.monotonic()
-        if rec.state == "paused":
+        if rec.state in ("paused", "hibernated"):
             if not rec.auto_resume:
                 raise ApiError(
-                    409, "paused", f"sandbox {sandbox_id} is paused; resume it first (auto_resume is off)"
+                    409,
+                    rec.state,
+                    f"sandbox {sandbox_id} is {rec.state}; resume it first (auto_resume is off)",
                 )
             rec = await self._resume(rec)
         if rec.state != "running":
@@ -102,53 +109,62 @@ class SandboxService:
             raise ApiError(422, "validation_error", f"cursor: {e}") from e
 
     # -- create --------------------------------------------------------------------------
+    async def _source(self, who: Caller, req: CreateSandbox) -> tuple[TemplateSpec, dict[str, Any]]:
+        """The layers and defaults a new sandbox starts from: a template, or a snapshot."""
+        base = await self.node.base_template()
+        if req.snapshot is None:
+            if req.template != base.name:
+                raise not_found("template", req.template)
+            return base, {"env": {}, "user": base.config.get("user"), "workdir": base.config.get("workdir")}
+        snap = await self.get_snapshot(who, req.snapshot)
+        template = TemplateSpec(
+            name=snap.config.get("template", base.name), layers=tuple(snap.layers), config=base.config
+        )
+        return template, snap.config
+
     async def create(self, who: Caller, req: CreateSandbox) -> SandboxRecord:
         started = time.perf_counter()
-        template = await self.node.base_template()
-        if req.template != template.name:
-            raise not_found("template", req.template)
-        cfg = template.config
-        timeout = self.settings.default_timeout if req.timeout is None else req.timeout
-        limits = Limits(
-            cpu=req.cpu,
-            memory_mb=req.memory_mb or self.settings.default_memory_mb,
-            pids=req.pids or self.settings.default_pids,
-            disk_mb=req.disk_mb,
-        )
-        now = time.time()
-        rec = SandboxRecord(
-            id=new_sandbox_id(),
-            tenant=who.tenant,
-            template=template.name,
-            state="starting",
-            runtime="namespaces",
-            created_at=now,
-            updated_at=now,
-            expires_at=now + timeout if timeout else None,
-            timeout=timeout,
-            metadata=dict(req.metadata),
-            env=dict(req.env),
-            user=req.user or cfg.get("user", "user"),
-            workdir=req.workdir or cfg.get("workdir", "/home/user"),
-            limits={
-                "cpu": limits.cpu,
-                "memory_mb": limits.memory_mb,
-                "pids": limits.pids,
-                "disk_mb": limits.disk_mb,
-            },
-            layers=list(template.layers),
-            auto_resume=req.auto_resume,
-            idle_timeout=req.idle_timeout,
-            on_idle=req.on_idle,
-            on_timeout=req.on_timeout,
-        )
-        spec = SandboxSpec(
-            id=rec.id, template=template, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits
-        )
-        async with self._locks[rec.id]:
+        async with self._layer_refs:  # the source's layers cannot be collected meanwhile
+            template, defaults = await self._source(who, req)
+            timeout = self.settings.default_timeout if req.timeout is None else req.timeout
+            dl = defaults.get("limits", {})
+            limits = Limits(
+                cpu=req.cpu if req.cpu is not None else dl.get("cpu"),
+                memory_mb=req.memory_mb or dl.get("memory_mb") or self.settings.default_memory_mb,
+                pids=req.pids or dl.get("pids") or self.settings.default_pids,
+                disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
+            )
+            now = time.time()
+            rec = SandboxRecord(
+                id=new_sandbox_id(),
+                tenant=who.tenant,
+                template=template.name,
+                state="starting",
+                runtime="namespaces",
+                created_at=now,
+                updated_at=now,
+                expires_at=now + timeout if timeout else None,
+                timeout=timeout,
+                metadata=dict(req.metadata),
+                env={**defaults.get("env", {}), **req.env},
+                user=req.user or defaults.get("user") or "user",
+                workdir=req.workdir or defaults.get("workdir") or "/home/user",
+                limits={
+                    "cpu": limits.cpu,
+                    "memory_mb": limits.memory_mb,
+                    "pids": limits.pids,
+                    "disk_mb": limits.disk_mb,
+                },
+                layers=list(template.layers),
+                auto_resume=req.auto_resume,
+                idle_timeout=req.idle_timeout,
+                on_idle=req.on_idle,
+                on_timeout=req.on_timeout,
+            )
             await self.store.insert_sandbox(rec)
+        async with self._locks[rec.id]:
             try:
-                handle = await self.node.create(spec)
+                handle = await self.node.create(self._spec(rec, template))
             except (NodeError, OSError) as e:
                 await self._transition(rec, "error", end_reason=str(e)[:2000])
                 raise ApiError(503, "sandbox_failed", str(e)) from e
@@ -162,6 +178,13 @@ class SandboxService:
             await self._transition(rec, "running", node=handle)
         self.metrics.create_seconds.observe(time.perf_counter() - started)
         return rec
+
+    def _spec(self, rec: SandboxRecord, template: TemplateSpec) -> SandboxSpec:
+        limits = Limits(**rec.limits)
+        chain = TemplateSpec(name=template.name, layers=tuple(rec.layers), config=template.config)
+        return SandboxSpec(
+            id=rec.id, template=chain, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits
+        )
 
     # -- kill / timeout ------------------------------------------------------------------
     async def kill(self, who: Caller, sandbox_id: str) -> None:
@@ -177,6 +200,7 @@ class SandboxService:
             await self._transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
+        await self.collect_layers()
 
     async def set_timeout(self, who: Caller, sandbox_id: str, timeout: int) -> SandboxRecord:
         rec = await self.get(who, sandbox_id)
@@ -210,9 +234,134 @@ class SandboxService:
             if rec.state == "paused":
                 await self.node.resume(rec.id)
                 await self._transition(rec, "running")
+            elif rec.state == "hibernated":
+                template = await self.node.base_template()
+                try:
+                    handle = await self.node.restart(self._spec(rec, template))
+                except (NodeError, OSError) as e:
+                    raise ApiError(503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}") from e
+                await self._transition(rec, "running", node=handle)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
         return rec
+
+    # -- hibernate -----------------------------------------------------------------------
+    async def hibernate(self, who: Caller, sandbox_id: str) -> SandboxRecord:
+        rec = await self.get(who, sandbox_id)
+        return await self._hibernate(rec)
+
+    async def _hibernate(self, rec: SandboxRecord) -> SandboxRecord:
+        """Release the sandbox's memory and CPU, keeping its files; resume starts it again."""
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state == "hibernated":
+                return rec
+            if rec.state not in ACTIVE:
+                raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+            await self.node.stop(rec.id)
+            checkpoint = {
+                "memory": False,
+                "reason": "processes are restarted on resume (no memory checkpoint)",
+            }
+            await self._transition(rec, "hibernated", node={}, checkpoint=checkpoint)
+        return rec
+
+    # -- snapshots and forks ---------------------------------------------------------------
+    async def get_snapshot(self, who: Caller, snapshot_id: str) -> SnapshotRecord:
+        snap = await self.store.get_snapshot(snapshot_id)
+        if snap is None or snap.tenant != who.tenant or snap.state != "ready":
+            raise not_found("snapshot", snapshot_id)
+        return snap
+
+    async def list_snapshots(self, who: Caller) -> list[SnapshotRecord]:
+        return [s for s in await self.store.list_snapshots(who.tenant) if s.state == "ready"]
+
+    async def snapshot(self, who: Caller, sandbox_id: str, name: str | None = None) -> SnapshotRecord:
+        """Seal the sandbox's files as they are now (constant time); the sandbox keeps running."""
+        rec = await self.get(who, sandbox_id)
+        self._activity[rec.id] = time.monotonic()
+        snap = SnapshotRecord(
+            id="snap" + new_sandbox_id()[:12],
+            tenant=who.tenant,
+            name=name,
+            sandbox_id=rec.id,
+            state="creating",  # rolled back at start if the server dies before it is ready
+            created_at=time.time(),
+        )
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state not in (*ACTIVE, "hibernated"):
+                raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+            await self.store.insert_snapshot(snap)
+            try:
+                frozen = rec.state == "running"
+                if frozen:  # a consistent instant: nothing writes while the layer is sealed
+                    await self.node.pause(rec.id)
+                try:
+                    layer = await self.node.commit(rec.id)
+                finally:
+                    if frozen:
+                        await self.node.resume(rec.id)
+            except (NodeError, OSError) as e:
+                await self.store.delete_snapshot(snap.id)
+                raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
+            snap.layers = [*rec.layers, layer]
+            snap.config = {
+                "template": rec.template,
+                "env": rec.env,
+                "user": rec.user,
+                "workdir": rec.workdir,
+                "limits": rec.limits,
+            }
+            snap.state = "ready"
+            await self.store.update_snapshot(snap.id, layers=snap.layers, config=snap.config, state="ready")
+        log.info("snapshot taken", extra={"snapshot": snap.id, "sandbox": rec.id, "layers": len(snap.layers)})
+        return snap
+
+    async def delete_snapshot(self, who: Caller, snapshot_id: str) -> None:
+        """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
+        snap = await self.get_snapshot(who, snapshot_id)
+        await self.store.delete_snapshot(snap.id)
+        await self.collect_layers()
+
+    async def fork(
+        self, who: Caller, sandbox_id: str, count: int, metadata: dict[str, str]
+    ) -> list[SandboxRecord]:
+        """N new sandboxes that continue from this instant of the source, which keeps running."""
+        source = await self.get(who, sandbox_id)
+        snap = await self.snapshot(who, sandbox_id)
+        try:
+            req = CreateSandbox(
+                snapshot=snap.id,
+                timeout=source.timeout,
+                metadata={**source.metadata, **metadata, "forked_from": source.id},
+                auto_resume=source.auto_resume,
+                idle_timeout=source.idle_timeout,
+            )
+            results = await asyncio.gather(
+                *(self.create(who, req) for _ in range(count)), return_exceptions=True
+            )
+        finally:
+            await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
+        children = [r for r in results if isinstance(r, SandboxRecord)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for child in children:
+                await self._end(child, "killed", "fork failed")
+            raise failed[0]
+        return children
+
+    async def collect_layers(self) -> None:
+        """Delete committed layers that no template, snapshot or sandbox references any more."""
+        async with self._layer_refs:
+            keep = set((await self.node.base_template()).layers)
+            for snap in await self.store.list_snapshots(None):
+                keep.update(snap.layers)
+            for rec in (await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)).items:
+                keep.update(rec.layers)
+            removed = await self.node.collect_layers(keep)
+        if removed:
+            log.info("layers collected", extra={"layers": removed})
 
     async def _fresh(self, rec: SandboxRecord) -> SandboxRecord:
         fresh = await self.store.get_sandbox(rec.id)
@@ -229,11 +378,12 @@ class SandboxService:
 
     # -- background work -----------------------------------------------------------------
     async def adopt(self) -> None:
-        """At start: keep sandboxes that survived the restart, mark the others, sweep leftovers."""
+        """At start: keep sandboxes that survived the restart, mark the others, roll back half-made
+        snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         keep: set[str] = set()
         for rec in page.items:
-            if rec.state in ("running", "paused") and await self.node.alive(rec.id, rec.node):
+            if rec.state == "hibernated" or (rec.state in ACTIVE and await self.node.alive(rec.id, rec.node)):
                 keep.add(rec.id)
                 continue
             await self.node.kill(rec.id, rec.node)
@@ -243,17 +393,28 @@ class SandboxService:
                 else "lost while the server was down"
             )
             await self._transition(rec, "error", end_reason=reason)
+        for snap in await self.store.list_snapshots(None):
+            if snap.state != "ready":
+                await self.store.delete_snapshot(snap.id)
+                log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         swept = await self.node.sweep(keep)
+        await self.collect_layers()
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
 
     async def reap_once(self) -> None:
         """Enforce timeouts and idle policies; notice sandboxes that died on their own."""
         now, mono = time.time(), time.monotonic()
-        page = await self.store.list_sandboxes(None, ["running", "paused"], limit=1_000_000)
+        page = await self.store.list_sandboxes(None, ["running", "paused", "hibernated"], limit=1_000_000)
         for rec in page.items:
             try:
                 if rec.expires_at is not None and rec.expires_at <= now:
-                    await self._end(rec, "killed", "timeout")
+                    if rec.on_timeout == "hibernate" and rec.state in ACTIVE:
+                        await self._hibernate(rec)
+                        await self.store.update_sandbox(rec.id, expires_at=None)
+                    else:
+                        await self._end(rec, "killed", "timeout")
+                elif rec.state == "hibernated":
+                    continue
                 elif not await self.node.alive(rec.id, rec.node):
                     await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
                 elif rec.state == "running" and rec.idle_timeout:
@@ -264,6 +425,10 @@ class SandboxService:
                 log.exception("reaper failed on sandbox %s", rec.id)
 
     async def _idle(self, rec: SandboxRecord) -> None:
+        if rec.on_idle == "hibernate":
+            await self._hibernate(rec)
+            log.info("hibernated idle sandbox", extra={"sandbox": rec.id, "idle_timeout": rec.idle_timeout})
+            return
         async with self._locks[rec.id]:
             rec = await self._fresh(rec)
             if rec.state == "running":

@@ -52,6 +52,22 @@ class NodeAgent(ABC):
         """Start a sandbox; returns the node handle to persist (enough to re-adopt it later)."""
 
     @abstractmethod
+    async def stop(self, sandbox_id: str) -> None:
+        """Kill every process and release memory, mounts and cgroups, keeping the sandbox's files."""
+
+    @abstractmethod
+    async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
+        """Start a stopped sandbox again over its kept files (fresh processes)."""
+
+    @abstractmethod
+    async def commit(self, sandbox_id: str) -> str:
+        """Seal a read-only copy of the sandbox's writable layer; returns the new layer's id."""
+
+    @abstractmethod
+    async def collect_layers(self, keep: set[str]) -> list[str]:
+        """Delete committed layers that nothing references any more; returns their ids."""
+
+    @abstractmethod
     async def kill(self, sandbox_id: str, handle: dict[str, Any] | None) -> None:
         """Kill every process and release every resource (mounts, cgroups, dirs). Idempotent."""
 

@@ -45,6 +45,24 @@ class LocalNode(NodeAgent):
     async def create(self, spec: SandboxSpec) -> dict[str, Any]:
         return await self.runtime.create(spec)
 
+    async def stop(self, sandbox_id: str) -> None:
+        await self.runtime.stop(sandbox_id)
+
+    async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
+        return await self.runtime.create(spec, resume=True)
+
+    async def commit(self, sandbox_id: str) -> str:
+        return await self.runtime.commit(sandbox_id)
+
+    async def collect_layers(self, keep: set[str]) -> list[str]:
+        def collect() -> list[str]:
+            unused = sorted(self.layers.layer_ids() - keep)
+            for layer_id in unused:
+                self.layers.remove_layer(layer_id)
+            return unused
+
+        return await asyncio.to_thread(collect)
+
     async def kill(self, sandbox_id: str, handle: dict[str, Any] | None = None) -> None:
         await self.runtime.kill(sandbox_id)
 

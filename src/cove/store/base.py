@@ -34,6 +34,21 @@ class SandboxRecord:
 
 
 @dataclass
+class SnapshotRecord:
+    """A sandbox frozen in time: its layer chain and, with `memory`, its processes' checkpoint."""
+
+    id: str
+    tenant: str
+    name: str | None
+    sandbox_id: str  # the sandbox it was taken from
+    state: str  # creating | ready (a `creating` one after a crash is rolled back)
+    created_at: float
+    layers: list[str] = field(default_factory=list)  # bottom-most first, ending with its own layer
+    memory: bool = False
+    config: dict[str, Any] = field(default_factory=dict)  # template, env, user, workdir, limits
+
+
+@dataclass
 class KeyRecord:
     id: str
     name: str
@@ -79,6 +94,22 @@ class Store(ABC):
 
     @abstractmethod
     async def count_by_state(self) -> dict[str, int]: ...
+
+    # snapshots
+    @abstractmethod
+    async def insert_snapshot(self, rec: SnapshotRecord) -> None: ...
+
+    @abstractmethod
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None: ...
+
+    @abstractmethod
+    async def update_snapshot(self, snapshot_id: str, **fields: Any) -> bool: ...
+
+    @abstractmethod
+    async def list_snapshots(self, tenant: str | None) -> list[SnapshotRecord]: ...
+
+    @abstractmethod
+    async def delete_snapshot(self, snapshot_id: str) -> bool: ...
 
     # api keys
     @abstractmethod

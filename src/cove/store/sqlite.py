@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from cove.store.base import KeyRecord, Page, SandboxRecord, Store
+from cove.store.base import KeyRecord, Page, SandboxRecord, SnapshotRecord, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -40,6 +40,18 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     checkpoint TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_tenant_state ON sandboxes (tenant, state);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    name TEXT,
+    sandbox_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    layers TEXT NOT NULL,
+    memory INTEGER NOT NULL,
+    config TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -166,6 +178,62 @@ class SQLiteStore(Store):
             return {r[0]: r[1] for r in db.execute("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")}
 
         return await self._call(q)
+
+    # -- snapshots -----------------------------------------------------------------------
+    @staticmethod
+    def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
+        return SnapshotRecord(
+            id=row["id"],
+            tenant=row["tenant"],
+            name=row["name"],
+            sandbox_id=row["sandbox_id"],
+            state=row["state"],
+            created_at=row["created_at"],
+            layers=json.loads(row["layers"]),
+            memory=bool(row["memory"]),
+            config=json.loads(row["config"]),
+        )
+
+    async def insert_snapshot(self, rec: SnapshotRecord) -> None:
+        row = asdict(rec)
+        row["layers"], row["config"], row["memory"] = (
+            json.dumps(rec.layers),
+            json.dumps(rec.config),
+            int(rec.memory),
+        )
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        await self._call(lambda db: db.execute(f"INSERT INTO snapshots ({cols}) VALUES ({marks})", row))
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        def q(db: sqlite3.Connection) -> SnapshotRecord | None:
+            row = db.execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+            return self._snapshot(row) if row else None
+
+        return await self._call(q)
+
+    async def update_snapshot(self, snapshot_id: str, **changes: Any) -> bool:
+        vals = {k: json.dumps(v) if k in ("layers", "config") else v for k, v in changes.items()}
+        sets = ", ".join(f"{k} = :{k}" for k in vals)
+        vals["_id"] = snapshot_id
+        sql = f"UPDATE snapshots SET {sets} WHERE id = :_id"
+        return bool(await self._call(lambda db: db.execute(sql, vals).rowcount))
+
+    async def list_snapshots(self, tenant: str | None) -> list[SnapshotRecord]:
+        def q(db: sqlite3.Connection) -> list[SnapshotRecord]:
+            if tenant is None:
+                rows = db.execute("SELECT * FROM snapshots ORDER BY seq").fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT * FROM snapshots WHERE tenant = ? ORDER BY seq", (tenant,)
+                ).fetchall()
+            return [self._snapshot(r) for r in rows]
+
+        return await self._call(q)
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        sql = "DELETE FROM snapshots WHERE id = ?"
+        return bool(await self._call(lambda db: db.execute(sql, (snapshot_id,)).rowcount))
 
     # -- keys ----------------------------------------------------------------------------
     async def insert_key(self, rec: KeyRecord) -> None:

@@ -8,7 +8,17 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from cove.controlplane.auth import Caller, caller
 from cove.controlplane.errors import ApiError
-from cove.controlplane.schemas import CreateSandbox, SandboxOut, SandboxPage, SetTimeout, State
+from cove.controlplane.schemas import (
+    CreateSandbox,
+    CreateSnapshot,
+    ForkRequest,
+    SandboxList,
+    SandboxOut,
+    SandboxPage,
+    SetTimeout,
+    SnapshotOut,
+    State,
+)
 from cove.controlplane.service import SandboxService
 
 from .deps import service
@@ -76,3 +86,24 @@ async def pause(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
 async def resume(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
     """Thaw a paused sandbox; its processes continue where they stopped."""
     return SandboxOut.of(await svc.resume(who, sandbox_id))
+
+
+@router.post("/{sandbox_id}/hibernate", response_model=SandboxOut)
+async def hibernate(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
+    """Release the sandbox's memory and CPU; its files stay. `hibernation.memory` says whether its
+    processes were checkpointed (they continue on resume) or will be started afresh."""
+    return SandboxOut.of(await svc.hibernate(who, sandbox_id))
+
+
+@router.post("/{sandbox_id}/snapshots", status_code=201, response_model=SnapshotOut)
+async def snapshot(sandbox_id: str, who: Who, svc: Svc, body: CreateSnapshot | None = None) -> SnapshotOut:
+    """Seal the sandbox's files as they are now; start new sandboxes from it with `snapshot`."""
+    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name if body else None))
+
+
+@router.post("/{sandbox_id}/fork", status_code=201, response_model=SandboxList)
+async def fork(sandbox_id: str, who: Who, svc: Svc, body: ForkRequest | None = None) -> SandboxList:
+    """`count` new sandboxes that continue from this instant; the source keeps running."""
+    body = body or ForkRequest()
+    children = await svc.fork(who, sandbox_id, body.count, body.metadata)
+    return SandboxList(items=[SandboxOut.of(c) for c in children])

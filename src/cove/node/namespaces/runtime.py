@@ -132,19 +132,25 @@ class NamespacesRuntime:
 
     # -- create --------------------------------------------------------------------------
     def _prepare(self, spec: SandboxSpec) -> dict[str, Any]:
+        """Directories, guest files and the writable layer (kept if it exists: a resume)."""
         base = self.settings.uid_base
         sdir = self.sandbox_dir(spec.id)
         run = sdir / "run"
         rootfs = sdir / "rootfs"
+        shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True, mode=0o755)
-        rootfs.mkdir(mode=0o755)
+        rootfs.mkdir(mode=0o755, exist_ok=True)
         (run / "sock").mkdir(mode=0o700)
         os.chown(run / "sock", base, base)  # the sandbox's root binds the agent socket here
         for name in GUEST_FILES:
             os.link(self.guest_code / name, run / name)  # shared, read-only inside
         env = {**spec.template.config.get("env", {}), **spec.env}
         (run / "config.json").write_text(json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir}))
-        active = self.layers.prepare(spec.id, list(spec.template.layers), (base, base), spec.limits.disk_mb)
+        layers = list(spec.template.layers)
+        if self.layers.has_active(spec.id):
+            active = self.layers.active(spec.id, layers)
+        else:
+            active = self.layers.prepare(spec.id, layers, (base, base), spec.limits.disk_mb)
         limits = spec.limits
         return {
             "rootfs": str(rootfs),
@@ -165,8 +171,9 @@ class NamespacesRuntime:
             "agent": "/run/cove/agent.pyc",
         }
 
-    async def create(self, spec: SandboxSpec) -> dict[str, Any]:
-        if os.path.exists(self.sandbox_dir(spec.id)):
+    async def create(self, spec: SandboxSpec, resume: bool = False) -> dict[str, Any]:
+        """Start a sandbox; with `resume`, over the writable layer it already has (after a stop)."""
+        if not resume and (os.path.exists(self.sandbox_dir(spec.id)) or self.layers.has_active(spec.id)):
             raise NodeError(f"sandbox {spec.id} already exists on this node")
         try:
             t0 = time.perf_counter()
@@ -185,7 +192,10 @@ class NamespacesRuntime:
                 raise NodeError(f"sandbox failed to start: {result['error']}")
             return {"pid": result["pid"], "start_time": result["start_time"], "runtime": self.name}
         except BaseException:
-            await self.kill(spec.id)
+            if resume:
+                await self.stop(spec.id)  # keep its files: the sandbox stays hibernated
+            else:
+                await self.kill(spec.id)
             raise
 
     # -- inspect -------------------------------------------------------------------------
@@ -214,21 +224,31 @@ class NamespacesRuntime:
         return await asyncio.to_thread(self._stats, sandbox_id)
 
     # -- teardown ------------------------------------------------------------------------
-    def _kill(self, sandbox_id: str) -> None:
+    def _stop(self, sandbox_id: str) -> None:
+        """Kill every process and release mounts and cgroups; the writable layer stays."""
         cg = self.cgroup(sandbox_id)
         if cg.exists():
             cg.kill()
-        sdir = self.sandbox_dir(sandbox_id)
-        rootfs = sdir / "rootfs"
+        rootfs = self.sandbox_dir(sandbox_id) / "rootfs"
         if os.path.ismount(rootfs):
             syscalls.umount(str(rootfs), syscalls.MNT_DETACH)
-        shutil.rmtree(sdir, ignore_errors=True)
-        self.layers.remove_active(sandbox_id)
         if cg.exists():
             cg.remove()
 
+    def _kill(self, sandbox_id: str) -> None:
+        self._stop(sandbox_id)
+        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        self.layers.remove_active(sandbox_id)
+
+    async def stop(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self._stop, sandbox_id)
+
     async def kill(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self._kill, sandbox_id)
+
+    async def commit(self, sandbox_id: str) -> str:
+        """Seal a copy of the sandbox's writable layer (freeze it first for a consistent copy)."""
+        return await asyncio.to_thread(self.layers.commit, sandbox_id)
 
     def present(self) -> set[str]:
         """Ids of every sandbox with files or a cgroup on this host."""

@@ -1,0 +1,103 @@
+"""Snapshots, sandboxes started from them, forks and (file-level) hibernation."""
+
+from __future__ import annotations
+
+import httpx
+
+from conftest import Server
+
+
+def sh(api: httpx.Client, sid: str, cmd: str) -> dict:
+    r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def layers_on_disk(server: Server) -> set[str]:
+    return {p.name for p in (server.home / "storage" / "layers").iterdir() if not p.name.startswith(".")}
+
+
+def test_snapshot_restore_and_layer_lifetime(server: Server, api: httpx.Client) -> None:
+    a = api.post("/v1/sandboxes", json={"env": {"ORIGIN": "a"}}).json()
+    try:
+        sh(api, a["id"], "echo before > /home/user/note")
+        r = api.post(f"/v1/sandboxes/{a['id']}/snapshots", json={"name": "checkpoint-1"})
+        assert r.status_code == 201, r.text
+        snap = r.json()
+        assert snap["name"] == "checkpoint-1" and snap["sandbox_id"] == a["id"]
+        sh(api, a["id"], "echo after > /home/user/later")
+        assert snap["id"] in [s["id"] for s in api.get("/v1/snapshots").json()["items"]]
+
+        b = api.post("/v1/sandboxes", json={"snapshot": snap["id"]}).json()
+        assert b["state"] == "running"
+        out = sh(api, b["id"], "cat /home/user/note; ls /home/user; echo $ORIGIN")["stdout"]
+        assert out.startswith("before\n") and "later" not in out and out.endswith("a\n")
+        sh(api, b["id"], "echo from-b > /home/user/note")
+        assert sh(api, a["id"], "cat /home/user/note")["stdout"] == "before\n"
+
+        # Deleting the snapshot keeps the layers B still runs on.
+        assert api.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
+        assert api.get(f"/v1/snapshots/{snap['id']}").status_code == 404
+        assert sh(api, b["id"], "cat /home/user/note")["stdout"] == "from-b\n"
+        snap_layers = {name for name in layers_on_disk(server) if name.startswith("snap-")}
+        assert snap_layers, "B's snapshot layer must still exist"
+        api.delete(f"/v1/sandboxes/{b['id']}")
+        assert not (snap_layers & layers_on_disk(server)), "an unused layer must be collected"
+    finally:
+        api.delete(f"/v1/sandboxes/{a['id']}")
+
+
+def test_fork_children_start_from_the_same_instant_and_diverge(api: httpx.Client) -> None:
+    src = api.post("/v1/sandboxes", json={"metadata": {"team": "x"}}).json()
+    try:
+        # Written right before the fork, without any sync: every child must have it.
+        sh(
+            api,
+            src["id"],
+            "head -c 3000000 /dev/urandom > /home/user/data && sha256sum /home/user/data > /home/user/sum",
+        )
+        r = api.post(f"/v1/sandboxes/{src['id']}/fork", json={"count": 3})
+        assert r.status_code == 201, r.text
+        children = r.json()["items"]
+        assert len(children) == 3 and len({c["id"] for c in children}) == 3
+        for i, child in enumerate(children):
+            assert child["metadata"]["forked_from"] == src["id"] and child["metadata"]["team"] == "x"
+            assert sh(api, child["id"], "sha256sum -c /home/user/sum")["exit_code"] == 0
+            sh(api, child["id"], f"echo {i} > /home/user/mine")
+        for i, child in enumerate(children):
+            assert sh(api, child["id"], "cat /home/user/mine")["stdout"] == f"{i}\n"
+        assert sh(api, src["id"], "ls /home/user/mine")["exit_code"] != 0, (
+            "children must not write into the source"
+        )
+        assert api.get(f"/v1/sandboxes/{src['id']}").json()["state"] == "running"
+        for child in children:
+            api.delete(f"/v1/sandboxes/{child['id']}")
+    finally:
+        api.delete(f"/v1/sandboxes/{src['id']}")
+
+
+def test_hibernate_keeps_files_and_resumes_on_the_next_call(api: httpx.Client, sandbox: dict) -> None:
+    sid = sandbox["id"]
+    sh(api, sid, "echo kept > /home/user/state")
+    r = api.post(f"/v1/sandboxes/{sid}/hibernate")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "hibernated" and "memory" in r.json()["hibernation"]
+    assert api.post(f"/v1/sandboxes/{sid}/hibernate").json()["state"] == "hibernated"  # idempotent
+    assert sh(api, sid, "cat /home/user/state")["stdout"] == "kept\n"  # auto-resume
+    assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
+
+
+def test_snapshot_errors(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    assert api.post("/v1/sandboxes/nope/snapshots").status_code == 404
+    assert api.post("/v1/sandboxes", json={"snapshot": "snapnothere"}).status_code == 404
+    assert api.post(f"/v1/sandboxes/{sandbox['id']}/fork", json={"count": 0}).status_code == 422
+    assert api.post(f"/v1/sandboxes/{sandbox['id']}/fork", json={"count": 21}).status_code == 422
+    snap = api.post(f"/v1/sandboxes/{sandbox['id']}/snapshots").json()
+    other = api.post("/v1/keys", json={"name": "snap-other", "tenant": "snap-other"}).json()
+    with server.client(other["key"]) as c:
+        assert c.get(f"/v1/snapshots/{snap['id']}").status_code == 404
+        assert c.post("/v1/sandboxes", json={"snapshot": snap["id"]}).status_code == 404
+        assert c.delete(f"/v1/snapshots/{snap['id']}").status_code == 404
+        assert c.get("/v1/snapshots").json()["items"] == []
+    api.delete(f"/v1/keys/{other['id']}")
+    assert api.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
