@@ -246,3 +246,23 @@ def test_pause_and_resume(runner: CliRunner, cli_env: dict[str, str], sandbox_id
     assert paused.exit_code == 0 and "paused" in paused.output
     resumed = _run(runner, cli_env, "resume", sandbox_id)
     assert resumed.exit_code == 0 and "running" in resumed.output
+
+
+def test_snapshot_fork_hibernate_commands(
+    runner: CliRunner, cli_env: dict[str, str], sandbox_id: str
+) -> None:
+    snap = _run(runner, cli_env, "snapshot", sandbox_id, "--name", "cli-snap")
+    assert snap.exit_code == 0, snap.output
+    snap_id = snap.output.strip()
+    listed = _run(runner, cli_env, "snapshots", "ls")
+    assert snap_id in listed.output and "cli-snap" in listed.output
+    created = _run(runner, cli_env, "create", "--snapshot", snap_id)
+    assert created.exit_code == 0
+    forked = _run(runner, cli_env, "fork", sandbox_id, "-n", "2")
+    assert forked.exit_code == 0 and len(forked.output.split()) == 2
+    _run(runner, cli_env, "kill", created.output.strip(), *forked.output.split())
+    hib = _run(runner, cli_env, "hibernate", sandbox_id)
+    assert hib.exit_code == 0 and "hibernated" in hib.output
+    assert _run(runner, cli_env, "snapshots", "rm", snap_id).exit_code == 0
+    missing = _run(runner, cli_env, "snapshots", "rm", snap_id)
+    assert missing.exit_code == 1 and "not found" in missing.output

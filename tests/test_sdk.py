@@ -587,3 +587,25 @@ def test_async_pause_resume(server: Any) -> None:
             assert (await sb.info()).state == "running"
 
     asyncio.run(main())
+
+
+def test_snapshot_fork_hibernate(server: Any) -> None:
+    conn = {"url": server.url, "api_key": server.api_key}
+    with Sandbox.create(**conn) as sb:
+        sb.files.write("/home/user/x.txt", "v1")
+        snap = sb.snapshot("sdk-snap")
+        assert snap.name == "sdk-snap" and snap.id in [s.id for s in Sandbox.list_snapshots(**conn)]
+        with Sandbox.create(snapshot=snap.id, **conn) as restored:
+            assert restored.files.read("/home/user/x.txt") == "v1"
+        children = sb.fork(2, metadata={"branch": "b"})
+        try:
+            assert [c.info().metadata["branch"] for c in children] == ["b", "b"]
+            assert all(c.files.read("/home/user/x.txt") == "v1" for c in children)
+        finally:
+            for child in children:
+                child.kill()
+        info = sb.hibernate()
+        assert info.state == "hibernated" and info.hibernation is not None
+        assert sb.files.read("/home/user/x.txt") == "v1"  # resumes
+        Sandbox.delete_snapshot(snap.id, **conn)
+        assert snap.id not in [s.id for s in Sandbox.list_snapshots(**conn)]

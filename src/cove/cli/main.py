@@ -6,6 +6,7 @@ with the key from ``--api-key`` / ``COVE_API_KEY``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -50,6 +51,10 @@ keys_app = typer.Typer(
     help="Manage API keys (needs an admin key).", no_args_is_help=True, pretty_exceptions_enable=False
 )
 app.add_typer(keys_app, name="keys")
+snapshots_app = typer.Typer(
+    help="List and delete snapshots (take one with `cove snapshot ID`).", no_args_is_help=True
+)
+app.add_typer(snapshots_app, name="snapshots")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -191,14 +196,23 @@ def create(
     label: Annotated[
         list[str] | None, typer.Option("--label", "-l", help="Metadata KEY=VALUE (repeatable).")
     ] = None,
+    snapshot: Annotated[
+        str | None, typer.Option("--snapshot", "-s", help="Start from this snapshot instead of a template.")
+    ] = None,
+    idle_timeout: Annotated[
+        int | None, typer.Option("--idle-timeout", help="Pause after this many idle seconds (0 = never).")
+    ] = None,
 ) -> None:
     """Start a sandbox and print its id.
 
-    [bold]Example:[/]  [cyan]cove create -t base -e DEBUG=1 -l project=demo --memory 512[/]
+    [bold]Examples:[/]  [cyan]cove create -t base -e DEBUG=1 -l project=demo --memory 512[/]
+                [cyan]cove create --snapshot snapab12cd34ef56[/]
     """
     conn = _conn(ctx)
     sandbox = Sandbox.create(
         template,
+        snapshot=snapshot,
+        idle_timeout=idle_timeout,
         env=_pairs(env, "--env"),
         timeout=timeout,
         metadata=_pairs(label, "--label"),
@@ -567,6 +581,107 @@ def resume(
     conn = _conn(ctx)
     info = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).resume()
     out.print(f"{escape(info.id)} {_state(info.state)}")
+
+
+def _spinner(description: str) -> Any:
+    return err.status(description) if err.is_terminal else contextlib.nullcontext()
+
+
+@app.command()
+@_friendly
+def hibernate(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+) -> None:
+    """Release a sandbox's memory and CPU, keeping its files; the next call resumes it.
+
+    [bold]Example:[/]  [cyan]cove hibernate sb-1234[/]
+    """
+    conn = _conn(ctx)
+    with _spinner(f"hibernating {sandbox_id}…"):
+        info = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).hibernate()
+    memory = (info.hibernation or {}).get("memory")
+    kept = "processes checkpointed" if memory else "processes will restart on resume"
+    out.print(f"{escape(info.id)} {_state(info.state)} ({kept})")
+
+
+@app.command()
+@_friendly
+def snapshot(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+) -> None:
+    """Seal a sandbox's files as they are now and print the snapshot id (the sandbox keeps running).
+
+    [bold]Example:[/]  [cyan]SNAP=$(cove snapshot sb-1234 --name before-upgrade); cove create --snapshot $SNAP[/]
+    """
+    conn = _conn(ctx)
+    with _spinner(f"snapshotting {sandbox_id}…"):
+        snap = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).snapshot(name)
+    out.print(snap.id)
+
+
+@snapshots_app.command("ls")
+@_friendly
+def snapshots_ls(ctx: typer.Context) -> None:
+    """List your snapshots.
+
+    [bold]Example:[/]  [cyan]cove snapshots ls[/]
+    """
+    conn = _conn(ctx)
+    table = Table("ID", "NAME", "FROM", "CREATED", "LAYERS", "MEMORY", box=None)
+    for snap in Sandbox.list_snapshots(url=conn.url, api_key=conn.api_key):
+        table.add_row(
+            snap.id,
+            escape(snap.name or ""),
+            snap.sandbox_id,
+            _ago(snap.created_at),
+            str(snap.layers),
+            "yes" if snap.memory else "no",
+        )
+    out.print(table)
+
+
+@snapshots_app.command("rm")
+@_friendly
+def snapshots_rm(
+    ctx: typer.Context,
+    snapshot_ids: Annotated[list[str], typer.Argument(metavar="SNAPSHOT...", help="Snapshot ids.")],
+) -> None:
+    """Delete snapshots (sandboxes started from them keep running).
+
+    [bold]Example:[/]  [cyan]cove snapshots rm snapab12cd34ef56[/]
+    """
+    conn = _conn(ctx)
+    for snapshot_id in snapshot_ids:
+        Sandbox.delete_snapshot(snapshot_id, url=conn.url, api_key=conn.api_key)
+        out.print(f"deleted {escape(snapshot_id)}")
+
+
+@app.command()
+@_friendly
+def fork(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox to fork (it keeps running).")],
+    count: Annotated[int, typer.Option("--count", "-n", help="How many children (1-20).")] = 1,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", "-l", help="Metadata KEY=VALUE for the children (repeatable)."),
+    ] = None,
+) -> None:
+    """Fork a sandbox into N children that continue from this instant; prints their ids.
+
+    [bold]Example:[/]  [cyan]cove fork sb-1234 -n 3 -l experiment=a[/]
+    """
+    conn = _conn(ctx)
+    with _spinner(f"forking {sandbox_id} into {count}…"):
+        children = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).fork(
+            count, _pairs(label, "--label")
+        )
+    for child in children:
+        child.close()
+        out.print(child.id)
 
 
 @keys_app.command("create")

@@ -14,7 +14,7 @@ address and key from ``COVE_URL`` (default ``http://127.0.0.1:7770``) and ``COVE
 """
 
 from cove.sdk.aio import AsyncFiles, AsyncSandbox
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo, SnapshotInfo
 from cove.sdk.sync import Files, Sandbox
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "Limits",
     "Sandbox",
     "SandboxInfo",
+    "SnapshotInfo",
 ]

@@ -28,7 +28,7 @@ from cove.errors import (
     error_from_response,
     status_for_code,
 )
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
 
 T = TypeVar("T")
 
@@ -201,9 +201,11 @@ def create_sandbox(
     user: str | None = None,
     auto_resume: bool | None = None,
     idle_timeout: int | None = None,
+    snapshot: str | None = None,
 ) -> Op[SandboxInfo]:
     body: dict[str, Any] = {"template": template, "env": dict(env or {}), "metadata": dict(metadata or {})}
     optional = {
+        "snapshot": snapshot,
         "auto_resume": auto_resume,
         "idle_timeout": idle_timeout,
         "timeout": timeout,
@@ -267,6 +269,39 @@ def pause_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
 def resume_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
     data = yield Call("POST", sandbox_path(sandbox_id, "/resume"))
     return SandboxInfo.from_dict(data)
+
+
+def hibernate_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
+    data = yield Call("POST", sandbox_path(sandbox_id, "/hibernate"), timeout=TRANSFER_TIMEOUT)
+    return SandboxInfo.from_dict(data)
+
+
+def snapshot_sandbox(sandbox_id: str, name: str | None = None) -> Op[SnapshotInfo]:
+    body = {"name": name} if name else {}
+    data = yield Call("POST", sandbox_path(sandbox_id, "/snapshots"), json=body, timeout=TRANSFER_TIMEOUT)
+    return SnapshotInfo.from_dict(data)
+
+
+def fork_sandbox(
+    sandbox_id: str, count: int = 1, metadata: Mapping[str, str] | None = None
+) -> Op[list[SandboxInfo]]:
+    body = {"count": count, "metadata": dict(metadata or {})}
+    data = yield Call("POST", sandbox_path(sandbox_id, "/fork"), json=body, timeout=TRANSFER_TIMEOUT)
+    return [SandboxInfo.from_dict(item) for item in data["items"]]
+
+
+def list_snapshots() -> Op[list[SnapshotInfo]]:
+    data = yield Call("GET", "/v1/snapshots")
+    return [SnapshotInfo.from_dict(item) for item in data["items"]]
+
+
+def get_snapshot(snapshot_id: str) -> Op[SnapshotInfo]:
+    data = yield Call("GET", f"/v1/snapshots/{_q(snapshot_id)}")
+    return SnapshotInfo.from_dict(data)
+
+
+def delete_snapshot(snapshot_id: str) -> Op[None]:
+    yield Call("DELETE", f"/v1/snapshots/{_q(snapshot_id)}")
 
 
 def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:

@@ -27,7 +27,7 @@ import httpx
 from cove.errors import CoveError, InvalidArgument
 from cove.sdk import _core
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
 
 __all__ = ["AsyncFiles", "AsyncSandbox", "create_key", "delete_key", "list_keys"]
 
@@ -286,6 +286,7 @@ class AsyncSandbox:
         user: str | None = None,
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
+        snapshot: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -304,6 +305,7 @@ class AsyncSandbox:
             "user": user,
             "auto_resume": auto_resume,
             "idle_timeout": idle_timeout,
+            "snapshot": snapshot,
         }
 
         async def make() -> AsyncSandbox:
@@ -358,6 +360,28 @@ class AsyncSandbox:
         finally:
             await http.close()
 
+    @classmethod
+    async def list_snapshots(
+        cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> list[SnapshotInfo]:
+        """Every snapshot of the caller's tenant."""
+        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        try:
+            return await http.run(_core.list_snapshots())
+        finally:
+            await http.close()
+
+    @classmethod
+    async def delete_snapshot(
+        cls, snapshot_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        """Delete a snapshot; sandboxes started from it keep running (their layers stay)."""
+        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+        try:
+            await http.run(_core.delete_snapshot(snapshot_id))
+        finally:
+            await http.close()
+
     @property
     def id(self) -> str:
         return self._id
@@ -376,6 +400,24 @@ class AsyncSandbox:
         """Thaw a paused sandbox."""
         self._info = await self._http.run(_core.resume_sandbox(self._id))
         return self._info
+
+    async def hibernate(self) -> SandboxInfo:
+        """Release the sandbox's memory and CPU, keeping its files; the next call resumes it.
+
+        ``info.hibernation["memory"]`` says whether its processes will continue where they were.
+        """
+        self._info = await self._http.run(_core.hibernate_sandbox(self._id))
+        return self._info
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Seal the sandbox's files as they are now; ``AsyncSandbox.create(snapshot=snap.id)`` starts from it."""
+        return await self._http.run(_core.snapshot_sandbox(self._id, name))
+
+    async def fork(self, count: int = 1, metadata: Mapping[str, str] | None = None) -> list[AsyncSandbox]:
+        """``count`` new sandboxes that continue from this instant; this one keeps running."""
+        infos = await self._http.run(_core.fork_sandbox(self._id, count, metadata))
+        config = self._http.config
+        return [type(self)._adopt(info, _AsyncHTTP(config)) for info in infos]
 
     async def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""

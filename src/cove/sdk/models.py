@@ -78,6 +78,7 @@ class SandboxInfo:
     workdir: str | None = None
     limits: Limits = field(default_factory=Limits)
     end_reason: str | None = None
+    hibernation: dict[str, Any] | None = None  # after hibernate: {"memory": bool, ...}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -94,6 +95,7 @@ class SandboxInfo:
             workdir=data.get("workdir"),
             limits=Limits.from_dict(data.get("limits")),
             end_reason=data.get("end_reason"),
+            hibernation=data.get("hibernation"),
         )
 
     @property
@@ -210,4 +212,27 @@ class ApiKey:
             admin=bool(data.get("admin", False)),
             created_at=_time(data.get("created_at")),
             key=data.get("key"),
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A sealed instant of a sandbox; ``Sandbox.create(snapshot=info.id)`` starts from it."""
+
+    id: str
+    name: str | None = None
+    sandbox_id: str = ""
+    created_at: datetime | None = None
+    layers: int = 0
+    memory: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SnapshotInfo:
+        return cls(
+            id=str(data["id"]),
+            name=data.get("name"),
+            sandbox_id=str(data.get("sandbox_id") or ""),
+            created_at=_time(data.get("created_at")),
+            layers=int(data.get("layers") or 0),
+            memory=bool(data.get("memory", False)),
         )

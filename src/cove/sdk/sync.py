@@ -13,7 +13,7 @@ import httpx
 from cove.errors import CoveError
 from cove.sdk import _core
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
 
 __all__ = ["Files", "Sandbox", "create_key", "delete_key", "list_keys"]
 
@@ -212,6 +212,7 @@ class Sandbox:
         user: str | None = None,
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
+        snapshot: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -233,6 +234,7 @@ class Sandbox:
                     user=user,
                     auto_resume=auto_resume,
                     idle_timeout=idle_timeout,
+                    snapshot=snapshot,
                 )
             )
         except BaseException:
@@ -290,6 +292,28 @@ class Sandbox:
         finally:
             http.close()
 
+    @classmethod
+    def list_snapshots(
+        cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> list[SnapshotInfo]:
+        """Every snapshot of the caller's tenant."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            return http.run(_core.list_snapshots())
+        finally:
+            http.close()
+
+    @classmethod
+    def delete_snapshot(
+        cls, snapshot_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+    ) -> None:
+        """Delete a snapshot; sandboxes started from it keep running (their layers stay)."""
+        http = _HTTP(Config.resolve(url, api_key, transport))
+        try:
+            http.run(_core.delete_snapshot(snapshot_id))
+        finally:
+            http.close()
+
     @property
     def id(self) -> str:
         return self._id
@@ -308,6 +332,24 @@ class Sandbox:
         """Thaw a paused sandbox."""
         self._info = self._http.run(_core.resume_sandbox(self._id))
         return self._info
+
+    def hibernate(self) -> SandboxInfo:
+        """Release the sandbox's memory and CPU, keeping its files; the next call resumes it.
+
+        ``info.hibernation["memory"]`` says whether its processes will continue where they were.
+        """
+        self._info = self._http.run(_core.hibernate_sandbox(self._id))
+        return self._info
+
+    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Seal the sandbox's files as they are now; ``Sandbox.create(snapshot=snap.id)`` starts from it."""
+        return self._http.run(_core.snapshot_sandbox(self._id, name))
+
+    def fork(self, count: int = 1, metadata: Mapping[str, str] | None = None) -> list[Sandbox]:
+        """``count`` new sandboxes that continue from this instant; this one keeps running."""
+        infos = self._http.run(_core.fork_sandbox(self._id, count, metadata))
+        config = self._http.config
+        return [type(self)._adopt(info, _HTTP(config)) for info in infos]
 
     def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""
