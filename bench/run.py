@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import core
+import stateful
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def machine() -> str:
     return f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {platform.release()}, load average {load}"
 
 
-def render(result: dict, args: argparse.Namespace) -> str:
+def render(result: dict, args: argparse.Namespace, extra: list[str]) -> str:
     rows: dict[str, core.Row] = result["rows"]
     bw = rows.get("bwrap_py")
     lines = [
@@ -58,7 +59,7 @@ def render(result: dict, args: argparse.Namespace) -> str:
         [
             "# Benchmarks",
             "",
-            f"Command: `sudo .venv/bin/python bench/run.py --runs {args.runs}`  ",
+            f"Command: `sudo .venv/bin/python bench/run.py --runs {args.runs}{' --quick' if args.quick else ''}`  ",
             f"Machine: {machine()}  ",
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",
@@ -75,6 +76,8 @@ def render(result: dict, args: argparse.Namespace) -> str:
             "",
             *mem,
             "",
+            *extra,
+            "",
         ]
     )
 
@@ -83,12 +86,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--exec-runs", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (snapshots up to 100 MB, forks up to 3)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (it starts a cove server)")
     result = core.run(runs=args.runs, exec_runs=args.exec_runs)
-    text = render(result, args)
+    if args.quick:
+        st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3))
+    else:
+        st = stateful.run()
+    text = render(result, args, stateful.render(st))
     print(text)
     if not args.no_write:
         (ROOT / "docs" / "benchmarks.md").write_text(text)
