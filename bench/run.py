@@ -86,16 +86,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--exec-runs", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (snapshots up to 100 MB, forks up to 3)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smaller sizes (snapshots up to 100 MB, forks up to 3)"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (it starts a cove server)")
     result = core.run(runs=args.runs, exec_runs=args.exec_runs)
-    if args.quick:
-        st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3))
-    else:
-        st = stateful.run()
+    st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run()
     text = render(result, args, stateful.render(st))
     print(text)
     if not args.no_write:

@@ -14,9 +14,9 @@ import httpx
 from cove.devserver import Server
 
 
-def _ms(fn: Callable[[], object]) -> float:
+def _ms(fn: Callable[..., object], *args: object) -> float:
     t = time.perf_counter()
-    fn()
+    fn(*args)
     return (time.perf_counter() - t) * 1000
 
 
@@ -25,7 +25,9 @@ def _ok(r: httpx.Response) -> dict:
     return r.json() if r.content else {}
 
 
-def run(pause_runs: int = 50, sizes_mb: tuple[int, ...] = (10, 1024, 5120), forks: tuple[int, ...] = (1, 5, 10)) -> dict:
+def run(
+    pause_runs: int = 50, sizes_mb: tuple[int, ...] = (10, 1024, 5120), forks: tuple[int, ...] = (1, 5, 10)
+) -> dict:
     srv = Server("bench-stateful")
     srv.start()
     out: dict = {"pause": [], "resume": [], "snapshot": [], "fork": []}
@@ -41,12 +43,13 @@ def run(pause_runs: int = 50, sizes_mb: tuple[int, ...] = (10, 1024, 5120), fork
                 sid = _ok(c.post("/v1/sandboxes", json={"timeout": 0}))["id"]
                 cmd = f"dd if=/dev/urandom of=/home/user/data bs=1M count={size} status=none"
                 _ok(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd, "timeout": 600}))
-                dirty = _ms(lambda: _ok(c.post(f"/v1/sandboxes/{sid}/snapshots", json={})))
+                snap_url = f"/v1/sandboxes/{sid}/snapshots"
+                dirty = _ms(lambda url: _ok(c.post(url, json={})), snap_url)
                 subprocess.run(["sync"], check=True)
-                clean = _ms(lambda: _ok(c.post(f"/v1/sandboxes/{sid}/snapshots", json={})))
+                clean = _ms(lambda url: _ok(c.post(url, json={})), snap_url)
                 upper = srv.home / "storage" / "active" / sid / "upper"
                 with tempfile.TemporaryDirectory(dir=srv.home) as tmp:
-                    copy = _ms(lambda: subprocess.run(["cp", "-a", str(upper), os.path.join(tmp, "u")], check=True))
+                    copy = _ms(subprocess.run, ["cp", "-a", str(upper), os.path.join(tmp, "u")])
                 out["snapshot"].append({"mb": size, "dirty_ms": dirty, "clean_ms": clean, "cp_ms": copy})
                 c.delete(f"/v1/sandboxes/{sid}")
                 for snap in _ok(c.get("/v1/snapshots"))["items"]:
