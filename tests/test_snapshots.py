@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from conftest import Server
@@ -101,3 +103,34 @@ def test_snapshot_errors(server: Server, api: httpx.Client, sandbox: dict) -> No
         assert c.get("/v1/snapshots").json()["items"] == []
     api.delete(f"/v1/keys/{other['id']}")
     assert api.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
+
+
+def test_long_snapshot_chains_are_flattened() -> None:
+    from cove.devserver import Server as DevServer
+
+    srv = DevServer("flatten", extra_env={"COVE_FLATTEN_AT": "2"})
+    srv.start()
+    try:
+        with srv.client() as api:
+            sb = api.post("/v1/sandboxes", json={}).json()
+            sh(api, sb["id"], "echo 1 > /home/user/one; echo gone > /home/user/doomed")
+            for step in range(2):  # each generation adds a layer: base + 3 snapshot layers
+                snap = api.post(f"/v1/sandboxes/{sb['id']}/snapshots").json()
+                nxt = api.post("/v1/sandboxes", json={"snapshot": snap["id"]}).json()
+                api.delete(f"/v1/sandboxes/{sb['id']}")
+                sb = nxt
+                sh(api, sb["id"], "rm /home/user/doomed" if step == 0 else "echo 3 > /home/user/three")
+            snap = api.post(f"/v1/sandboxes/{sb['id']}/snapshots").json()
+            assert snap["layers"] == 4
+            deadline = time.monotonic() + 20
+            while api.get(f"/v1/snapshots/{snap['id']}").json()["layers"] != 1:
+                assert time.monotonic() < deadline, "the chain was not flattened"
+                time.sleep(0.2)
+            flat = api.post("/v1/sandboxes", json={"snapshot": snap["id"]}).json()
+            out = sh(api, flat["id"], "cat /home/user/one /home/user/three; ls /home/user/doomed; id -un")
+            assert out["stdout"].startswith("1\n3\n") and "No such file" in out["stderr"], out
+            assert out["stdout"].endswith("user\n")
+            api.delete(f"/v1/sandboxes/{flat['id']}")
+            api.delete(f"/v1/sandboxes/{sb['id']}")
+    finally:
+        srv.close()

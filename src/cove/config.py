@@ -43,6 +43,8 @@ class Settings:
     # Layer storage: auto (btrfs, in a loop-mounted image if the data dir is not btrfs) | btrfs | dirs.
     storage_backend: str = field(default_factory=lambda: os.environ.get("COVE_STORAGE", "auto"))
     storage_image_size: str = field(default_factory=lambda: os.environ.get("COVE_STORAGE_SIZE", "512G"))
+    # Snapshot chains longer than this are squashed into one layer in the background.
+    flatten_at: int = field(default_factory=lambda: int(os.environ.get("COVE_FLATTEN_AT", "16")))
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

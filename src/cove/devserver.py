@@ -32,7 +32,8 @@ def free_port() -> int:
 class Server:
     """A `cove serve` subprocess. Sandboxes survive `restart()`, as they do in production."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, extra_env: dict[str, str] | None = None) -> None:
+        self.extra_env = extra_env or {}
         self.home = Path(tempfile.mkdtemp(prefix=f"cove-test-{tag}-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,6 +51,7 @@ class Server:
             "COVE_CGROUP_PARENT": self.cgroup_parent,
             "COVE_URL": self.url,
             "COVE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+            **self.extra_env,
         }
 
     def start(self) -> None:

@@ -56,6 +56,7 @@ class SandboxService:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
         self._layer_refs = asyncio.Lock()  # held while layer references are read or added
+        self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
     # -- state machine ---------------------------------------------------------------------
@@ -316,7 +317,30 @@ class SandboxService:
             snap.state = "ready"
             await self.store.update_snapshot(snap.id, layers=snap.layers, config=snap.config, state="ready")
         log.info("snapshot taken", extra={"snapshot": snap.id, "sandbox": rec.id, "layers": len(snap.layers)})
+        if len(snap.layers) > self.settings.flatten_at:
+            task = asyncio.create_task(self._flatten(snap.id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return snap
+
+    async def _flatten(self, snapshot_id: str) -> None:
+        """Squash a snapshot's long layer chain into one layer; sandboxes made later mount just that."""
+        snap = await self.store.get_snapshot(snapshot_id)
+        if snap is None:
+            return
+        try:
+            flat = await self.node.flatten(snap.layers)
+        except (NodeError, OSError):
+            log.exception("flattening snapshot %s failed", snapshot_id)
+            return
+        async with self._layer_refs:
+            if await self.store.get_snapshot(snapshot_id) is None:  # deleted meanwhile
+                flat_keep: list[str] = []
+            else:
+                flat_keep = [flat]
+                await self.store.update_snapshot(snapshot_id, layers=flat_keep)
+        log.info("snapshot flattened", extra={"snapshot": snapshot_id, "from_layers": len(snap.layers)})
+        await self.collect_layers()
 
     async def delete_snapshot(self, who: Caller, snapshot_id: str) -> None:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""

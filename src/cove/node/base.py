@@ -64,6 +64,10 @@ class NodeAgent(ABC):
         """Seal a read-only copy of the sandbox's writable layer; returns the new layer's id."""
 
     @abstractmethod
+    async def flatten(self, layers: list[str]) -> str:
+        """A single committed layer with the merged content of `layers` (bottom-most first)."""
+
+    @abstractmethod
     async def collect_layers(self, keep: set[str]) -> list[str]:
         """Delete committed layers that nothing references any more; returns their ids."""
 

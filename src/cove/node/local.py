@@ -54,6 +54,9 @@ class LocalNode(NodeAgent):
     async def commit(self, sandbox_id: str) -> str:
         return await self.runtime.commit(sandbox_id)
 
+    async def flatten(self, layers: list[str]) -> str:
+        return await asyncio.to_thread(self.layers.flatten, layers)
+
     async def collect_layers(self, keep: set[str]) -> list[str]:
         def collect() -> list[str]:
             unused = sorted(self.layers.layer_ids() - keep)

@@ -219,6 +219,33 @@ class LayerStore:
         self.backend.snapshot(self.active_dir / key, self.layers_dir / layer_id)
         return layer_id
 
+    def flatten(self, chain: list[str]) -> str:
+        """One committed layer holding the merged view of `chain` (bottom-most first).
+
+        Mount cost grows with the number of lower layers (and the kernel caps it near 500), so long
+        snapshot chains are squashed: an overlay of the chain, read-only, copied into a new layer.
+        """
+        scratch = self.layers_dir / f".flatten-{secrets.token_hex(4)}"
+        merged = self.root / f".merge-{secrets.token_hex(4)}"
+        self.backend.volume(scratch)
+        merged.mkdir()
+        try:
+            lower = ":".join(str(self.path(p)) for p in reversed(chain))
+            if len(chain) == 1:
+                _run("mount", "--bind", "-o", "ro", lower, str(merged))
+            else:
+                _run("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lower}", str(merged))
+            try:
+                _run("cp", "-a", "--reflink=auto", f"{merged}/.", str(scratch / "upper"))
+            finally:
+                _run("umount", str(merged))
+            layer_id = "flat-" + secrets.token_hex(8)
+            self.backend.snapshot(scratch, self.layers_dir / layer_id)
+            return layer_id
+        finally:
+            merged.rmdir()
+            self.backend.delete(scratch)
+
     def remove_active(self, key: str) -> None:
         self.backend.delete(self.active_dir / key)
 
