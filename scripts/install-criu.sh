@@ -25,6 +25,7 @@ BUILD_DEPS=(build-essential pkg-config libprotobuf-c-dev protobuf-c-compiler lib
   uuid-dev libdrm-dev)
 
 STEP="start"
+PATCH_ID=passcred-eopnotsupp
 log() { echo "install-criu: $*"; }
 die() { echo "install-criu: FAILED ($STEP): $*" >&2; exit 1; }
 trap 'echo "install-criu: FAILED during step: $STEP (command at line $LINENO exited with $?)" >&2' ERR
@@ -49,7 +50,10 @@ for c in "${candidates[@]}"; do
   seen="$seen$r "
   if [ -x "$c" ]; then
     v="$(criu_version "$c")"
-    if version_ok "$v"; then log "criu $v already installed at $c (>= $CRIU_MIN); nothing to do"; exit 0; fi
+    # 4.1.x needs our socket-option patch (below) on Linux >= 6.16; ours leaves a stamp beside it.
+    if version_ok "$v" && { [ -f "$c.cove-$PATCH_ID" ] || [ "$(printf '%s\n' "$v" 4.2 | sort -V | head -n1)" = 4.2 ]; }; then
+      log "criu $v already installed at $c (>= $CRIU_MIN); nothing to do"; exit 0
+    fi
     [ -n "$v" ] && log "found criu $v at $c (too old, need >= $CRIU_MIN)"
   fi
 done
@@ -188,6 +192,29 @@ if [ ! -f "$build/Makefile" ]; then   # a tree left by a failed run is reused (m
   tar -xf "$tarball" -C "$build" --strip-components=1 || die "could not unpack $tarball"
 fi
 
+# Linux >= 6.16 accepts SO_PASSCRED/SO_PASSSEC only on unix and netlink sockets; CRIU 4.1.1 aborts the
+# dump of any TCP/UDP socket on the resulting EOPNOTSUPP. Treat the option as off there (the upstream fix).
+STEP="patch socket options"
+if ! grep -q "cove: $PATCH_ID" "$build/criu/sockets.c"; then
+  python3 - "$build/criu/sockets.c" <<'PY' || die "could not patch criu/sockets.c"
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = "\tif (getsockopt(sk, level, name, val, &aux) < 0) {\n"
+new = old + (
+    "\t\t/* cove: passcred-eopnotsupp */\n"
+    "\t\tif (errno == EOPNOTSUPP && level == SOL_SOCKET && (name == SO_PASSCRED || name == SO_PASSSEC) &&\n"
+    "\t\t    len == sizeof(int)) {\n"
+    "\t\t\t*(int *)val = 0;\n"
+    "\t\t\treturn 0;\n"
+    "\t\t}\n"
+)
+if src.count(old) != 1:
+    sys.exit("do_dump_opt not found where expected")
+open(path, "w").write(src.replace(old, new))
+PY
+fi
+
 STEP="build (make criu)"
 jobs="$(nproc 2>/dev/null || echo 2)"
 log "building criu $upstream (make -j$jobs criu; log: $WORK/build.log)"
@@ -213,5 +240,6 @@ if ! grep -q "Looks good" <<<"$out"; then
   die "criu $v was built but 'criu check' does not say 'Looks good' on this machine; not installed"
 fi
 mv -f "$TARGET.new" "$TARGET"
+touch "$TARGET.cove-$PATCH_ID"
 rm -rf "$build" "$WORK/build.log"
 log "installed criu $v as $TARGET ('criu check': Looks good)"
