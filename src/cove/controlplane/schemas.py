@@ -177,6 +177,7 @@ class RenameRequest(Strict):
 
 class CreateSnapshot(Strict):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    memory: bool = Field(default=False, description="also checkpoint the processes (needs CRIU on the node)")
 
 
 class SnapshotOut(BaseModel):
@@ -210,6 +211,10 @@ class ForkRequest(Strict):
 
 class SandboxList(BaseModel):
     items: list[SandboxOut]
+
+
+class ForkResult(SandboxList):
+    memory: bool = Field(description="whether the children's processes continue from the source's (CRIU)")
 
 
 class CreateKey(Strict):

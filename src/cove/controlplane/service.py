@@ -111,6 +111,7 @@ class SandboxService:
 
     # -- create --------------------------------------------------------------------------
     async def _source(self, who: Caller, req: CreateSandbox) -> tuple[TemplateSpec, dict[str, Any]]:
+        """The layers and defaults a new sandbox starts from; `checkpoint` names a memory image."""
         """The layers and defaults a new sandbox starts from: a template, or a snapshot."""
         base = await self.node.base_template()
         if req.snapshot is None:
@@ -121,7 +122,7 @@ class SandboxService:
         template = TemplateSpec(
             name=snap.config.get("template", base.name), layers=tuple(snap.layers), config=base.config
         )
-        return template, snap.config
+        return template, {**snap.config, "checkpoint": snap.id if snap.memory else None}
 
     async def create(self, who: Caller, req: CreateSandbox) -> SandboxRecord:
         started = time.perf_counter()
@@ -165,7 +166,12 @@ class SandboxService:
             await self.store.insert_sandbox(rec)
         async with self._locks[rec.id]:
             try:
-                handle = await self.node.create(self._spec(rec, template))
+                if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
+                    handle = await self.node.restore(
+                        self._spec(rec, template), defaults["checkpoint"], resume=False
+                    )
+                else:
+                    handle = await self.node.create(self._spec(rec, template))
             except (NodeError, OSError) as e:
                 await self._transition(rec, "error", end_reason=str(e)[:2000])
                 raise ApiError(503, "sandbox_failed", str(e)) from e
@@ -236,12 +242,29 @@ class SandboxService:
                 await self.node.resume(rec.id)
                 await self._transition(rec, "running")
             elif rec.state == "hibernated":
-                template = await self.node.base_template()
-                try:
-                    handle = await self.node.restart(self._spec(rec, template))
-                except (NodeError, OSError) as e:
-                    raise ApiError(503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}") from e
-                await self._transition(rec, "running", node=handle)
+                spec = self._spec(rec, await self.node.base_template())
+                info = dict(rec.checkpoint)
+                handle = None
+                if info.get("memory"):
+                    try:
+                        handle = await self.node.restore(spec, rec.id, resume=True)
+                        info["restored"] = True
+                    except (NodeError, OSError) as e:
+                        # Files are intact: start afresh rather than leave the workspace unreachable.
+                        log.warning(
+                            "restoring processes failed; restarting them",
+                            extra={"sandbox": rec.id, "error": str(e)},
+                        )
+                        info.update(restored=False, error=str(e)[:500])
+                if handle is None:
+                    try:
+                        handle = await self.node.restart(spec)
+                    except (NodeError, OSError) as e:
+                        raise ApiError(
+                            503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
+                        ) from e
+                await self.node.drop_checkpoint(rec.id)
+                await self._transition(rec, "running", node=handle, checkpoint=info)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
         return rec
@@ -259,12 +282,18 @@ class SandboxService:
                 return rec
             if rec.state not in ACTIVE:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
-            await self.node.stop(rec.id)
-            checkpoint = {
-                "memory": False,
-                "reason": "processes are restarted on resume (no memory checkpoint)",
-            }
-            await self._transition(rec, "hibernated", node={}, checkpoint=checkpoint)
+            if self.node.can_checkpoint():
+                try:
+                    await self.node.hibernate(rec.id, rec.node)
+                except (NodeError, OSError) as e:
+                    raise ApiError(
+                        503, "hibernate_failed", f"hibernating {rec.id} failed, it is still {rec.state}: {e}"
+                    ) from e
+                info: dict[str, Any] = {"memory": True}
+            else:
+                await self.node.stop(rec.id)
+                info = {"memory": False, "reason": "no CRIU >= 4.1 on this node: processes restart on resume"}
+            await self._transition(rec, "hibernated", node={}, checkpoint=info)
         return rec
 
     # -- snapshots and forks ---------------------------------------------------------------
@@ -277,8 +306,15 @@ class SandboxService:
     async def list_snapshots(self, who: Caller) -> list[SnapshotRecord]:
         return [s for s in await self.store.list_snapshots(who.tenant) if s.state == "ready"]
 
-    async def snapshot(self, who: Caller, sandbox_id: str, name: str | None = None) -> SnapshotRecord:
-        """Seal the sandbox's files as they are now (constant time); the sandbox keeps running."""
+    async def snapshot(
+        self, who: Caller, sandbox_id: str, name: str | None = None, memory: bool = False
+    ) -> SnapshotRecord:
+        """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
+        too (CRIU); the sandbox keeps running."""
+        if memory and not self.node.can_checkpoint():
+            raise ApiError(
+                409, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node (see `cove doctor`)"
+            )
         rec = await self.get(who, sandbox_id)
         self._activity[rec.id] = time.monotonic()
         snap = SnapshotRecord(
@@ -293,18 +329,27 @@ class SandboxService:
             rec = await self._fresh(rec)
             if rec.state not in (*ACTIVE, "hibernated"):
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+            if memory and rec.state not in ACTIVE:
+                raise ApiError(
+                    409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
+                )
             await self.store.insert_snapshot(snap)
             try:
-                frozen = rec.state == "running"
-                if frozen:  # a consistent instant: nothing writes while the layer is sealed
-                    await self.node.pause(rec.id)
-                try:
-                    layer = await self.node.commit(rec.id)
-                finally:
-                    if frozen:
-                        await self.node.resume(rec.id)
+                if memory:
+                    layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id)
+                    snap.memory = True
+                else:
+                    frozen = rec.state == "running"
+                    if frozen:  # a consistent instant: nothing writes while the layer is sealed
+                        await self.node.pause(rec.id)
+                    try:
+                        layer = await self.node.commit(rec.id)
+                    finally:
+                        if frozen:
+                            await self.node.resume(rec.id)
             except (NodeError, OSError) as e:
                 await self.store.delete_snapshot(snap.id)
+                await self.node.drop_checkpoint(snap.id)
                 raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
             snap.layers = [*rec.layers, layer]
             snap.config = {
@@ -315,7 +360,9 @@ class SandboxService:
                 "limits": rec.limits,
             }
             snap.state = "ready"
-            await self.store.update_snapshot(snap.id, layers=snap.layers, config=snap.config, state="ready")
+            await self.store.update_snapshot(
+                snap.id, layers=snap.layers, config=snap.config, state="ready", memory=int(snap.memory)
+            )
         log.info("snapshot taken", extra={"snapshot": snap.id, "sandbox": rec.id, "layers": len(snap.layers)})
         if len(snap.layers) > self.settings.flatten_at:
             task = asyncio.create_task(self._flatten(snap.id))
@@ -346,14 +393,20 @@ class SandboxService:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
         snap = await self.get_snapshot(who, snapshot_id)
         await self.store.delete_snapshot(snap.id)
+        await self.node.drop_checkpoint(snap.id)
         await self.collect_layers()
 
     async def fork(
         self, who: Caller, sandbox_id: str, count: int, metadata: dict[str, str]
-    ) -> list[SandboxRecord]:
-        """N new sandboxes that continue from this instant of the source, which keeps running."""
+    ) -> tuple[list[SandboxRecord], bool]:
+        """N new sandboxes that continue from this instant of the source, which keeps running.
+
+        With CRIU the children's processes continue too; otherwise they start afresh on the same
+        files. Returns the children and whether their memory was kept.
+        """
         source = await self.get(who, sandbox_id)
-        snap = await self.snapshot(who, sandbox_id)
+        memory = self.node.can_checkpoint() and source.state in ACTIVE
+        snap = await self.snapshot(who, sandbox_id, memory=memory)
         try:
             req = CreateSandbox(
                 snapshot=snap.id,
@@ -367,13 +420,14 @@ class SandboxService:
             )
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
+            await self.node.drop_checkpoint(snap.id)
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             for child in children:
                 await self._end(child, "killed", "fork failed")
             raise failed[0]
-        return children
+        return children, snap.memory
 
     async def collect_layers(self) -> None:
         """Delete committed layers that no template, snapshot or sandbox references any more."""
@@ -409,6 +463,16 @@ class SandboxService:
         for rec in page.items:
             if rec.state == "hibernated" or (rec.state in ACTIVE and await self.node.alive(rec.id, rec.node)):
                 keep.add(rec.id)
+                if rec.state == "running":
+                    await self.node.resume(rec.id)  # a crash during a snapshot may have left it frozen
+                continue
+            if rec.state in ACTIVE and await self.node.has_checkpoint(rec.id):
+                # The server died after the hibernation's dump completed but before recording it.
+                await self.node.stop(rec.id)
+                await self._transition(
+                    rec, "hibernated", node={}, checkpoint={"memory": True, "recovered": True}
+                )
+                keep.add(rec.id)
                 continue
             await self.node.kill(rec.id, rec.node)
             reason = (
@@ -420,6 +484,7 @@ class SandboxService:
         for snap in await self.store.list_snapshots(None):
             if snap.state != "ready":
                 await self.store.delete_snapshot(snap.id)
+                await self.node.drop_checkpoint(snap.id)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         swept = await self.node.sweep(keep)
         await self.collect_layers()

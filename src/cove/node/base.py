@@ -60,6 +60,30 @@ class NodeAgent(ABC):
         """Start a stopped sandbox again over its kept files (fresh processes)."""
 
     @abstractmethod
+    def can_checkpoint(self) -> bool:
+        """Can this node checkpoint processes (hibernate and fork with memory)?"""
+
+    @abstractmethod
+    async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """Checkpoint every process to disk, then release its memory, mounts and cgroups."""
+
+    @abstractmethod
+    async def snapshot_with_memory(self, sandbox_id: str, handle: dict[str, Any], key: str) -> str:
+        """Checkpoint the processes (under `key`) and seal the files at the same instant; keeps running."""
+
+    @abstractmethod
+    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
+        """Start `spec` with the processes checkpointed under `key`; returns its handle."""
+
+    @abstractmethod
+    async def has_checkpoint(self, key: str) -> bool:
+        """Is there a complete checkpoint under `key`?"""
+
+    @abstractmethod
+    async def drop_checkpoint(self, key: str) -> None:
+        """Delete the checkpoint stored under `key`."""
+
+    @abstractmethod
     async def commit(self, sandbox_id: str) -> str:
         """Seal a read-only copy of the sandbox's writable layer; returns the new layer's id."""
 

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from cove.config import Settings
+from cove.node import checkpoint
 from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.node.namespaces import cgroups
@@ -50,6 +51,24 @@ class LocalNode(NodeAgent):
 
     async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
         return await self.runtime.create(spec, resume=True)
+
+    def can_checkpoint(self) -> bool:
+        return checkpoint.available()
+
+    async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        await self.runtime.hibernate(sandbox_id, handle["pid"])
+
+    async def snapshot_with_memory(self, sandbox_id: str, handle: dict[str, Any], key: str) -> str:
+        return await self.runtime.snapshot_with_memory(sandbox_id, handle["pid"], key)
+
+    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
+        return await self.runtime.restore(spec, key, resume)
+
+    async def has_checkpoint(self, key: str) -> bool:
+        return checkpoint.complete(self.runtime.checkpoint_dir(key))
+
+    async def drop_checkpoint(self, key: str) -> None:
+        await self.runtime.drop_checkpoint(key)
 
     async def commit(self, sandbox_id: str) -> str:
         return await self.runtime.commit(sandbox_id)

@@ -12,7 +12,7 @@ from cove.controlplane.schemas import (
     CreateSandbox,
     CreateSnapshot,
     ForkRequest,
-    SandboxList,
+    ForkResult,
     SandboxOut,
     SandboxPage,
     SetTimeout,
@@ -98,12 +98,14 @@ async def hibernate(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
 @router.post("/{sandbox_id}/snapshots", status_code=201, response_model=SnapshotOut)
 async def snapshot(sandbox_id: str, who: Who, svc: Svc, body: CreateSnapshot | None = None) -> SnapshotOut:
     """Seal the sandbox's files as they are now; start new sandboxes from it with `snapshot`."""
-    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name if body else None))
+    body = body or CreateSnapshot()
+    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name, body.memory))
 
 
-@router.post("/{sandbox_id}/fork", status_code=201, response_model=SandboxList)
-async def fork(sandbox_id: str, who: Who, svc: Svc, body: ForkRequest | None = None) -> SandboxList:
-    """`count` new sandboxes that continue from this instant; the source keeps running."""
+@router.post("/{sandbox_id}/fork", status_code=201, response_model=ForkResult)
+async def fork(sandbox_id: str, who: Who, svc: Svc, body: ForkRequest | None = None) -> ForkResult:
+    """`count` new sandboxes that continue from this instant (files, and processes where the node
+    can checkpoint them: `memory`); the source keeps running."""
     body = body or ForkRequest()
-    children = await svc.fork(who, sandbox_id, body.count, body.metadata)
-    return SandboxList(items=[SandboxOut.of(c) for c in children])
+    children, memory = await svc.fork(who, sandbox_id, body.count, body.metadata)
+    return ForkResult(items=[SandboxOut.of(c) for c in children], memory=memory)

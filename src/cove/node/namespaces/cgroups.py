@@ -91,6 +91,19 @@ class Cgroup:
     def v2_dir(self) -> str | None:
         return os.path.join(self.layout.v2, self.name) if self.layout.v2 else None
 
+    @property
+    def freezer_dir(self) -> str | None:
+        """The cgroup whose freezer `freeze()` uses (what CRIU's --freeze-cgroup must name too)."""
+        if self.v2_dir and os.path.exists(os.path.join(self.v2_dir, "cgroup.freeze")):
+            return self.v2_dir
+        return self._v1_dir("freezer")
+
+    def frozen(self) -> bool:
+        if self.v2_dir and os.path.exists(os.path.join(self.v2_dir, "cgroup.events")):
+            return "frozen 1" in _read(os.path.join(self.v2_dir, "cgroup.events"))
+        d = self._v1_dir("freezer")
+        return bool(d) and _read(os.path.join(d, "freezer.state")).strip() == "FROZEN"
+
     def dirs(self) -> list[str]:
         out = [d for c in CONTROLLERS if (d := self._v1_dir(c))]
         if self.v2_dir:

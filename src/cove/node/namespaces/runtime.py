@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
+from cove.node import checkpoint
 from cove.node.base import NodeError, SandboxSpec
 from cove.node.namespaces import cgroups, syscalls
 from cove.node.namespaces.launcher import process_start_time
@@ -238,6 +239,7 @@ class NamespacesRuntime:
     def _kill(self, sandbox_id: str) -> None:
         self._stop(sandbox_id)
         shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        shutil.rmtree(self.checkpoint_dir(sandbox_id), ignore_errors=True)
         self.layers.remove_active(sandbox_id)
 
     async def stop(self, sandbox_id: str) -> None:
@@ -245,6 +247,77 @@ class NamespacesRuntime:
 
     async def kill(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self._kill, sandbox_id)
+
+    # -- checkpoints (CRIU) ----------------------------------------------------------------
+    def checkpoint_dir(self, key: str) -> Path:
+        return self.settings.home / "checkpoints" / key
+
+    def _checkpoint(self, sandbox_id: str, pid: int, images: Path, leave_running: bool) -> str | None:
+        """Dump the sandbox's processes into `images`, frozen through cove's own freezer.
+
+        leave_running: also seal its files while still frozen (a snapshot: memory and files from one
+        instant) and thaw; returns the new layer. Otherwise the processes end and their mounts and
+        cgroups are released (a hibernation). On failure the sandbox runs on as before.
+        """
+        cg = self.cgroup(sandbox_id)
+        freezer = cg.freezer_dir
+        if freezer is None:
+            raise NodeError("this host has no cgroup freezer")
+        shutil.rmtree(images, ignore_errors=True)
+        was_frozen = cg.frozen()  # a paused sandbox stays paused
+        cg.freeze(True)
+        layer = None
+        try:
+            checkpoint.dump(pid, images, freezer, leave_running)
+            if leave_running:
+                layer = self.layers.commit(sandbox_id)
+        except BaseException:
+            shutil.rmtree(images, ignore_errors=True)
+            if not was_frozen:
+                cg.freeze(False)
+            raise
+        if leave_running and not was_frozen:
+            cg.freeze(False)
+        else:
+            self._stop(sandbox_id)
+        return layer
+
+    async def hibernate(self, sandbox_id: str, pid: int) -> None:
+        await asyncio.to_thread(self._checkpoint, sandbox_id, pid, self.checkpoint_dir(sandbox_id), False)
+
+    async def snapshot_with_memory(self, sandbox_id: str, pid: int, key: str) -> str:
+        layer = await asyncio.to_thread(self._checkpoint, sandbox_id, pid, self.checkpoint_dir(key), True)
+        assert layer is not None
+        return layer
+
+    def _restore(self, spec: SandboxSpec, images: Path) -> dict[str, Any]:
+        if not checkpoint.complete(images):
+            raise NodeError(f"no complete checkpoint at {images}")
+        launch = self._prepare(spec)
+        cg = self.cgroup(spec.id)
+        cg.create()
+        limits = launch["limits"]
+        cg.set_limits(limits["memory_bytes"], limits["cpu"], limits["pids"])
+        if not os.path.ismount(launch["rootfs"]):
+            opts = f"lowerdir={':'.join(launch['lowerdirs'])},upperdir={launch['upper']},workdir={launch['work']}"
+            syscalls.mount("overlay", launch["rootfs"], "overlay", 0, opts)
+        log_path = self.sandbox_dir(spec.id) / "restore.log"
+        pid = checkpoint.restore(images, launch["rootfs"], launch["run_dir"], launch["cgroup"], log_path)
+        return {"pid": pid, "start_time": process_start_time(pid), "runtime": self.name}
+
+    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
+        """Start `spec` from the processes checkpointed under `key` (its own hibernation, or a snapshot)."""
+        try:
+            return await asyncio.to_thread(self._restore, spec, self.checkpoint_dir(key))
+        except BaseException:
+            if resume:
+                await self.stop(spec.id)
+            else:
+                await self.kill(spec.id)
+            raise
+
+    async def drop_checkpoint(self, key: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.checkpoint_dir(key), True)
 
     async def commit(self, sandbox_id: str) -> str:
         """Seal a copy of the sandbox's writable layer (freeze it first for a consistent copy)."""
