@@ -198,3 +198,29 @@ def test_hibernation_completed_by_a_crashed_server_is_recovered() -> None:
             assert state(api, sb["id"])[0] == token
     finally:
         srv.close()
+
+
+def test_disk_full_during_hibernate_leaves_the_sandbox_running(tmp_path: Path) -> None:
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "cove-test-small", str(small)], check=True)
+    srv = Server("diskfull", extra_env={"COVE_CHECKPOINT_DIR": str(small)})
+    srv.start()
+    try:
+        with srv.client() as api:
+            sb = api.post("/v1/sandboxes", json={}).json()
+            start_workload(api, sb["id"])  # ~20 MB of process memory: the image cannot fit in 2 MB
+            r = api.post(f"/v1/sandboxes/{sb['id']}/hibernate")
+            assert r.status_code == 503, r.text
+            assert "still running" in r.json()["error"]["message"]
+            assert api.get(f"/v1/sandboxes/{sb['id']}").json()["state"] == "running"
+            _, n = state(api, sb["id"])
+            time.sleep(0.3)
+            assert state(api, sb["id"])[1] > n, "the sandbox must keep running after a failed hibernate"
+            assert list(small.iterdir()) == [], "a failed checkpoint must not be left behind"
+            api.delete(f"/v1/sandboxes/{sb['id']}")
+    finally:
+        srv.close()
+        subprocess.run(["umount", str(small)], check=False)

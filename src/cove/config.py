@@ -45,6 +45,8 @@ class Settings:
     storage_image_size: str = field(default_factory=lambda: os.environ.get("COVE_STORAGE_SIZE", "512G"))
     # Snapshot chains longer than this are squashed into one layer in the background.
     flatten_at: int = field(default_factory=lambda: int(os.environ.get("COVE_FLATTEN_AT", "16")))
+    # Where process checkpoints (hibernation, memory snapshots) go; default: $COVE_HOME/checkpoints.
+    checkpoint_dir: str | None = field(default_factory=lambda: os.environ.get("COVE_CHECKPOINT_DIR") or None)
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

@@ -611,6 +611,10 @@ def snapshot(
     ctx: typer.Context,
     sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
     name: Annotated[str | None, typer.Option("--name", "-n", help="A name to find it by.")] = None,
+    memory: Annotated[
+        bool,
+        typer.Option("--memory", help="Also checkpoint the running processes (needs CRIU on the server)."),
+    ] = False,
 ) -> None:
     """Seal a sandbox's files as they are now and print the snapshot id (the sandbox keeps running).
 
@@ -618,7 +622,7 @@ def snapshot(
     """
     conn = _conn(ctx)
     with _spinner(f"snapshotting {sandbox_id}…"):
-        snap = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).snapshot(name)
+        snap = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).snapshot(name, memory)
     out.print(snap.id)
 
 

@@ -276,8 +276,10 @@ def hibernate_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
     return SandboxInfo.from_dict(data)
 
 
-def snapshot_sandbox(sandbox_id: str, name: str | None = None) -> Op[SnapshotInfo]:
-    body = {"name": name} if name else {}
+def snapshot_sandbox(sandbox_id: str, name: str | None = None, memory: bool = False) -> Op[SnapshotInfo]:
+    body: dict[str, Any] = {"memory": memory}
+    if name:
+        body["name"] = name
     data = yield Call("POST", sandbox_path(sandbox_id, "/snapshots"), json=body, timeout=TRANSFER_TIMEOUT)
     return SnapshotInfo.from_dict(data)
 

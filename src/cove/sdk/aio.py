@@ -409,9 +409,10 @@ class AsyncSandbox:
         self._info = await self._http.run(_core.hibernate_sandbox(self._id))
         return self._info
 
-    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
-        """Seal the sandbox's files as they are now; ``AsyncSandbox.create(snapshot=snap.id)`` starts from it."""
-        return await self._http.run(_core.snapshot_sandbox(self._id, name))
+    async def snapshot(self, name: str | None = None, memory: bool = False) -> SnapshotInfo:
+        """Seal the sandbox's files as they are now (and with ``memory``, its running processes);
+        ``AsyncSandbox.create(snapshot=snap.id)`` starts new sandboxes from it."""
+        return await self._http.run(_core.snapshot_sandbox(self._id, name, memory))
 
     async def fork(self, count: int = 1, metadata: Mapping[str, str] | None = None) -> list[AsyncSandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running."""

@@ -341,9 +341,10 @@ class Sandbox:
         self._info = self._http.run(_core.hibernate_sandbox(self._id))
         return self._info
 
-    def snapshot(self, name: str | None = None) -> SnapshotInfo:
-        """Seal the sandbox's files as they are now; ``Sandbox.create(snapshot=snap.id)`` starts from it."""
-        return self._http.run(_core.snapshot_sandbox(self._id, name))
+    def snapshot(self, name: str | None = None, memory: bool = False) -> SnapshotInfo:
+        """Seal the sandbox's files as they are now (and with ``memory``, its running processes);
+        ``Sandbox.create(snapshot=snap.id)`` starts new sandboxes from it."""
+        return self._http.run(_core.snapshot_sandbox(self._id, name, memory))
 
     def fork(self, count: int = 1, metadata: Mapping[str, str] | None = None) -> list[Sandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running."""

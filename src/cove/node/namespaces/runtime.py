@@ -250,7 +250,12 @@ class NamespacesRuntime:
 
     # -- checkpoints (CRIU) ----------------------------------------------------------------
     def checkpoint_dir(self, key: str) -> Path:
-        return self.settings.home / "checkpoints" / key
+        root = (
+            Path(self.settings.checkpoint_dir)
+            if self.settings.checkpoint_dir
+            else self.settings.home / "checkpoints"
+        )
+        return root / key
 
     def _checkpoint(self, sandbox_id: str, pid: int, images: Path, leave_running: bool) -> str | None:
         """Dump the sandbox's processes into `images`, frozen through cove's own freezer.
