@@ -95,7 +95,8 @@ def main() -> None:
         sys.exit("bench/run.py needs root (it starts a cove server)")
     result = core.run(runs=args.runs, exec_runs=args.exec_runs)
     st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run()
-    text = render(result, args, stateful.render(st))
+    mem = stateful.run_memory(sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run_memory()
+    text = render(result, args, [*stateful.render(st), "", *stateful.render_memory(mem)])
     print(text)
     if not args.no_write:
         (ROOT / "docs" / "benchmarks.md").write_text(text)
