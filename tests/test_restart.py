@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from conftest import Server
@@ -83,6 +86,40 @@ def test_restart_keeps_hibernated_sandboxes_and_rolls_back_half_made_snapshots(o
         assert c.get("/v1/snapshots/snaphalfmade").status_code == 404
         r = c.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "cat /home/user/f"})
         assert r.json()["stdout"] == "saved\n"
+    db = sqlite3.connect(srv.home / "cove.db")
+    assert db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0] == 0
+    db.close()
+
+
+def test_sigkill_during_fork_leaves_a_consistent_state(own_server: Server) -> None:
+    import threading
+
+    srv = own_server
+    with srv.client() as c:
+        src = c.post("/v1/sandboxes", json={}).json()
+        c.post(f"/v1/sandboxes/{src['id']}/exec", json={"cmd": "echo parent > /home/user/f"})
+
+    def fork() -> None:
+        with srv.client() as c2, contextlib.suppress(httpx.HTTPError):  # the server dies under it
+            c2.post(f"/v1/sandboxes/{src['id']}/fork", json={"count": 4}, timeout=30)
+
+    t = threading.Thread(target=fork)
+    t.start()
+    time.sleep(0.25)  # somewhere inside the fork: the invariants must hold wherever that is
+    srv.proc.kill()  # type: ignore[union-attr]
+    srv.proc.wait()  # type: ignore[union-attr]
+    t.join()
+    srv.start()
+    with srv.client() as c:
+        assert c.get("/v1/snapshots").json()["items"] == [], "a fork's snapshot must never stay visible"
+        states = {}
+        for sb in c.get("/v1/sandboxes", params={"limit": 1000}).json()["items"]:
+            states[sb["id"]] = sb["state"]
+            assert sb["state"] in ("running", "error"), sb
+            if sb["state"] == "running":
+                r = c.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "cat /home/user/f"})
+                assert r.json()["stdout"] == "parent\n", (sb["id"], r.text)
+        assert states[src["id"]] == "running"
     db = sqlite3.connect(srv.home / "cove.db")
     assert db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0] == 0
     db.close()

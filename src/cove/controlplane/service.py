@@ -304,10 +304,16 @@ class SandboxService:
         return snap
 
     async def list_snapshots(self, who: Caller) -> list[SnapshotRecord]:
-        return [s for s in await self.store.list_snapshots(who.tenant) if s.state == "ready"]
+        snaps = await self.store.list_snapshots(who.tenant)
+        return [s for s in snaps if s.state == "ready" and not s.config.get("internal")]
 
     async def snapshot(
-        self, who: Caller, sandbox_id: str, name: str | None = None, memory: bool = False
+        self,
+        who: Caller,
+        sandbox_id: str,
+        name: str | None = None,
+        memory: bool = False,
+        internal: bool = False,
     ) -> SnapshotRecord:
         """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
         too (CRIU); the sandbox keeps running."""
@@ -358,6 +364,7 @@ class SandboxService:
                 "user": rec.user,
                 "workdir": rec.workdir,
                 "limits": rec.limits,
+                "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
             }
             snap.state = "ready"
             await self.store.update_snapshot(
@@ -406,7 +413,7 @@ class SandboxService:
         """
         source = await self.get(who, sandbox_id)
         memory = self.node.can_checkpoint() and source.state in ACTIVE
-        snap = await self.snapshot(who, sandbox_id, memory=memory)
+        snap = await self.snapshot(who, sandbox_id, memory=memory, internal=True)
         try:
             req = CreateSandbox(
                 snapshot=snap.id,
@@ -482,7 +489,7 @@ class SandboxService:
             )
             await self._transition(rec, "error", end_reason=reason)
         for snap in await self.store.list_snapshots(None):
-            if snap.state != "ready":
+            if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
                 await self.store.delete_snapshot(snap.id)
                 await self.node.drop_checkpoint(snap.id)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
