@@ -344,15 +344,8 @@ class SandboxService:
                 if memory:
                     layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id)
                     snap.memory = True
-                else:
-                    frozen = rec.state == "running"
-                    if frozen:  # a consistent instant: nothing writes while the layer is sealed
-                        await self.node.pause(rec.id)
-                    try:
-                        layer = await self.node.commit(rec.id)
-                    finally:
-                        if frozen:
-                            await self.node.resume(rec.id)
+                else:  # the node freezes the sandbox for the instant of the copy
+                    layer = await self.node.commit(rec.id)
             except (NodeError, OSError) as e:
                 await self.store.delete_snapshot(snap.id)
                 await self.node.drop_checkpoint(snap.id)

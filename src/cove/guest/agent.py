@@ -46,7 +46,7 @@ LIST_LIMIT = 50_000  # keeps a list reply well under protocol.MAX_PAYLOAD
 STDIN_HIGH_WATER = 4 * 1024 * 1024  # stop reading the host while this much stdin is unread
 EXIT_IDLE = 0.1  # after the command exits: stop once its pipes are quiet this long...
 EXIT_GRACE = 1.0  # ...or after this long, if a background process keeps them open
-SPARES = 2  # pre-forked handlers waiting for the next connection
+SPARES = 1  # pre-forked handler waiting for the next connection (each costs ~1 MB of private memory)
 LINGER = 10.0  # how long to drain host input we will not use, before closing (see linger())
 
 CONFIG: dict = {"env": {}, "user": None, "workdir": None}

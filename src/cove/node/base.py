@@ -85,7 +85,7 @@ class NodeAgent(ABC):
 
     @abstractmethod
     async def commit(self, sandbox_id: str) -> str:
-        """Seal a read-only copy of the sandbox's writable layer; returns the new layer's id."""
+        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id."""
 
     @abstractmethod
     async def flatten(self, layers: list[str]) -> str:

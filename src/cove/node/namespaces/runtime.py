@@ -269,6 +269,8 @@ class NamespacesRuntime:
         if freezer is None:
             raise NodeError("this host has no cgroup freezer")
         shutil.rmtree(images, ignore_errors=True)
+        if leave_running:
+            self.layers.flush(sandbox_id)  # most dirty data goes to disk before the freeze
         was_frozen = cg.frozen()  # a paused sandbox stays paused
         cg.freeze(True)
         layer = None
@@ -324,9 +326,22 @@ class NamespacesRuntime:
     async def drop_checkpoint(self, key: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.checkpoint_dir(key), True)
 
+    def _commit(self, sandbox_id: str) -> str:
+        """Seal a copy of the writable layer at one instant: flush first (the sandbox runs on while
+        the bulk of its dirty data is written back), then freeze only for the snapshot itself."""
+        self.layers.flush(sandbox_id)
+        cg = self.cgroup(sandbox_id)
+        running = cg.exists() and not cg.frozen()
+        if running:
+            cg.freeze(True)
+        try:
+            return self.layers.commit(sandbox_id)
+        finally:
+            if running:
+                cg.freeze(False)
+
     async def commit(self, sandbox_id: str) -> str:
-        """Seal a copy of the sandbox's writable layer (freeze it first for a consistent copy)."""
-        return await asyncio.to_thread(self.layers.commit, sandbox_id)
+        return await asyncio.to_thread(self._commit, sandbox_id)
 
     def present(self) -> set[str]:
         """Ids of every sandbox with files or a cgroup on this host."""
