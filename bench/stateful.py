@@ -65,9 +65,16 @@ def run_memory(sizes_mb: tuple[int, ...] = (10, 100, 1024), forks: tuple[int, ..
                     f'setsid python3 -c "{HOLDER % mb}" >/dev/null 2>&1 </dev/null & sleep {0.5 + mb / 1000}'
                 )
                 _ok(c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd, "timeout": 120}))
-                hib = _ms(lambda url: _ok(c.post(url, timeout=600)), f"/v1/sandboxes/{sid}/hibernate")
-                res = _ms(lambda url: _ok(c.post(url, timeout=600)), f"/v1/sandboxes/{sid}/resume")
-                raw_dump, raw_restore = raw_criu(mb)
+                hibs, ress, raws = [], [], []
+                for _ in range(3):  # median of 3 cycles on the same sandbox
+                    hibs.append(
+                        _ms(lambda url: _ok(c.post(url, timeout=600)), f"/v1/sandboxes/{sid}/hibernate")
+                    )
+                    ress.append(_ms(lambda url: _ok(c.post(url, timeout=600)), f"/v1/sandboxes/{sid}/resume"))
+                    raws.append(raw_criu(mb))
+                hib, res = statistics.median(hibs), statistics.median(ress)
+                raw_dump = statistics.median(r[0] for r in raws)
+                raw_restore = statistics.median(r[1] for r in raws)
                 row = {
                     "mb": mb,
                     "hibernate": hib,
@@ -99,7 +106,7 @@ def render_memory(res: dict) -> list[str]:
         "## Hibernate and resume with memory (CRIU)",
         "`POST …/hibernate` and `POST …/resume` of a sandbox whose Python process holds N MB, beside raw",
         "CRIU dump and restore of the same kind of process on the host (no namespaces, no overlay) in the",
-        "same run. Targets: hibernate and resume of a 100 MB process ≤ 300 ms each.",
+        "same run (medians of 3). Targets: hibernate and resume of a 100 MB process ≤ 300 ms each.",
         "",
         "| process memory | hibernate ms | resume ms | raw `criu dump` ms | raw `criu restore` ms |",
         "|---|---|---|---|---|",
