@@ -224,3 +224,18 @@ def test_disk_full_during_hibernate_leaves_the_sandbox_running(tmp_path: Path) -
     finally:
         srv.close()
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_timeout_can_hibernate_instead_of_kill(api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={"timeout": 1, "on_timeout": "hibernate"}).json()
+    try:
+        sh(api, sb["id"], "echo kept > /home/user/f")
+        deadline = time.monotonic() + 15
+        while (info := api.get(f"/v1/sandboxes/{sb['id']}").json())["state"] != "hibernated":
+            assert info["state"] == "running", info
+            assert time.monotonic() < deadline, "the timeout did not hibernate the sandbox"
+            time.sleep(0.2)
+        assert info["expires_at"] is None
+        assert sh(api, sb["id"], "cat /home/user/f")["stdout"] == "kept\n"
+    finally:
+        api.delete(f"/v1/sandboxes/{sb['id']}")

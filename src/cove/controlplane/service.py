@@ -198,11 +198,18 @@ class SandboxService:
         rec = await self.get(who, sandbox_id)
         await self._end(rec, "killed", "killed by request")
 
-    async def _end(self, rec: SandboxRecord, state: str, reason: str) -> None:
+    async def _end(self, rec: SandboxRecord, state: str, reason: str, check: str | None = None) -> None:
+        """End a sandbox. `check` re-verifies, under its lock, why a background task wanted it ended
+        ("dead" or "expired"): its view of the sandbox may be stale by then (it may have been
+        hibernated, resumed or given more time meanwhile)."""
         async with self._locks[rec.id]:
             fresh = await self.store.get_sandbox(rec.id)
             if fresh is None or fresh.state not in LIVE:
                 return  # already ended: kill is idempotent
+            if check == "dead" and (fresh.state not in ACTIVE or await self.node.alive(fresh.id, fresh.node)):
+                return
+            if check == "expired" and (fresh.expires_at is None or fresh.expires_at > time.time()):
+                return
             await self.node.kill(fresh.id, fresh.node)
             await self._transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
@@ -451,8 +458,8 @@ class SandboxService:
         """After the guest stopped answering: mark a dead sandbox as such (and free it)."""
         if await self.node.alive(rec.id, rec.node):
             return True
-        await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
-        return False
+        await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead")
+        return await self.node.alive(rec.id, rec.node)
 
     # -- background work -----------------------------------------------------------------
     async def adopt(self) -> None:
@@ -501,11 +508,13 @@ class SandboxService:
                         await self._hibernate(rec)
                         await self.store.update_sandbox(rec.id, expires_at=None)
                     else:
-                        await self._end(rec, "killed", "timeout")
+                        await self._end(rec, "killed", "timeout", check="expired")
                 elif rec.state == "hibernated":
                     continue
                 elif not await self.node.alive(rec.id, rec.node):
-                    await self._end(rec, "error", "sandbox stopped unexpectedly (its init process exited)")
+                    await self._end(
+                        rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
+                    )
                 elif rec.state == "running" and rec.idle_timeout:
                     last = self._activity.setdefault(rec.id, mono)
                     if mono - last >= rec.idle_timeout:

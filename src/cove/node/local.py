@@ -34,6 +34,16 @@ class LocalNode(NodeAgent):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
         await self.runtime.start()
+        can = checkpoint.available()
+        log.info(
+            "node ready",
+            extra={
+                "storage": self.layers.backend.name,
+                "checkpoint": f"criu {'.'.join(map(str, checkpoint.criu_version() or ()))}"
+                if can
+                else "unavailable",
+            },
+        )
 
     async def base_template(self) -> TemplateSpec:
         if self._base is None:
