@@ -355,6 +355,10 @@ def exec_(
     stdin: Annotated[
         bool, typer.Option("--stdin", "-i", help="Send this terminal's stdin to the command.")
     ] = False,
+    tty: Annotated[
+        bool,
+        typer.Option("--tty", "-t", help="Run in a terminal (with -i: interactive, like docker exec -it)."),
+    ] = False,
 ) -> None:
     """Run a command in a sandbox, streaming its output; exits with the command's exit code.
 
@@ -364,8 +368,11 @@ def exec_(
     [bold]Examples:[/]  [cyan]cove exec sb-1234 -- ls -la /tmp[/]
                [cyan]cove exec sb-1234 -- 'cd /src && make 2>&1 | tail'[/]
                [cyan]echo hi | cove exec -i sb-1234 -- cat[/]
+               [cyan]cove exec -it sb-1234 -- python3[/]
     """
     command: str | list[str] = cmd[0] if len(cmd) == 1 else list(cmd)
+    if tty:
+        raise typer.Exit(_terminal(ctx, sandbox_id, command, user=user, cwd=cwd, env=_pairs(env, "--env")))
     stdin_data = sys.stdin.read() if stdin else None
 
     def write_out(data: str) -> None:
@@ -549,6 +556,56 @@ def kill(
             out.print(f"killed {escape(sandbox_id)}")
     if failed:
         raise typer.Exit(1)
+
+
+def _terminal(ctx: typer.Context, sandbox_id: str, command: str | list[str], **kw: Any) -> int:
+    from cove.cli.terminal import attach, terminal_size
+
+    conn = _conn(ctx)
+    sandbox = conn.sandbox(sandbox_id)
+    try:
+        rows, cols = terminal_size()
+        proc = sandbox.pty.create(command, rows=rows, cols=cols, **kw)
+    finally:
+        sandbox.close()
+    return _exit_status(attach(conn.url, conn.api_key, sandbox_id, proc.id))
+
+
+@app.command()
+@_friendly
+def shell(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Log in as this user.")] = None,
+) -> None:
+    """Open an interactive terminal (bash) in a sandbox; exit the shell to leave.
+
+    [bold]Example:[/]  [cyan]cove shell sb-1234[/]
+    """
+    raise typer.Exit(_terminal(ctx, sandbox_id, "bash -l", user=user))
+
+
+@app.command("ps")
+@_friendly
+def ps(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+) -> None:
+    """List the background processes and terminals of a sandbox.
+
+    [bold]Example:[/]  [cyan]cove ps sb-1234[/]
+    """
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        procs = sandbox.processes.list()
+    finally:
+        sandbox.close()
+    table = Table("ID", "PID", "COMMAND", "TTY", "STATE", box=None)
+    for p in procs:
+        state = "running" if p.running else f"exited {p.exit_code}"
+        command = p.cmd or " ".join(p.argv or [])
+        table.add_row(p.id, str(p.pid or ""), escape(command[:60]), "yes" if p.pty else "", state)
+    out.print(table)
 
 
 @app.command()

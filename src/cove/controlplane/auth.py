@@ -7,7 +7,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import Request, WebSocket
 
 from cove.controlplane.errors import ApiError
 from cove.store.base import KeyRecord, Store
@@ -77,7 +77,7 @@ class KeyCache:
                 del self._entries[h]
 
 
-def _presented_key(request: Request) -> str | None:
+def _presented_key(request: Request | WebSocket) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -94,6 +94,18 @@ async def caller(request: Request) -> Caller:
             401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
         )
     rec = await request.app.state.cove.keys.lookup(hash_key(key))
+    if rec is None:
+        raise ApiError(401, "unauthorized", "invalid API key")
+    return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)
+
+
+async def websocket_caller(websocket: WebSocket) -> Caller:
+    """The caller of a WebSocket: the same keys, also accepted as `?api_key=` (browsers cannot set
+    headers on a WebSocket)."""
+    key = _presented_key(websocket) or websocket.query_params.get("api_key")  # type: ignore[arg-type]
+    if not key:
+        raise ApiError(401, "unauthorized", "missing API key")
+    rec = await websocket.app.state.cove.keys.lookup(hash_key(key))
     if rec is None:
         raise ApiError(401, "unauthorized", "invalid API key")
     return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)

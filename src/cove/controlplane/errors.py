@@ -22,7 +22,8 @@ GUEST_STATUS = {
     "not_empty": 409,
     "invalid": 400,
     "too_large": 413,
-    "busy": 503,  # the sandbox cannot start another process (its pid limit)
+    "busy": 503,
+    "conflict": 409,  # e.g. stdin to a process that has exited  # the sandbox cannot start another process (its pid limit)
 }
 
 

@@ -217,6 +217,66 @@ class ForkResult(SandboxList):
     memory: bool = Field(description="whether the children's processes continue from the source's (CRIU)")
 
 
+class PtySize(Strict):
+    rows: int = Field(default=24, ge=1, le=1000)
+    cols: int = Field(default=80, ge=1, le=1000)
+
+
+class StartProcess(Strict):
+    cmd: Annotated[str, StringConstraints(min_length=1, max_length=1 << 20)] | None = None
+    argv: list[Annotated[str, StringConstraints(max_length=1 << 20)]] | None = Field(
+        default=None, min_length=1
+    )
+    cwd: SandboxPath | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    user: UserName | None = None
+    stdin: bool = Field(default=False, description="keep stdin open for POST …/stdin")
+    pty: PtySize | None = Field(default=None, description="run in a terminal of this size")
+    tag: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+    _env = field_validator("env")(_check_env)
+
+    @model_validator(mode="after")
+    def _one_command(self) -> StartProcess:
+        if (self.cmd is None) == (self.argv is None):
+            raise ValueError("give exactly one of cmd (a shell string) or argv (a list)")
+        return self
+
+
+class ProcessOut(BaseModel):
+    id: str
+    pid: int | None = None
+    cmd: str | None = None
+    argv: list[str] | None = None
+    tag: str | None = None
+    pty: dict[str, int] | None = Field(default=None, description="terminal size, for a process in a PTY")
+    running: bool = True
+    exit_code: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class ProcessList(BaseModel):
+    items: list[ProcessOut]
+
+
+class StdinData(Strict):
+    data: str = Field(max_length=16 << 20, description="text to write to the process's stdin")
+
+
+class SignalRequest(Strict):
+    signal: Annotated[str, StringConstraints(pattern=r"^(SIG[A-Z0-9]+|[0-9]{1,2})$")] = "SIGTERM"
+
+
+class WaitRequest(Strict):
+    timeout: float = Field(default=30, ge=0, le=3600)
+
+
+class WaitResult(BaseModel):
+    running: bool
+    exit_code: int | None = None
+
+
 class CreateKey(Strict):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     tenant: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")] = "default"

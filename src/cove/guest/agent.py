@@ -526,7 +526,8 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def op_exec(c: Conn, req: dict) -> dict | None:
+def _command_argv(req: dict) -> tuple[list[str], bool]:
+    """The argv of an exec/spawn request (``cmd`` runs through bash) and whether it is a shell string."""
     argv = req.get("argv")
     cmd = req.get("cmd")
     if (argv is None) == (cmd is None):
@@ -540,12 +541,11 @@ def op_exec(c: Conn, req: dict) -> dict | None:
         raise OpError("invalid", "argv must be a non-empty list of strings")
     if any("\0" in a for a in argv):
         raise OpError("invalid", "argv contains a NUL byte")
-    timeout = req.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
-    ):
-        raise OpError("invalid", "timeout must be a number of seconds >= 0, or null")
-    want_stdin = _field_bool(req, "stdin")
+    return argv, shell
+
+
+def _command_context(req: dict) -> tuple[User, str, dict[str, str]]:
+    """The user, working directory and environment of an exec/spawn request."""
     user = resolve_user(req.get("user"))
     cwd = req.get("cwd")
     if cwd is None or cwd == "":
@@ -553,6 +553,23 @@ def op_exec(c: Conn, req: dict) -> dict | None:
         cwd = default if default and user.uid == resolve_user(None).uid else user.home
     cwd = norm_path(cwd, user.home)
     env = build_env(user, req.get("env"))
+    return user, cwd, env
+
+
+def _timeout_field(req: dict) -> float | None:
+    timeout = req.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+    ):
+        raise OpError("invalid", "timeout must be a number of seconds >= 0, or null")
+    return timeout
+
+
+def op_exec(c: Conn, req: dict) -> dict | None:
+    argv, shell = _command_argv(req)
+    timeout = _timeout_field(req)
+    want_stdin = _field_bool(req, "stdin")
+    user, cwd, env = _command_context(req)
     return run_command(c, argv, shell, user, cwd, env, timeout or None, want_stdin)
 
 
@@ -740,6 +757,977 @@ def run_command(
     return {"exit_code": _exit_code(status), "timed_out": timed_out}
 
 
+# --- background processes ---------------------------------------------------------------------
+# `spawn` forks a supervisor per process (its own session; re-parented to pid 1 when the handler
+# exits). The supervisor owns the command, keeps its output in a bounded buffer and serves the
+# process's operations on PROCS_DIR/<id>.sock, with <id>.json (the metadata) beside it. The host
+# still talks only to the agent socket: the handler of attach/input/... relays to that socket.
+
+PROCS_DIR = "/run/cove/sock/procs"  # test mode: a procs/ directory beside the agent's socket
+OUTPUT_LIMIT = 8 * 1024 * 1024  # output kept per process; older bytes are dropped
+PROCS_KEEP = 100  # exited processes kept listed (older ones are forgotten on the next spawn)
+PROC_RETAIN = 600.0  # a supervisor keeps an exited process's output this long, then only its metadata
+PROC_OPS = ("attach", "input", "close_stdin", "signal", "kill", "resize", "wait")
+SIGNAL_NAMES = (
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGCONT",
+    "SIGSTOP", "SIGTSTP", "SIGWINCH",
+)  # fmt: skip
+
+
+def _proc_id(req: dict) -> str:
+    proc_id = req.get("id")
+    if (
+        not isinstance(proc_id, str)
+        or not 1 <= len(proc_id) <= 32
+        or not all(ch in "0123456789abcdef" for ch in proc_id)
+    ):
+        raise OpError("invalid", "id must be a process id as returned by spawn")
+    return proc_id
+
+
+def _proc_path(proc_id: str, suffix: str) -> str:
+    return f"{PROCS_DIR}/{proc_id}{suffix}"
+
+
+def _write_meta(meta: dict) -> None:
+    path = _proc_path(meta["id"], ".json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, protocol.dumps(meta).encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_meta(proc_id: str) -> dict | None:
+    """A process's metadata; a supervisor that died without saying so (killed) means not running."""
+    try:
+        with open(_proc_path(proc_id, ".json"), "rb") as f:
+            meta = protocol.decode_json(f.read())
+    except (OSError, protocol.ProtocolError):
+        return None
+    if meta.get("running"):
+        try:
+            os.kill(meta.get("supervisor") or 0, 0)
+        except ProcessLookupError:
+            meta["running"] = False
+        except (OSError, TypeError):
+            pass
+    return meta
+
+
+_PUBLIC_FIELDS = ("id", "pid", "cmd", "argv", "tag", "pty", "running", "exit_code", "started_at", "ended_at")
+
+
+def _all_meta() -> list[dict]:
+    try:
+        names = os.listdir(PROCS_DIR)
+    except FileNotFoundError:
+        return []
+    metas = []
+    for name in names:
+        if name.endswith(".json"):
+            meta = _read_meta(name[:-5])
+            if meta is not None:
+                metas.append(meta)
+    metas.sort(key=lambda m: m.get("started_at") or 0)
+    return metas
+
+
+def _supervisor_request(proc_id: str, req: dict, timeout: float = 1.0) -> dict | None:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(_proc_path(proc_id, ".sock"))
+        sock.sendall(protocol.encode_json(req))
+        frame = protocol.recv_frame(sock)
+        return protocol.decode_json(frame[1]) if frame is not None else None
+    except (OSError, protocol.ProtocolError):
+        return None
+    finally:
+        sock.close()
+
+
+def _forget_old_processes() -> None:
+    """Keep the newest PROCS_KEEP exited processes; stop the supervisors of older ones."""
+    exited = [m for m in _all_meta() if not m.get("running")]
+    if len(exited) <= PROCS_KEEP:
+        return
+    exited.sort(key=lambda m: m.get("ended_at") or 0)
+    for meta in exited[: len(exited) - PROCS_KEEP]:
+        proc_id = str(meta.get("id"))
+        _supervisor_request(proc_id, {"op": "shutdown"})
+        for suffix in (".json", ".sock"):
+            try:  # noqa: SIM105
+                os.unlink(_proc_path(proc_id, suffix))
+            except OSError:
+                pass
+
+
+def _pty_size(value: object) -> tuple[int, int] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise OpError("invalid", "pty must be an object {rows, cols} or null")
+    return _dimension(value.get("rows", 24), "rows"), _dimension(value.get("cols", 80), "cols")
+
+
+def _dimension(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise OpError("invalid", f"{name} must be an integer between 1 and 65535")
+    return value
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    import _struct
+    import fcntl
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, _struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def op_spawn(c: Conn, req: dict) -> dict:
+    argv, shell = _command_argv(req)
+    want_stdin = _field_bool(req, "stdin")
+    size = _pty_size(req.get("pty"))
+    tag = req.get("tag")
+    if tag is not None and (not isinstance(tag, str) or len(tag) > 1024):
+        raise OpError("invalid", "tag must be a string of at most 1024 characters")
+    user, cwd, env = _command_context(req)
+    if size is not None and "TERM" not in env:
+        env["TERM"] = "xterm-256color"
+    os.makedirs(PROCS_DIR, mode=0o700, exist_ok=True)
+    _forget_old_processes()
+    while True:
+        proc_id = os.urandom(4).hex()
+        if not os.path.lexists(_proc_path(proc_id, ".json")):
+            break
+    meta = {
+        "id": proc_id,
+        "pid": None,
+        "cmd": req.get("cmd"),
+        "argv": argv,
+        "tag": tag,
+        "pty": None if size is None else {"rows": size[0], "cols": size[1]},
+        "stdin": want_stdin or size is not None,
+        "running": True,
+        "exit_code": None,
+        "started_at": None,
+        "ended_at": None,
+        "end_offset": None,
+        "supervisor": None,
+    }
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        try:
+            os.close(report_r)
+            c.sock.close()
+            os.setsid()
+            Supervisor(meta, shell, user, cwd, env, size).run(report_w)
+        except BaseException:
+            _log_exception()
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    data = b""
+    while chunk := os.read(report_r, 65536):
+        data += chunk
+    os.close(report_r)
+    try:
+        report = protocol.decode_json(data)
+    except protocol.ProtocolError:
+        raise OpError("internal", "the process supervisor failed to start") from None
+    if not report.get("ok"):
+        raise OpError(str(report.get("code")), str(report.get("message")))
+    return {"id": proc_id, "pid": report["pid"]}
+
+
+def op_list_processes(c: Conn, req: dict) -> dict:
+    return {"processes": [{k: m.get(k) for k in _PUBLIC_FIELDS} for m in _all_meta()]}
+
+
+def op_process(c: Conn, req: dict) -> dict | None:
+    """attach/input/close_stdin/signal/kill/resize/wait: relayed to the process's supervisor."""
+    proc_id = _proc_id(req)
+    sup = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        try:
+            sup.connect(_proc_path(proc_id, ".sock"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return _process_gone(c, req, proc_id)
+        sup.sendall(protocol.encode_json(req))
+        relay(c.sock, sup)
+    finally:
+        sup.close()
+    return None
+
+
+def _process_gone(c: Conn, req: dict, proc_id: str) -> dict:
+    """The supervisor has ended (the output is no longer kept): answer from the metadata."""
+    meta = _read_meta(proc_id)
+    if meta is None:
+        raise OpError("not_found", f"no process {proc_id}")
+    op = req["op"]
+    end = meta.get("end_offset") or 0
+    if op == "wait":
+        return {"running": False, "exit_code": meta.get("exit_code")}
+    if op == "attach":
+        offset = req.get("offset")
+        event = {"event": "attached", "offset": end, "truncated": offset is None or offset < end}
+        protocol.send_frame(c.sock, KIND_JSON, protocol.dumps(event).encode())
+        return {"exit_code": meta.get("exit_code"), "end_offset": end}
+    if op == "close_stdin":
+        return {}
+    raise OpError("conflict", f"process {proc_id} has exited")
+
+
+def relay(host: _socket.socket, sup: _socket.socket) -> None:
+    """Copy bytes both ways until the supervisor ends its answer (or the host goes away)."""
+    poller = select.poll()
+    poller.register(host.fileno(), select.POLLIN)
+    poller.register(sup.fileno(), select.POLLIN)
+    host_fd = host.fileno()
+    while True:
+        for fd, _ in poller.poll():
+            src, dst = (host, sup) if fd == host_fd else (sup, host)
+            try:
+                data = src.recv(256 * 1024)
+            except OSError:
+                data = b""
+            if not data:
+                if src is host:
+                    return  # the host is gone (e.g. it detached): the process is not touched
+                sup.close()
+                linger(host)
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                if dst is host:
+                    return
+                # The supervisor stopped reading (its answer is on the way): drop host input.
+                poller.unregister(host_fd)
+
+
+class _Client:
+    """One connection to a supervisor (a relaying handler)."""
+
+    __slots__ = ("close_at", "deadline", "inbuf", "out", "pos", "shut", "sock", "state")
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self.state = "request"  # request | attach | input | wait | closing
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.pos = 0  # attach: offset of the next output byte to send
+        self.deadline: float | None = None  # wait: when to give up
+        self.close_at = 0.0  # closing: when to stop waiting for the peer to close
+        self.shut = False
+
+
+class Supervisor:
+    """Owns one background process: its output buffer, stdin, and the clients of its socket."""
+
+    def __init__(
+        self,
+        meta: dict,
+        shell: bool,
+        user: User,
+        cwd: str,
+        env: dict[str, str],
+        size: tuple[int, int] | None,
+    ) -> None:
+        self.meta = meta
+        self.id: str = meta["id"]
+        self.shell = shell
+        self.user = user
+        self.cwd = cwd
+        self.env = env
+        self.size = size
+        self.pid = 0
+        self.status: int | None = None
+        self.exit_code: int | None = None
+        self.exited_at = 0.0
+        self.done = False  # exited and all output read
+        self.done_at = 0.0
+        self.chunks: list[list] = []  # [offset, kind, bytearray], merged while the kind repeats
+        self.start = 0  # offset of the oldest kept byte
+        self.end = 0  # offset after the newest byte
+        self.outputs: dict[int, bytes] = {}
+        self.in_fd = -1  # stdin pipe or PTY master
+        self.master = -1
+        self.stdin_buf = bytearray()
+        self.stdin_closing = False
+        self.clients: list[_Client] = []
+        self.shutdown = False
+
+    # -- start
+
+    def run(self, report_w: int) -> None:
+        sock_path = _proc_path(self.id, ".sock")
+        try:  # noqa: SIM105
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        listener.bind(sock_path)
+        listener.listen(64)
+        listener.setblocking(False)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        _signal.signal(_signal.SIGCHLD, _noop_handler)
+        _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        try:
+            self.start_command()
+        except (OpError, OSError) as exc:
+            err = exc if isinstance(exc, OpError) else os_error(exc)
+            os.write(
+                report_w, protocol.dumps({"ok": False, "code": err.code, "message": err.message}).encode()
+            )
+            os.close(report_w)
+            listener.close()
+            os.unlink(sock_path)
+            return
+        self.meta.update(pid=self.pid, started_at=time.time(), supervisor=os.getpid())
+        _write_meta(self.meta)
+        os.write(report_w, protocol.dumps({"ok": True, "pid": self.pid}).encode())
+        os.close(report_w)
+        try:
+            self.loop(listener, wake_r)
+        finally:
+            try:  # noqa: SIM105
+                os.unlink(sock_path)
+            except OSError:
+                pass
+            if self.status is None:
+                self.kill(_signal.SIGKILL)
+
+    def start_command(self) -> None:
+        mine: list[int] = []  # our ends
+        theirs: list[int] = []  # the child's ends, closed here after the fork
+        try:
+            if self.size is not None:
+                master, slave = os.openpty()
+                mine.append(master)
+                theirs.append(slave)
+                _set_winsize(master, *self.size)
+                fds = (slave, slave, slave)
+                self.master = self.in_fd = master
+                self.outputs = {master: KIND_STDOUT}
+            else:
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                mine += (out_r, err_r)
+                theirs += (out_w, err_w)
+                in_r = -1
+                if self.meta["stdin"]:
+                    in_r, self.in_fd = os.pipe()
+                    mine.append(self.in_fd)
+                    theirs.append(in_r)
+                fds = (in_r, out_w, err_w)
+                self.outputs = {out_r: KIND_STDOUT, err_r: KIND_STDERR}
+            status_r, status_w = os.pipe()
+            theirs.append(status_w)
+            mine.append(status_r)
+            pid = os.fork()
+            if pid == 0:
+                self._child(fds, status_w)
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+            data = b""
+            while chunk := os.read(status_r, 4096):
+                data += chunk
+            os.close(status_r)
+            mine.remove(status_r)
+            if data:
+                os.waitpid(pid, 0)
+                code, _, message = data.decode("utf-8", "replace").partition("\n")
+                raise OpError(code, message)
+        except BaseException:
+            for fd in mine + theirs:
+                os.close(fd)
+            raise
+        self.pid = pid
+        for fd in mine:
+            os.set_blocking(fd, False)
+
+    def _child(self, fds: tuple[int, int, int], status_w: int) -> None:
+        """In the forked child: become the command (never returns)."""
+        try:
+            _signal.set_wakeup_fd(-1)
+            # Python ignores SIGPIPE/SIGXFSZ; ignored dispositions survive exec, so restore them.
+            for sig in (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ):
+                _signal.signal(sig, _signal.SIG_DFL)
+            os.setsid()
+            in_fd, out_fd, err_fd = fds
+            if self.size is not None:
+                import fcntl
+                import termios
+
+                fcntl.ioctl(in_fd, termios.TIOCSCTTY, 0)
+            if in_fd < 0:
+                in_fd = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(in_fd, 0)
+            os.dup2(out_fd, 1)
+            os.dup2(err_fd, 2)
+            try:  # user commands should be the OOM killer's choice, not the agent
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("0")
+            except OSError:
+                pass
+            become(self.user)
+            try:
+                os.chdir(self.cwd)
+            except FileNotFoundError:
+                raise OpError("not_found", f"working directory does not exist: {self.cwd}") from None
+            except NotADirectoryError:
+                raise OpError(
+                    "not_a_directory", f"working directory is not a directory: {self.cwd}"
+                ) from None
+            except PermissionError:
+                raise OpError(
+                    "permission_denied", f"working directory is not accessible: {self.cwd}"
+                ) from None
+            argv = self.meta["argv"]
+            try:
+                os.execvpe(argv[0], argv, self.env)
+            except OSError as exc:
+                if self.shell and exc.errno == errno.ENOENT:  # a template without bash still has sh
+                    try:  # noqa: SIM105
+                        os.execve("/bin/sh", ["/bin/sh", *argv[1:]], self.env)
+                    except OSError:
+                        pass
+                if exc.errno == errno.ENOENT and "/" not in argv[0]:
+                    message, code = f"{argv[0]}: command not found\n", 127
+                else:
+                    message, code = f"{argv[0]}: {exc.strerror}\n", 127 if exc.errno == errno.ENOENT else 126
+                os.write(2, message.encode("utf-8", "replace"))
+                os._exit(code)
+        except OpError as exc:
+            os.write(status_w, f"{exc.code}\n{exc.message}".encode("utf-8", "replace"))
+        except OSError as exc:
+            err = os_error(exc)
+            os.write(status_w, f"{err.code}\n{err.message}".encode("utf-8", "replace"))
+        except BaseException as exc:
+            os.write(status_w, f"internal\n{type(exc).__name__}: {exc}".encode("utf-8", "replace"))
+        os._exit(127)
+
+    # -- state
+
+    def kill(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            raise OpError("conflict", f"process {self.id} has exited") from None
+
+    def append(self, kind: bytes, data: bytes) -> None:
+        last = self.chunks[-1] if self.chunks else None
+        if last is not None and last[1] == kind and len(last[2]) < CHUNK:
+            last[2] += data
+        else:
+            self.chunks.append([self.end, kind, bytearray(data)])
+        self.end += len(data)
+        excess = self.end - self.start - OUTPUT_LIMIT
+        while excess > 0:
+            first = self.chunks[0]
+            size = len(first[2])
+            if size <= excess:
+                self.chunks.pop(0)
+                self.start += size
+                excess -= size
+            else:
+                del first[2][:excess]
+                first[0] += excess
+                self.start += excess
+                excess = 0
+
+    def close_stdin_fd(self) -> None:
+        if self.in_fd >= 0 and self.in_fd != self.master:
+            os.close(self.in_fd)
+        self.in_fd = -1
+        self.stdin_buf.clear()
+
+    def pump_stdin(self) -> None:
+        while self.in_fd >= 0 and self.stdin_buf:
+            try:
+                n = os.write(self.in_fd, self.stdin_buf)
+            except BlockingIOError:
+                break
+            except OSError:  # the command closed its stdin: drop what it will never read
+                self.close_stdin_fd()
+                break
+            del self.stdin_buf[:n]
+        if self.stdin_closing and not self.stdin_buf and self.in_fd >= 0 and self.in_fd != self.master:
+            self.close_stdin_fd()
+
+    def stdin_open(self) -> bool:
+        return self.in_fd >= 0 and (self.master >= 0 or not self.stdin_closing)
+
+    def check_exit(self, now: float) -> None:
+        if self.status is not None:
+            return
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if not pid:
+            return
+        self.status = status
+        self.exit_code = _exit_code(status)
+        self.exited_at = now
+        self.stdin_buf.clear()
+        if self.master < 0:
+            self.close_stdin_fd()
+        self.meta.update(running=False, exit_code=self.exit_code, ended_at=time.time())
+        _write_meta(self.meta)
+
+    def finish(self, now: float) -> None:
+        self.done = True
+        self.done_at = now
+        for fd in self.outputs:
+            os.close(fd)
+        self.outputs = {}
+        self.close_stdin_fd()
+        self.master = -1
+        self.meta["end_offset"] = self.end
+        _write_meta(self.meta)
+
+    # -- clients
+
+    def reply(self, cl: _Client, obj: dict) -> None:
+        cl.out += protocol.encode_json(obj)
+        cl.state = "closing"
+        cl.close_at = time.monotonic() + LINGER
+
+    def drop(self, cl: _Client) -> None:
+        cl.sock.close()
+        self.clients.remove(cl)
+
+    def fill(self, cl: _Client) -> None:
+        """Queue the next frame for an attached client that has sent everything queued so far."""
+        if cl.pos < self.start:  # it fell more than OUTPUT_LIMIT behind
+            event = {"event": "truncated", "offset": self.start, "dropped": self.start - cl.pos}
+            cl.out += protocol.encode_json(event)
+            cl.pos = self.start
+        elif cl.pos < self.end:
+            for offset, kind, data in self.chunks:
+                if offset + len(data) > cl.pos:
+                    piece = bytes(data[cl.pos - offset : cl.pos - offset + CHUNK])
+                    cl.out += protocol.encode_frame(kind, piece)
+                    cl.pos += len(piece)
+                    break
+        elif self.done:
+            self.reply(cl, {"ok": True, "exit_code": self.exit_code, "end_offset": self.end})
+
+    def on_request(self, cl: _Client, payload: bytes) -> None:
+        try:
+            req = protocol.decode_json(payload)
+        except protocol.ProtocolError as exc:
+            raise OpError("invalid", str(exc)) from None
+        op = req.get("op")
+        if op == "attach":
+            offset = req.get("offset")
+            if offset is None:
+                offset = self.start
+                truncated = self.start > 0
+            elif isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise OpError("invalid", "offset must be an integer >= 0, or null")
+            elif offset > self.end:
+                raise OpError("invalid", f"offset {offset} is beyond the end of the output ({self.end})")
+            else:
+                truncated = offset < self.start
+                offset = max(offset, self.start)
+            cl.out += protocol.encode_json({"event": "attached", "offset": offset, "truncated": truncated})
+            cl.pos = offset
+            cl.state = "attach"
+        elif op == "input":
+            if self.status is not None:
+                raise OpError("conflict", f"process {self.id} has exited")
+            if not self.stdin_open():
+                raise OpError("conflict", f"the stdin of process {self.id} is not open")
+            cl.state = "input"
+        elif op == "close_stdin":
+            if self.master >= 0 and self.status is None:
+                self.stdin_buf += b"\x04"  # a terminal has no end of input: send its EOF character
+            else:
+                self.stdin_closing = True
+            self.pump_stdin()
+            self.reply(cl, {"ok": True})
+        elif op in ("signal", "kill"):
+            sig = _signal.SIGKILL if op == "kill" else _signal_number(req.get("signal"))
+            self.kill(sig)
+            self.reply(cl, {"ok": True})
+        elif op == "resize":
+            if self.size is None:
+                raise OpError("invalid", f"process {self.id} has no terminal")
+            rows, cols = _dimension(req.get("rows"), "rows"), _dimension(req.get("cols"), "cols")
+            if self.master < 0 or self.status is not None:
+                raise OpError("conflict", f"process {self.id} has exited")
+            _set_winsize(self.master, rows, cols)
+            self.meta["pty"] = {"rows": rows, "cols": cols}
+            _write_meta(self.meta)
+            self.reply(cl, {"ok": True})
+        elif op == "wait":
+            timeout = _timeout_field(req)
+            cl.state = "wait"
+            cl.deadline = None if timeout is None else time.monotonic() + timeout
+        elif op == "shutdown":
+            self.shutdown = True
+            self.reply(cl, {"ok": True})
+        else:
+            raise OpError("invalid", f"unknown op {op!r}")
+
+    def on_readable(self, cl: _Client) -> None:
+        try:
+            data = cl.sock.recv(256 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(cl)  # the handler went away: an attach ends, the process is not touched
+            return
+        if cl.state not in ("request", "input"):
+            return  # nothing more is expected: drop it
+        cl.inbuf += data
+        try:
+            try:
+                frames = protocol.parse_frames(cl.inbuf)
+            except protocol.ProtocolError as exc:
+                raise OpError("invalid", str(exc)) from None
+            for kind, payload in frames:
+                if cl.state == "request":
+                    if kind != KIND_JSON:
+                        raise OpError("invalid", "expected a J request frame")
+                    self.on_request(cl, payload)
+                elif cl.state == "input":
+                    if kind != KIND_STDIN:
+                        raise OpError("invalid", f"unexpected frame {kind!r} during input")
+                    if payload:
+                        if self.status is None and self.in_fd >= 0:
+                            self.stdin_buf += payload
+                    elif self.status is not None:
+                        raise OpError("conflict", f"process {self.id} has exited")
+                    else:
+                        self.reply(cl, {"ok": True})
+                else:
+                    break
+        except OpError as exc:
+            cl.out.clear()
+            self.reply(cl, {"ok": False, "error": {"code": exc.code, "message": exc.message}})
+        except OSError as exc:
+            err = os_error(exc)
+            cl.out.clear()
+            self.reply(cl, {"ok": False, "error": {"code": err.code, "message": err.message}})
+        self.pump_stdin()
+
+    def on_writable(self, cl: _Client) -> None:
+        try:
+            n = cl.sock.send(cl.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.drop(cl)
+            return
+        del cl.out[:n]
+
+    # -- loop
+
+    def loop(self, listener: _socket.socket, wake_r: int) -> None:
+        listen_fd = listener.fileno()
+        while not self.shutdown:
+            now = time.monotonic()
+            self.check_exit(now)
+            if (
+                self.status is not None
+                and not self.done
+                and (not self.outputs or now - self.exited_at >= EXIT_GRACE)
+            ):
+                self.finish(now)
+            if self.done and not self.clients and now - self.done_at >= PROC_RETAIN:
+                return
+            timeout: float | None = None
+            if self.status is not None and not self.done:
+                timeout = max(0.0, self.exited_at + EXIT_GRACE - now)
+            elif self.done:
+                timeout = max(0.0, self.done_at + PROC_RETAIN - now)
+            masks: dict[int, int] = {listen_fd: select.POLLIN, wake_r: select.POLLIN}
+            for fd in self.outputs:
+                masks[fd] = select.POLLIN
+            if self.in_fd >= 0 and self.stdin_buf:
+                masks[self.in_fd] = masks.get(self.in_fd, 0) | select.POLLOUT
+            by_fd: dict[int, _Client] = {}
+            for cl in list(self.clients):
+                if cl.state == "attach" and not cl.out:
+                    self.fill(cl)
+                elif cl.state == "wait" and (
+                    self.status is not None or (cl.deadline is not None and now >= cl.deadline)
+                ):
+                    self.reply(cl, {"ok": True, "running": self.status is None, "exit_code": self.exit_code})
+                if cl.state == "closing" and not cl.out:
+                    if not cl.shut:
+                        cl.shut = True
+                        try:
+                            cl.sock.shutdown(_socket.SHUT_WR)
+                        except OSError:
+                            self.drop(cl)
+                            continue
+                    if now >= cl.close_at:
+                        self.drop(cl)
+                        continue
+                mask = select.POLLOUT if cl.out else 0
+                if not (cl.state == "input" and len(self.stdin_buf) > STDIN_HIGH_WATER):
+                    mask |= select.POLLIN
+                fd = cl.sock.fileno()
+                masks[fd] = mask
+                by_fd[fd] = cl
+                deadline = (
+                    cl.close_at if cl.state == "closing" else cl.deadline if cl.state == "wait" else None
+                )
+                if deadline is not None:
+                    timeout = max(0.0, deadline - now) if timeout is None else min(timeout, deadline - now)
+            poller = select.poll()
+            for fd, mask in masks.items():
+                poller.register(fd, mask)
+            events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000 + 1)
+            for fd, ev in events:
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif fd == listen_fd:
+                    try:
+                        conn_fd, _ = listener._accept()
+                    except OSError:
+                        continue
+                    sock = _socket.socket(fileno=conn_fd)
+                    sock.setblocking(False)
+                    self.clients.append(_Client(sock))
+                elif fd in by_fd:
+                    cl = by_fd[fd]
+                    if ev & select.POLLOUT and cl in self.clients:
+                        self.on_writable(cl)
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and cl in self.clients:
+                        self.on_readable(cl)
+                else:
+                    if fd in self.outputs and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        self.read_output(fd)
+                    if fd == self.in_fd and ev & (select.POLLOUT | select.POLLERR):
+                        self.pump_stdin()
+
+    def read_output(self, fd: int) -> None:
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO from a PTY master once no process holds the terminal
+            data = b""
+        if data:
+            self.append(self.outputs[fd], data)
+            return
+        del self.outputs[fd]
+        if fd == self.master:
+            self.master = -1
+            self.in_fd = -1
+            self.stdin_buf.clear()
+        os.close(fd)
+
+
+def _signal_number(value: object) -> int:
+    if isinstance(value, str):
+        name = value.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        if name in SIGNAL_NAMES:
+            return getattr(_signal, name)
+    elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+        return value
+    raise OpError("invalid", f"signal must be one of {', '.join(SIGNAL_NAMES)} or a number, not {value!r}")
+
+
+# --- watch ------------------------------------------------------------------------------------
+
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+WATCH_MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
+RENAME_PAIR_WAIT = 0.02  # how long a move-out waits for its move-in before it counts as a removal
+
+
+class Watcher:
+    def __init__(self, c: Conn, recursive: bool) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.c = c
+        self.recursive = recursive
+        self.paths: dict[int, str] = {}
+        self.moved: dict[int, tuple[str, bool]] = {}  # cookie -> moved-out path, not yet paired
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise self.error("inotify_init1")
+
+    def error(self, what: str) -> OSError:
+        err = self.ctypes.get_errno()
+        return OSError(err, os.strerror(err), what)
+
+    def add(self, path: str) -> int:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), WATCH_MASK)
+        if wd < 0:
+            raise self.error(path)
+        self.paths[wd] = path
+        return wd
+
+    def add_tree(self, path: str, report: bool) -> None:
+        """Watch the subdirectories of `path` (watched already); `report`: announce their entries
+        as created (they appeared before their directory's watch could see them)."""
+        try:
+            with os.scandir(path) as it:
+                items = list(it)
+        except OSError:
+            return
+        for item in items:
+            full = path.rstrip("/") + "/" + item.name
+            is_dir = item.is_dir(follow_symlinks=False)
+            if report:
+                self.send({"event": "watch", "type": "create", "path": full, "is_dir": is_dir})
+            if is_dir:
+                try:
+                    self.add(full)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise OpError("too_large", "too many directories to watch (inotify limit)") from None
+                    continue
+                self.add_tree(full, report)
+
+    def forget_tree(self, path: str) -> None:
+        for wd, p in list(self.paths.items()):
+            if p == path or p.startswith(path + "/"):
+                self.libc.inotify_rm_watch(self.fd, wd)
+                del self.paths[wd]
+
+    def send(self, obj: dict) -> None:
+        try:
+            protocol.send_frame(self.c.sock, KIND_JSON, protocol.dumps(obj).encode("utf-8", "replace"))
+        except OSError:
+            raise Disconnected() from None
+
+    def flush_moved(self) -> None:
+        """Moves out of the watched tree, unpaired: the entry is gone from it."""
+        for path, is_dir in self.moved.values():
+            self.send({"event": "watch", "type": "remove", "path": path, "is_dir": is_dir})
+            if is_dir and self.recursive:
+                self.forget_tree(path)
+        self.moved.clear()
+
+    def handle(self, buf: bytes, root_wd: int) -> bool:
+        """Report the events in `buf`; False once the watched directory itself is gone."""
+        pos = 0
+        order = sys.byteorder
+        while pos + 16 <= len(buf):
+            wd = int.from_bytes(buf[pos : pos + 4], order, signed=True)
+            mask = int.from_bytes(buf[pos + 4 : pos + 8], order)
+            cookie = int.from_bytes(buf[pos + 8 : pos + 12], order)
+            length = int.from_bytes(buf[pos + 12 : pos + 16], order)
+            name = os.fsdecode(buf[pos + 16 : pos + 16 + length].rstrip(b"\0"))
+            pos += 16 + length
+            if mask & IN_Q_OVERFLOW:
+                self.send({"event": "overflow"})
+                continue
+            if mask & IN_IGNORED:
+                self.paths.pop(wd, None)
+                if wd == root_wd:
+                    return False
+                continue
+            base = self.paths.get(wd)
+            if base is None or not name:
+                continue
+            path = base.rstrip("/") + "/" + name
+            is_dir = bool(mask & IN_ISDIR)
+            if mask & IN_MOVED_FROM:
+                self.moved[cookie] = (path, is_dir)
+                continue
+            if mask & IN_MOVED_TO and cookie in self.moved:
+                old, _ = self.moved.pop(cookie)
+                self.send(
+                    {"event": "watch", "type": "rename", "path": path, "is_dir": is_dir, "old_path": old}
+                )
+                if is_dir and self.recursive:
+                    for w, p in list(self.paths.items()):
+                        if p == old or p.startswith(old + "/"):
+                            self.paths[w] = path + p[len(old) :]
+                continue
+            if mask & (IN_CREATE | IN_MOVED_TO):
+                self.send({"event": "watch", "type": "create", "path": path, "is_dir": is_dir})
+                if is_dir and self.recursive:
+                    try:
+                        self.add(path)
+                    except OSError:
+                        continue
+                    self.add_tree(path, report=True)
+            elif mask & IN_DELETE:
+                self.send({"event": "watch", "type": "remove", "path": path, "is_dir": is_dir})
+            elif mask & IN_CLOSE_WRITE:
+                self.send({"event": "watch", "type": "write", "path": path, "is_dir": is_dir})
+        return True
+
+
+def op_watch(c: Conn, req: dict) -> dict | None:
+    recursive = _field_bool(req, "recursive")
+    _, root = _file_op_start(req)
+    if not stat.S_ISDIR(os.stat(root).st_mode):
+        raise OpError("not_a_directory", f"not a directory: {root}")
+    w = Watcher(c, recursive)
+    try:
+        try:
+            root_wd = w.add(root)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OpError("too_large", "too many watches (inotify limit)") from None
+            raise
+        if recursive:
+            w.add_tree(root, report=False)
+        w.send({"event": "watching"})
+        conn_fd = c.sock.fileno()
+        poller = select.poll()
+        poller.register(w.fd, select.POLLIN)
+        poller.register(conn_fd, select.POLLIN)
+        while True:
+            events = poller.poll(RENAME_PAIR_WAIT * 1000 if w.moved else None)
+            if not events:
+                w.flush_moved()
+            for fd, _ in events:
+                if fd == conn_fd:
+                    try:
+                        data = c.sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        return None  # the host stopped watching
+                else:
+                    try:
+                        buf = os.read(w.fd, 256 * 1024)
+                    except BlockingIOError:
+                        continue
+                    if not w.handle(buf, root_wd):
+                        w.flush_moved()
+                        return {}  # the watched directory was removed
+    finally:
+        os.close(w.fd)
+
+
 # --- connection handling ----------------------------------------------------------------------
 
 OPS = {
@@ -752,6 +1740,10 @@ OPS = {
     "mkdir": op_mkdir,
     "remove": op_remove,
     "rename": op_rename,
+    "spawn": op_spawn,
+    "list_processes": op_list_processes,
+    **dict.fromkeys(PROC_OPS, op_process),
+    "watch": op_watch,
 }
 
 
@@ -792,7 +1784,7 @@ def serve_connection(sock: _socket.socket) -> None:
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             raise OpError("invalid", f"unknown op {op!r}")
-        c.input_open = op == "write" or (op == "exec" and req.get("stdin") is True)
+        c.input_open = op in ("write", "input") or (op == "exec" and req.get("stdin") is True)
         result = handler(c, req)
         if result is None:
             return
@@ -1025,6 +2017,8 @@ def main(args: list[str]) -> None:
     _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
 
     if socket_path is not None:
+        global PROCS_DIR
+        PROCS_DIR = os.path.join(os.path.dirname(os.path.abspath(socket_path)), "procs")
         listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:  # noqa: SIM105
             os.unlink(socket_path)

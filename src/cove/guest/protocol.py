@@ -36,6 +36,7 @@ ERROR_CODES = (
     "not_empty",
     "invalid",
     "too_large",
+    "conflict",
     "internal",
 )
 

@@ -296,6 +296,137 @@ class GuestClient:
                 replied.exception()  # mark any error as retrieved; it was raised above if relevant
             writer.close()
 
+    # --- background processes (see "Background processes" in docs/guest-protocol.md) ---------
+
+    async def spawn(self, **fields: Any) -> dict[str, Any]:
+        """Start a background process: `cmd` or `argv`, `cwd`, `env`, `user`, `stdin` (bool),
+        `pty` ({rows, cols} or None), `tag`. Returns {"id", "pid"} as soon as it runs."""
+        reply = await self.call("spawn", **fields)
+        return {"id": reply["id"], "pid": reply["pid"]}
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """The background processes, running and recently exited, oldest first."""
+        return list((await self.call("list_processes"))["processes"])
+
+    async def attach(
+        self, id: str, offset: int | None = None
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
+        """A process's output from `offset` (None: the oldest byte kept): yields ("attached", {offset,
+        truncated}) first, then ("stdout" | "stderr", bytes), possibly ("truncated", {offset, dropped})
+        if this reader fell more than the agent's buffer behind, and ("exit", {exit_code, end_offset})
+        once the process has exited and all its output was sent. Closing the iterator detaches; the
+        process is not touched. Unknown id: GuestError("not_found")."""
+        reader, writer = await self._open()
+        try:
+            try:
+                await _send(writer, _request("attach", {"id": id, "offset": offset}))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            while True:
+                frame = await _read_frame(reader)
+                if frame is None:
+                    raise GuestUnavailable("the guest agent closed the connection before the process ended")
+                kind, payload = frame
+                if kind == KIND_STDOUT:
+                    yield "stdout", payload
+                elif kind == KIND_STDERR:
+                    yield "stderr", payload
+                elif kind == KIND_JSON:
+                    event = _event(payload)
+                    if event is not None:
+                        yield str(event["event"]), event
+                        continue
+                    reply = _reply(payload)
+                    yield "exit", {"exit_code": reply["exit_code"], "end_offset": reply["end_offset"]}
+                    return
+        finally:
+            writer.close()
+
+    async def input(self, id: str, data: ByteSource) -> None:
+        """Write to a process's stdin (or terminal). GuestError("conflict") if it has exited or its
+        stdin is not open."""
+        reader, writer = await self._open()
+        replied = asyncio.create_task(_final_reply(reader))
+        try:
+            try:
+                await _send(writer, _request("input", {"id": id}))
+                async for piece in _chunks(data):
+                    if replied.done():
+                        break
+                    await _send(writer, protocol.encode_frame(KIND_STDIN, piece))
+                else:
+                    await _send(writer, protocol.encode_frame(KIND_STDIN, b""))
+            except OSError as exc:
+                with contextlib.suppress(TimeoutError, GuestUnavailable):
+                    await asyncio.wait_for(asyncio.shield(replied), 1.0)
+                    return
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await replied
+        finally:
+            if not replied.done():
+                replied.cancel()
+            elif not replied.cancelled():
+                replied.exception()
+            writer.close()
+
+    async def close_stdin(self, id: str) -> None:
+        await self.call("close_stdin", id=id)
+
+    async def signal(self, id: str, sig: str | int) -> None:
+        """Send a signal ("SIGTERM", "SIGKILL", "SIGINT", ... or a number) to the process's group."""
+        await self.call("signal", id=id, signal=sig)
+
+    async def kill(self, id: str) -> None:
+        await self.call("kill", id=id)
+
+    async def resize(self, id: str, rows: int, cols: int) -> None:
+        await self.call("resize", id=id, rows=rows, cols=cols)
+
+    async def wait(self, id: str, timeout: float | None = None) -> dict[str, Any]:
+        """{"running", "exit_code"} once the process exits or `timeout` seconds passed."""
+        reply = await self.call("wait", id=id, timeout=timeout)
+        return {"running": reply["running"], "exit_code": reply["exit_code"]}
+
+    async def watch(
+        self, path: str, recursive: bool = False, user: str | int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """File system events under a directory: yields {"event": "watching"} once the watch is in
+        place, then {"event": "watch", "type", "path", "is_dir"[, "old_path"]} per change (and
+        {"event": "overflow"} if events were lost). Ends when the directory itself is removed;
+        closing the iterator stops watching. Errors (not_found, not_a_directory, ...) are raised by
+        the first iteration step."""
+        reader, writer = await self._open()
+        try:
+            try:
+                await _send(writer, _request("watch", {"path": path, "recursive": recursive, "user": user}))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            while True:
+                frame = await _read_frame(reader)
+                if frame is None:
+                    raise GuestUnavailable("the guest agent closed the connection during a watch")
+                kind, payload = frame
+                if kind != KIND_JSON:
+                    continue
+                event = _event(payload)
+                if event is None:
+                    _reply(payload)
+                    return
+                yield event
+        finally:
+            writer.close()
+
+
+def _event(payload: bytes) -> dict[str, Any] | None:
+    """A streamed event frame (`{"event": ...}`), or None for the final reply."""
+    try:
+        obj = protocol.decode_json(payload)
+    except protocol.ProtocolError as exc:
+        raise GuestUnavailable(f"malformed reply from the guest agent: {exc}") from None
+    if "ok" not in obj and isinstance(obj.get("event"), str):
+        return obj
+    return None
+
 
 def _raise_feeder_error(feeder: asyncio.Task[None] | None) -> None:
     """If the stdin source failed (and so the connection was aborted), raise its error."""

@@ -13,20 +13,26 @@ address and key from ``COVE_URL`` (default ``http://127.0.0.1:7770``) and ``COVE
 ``url=`` / ``api_key=`` are given.
 """
 
-from cove.sdk.aio import AsyncFiles, AsyncSandbox
+from cove.sdk._processes import ProcessEvent, ProcessInfo, WatchEvent
+from cove.sdk.aio import AsyncFiles, AsyncProcess, AsyncSandbox
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo, SnapshotInfo
-from cove.sdk.sync import Files, Sandbox
+from cove.sdk.sync import Files, Process, Sandbox
 
 __all__ = [
     "ApiKey",
     "AsyncFiles",
+    "AsyncProcess",
     "AsyncSandbox",
     "EntryInfo",
     "ExecEvent",
     "ExecResult",
     "Files",
     "Limits",
+    "Process",
+    "ProcessEvent",
+    "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
     "SnapshotInfo",
+    "WatchEvent",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Literal, Self, TypeVar, overload
 import httpx
 
 from cove.errors import CoveError, InvalidArgument
-from cove.sdk import _core
+from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
 
@@ -158,6 +158,17 @@ class AsyncFiles:
     def _id(self) -> str:
         return self._sandbox.id
 
+    async def watch(
+        self, path: str, recursive: bool = False, user: str | None = None
+    ) -> AsyncIterator[_processes.WatchEvent]:
+        """Yield file events under directory ``path`` (create, write, remove, rename) until you stop."""
+        call = _processes.watch_call(self._id, path, recursive, user)
+        async with self._http.stream(call) as response:
+            async for line in response.aiter_lines():
+                event = _processes.parse_watch(line)
+                if event is not None:
+                    yield event
+
     async def write(
         self, path: str, data: Any, *, user: str | None = None, mode: int | None = None
     ) -> EntryInfo:
@@ -260,6 +271,8 @@ class AsyncSandbox:
         self._http = _AsyncHTTP(Config.resolve(url, api_key, transport))
         self._info: SandboxInfo | None = None
         self.files = AsyncFiles(self)
+        self.processes = AsyncProcesses(self)
+        self.pty = AsyncPty(self)
 
     @classmethod
     def _adopt(cls, info: SandboxInfo, http: _AsyncHTTP) -> AsyncSandbox:
@@ -268,6 +281,8 @@ class AsyncSandbox:
         sandbox._http = http
         sandbox._info = info
         sandbox.files = AsyncFiles(sandbox)
+        sandbox.processes = AsyncProcesses(sandbox)
+        sandbox.pty = AsyncPty(sandbox)
         return sandbox
 
     @classmethod
@@ -532,3 +547,101 @@ async def delete_key(
         await http.run(_core.delete_key(key_id))
     finally:
         await http.close()
+
+
+class AsyncProcess:
+    """A process started in the background (``sandbox.processes.start``) or a terminal (``sandbox.pty``)."""
+
+    def __init__(self, http: _AsyncHTTP, sandbox_id: str, info: _processes.ProcessInfo) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.pid
+
+    async def output(self, offset: int | None = None) -> AsyncIterator[_processes.ProcessEvent]:
+        """Its output from ``offset`` (default: the oldest kept byte), history then live, until it exits."""
+        call = _processes.output_call(self._sandbox_id, self.id, offset)
+        async with self._http.stream(call) as response:
+            async for line in response.aiter_lines():
+                event = _processes.parse_output(line)
+                if event is not None:
+                    yield event
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        await self._http.run(_processes.send_stdin(self._sandbox_id, self.id, data))
+
+    async def close_stdin(self) -> None:
+        await self._http.run(_processes.close_stdin(self._sandbox_id, self.id))
+
+    async def signal(self, sig: str | int = "SIGTERM") -> None:
+        await self._http.run(_processes.signal(self._sandbox_id, self.id, sig))
+
+    async def kill(self) -> None:
+        await self._http.run(_processes.kill(self._sandbox_id, self.id))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._http.run(_processes.resize(self._sandbox_id, self.id, rows, cols))
+
+    async def wait(self, timeout: float = 30) -> _processes.ProcessInfo:
+        """Wait up to ``timeout`` seconds; the result's ``running`` says whether it is still running."""
+        self.info = await self._http.run(_processes.wait(self._sandbox_id, self.id, timeout))
+        return self.info
+
+
+class AsyncProcesses:
+    """Background processes of one sandbox: ``sandbox.processes``."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def start(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
+    ) -> AsyncProcess:
+        """Start ``cmd`` in the background and return at once; it outlives this call and this client."""
+        op = _processes.start(
+            self._sandbox.id, cmd, cwd=cwd, env=env, user=user, stdin=stdin, pty=pty, tag=tag
+        )
+        info = await self._sandbox._http.run(op)
+        return AsyncProcess(self._sandbox._http, self._sandbox.id, info)
+
+    async def list(self) -> list[_processes.ProcessInfo]:
+        return await self._sandbox._http.run(_processes.list_all(self._sandbox.id))
+
+    async def connect(self, process_id: str) -> AsyncProcess:
+        """A handle on a process started earlier (by anyone), to read its output or send it input."""
+        info = await self._sandbox._http.run(_processes.get(self._sandbox.id, process_id))
+        return AsyncProcess(self._sandbox._http, self._sandbox.id, info)
+
+
+class AsyncPty:
+    """Terminals: ``sandbox.pty.create()`` runs a shell (or ``cmd``) in a pseudo-terminal."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def create(
+        self,
+        cmd: Command = "bash -l",
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> AsyncProcess:
+        return await self._sandbox.processes.start(cmd, cwd=cwd, env=env, user=user, pty=(rows, cols))

@@ -11,7 +11,7 @@ from typing import Any, Literal, Self, TypeVar, overload
 import httpx
 
 from cove.errors import CoveError
-from cove.sdk import _core
+from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
 
@@ -112,6 +112,17 @@ class Files:
     def _id(self) -> str:
         return self._sandbox.id
 
+    def watch(
+        self, path: str, recursive: bool = False, user: str | None = None
+    ) -> Iterator[_processes.WatchEvent]:
+        """Yield file events under directory ``path`` (create, write, remove, rename) until you stop."""
+        call = _processes.watch_call(self._id, path, recursive, user)
+        with self._http.stream(call) as response:
+            for line in response.iter_lines():
+                event = _processes.parse_watch(line)
+                if event is not None:
+                    yield event
+
     def write(self, path: str, data: Any, *, user: str | None = None, mode: int | None = None) -> EntryInfo:
         """Write a file (parents are created), streaming the upload.
 
@@ -193,6 +204,8 @@ class Sandbox:
         self._http = _HTTP(Config.resolve(url, api_key, transport))
         self._info: SandboxInfo | None = None
         self.files = Files(self)
+        self.processes = Processes(self)
+        self.pty = Pty(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -249,6 +262,8 @@ class Sandbox:
         sandbox._http = http
         sandbox._info = info
         sandbox.files = Files(sandbox)
+        sandbox.processes = Processes(sandbox)
+        sandbox.pty = Pty(sandbox)
         return sandbox
 
     @classmethod
@@ -481,3 +496,101 @@ def delete_key(
         http.run(_core.delete_key(key_id))
     finally:
         http.close()
+
+
+class Process:
+    """A process started in the background (``sandbox.processes.start``) or a terminal (``sandbox.pty``)."""
+
+    def __init__(self, http: _HTTP, sandbox_id: str, info: _processes.ProcessInfo) -> None:
+        self._http = http
+        self._sandbox_id = sandbox_id
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def pid(self) -> int | None:
+        return self.info.pid
+
+    def output(self, offset: int | None = None) -> Iterator[_processes.ProcessEvent]:
+        """Its output from ``offset`` (default: the oldest kept byte), history then live, until it exits."""
+        call = _processes.output_call(self._sandbox_id, self.id, offset)
+        with self._http.stream(call) as response:
+            for line in response.iter_lines():
+                event = _processes.parse_output(line)
+                if event is not None:
+                    yield event
+
+    def send_stdin(self, data: str | bytes) -> None:
+        self._http.run(_processes.send_stdin(self._sandbox_id, self.id, data))
+
+    def close_stdin(self) -> None:
+        self._http.run(_processes.close_stdin(self._sandbox_id, self.id))
+
+    def signal(self, sig: str | int = "SIGTERM") -> None:
+        self._http.run(_processes.signal(self._sandbox_id, self.id, sig))
+
+    def kill(self) -> None:
+        self._http.run(_processes.kill(self._sandbox_id, self.id))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._http.run(_processes.resize(self._sandbox_id, self.id, rows, cols))
+
+    def wait(self, timeout: float = 30) -> _processes.ProcessInfo:
+        """Wait up to ``timeout`` seconds; the result's ``running`` says whether it is still running."""
+        self.info = self._http.run(_processes.wait(self._sandbox_id, self.id, timeout))
+        return self.info
+
+
+class Processes:
+    """Background processes of one sandbox: ``sandbox.processes``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def start(
+        self,
+        cmd: Command,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        tag: str | None = None,
+    ) -> Process:
+        """Start ``cmd`` in the background and return at once; it outlives this call and this client."""
+        op = _processes.start(
+            self._sandbox.id, cmd, cwd=cwd, env=env, user=user, stdin=stdin, pty=pty, tag=tag
+        )
+        info = self._sandbox._http.run(op)
+        return Process(self._sandbox._http, self._sandbox.id, info)
+
+    def list(self) -> list[_processes.ProcessInfo]:
+        return self._sandbox._http.run(_processes.list_all(self._sandbox.id))
+
+    def connect(self, process_id: str) -> Process:
+        """A handle on a process started earlier (by anyone), to read its output or send it input."""
+        info = self._sandbox._http.run(_processes.get(self._sandbox.id, process_id))
+        return Process(self._sandbox._http, self._sandbox.id, info)
+
+
+class Pty:
+    """Terminals: ``sandbox.pty.create()`` runs a shell (or ``cmd``) in a pseudo-terminal."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def create(
+        self,
+        cmd: Command = "bash -l",
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+    ) -> Process:
+        return self._sandbox.processes.start(cmd, cwd=cwd, env=env, user=user, pty=(rows, cols))

@@ -6,6 +6,7 @@ requested user, so `..`, absolute paths and symlinks can only ever reach the san
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -51,6 +52,33 @@ async def read_file(
             await chunks.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+@router.get("/watch", responses={200: {"content": {"application/x-ndjson": {}}}})
+async def watch(
+    sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = None, recursive: bool = False
+) -> StreamingResponse:
+    """Stream file events under a directory as NDJSON until the client disconnects:
+    `{"type": "create"|"write"|"remove"|"rename", "path", "is_dir"}` (a rename also has `old_path`;
+    `{"type": "overflow"}` means the kernel dropped events). inotify inside the sandbox, as `user`."""
+    rec = await svc.running(who, sandbox_id)
+    events = svc.guest(rec).watch(path, recursive=recursive, user=user or rec.user)
+    async with guest_errors(svc, rec):
+        first = await anext(events)  # a missing or non-directory path fails before the headers
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            yield json.dumps({"type": "watching", "path": path}).encode() + b"\n"
+            async with guest_errors(svc, rec):
+                async for event in events:
+                    if event.get("event") == "overflow":  # the kernel dropped events: rescan if you care
+                        event = {"type": "overflow"}
+                    yield json.dumps({k: v for k, v in event.items() if k != "event"}).encode() + b"\n"
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    del first
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.put("", response_model=Entry)
