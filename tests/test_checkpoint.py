@@ -239,3 +239,32 @@ def test_timeout_can_hibernate_instead_of_kill(api: httpx.Client) -> None:
         assert sh(api, sb["id"], "cat /home/user/f")["stdout"] == "kept\n"
     finally:
         api.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+def test_background_processes_survive_hibernate_and_fork(api: httpx.Client) -> None:
+    sb = api.post("/v1/sandboxes", json={}).json()
+    sid = sb["id"]
+    try:
+        proc = api.post(
+            f"/v1/sandboxes/{sid}/processes",
+            json={"cmd": "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done", "tag": "ticker"},
+        ).json()
+        time.sleep(0.4)
+        assert api.post(f"/v1/sandboxes/{sid}/hibernate").json()["hibernation"]["memory"] is True
+        assert api.post(f"/v1/sandboxes/{sid}/resume").json()["state"] == "running"
+        listed = {p["id"]: p for p in api.get(f"/v1/sandboxes/{sid}/processes").json()["items"]}
+        assert listed[proc["id"]]["running"] and listed[proc["id"]]["tag"] == "ticker"
+        children = api.post(f"/v1/sandboxes/{sid}/fork", json={"count": 1}).json()["items"]
+        for target in (sid, children[0]["id"]):
+            with api.stream("GET", f"/v1/sandboxes/{target}/processes/{proc['id']}/output", timeout=20) as r:
+                assert r.status_code == 200, r.read()
+                ticks = 0
+                for line in r.iter_lines():
+                    if line and '"stdout"' in line:
+                        ticks += 1
+                    if ticks >= 8:  # history from before the hibernation, then live ones
+                        break
+            assert ticks >= 8
+        api.delete(f"/v1/sandboxes/{children[0]['id']}")
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")

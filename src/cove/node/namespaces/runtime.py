@@ -276,6 +276,7 @@ class NamespacesRuntime:
         layer = None
         try:
             checkpoint.dump(pid, images, freezer, leave_running)
+            self._save_process_records(sandbox_id, images)
             if leave_running:
                 layer = self.layers.commit(sandbox_id)
         except BaseException:
@@ -297,10 +298,32 @@ class NamespacesRuntime:
         assert layer is not None
         return layer
 
+    def _save_process_records(self, sandbox_id: str, images: Path) -> None:
+        """Background processes keep their records (<id>.json) in the run dir, outside the checkpoint:
+        keep a copy with it, so restored supervisors are listed again."""
+        procs = self.sandbox_dir(sandbox_id) / "run" / "sock" / "procs"
+        if procs.is_dir():
+            (images / "procs").mkdir(exist_ok=True)
+            for record in procs.glob("*.json"):
+                shutil.copy2(record, images / "procs" / record.name)
+
+    def _load_process_records(self, sandbox_id: str, images: Path) -> None:
+        saved = images / "procs"
+        if not saved.is_dir():
+            return
+        base = self.settings.uid_base
+        procs = self.sandbox_dir(sandbox_id) / "run" / "sock" / "procs"
+        procs.mkdir(mode=0o700, exist_ok=True)
+        os.chown(procs, base, base)
+        for record in saved.glob("*.json"):
+            shutil.copy2(record, procs / record.name)
+            os.chown(procs / record.name, base, base)
+
     def _restore(self, spec: SandboxSpec, images: Path) -> dict[str, Any]:
         if not checkpoint.complete(images):
             raise NodeError(f"no complete checkpoint at {images}")
         launch = self._prepare(spec)
+        self._load_process_records(spec.id, images)
         cg = self.cgroup(spec.id)
         cg.create()
         limits = launch["limits"]
