@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import core
+import interactive
 import stateful
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,9 @@ def main() -> None:
     result = core.run(runs=args.runs, exec_runs=args.exec_runs)
     st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run()
     mem = stateful.run_memory(sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run_memory()
-    text = render(result, args, [*stateful.render(st), "", *stateful.render_memory(mem)])
+    inter = interactive.run(runs=10 if args.quick else 30)
+    extra = [*stateful.render(st), "", *stateful.render_memory(mem), "", *interactive.render(inter)]
+    text = render(result, args, extra)
     print(text)
     if not args.no_write:
         (ROOT / "docs" / "benchmarks.md").write_text(text)

@@ -227,15 +227,43 @@ async def terminal(websocket: WebSocket, sandbox_id: str, process_id: str, offse
     await websocket.accept()
     guest = svc.guest(rec)
 
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=256)
+
+    async def read_guest() -> None:
+        async for item in events:
+            await queue.put(item)
+        await queue.put(("end", {}))
+
     async def pump_out() -> None:
-        async for kind, data in events:
-            if kind == "exit":
-                await websocket.send_text(json.dumps(data))
-                break
-            if kind == "truncated":
-                await websocket.send_text(json.dumps({"truncated": data}))
-                continue
-            await websocket.send_bytes(data)  # type: ignore[arg-type]
+        # A terminal writes in small pieces (≈4 KiB): coalesce what is already there into one
+        # WebSocket message, or per-message costs cap the throughput at a few MB/s.
+        reader = asyncio.create_task(read_guest())
+        pending: tuple[str, Any] | None = None
+        try:
+            while True:
+                kind, data = pending or await queue.get()
+                pending = None
+                if kind in ("stdout", "stderr"):
+                    buf = bytearray(data)
+                    while len(buf) < (1 << 20):
+                        try:
+                            nxt = queue.get_nowait()
+                        except asyncio.QueueEmpty:
+                            break
+                        if nxt[0] not in ("stdout", "stderr"):
+                            pending = nxt
+                            break
+                        buf += nxt[1]
+                    await websocket.send_bytes(bytes(buf))
+                elif kind == "truncated":
+                    await websocket.send_text(json.dumps({"truncated": data}))
+                elif kind == "exit":
+                    await websocket.send_text(json.dumps(data))
+                    return
+                else:
+                    return
+        finally:
+            reader.cancel()
 
     out = asyncio.create_task(pump_out())
     try:
