@@ -14,6 +14,8 @@ host's ``/opt``) so the mount point exists there without anything being created 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shlex
@@ -135,10 +137,8 @@ def tree_size(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -149,16 +149,18 @@ def build_cached(cache_root: Path, python: str = "/usr/bin/python3") -> Path:
     final = cache_root / recipe_digest(python)
     if (final / LAYER_SUBDIR / "bin/python").exists():
         return final
-    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
-    try:
-        os.chmod(scratch, 0o755)
-        fill_kernel_layer(scratch, python)
+    with open(cache_root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others then find it done
+        if (final / LAYER_SUBDIR / "bin/python").exists():
+            return final
+        scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
         try:
+            os.chmod(scratch, 0o755)
+            fill_kernel_layer(scratch, python)
+            if final.exists():  # a half-made leftover without bin/python
+                shutil.rmtree(final)
             os.rename(scratch, final)
-        except OSError:  # someone else finished first
-            if not (final / LAYER_SUBDIR / "bin/python").exists():
-                raise
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            if scratch.exists():
+                shutil.rmtree(scratch, ignore_errors=True)
     return final

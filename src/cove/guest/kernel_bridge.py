@@ -1,0 +1,523 @@
+"""cove kernel bridge: one code context (a notebook-style interpreter) served over a unix socket.
+
+Runs inside a sandbox as::
+
+    /opt/cove/kernel/bin/python /run/cove/kernel_bridge.py --socket PATH --cwd DIR
+        [--env-json JSON] [--language python|bash]
+
+with ``protocol.py`` beside it (the guest agent's framing). It runs in the kernel venv (see
+``cove.storage.kernel_layer``), so it may import jupyter_client; it is not part of the lean agent.
+
+Requests and replies are ``J`` frames; a connection may send any number of requests, one at a time,
+and requests from all connections are served one after another.
+
+* ``{"op": "ping"}`` → ``{"ok": true, "language": "python"|"bash"}``
+* ``{"op": "run", "code": STR, "timeout": SECONDS|null}`` → any number of events
+  ``{"event": "stdout"|"stderr", "text": STR}`` and ``{"event": "result", "data": {MIME: VALUE}}``
+  (execute_result and display_data; only :data:`MIME_TYPES`, image/png as base64 text), then
+  ``{"ok": true, "error": null|{"name", "value", "traceback": [STR]}, "execution_count": N}``
+  (bash adds ``"exit_code": N``; a non-zero status is error ``NonZeroExit``). A run past its
+  timeout is interrupted and ends with error name ``TimeoutError``; the context stays usable.
+* ``{"op": "restart"}`` → a fresh interpreter, ``{"ok": true}``.
+* If the interpreter dies, ``run`` answers ``{"ok": false, "error": {"code": "kernel_died",
+  "message": STR}}``, and so does every later ``run`` until a ``restart``.
+* Anything else → ``{"ok": false, "error": {"code": "invalid", "message": STR}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import protocol
+
+MIME_TYPES = (
+    "text/plain",
+    "text/html",
+    "text/markdown",
+    "text/latex",
+    "image/png",
+    "image/jpeg",
+    "image/svg+xml",
+    "application/json",
+)
+INTERRUPT_GRACE = 10.0  # seconds to wait for an interrupted run to end before restarting
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class KernelDied(Exception):
+    pass
+
+
+def _utf8_cut(data: bytes) -> int:
+    """Length of the prefix of ``data`` that does not end inside a UTF-8 sequence."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte
+            need = 2 if byte >= 0xC0 else 1
+            need = 3 if byte >= 0xE0 else need
+            need = 4 if byte >= 0xF0 else need
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+_prctl = None
+
+
+def _load_prctl() -> None:
+    """Load libc's prctl before any fork: the child of a threaded process must not import."""
+    global _prctl
+    if _prctl is None:
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (ImportError, OSError, AttributeError):
+            _prctl = False
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the bridge dies (the shell has its own session, so no group kill)."""
+    if _prctl:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _error(name: str, value: str, traceback: list[str] | None = None) -> dict:
+    return {"name": name, "value": value, "traceback": traceback or []}
+
+
+# --- python: an ipykernel driven through jupyter_client ------------------------------------------
+
+
+class PythonContext:
+    language = "python"
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = env
+        self.km = None
+        self.kc = None
+        self.dead: str | None = None
+        self.starts = 0
+        self.tmp = tempfile.mkdtemp(prefix="cove-kernel-")
+        self.start()
+
+    def start(self) -> None:
+        from jupyter_client.kernelspec import KernelSpecManager
+        from jupyter_client.manager import KernelManager
+
+        self.starts += 1
+        n = self.starts
+        # Only the native kernel (this interpreter's ipykernel): a user's kernelspec cannot replace it.
+        ksm = KernelSpecManager(kernel_dirs=[], ensure_native_kernel=True)
+        km = KernelManager(
+            kernel_name="python3",
+            kernel_spec_manager=ksm,
+            transport="ipc",  # unix sockets: works without a loopback interface
+            ip=os.path.join(self.tmp, f"k{n}"),
+            connection_file=os.path.join(self.tmp, f"k{n}.json"),
+        )
+        env = dict(self.env)
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+        km.start_kernel(cwd=self.cwd, env=env)
+        kc = km.blocking_client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+        except RuntimeError:
+            kc.stop_channels()
+            with contextlib.suppress(Exception):
+                km.shutdown_kernel(now=True)
+            raise
+        self.km, self.kc, self.dead = km, kc, None
+
+    def stop(self) -> None:
+        if self.kc is not None:
+            with contextlib.suppress(Exception):
+                self.kc.stop_channels()
+        if self.km is not None:
+            with contextlib.suppress(Exception):
+                self.km.shutdown_kernel(now=True)
+        self.km = self.kc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _check_alive(self) -> None:
+        if self.km is None or not self.km.is_alive():
+            code = None
+            with contextlib.suppress(Exception):
+                code = self.km.provisioner.process.returncode  # type: ignore[union-attr]
+            self.dead = (
+                f"the interpreter exited (status {code})" if code is not None else "the interpreter exited"
+            )
+            raise KernelDied(self.dead)
+
+    def run(self, code: str, timeout: float | None, emit) -> dict:
+        if self.dead:
+            raise KernelDied(self.dead)
+        self._check_alive()
+        kc = self.kc
+        msg_id = kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interrupted_at = None
+        error = None
+        count = None
+        idle = False
+        while not idle:
+            now = time.monotonic()
+            if deadline is not None and interrupted_at is None and now >= deadline:
+                self.km.interrupt_kernel()
+                interrupted_at = now
+            if interrupted_at is not None and now - interrupted_at > INTERRUPT_GRACE:
+                # The interrupt did not end the run (e.g. stuck in C code): start afresh.
+                self.restart()
+                return {
+                    "error": _error(
+                        "TimeoutError", f"timed out after {timeout}s; the interpreter was restarted"
+                    ),
+                    "execution_count": count,
+                }
+            try:
+                msg = kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            content = msg["content"]
+            if kind == "stream":
+                emit(
+                    {
+                        "event": "stdout" if content.get("name") == "stdout" else "stderr",
+                        "text": content["text"],
+                    }
+                )
+            elif kind in ("execute_result", "display_data"):
+                data = {k: v for k, v in content.get("data", {}).items() if k in MIME_TYPES}
+                if data:
+                    emit({"event": "result", "data": data})
+            elif kind == "error":
+                error = _error(
+                    content.get("ename", ""),
+                    content.get("evalue", ""),
+                    [_ANSI.sub("", line) for line in content.get("traceback", [])],
+                )
+            elif kind == "execute_input":
+                count = content.get("execution_count", count)
+            elif kind == "status" and content.get("execution_state") == "idle":
+                idle = True
+        # The shell reply carries the execution count; it follows closely after idle.
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            try:
+                reply = kc.get_shell_msg(timeout=0.5)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                count = reply["content"].get("execution_count", count)
+                break
+        if interrupted_at is not None:
+            error = _error("TimeoutError", f"execution timed out after {timeout}s and was interrupted")
+        return {"error": error, "execution_count": count}
+
+
+# --- bash: one persistent shell fed through pipes, a marker after each command ------------------
+
+
+class BashContext:
+    language = "bash"
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.dead: str | None = None
+        self.count = 0
+        self.tmp = tempfile.mkdtemp(prefix="cove-bash-")
+        self.start()
+
+    def start(self) -> None:
+        _load_prctl()
+        env = dict(self.env)
+        env.update({"PS1": "", "PS2": "", "PS0": "", "PROMPT_COMMAND": ""})
+        # Interactive (-i) so that SIGINT aborts the running command but not the shell; no rc files.
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "--norc", "--noprofile", "--noediting", "-i"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.dead = None
+        self._send("set +m +H +o history; PS1=; PS2=; unset PROMPT_COMMAND\n")
+        self._collect(None, lambda _e: None, startup=True)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            proc.wait(5)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.count = 0
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _send(self, text: str) -> None:
+        try:
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            self._died()
+
+    def _died(self) -> None:
+        code = self.proc.poll() if self.proc is not None else None
+        self.dead = f"the shell exited (status {code})" if code is not None else "the shell exited"
+        raise KernelDied(self.dead)
+
+    def _collect(self, timeout: float | None, emit, startup: bool = False) -> tuple[int | None, bool]:
+        """Send the marker commands, stream output until both markers are seen: (status, timed out)."""
+        token = secrets.token_hex(8)
+        marker = f"\x1e__cove_done_{token}__"
+        # A separate line: an interrupt aborts the command's line, then the shell reads this one.
+        self._send(f"__cove_rc=$?; printf '{marker}%d\\n' \"$__cove_rc\"; printf '{marker}\\n' >&2\n")
+        proc = self.proc
+        streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        pending = {fd: b"" for fd in streams}
+        done: dict[int, bool] = {fd: False for fd in streams}
+        status = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        timed_out = False
+        mark = marker.encode()
+        while not all(done.values()):
+            wait = 0.5
+            if deadline is not None and not timed_out:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGINT)
+                    deadline = time.monotonic() + INTERRUPT_GRACE
+                    continue
+                wait = min(wait, left)
+            elif timed_out and time.monotonic() > deadline:
+                self.restart()
+                return None, True
+            ready, _, _ = select.select([fd for fd in streams if not done[fd]], [], [], wait)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self._died()
+                buf = pending[fd] + chunk
+                at = buf.find(mark)
+                if at >= 0:
+                    text, rest = buf[:at], buf[at + len(mark) :]
+                    done[fd] = True
+                    if streams[fd] == "stdout":
+                        with contextlib.suppress(ValueError):
+                            status = int(rest.split(b"\n", 1)[0] or b"0")
+                    pending[fd] = b""
+                else:
+                    # Hold back a tail that could be the start of the marker.
+                    keep = len(mark) - 1
+                    text, pending[fd] = (buf[:-keep], buf[-keep:]) if len(buf) > keep else (b"", buf)
+                    cut = _utf8_cut(text)  # do not split a UTF-8 sequence
+                    text, pending[fd] = text[:cut], text[cut:] + pending[fd]
+                if text and not startup:
+                    emit({"event": streams[fd], "text": text.decode("utf-8", "replace")})
+        return status, timed_out
+
+    def run(self, code: str, timeout: float | None, emit) -> dict:
+        if self.dead:
+            raise KernelDied(self.dead)
+        if self.proc is None or self.proc.poll() is not None:
+            self._died()
+        self.count += 1
+        script = os.path.join(self.tmp, "cell.sh")
+        with open(script, "w") as f:
+            f.write(code)
+            if not code.endswith("\n"):
+                f.write("\n")
+        self._send(f". {script} </dev/null\n")
+        status, timed_out = self._collect(timeout, emit)
+        result: dict = {"error": None, "execution_count": self.count, "exit_code": status}
+        if timed_out:
+            result["error"] = _error(
+                "TimeoutError", f"execution timed out after {timeout}s and was interrupted"
+            )
+        elif status:
+            result["error"] = _error("NonZeroExit", f"exit status {status}")
+        return result
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+class Bridge:
+    def __init__(self, context) -> None:
+        self.context = context
+        self.lock = threading.Lock()
+
+    def handle(self, req: dict, send) -> None:
+        op = req.get("op")
+        if op == "ping":
+            send({"ok": True, "language": self.context.language})
+        elif op == "restart":
+            with self.lock:
+                try:
+                    self.context.restart()
+                except Exception as exc:
+                    send({"ok": False, "error": {"code": "internal", "message": f"restart failed: {exc}"}})
+                    return
+            send({"ok": True})
+        elif op == "run":
+            code = req.get("code")
+            timeout = req.get("timeout")
+            if not isinstance(code, str) or not (
+                timeout is None
+                or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0)
+            ):
+                send(
+                    {"ok": False, "error": {"code": "invalid", "message": "run needs code (str) and timeout"}}
+                )
+                return
+            broken: list[OSError] = []
+
+            def emit(event: dict) -> None:
+                # A client that went away must not abort the run half-way: drain it, then report.
+                if not broken:
+                    try:
+                        send(event)
+                    except OSError as exc:
+                        broken.append(exc)
+
+            with self.lock:
+                try:
+                    result = self.context.run(code, timeout, emit)
+                except KernelDied as exc:
+                    result = {"ok": False, "error": {"code": "kernel_died", "message": str(exc)}}
+                else:
+                    result = {"ok": True, **result}
+            if broken:
+                raise broken[0]
+            send(result)
+        else:
+            send({"ok": False, "error": {"code": "invalid", "message": f"unknown op {op!r}"}})
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        def send(obj: dict) -> None:
+            conn.sendall(protocol.encode_json(obj))
+
+        with conn:
+            while True:
+                try:
+                    frame = protocol.recv_frame(conn)
+                except (OSError, protocol.ProtocolError):
+                    return
+                if frame is None:
+                    return
+                kind, payload = frame
+                try:
+                    if kind != protocol.KIND_JSON:
+                        raise protocol.ProtocolError("expected a J frame")
+                    req = protocol.decode_json(payload)
+                except protocol.ProtocolError as exc:
+                    with contextlib.suppress(OSError):
+                        send({"ok": False, "error": {"code": "invalid", "message": str(exc)}})
+                    return
+                try:
+                    self.handle(req, send)
+                except OSError:
+                    return  # the client went away; the kernel stays
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--cwd", required=True)
+    ap.add_argument("--env-json", default=None, help="JSON object of variables added to the environment")
+    ap.add_argument("--language", choices=("python", "bash"), default="python")
+    args = ap.parse_args(argv)
+
+    env = dict(os.environ)
+    if args.env_json:
+        extra = json.loads(args.env_json)
+        if not isinstance(extra, dict):
+            ap.error("--env-json must be a JSON object")
+        env.update({str(k): str(v) for k, v in extra.items()})
+    env.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+    os.environ["JUPYTER_PLATFORM_DIRS"] = "1"
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(args.socket)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(args.socket)
+
+    stopping = threading.Event()
+
+    def on_signal(_sig, _frame) -> None:
+        stopping.set()
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            server.close()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    context = (PythonContext if args.language == "python" else BashContext)(args.cwd, env)
+    bridge = Bridge(context)
+    try:
+        with contextlib.suppress(OSError):  # closed already if a signal came during start-up
+            server.listen(16)  # only now: a client that connects finds the interpreter ready
+        while not stopping.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                break
+            threading.Thread(target=bridge.serve_connection, args=(conn,), daemon=True).start()
+    finally:
+        context.close()
+        with contextlib.suppress(OSError):
+            os.unlink(args.socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
