@@ -47,6 +47,9 @@ class Settings:
     flatten_at: int = field(default_factory=lambda: int(os.environ.get("COVE_FLATTEN_AT", "16")))
     # Where process checkpoints (hibernation, memory snapshots) go; default: $COVE_HOME/checkpoints.
     checkpoint_dir: str | None = field(default_factory=lambda: os.environ.get("COVE_CHECKPOINT_DIR") or None)
+    # Where the kernel environment for code contexts is built (once per recipe); COVE_KERNEL=0: none.
+    kernel_cache: str | None = field(default_factory=lambda: os.environ.get("COVE_KERNEL_CACHE") or None)
+    kernel: bool = field(default_factory=lambda: os.environ.get("COVE_KERNEL", "1") != "0")
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

@@ -51,6 +51,8 @@ class Server:
             "COVE_CGROUP_PARENT": self.cgroup_parent,
             "COVE_URL": self.url,
             "COVE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+            # One kernel environment for every scratch server (built once, on first use).
+            "COVE_KERNEL_CACHE": os.environ.get("COVE_KERNEL_CACHE", "/var/cache/cove-test-kernel"),
             **self.extra_env,
         }
 

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cove import __version__
 from cove.config import Settings
 from cove.controlplane import auth, errors
-from cove.controlplane.api import commands, files, keys, processes, sandboxes, snapshots, system
+from cove.controlplane.api import commands, contexts, files, keys, processes, sandboxes, snapshots, system
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.service import SandboxService
 from cove.node.base import NodeAgent
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.cove = cove
     errors.install_handlers(app)
-    for module in (system, sandboxes, snapshots, commands, processes, files, keys):
+    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys):
         app.include_router(module.router)
 
     app.add_middleware(AccessLog)

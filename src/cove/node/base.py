@@ -111,6 +111,16 @@ class NodeAgent(ABC):
     async def resume(self, sandbox_id: str) -> None:
         """Thaw a paused sandbox."""
 
+    kernel_status: str = "unavailable"  # of the environment code contexts run in
+
+    @abstractmethod
+    async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
+        """Make room for a code context's bridge; returns its socket path inside the sandbox."""
+
+    @abstractmethod
+    def context_client(self, sandbox_id: str, context_id: str) -> GuestClient:
+        """A client for a code context's bridge."""
+
     @abstractmethod
     def guest(self, sandbox_id: str) -> GuestClient:
         """A client for the sandbox's guest agent."""

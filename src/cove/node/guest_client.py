@@ -172,6 +172,29 @@ class GuestClient:
     async def ping(self) -> dict[str, Any]:
         return await self.call("ping")
 
+    async def events(self, op: str, **fields: Any) -> AsyncIterator[dict[str, Any]]:
+        """A request answered by `J` events, the last of which has `ok` (used by code contexts)."""
+        reader, writer = await self._open()
+        try:
+            try:
+                await _send(writer, _request(op, fields))
+            except OSError as exc:
+                raise GuestUnavailable(f"connection failed: {exc}") from exc
+            while True:
+                frame = await _read_frame(reader)
+                if frame is None:
+                    raise GuestUnavailable("the connection closed before the final reply")
+                kind, payload = frame
+                if kind != KIND_JSON:
+                    continue
+                message = protocol.decode_json(payload)
+                if "ok" in message:
+                    yield _reply(payload)
+                    return
+                yield message
+        finally:
+            writer.close()
+
     async def exec(
         self,
         cmd: str | None = None,

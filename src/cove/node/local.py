@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
@@ -12,7 +13,7 @@ from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.node.namespaces import cgroups
 from cove.node.namespaces.runtime import NamespacesRuntime
-from cove.storage import base_template
+from cove.storage import base_template, kernel_layer
 from cove.storage.layers import LayerStore, open_storage
 
 log = logging.getLogger("cove.node")
@@ -25,6 +26,8 @@ class LocalNode(NodeAgent):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._base: TemplateSpec | None = None
+        self.kernel_status = "not started"
+        self._kernel_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -34,6 +37,7 @@ class LocalNode(NodeAgent):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
         await self.runtime.start()
+        self._start_kernel_env()
         can = checkpoint.available()
         log.info(
             "node ready",
@@ -44,6 +48,41 @@ class LocalNode(NodeAgent):
                 else "unavailable",
             },
         )
+
+    def _start_kernel_env(self) -> None:
+        """Code contexts need a Python environment with ipykernel; building it takes a while the
+        first time (pip), so it happens in the background and sandboxes get it once it is there."""
+        if not self.settings.kernel:
+            self.kernel_status = "disabled (COVE_KERNEL=0)"
+            return
+        cache = (
+            Path(self.settings.kernel_cache) if self.settings.kernel_cache else self.settings.home / "kernel"
+        )
+        ready = cache / kernel_layer.recipe_digest() / kernel_layer.LAYER_SUBDIR
+        if (ready / "bin" / "python").exists():
+            self.runtime.kernel_env, self.kernel_status = ready, "ready"
+            return
+
+        async def build() -> None:
+            try:
+                root = await asyncio.to_thread(kernel_layer.build_cached, cache)
+            except Exception as e:
+                self.kernel_status = f"unavailable: building the kernel environment failed: {e}"[:500]
+                log.warning("kernel environment build failed", extra={"error": str(e)})
+                return
+            self.runtime.kernel_env, self.kernel_status = root / kernel_layer.LAYER_SUBDIR, "ready"
+            log.info("kernel environment ready", extra={"path": str(root)})
+
+        self.kernel_status = (
+            "building (the first start installs ipykernel; sandboxes started after it get it)"
+        )
+        self._kernel_task = asyncio.create_task(build())
+
+    async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
+        return await self.runtime.prepare_context(sandbox_id, context_id, user)
+
+    def context_client(self, sandbox_id: str, context_id: str) -> GuestClient:
+        return GuestClient(self.runtime.context_socket(sandbox_id, context_id))
 
     async def base_template(self) -> TemplateSpec:
         if self._base is None:

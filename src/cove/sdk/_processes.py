@@ -153,3 +153,96 @@ def parse_watch(line: str | bytes) -> WatchEvent | None:
         return None
     d = json.loads(line)
     return WatchEvent(type=d.get("type", ""), path=d.get("path", ""), is_dir=bool(d.get("is_dir", False)))
+
+
+@dataclass
+class Execution:
+    """What `run_code` produced: streams, rich results ({mime: value}), and the error if it raised."""
+
+    stdout: str = ""
+    stderr: str = ""
+    results: list[dict[str, Any]] | None = None
+    error: dict[str, Any] | None = None
+    execution_count: int | None = None
+
+    @property
+    def text(self) -> str | None:
+        """The text/plain form of the last result (the value of the cell's last expression)."""
+        for result in reversed(self.results or []):
+            if "text/plain" in result:
+                return str(result["text/plain"])
+        return None
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    id: str
+    language: str
+    running: bool = True
+
+
+def run_code_call(
+    sandbox_id: str,
+    code: str,
+    language: str = "python",
+    context: str | None = None,
+    timeout: float | None = None,
+) -> Call:
+    body: dict[str, Any] = {"code": code, "language": language}
+    if context is not None:
+        body["context"] = context
+    if timeout is not None:
+        body["timeout"] = timeout
+    return Call(
+        "POST",
+        sandbox_path(sandbox_id, "/code"),
+        json=body,
+        timeout=command_timeout(timeout and timeout + 60),
+    )
+
+
+def feed_code_event(execution: Execution, line: str | bytes) -> dict[str, Any] | None:
+    """Apply one NDJSON line of /code to `execution`; returns the event (None for blank lines)."""
+    if not line:
+        return None
+    d = json.loads(line)
+    kind = d.get("type")
+    if kind == "stdout":
+        execution.stdout += d.get("text", "")
+    elif kind == "stderr":
+        execution.stderr += d.get("text", "")
+    elif kind == "result":
+        execution.results = [*(execution.results or []), d.get("data", {})]
+    elif kind == "end":
+        execution.error, execution.execution_count = d.get("error"), d.get("execution_count")
+    elif kind == "error":
+        code = d.get("code", "internal")
+        raise error_from_response(
+            status_for_code(code), {"error": {"code": code, "message": d.get("message", "")}}
+        )
+    return d
+
+
+def create_context(
+    sandbox_id: str, language: str = "python", cwd: str | None = None, env: Mapping[str, str] | None = None
+) -> Op[ContextInfo]:
+    body: dict[str, Any] = {"language": language, "env": dict(env or {})}
+    if cwd:
+        body["cwd"] = cwd
+    d = yield Call("POST", sandbox_path(sandbox_id, "/contexts"), json=body, timeout=command_timeout(120))
+    return ContextInfo(id=d["id"], language=d["language"], running=d["running"])
+
+
+def list_contexts(sandbox_id: str) -> Op[list[ContextInfo]]:
+    d = yield Call("GET", sandbox_path(sandbox_id, "/contexts"))
+    return [ContextInfo(id=c["id"], language=c["language"], running=c["running"]) for c in d["items"]]
+
+
+def restart_context(sandbox_id: str, context_id: str) -> Op[None]:
+    yield Call(
+        "POST", sandbox_path(sandbox_id, f"/contexts/{_q(context_id)}/restart"), timeout=command_timeout(120)
+    )
+
+
+def delete_context(sandbox_id: str, context_id: str) -> Op[None]:
+    yield Call("DELETE", sandbox_path(sandbox_id, f"/contexts/{_q(context_id)}"))

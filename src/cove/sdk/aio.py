@@ -273,6 +273,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self.processes = AsyncProcesses(self)
         self.pty = AsyncPty(self)
+        self.contexts = AsyncContexts(self)
 
     @classmethod
     def _adopt(cls, info: SandboxInfo, http: _AsyncHTTP) -> AsyncSandbox:
@@ -283,6 +284,7 @@ class AsyncSandbox:
         sandbox.files = AsyncFiles(sandbox)
         sandbox.processes = AsyncProcesses(sandbox)
         sandbox.pty = AsyncPty(sandbox)
+        sandbox.contexts = AsyncContexts(sandbox)
         return sandbox
 
     @classmethod
@@ -415,6 +417,37 @@ class AsyncSandbox:
         """Thaw a paused sandbox."""
         self._info = await self._http.run(_core.resume_sandbox(self._id))
         return self._info
+
+    async def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        context: str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> _processes.Execution:
+        """Run code in a persistent interpreter (a Jupyter kernel for python; bash keeps its shell):
+        variables stay between calls; streams and rich results (``{mime: value}``) arrive as produced::
+
+            sb.run_code("x = 41"); print(sb.run_code("x + 1").text)   # 42
+        """
+        execution = _processes.Execution()
+        call = _processes.run_code_call(self._id, code, language, context, timeout)
+        async with self._http.stream(call) as response:
+            async for line in response.aiter_lines():
+                event = _processes.feed_code_event(execution, line)
+                if not event:
+                    continue
+                kind = event.get("type")
+                cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
+                if cb is not None:
+                    data = event.get("text") if kind != "result" else event.get("data")
+                    result = cb(data)
+                    if inspect.isawaitable(result):
+                        await result
+        return execution
 
     async def hibernate(self) -> SandboxInfo:
         """Release the sandbox's memory and CPU, keeping its files; the next call resumes it.
@@ -645,3 +678,24 @@ class AsyncPty:
         user: str | None = None,
     ) -> AsyncProcess:
         return await self._sandbox.processes.start(cmd, cwd=cwd, env=env, user=user, pty=(rows, cols))
+
+
+class AsyncContexts:
+    """Code contexts of one sandbox: ``sandbox.contexts``."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def create(
+        self, language: str = "python", cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> _processes.ContextInfo:
+        return await self._sandbox._http.run(_processes.create_context(self._sandbox.id, language, cwd, env))
+
+    async def list(self) -> list[_processes.ContextInfo]:
+        return await self._sandbox._http.run(_processes.list_contexts(self._sandbox.id))
+
+    async def restart(self, context_id: str) -> None:
+        await self._sandbox._http.run(_processes.restart_context(self._sandbox.id, context_id))
+
+    async def delete(self, context_id: str) -> None:
+        await self._sandbox._http.run(_processes.delete_context(self._sandbox.id, context_id))

@@ -206,6 +206,7 @@ class Sandbox:
         self.files = Files(self)
         self.processes = Processes(self)
         self.pty = Pty(self)
+        self.contexts = Contexts(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class Sandbox:
         sandbox.files = Files(sandbox)
         sandbox.processes = Processes(sandbox)
         sandbox.pty = Pty(sandbox)
+        sandbox.contexts = Contexts(sandbox)
         return sandbox
 
     @classmethod
@@ -347,6 +349,35 @@ class Sandbox:
         """Thaw a paused sandbox."""
         self._info = self._http.run(_core.resume_sandbox(self._id))
         return self._info
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        context: str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> _processes.Execution:
+        """Run code in a persistent interpreter (a Jupyter kernel for python; bash keeps its shell):
+        variables stay between calls; streams and rich results (``{mime: value}``) arrive as produced::
+
+            sb.run_code("x = 41"); print(sb.run_code("x + 1").text)   # 42
+        """
+        execution = _processes.Execution()
+        call = _processes.run_code_call(self._id, code, language, context, timeout)
+        with self._http.stream(call) as response:
+            for line in response.iter_lines():
+                event = _processes.feed_code_event(execution, line)
+                if not event:
+                    continue
+                kind = event.get("type")
+                cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
+                if cb is not None:
+                    data = event.get("text") if kind != "result" else event.get("data")
+                    cb(data)
+        return execution
 
     def hibernate(self) -> SandboxInfo:
         """Release the sandbox's memory and CPU, keeping its files; the next call resumes it.
@@ -594,3 +625,24 @@ class Pty:
         user: str | None = None,
     ) -> Process:
         return self._sandbox.processes.start(cmd, cwd=cwd, env=env, user=user, pty=(rows, cols))
+
+
+class Contexts:
+    """Code contexts of one sandbox: ``sandbox.contexts``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def create(
+        self, language: str = "python", cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> _processes.ContextInfo:
+        return self._sandbox._http.run(_processes.create_context(self._sandbox.id, language, cwd, env))
+
+    def list(self) -> list[_processes.ContextInfo]:
+        return self._sandbox._http.run(_processes.list_contexts(self._sandbox.id))
+
+    def restart(self, context_id: str) -> None:
+        self._sandbox._http.run(_processes.restart_context(self._sandbox.id, context_id))
+
+    def delete(self, context_id: str) -> None:
+        self._sandbox._http.run(_processes.delete_context(self._sandbox.id, context_id))

@@ -20,7 +20,7 @@ ETC_ALLOWLIST = (
     "host.conf", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "login.defs",
     "magic", "magic.mime", "mime.types", "networks", "nsswitch.conf", "os-release", "profile",
     "profile.d", "protocols", "python3", "python3.11", "services", "shells", "skel", "ssl/certs",
-    "ssl/openssl.cnf", "timezone", "terminfo", "locale.alias", "bindresvport.blacklist",
+    "ssl/openssl.cnf", "timezone", "terminfo", "locale.alias", "bindresvport.blacklist", "fonts",
 )  # fmt: skip
 
 PASSWD = """root:x:0:0:root:/root:/bin/bash

@@ -25,12 +25,13 @@ from cove.node import checkpoint
 from cove.node.base import NodeError, SandboxSpec
 from cove.node.namespaces import cgroups, syscalls
 from cove.node.namespaces.launcher import process_start_time
+from cove.storage import kernel_layer
 from cove.storage.layers import LayerStore
 
 log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
-GUEST_FILES = ("agent.pyc", "protocol.pyc")
+GUEST_FILES = ("agent.pyc", "protocol.pyc", "kernel_bridge.py")
 
 
 class NamespacesRuntime:
@@ -50,7 +51,7 @@ class NamespacesRuntime:
         A script run as __main__ is never cached by Python, so compiling here saves every sandbox
         start ≈7 ms; unchecked-hash .pyc files stay valid when linked into each sandbox.
         """
-        sources = [GUEST_DIR / "agent.py", GUEST_DIR / "protocol.py"]
+        sources = [GUEST_DIR / "agent.py", GUEST_DIR / "protocol.py", GUEST_DIR / "kernel_bridge.py"]
         digest = hashlib.sha256(self.settings.guest_python.encode())
         for src in sources:
             digest.update(src.read_bytes())
@@ -64,8 +65,9 @@ class NamespacesRuntime:
                 "    py_compile.compile(src, cfile=dst, doraise=True,\n"
                 "        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
             )
-            args = [a for src in sources for a in (str(src), str(tmp / (src.stem + ".pyc")))]
+            args = [a for src in sources[:2] for a in (str(src), str(tmp / (src.stem + ".pyc")))]
             subprocess.run([self.settings.guest_python, "-I", "-c", script, *args], check=True)
+            shutil.copyfile(sources[2], tmp / sources[2].name)  # run by the kernel venv's python
             for f in tmp.iterdir():
                 f.chmod(0o444)
             shutil.rmtree(out, ignore_errors=True)
@@ -141,7 +143,7 @@ class NamespacesRuntime:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True, mode=0o755)
         rootfs.mkdir(mode=0o755, exist_ok=True)
-        (run / "sock").mkdir(mode=0o700)
+        (run / "sock").mkdir(mode=0o711)  # traversable, so code contexts reach their own dirs
         os.chown(run / "sock", base, base)  # the sandbox's root binds the agent socket here
         for name in GUEST_FILES:
             os.link(self.guest_code / name, run / name)  # shared, read-only inside
@@ -159,7 +161,7 @@ class NamespacesRuntime:
             "upper": str(active.upper),
             "work": str(active.work),
             "lowerdirs": list(active.lowerdirs),
-            "binds": spec.template.config.get("binds", []),
+            "binds": [*spec.template.config.get("binds", []), *self.extra_binds()],
             "cgroup": f"{self.settings.cgroup_parent}/{spec.id}",
             "limits": {
                 "memory_bytes": limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
@@ -248,6 +250,40 @@ class NamespacesRuntime:
     async def kill(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self._kill, sandbox_id)
 
+    # -- code contexts -----------------------------------------------------------------------
+    def extra_binds(self) -> list[dict[str, Any]]:
+        """The kernel environment for code contexts, read-only at /opt/cove/kernel once it is built."""
+        env = self.kernel_env
+        return [{"src": str(env), "dst": kernel_layer.MOUNT_PATH, "ro": True}] if env else []
+
+    kernel_env: Path | None = None  # set by the node once the environment is built
+
+    def _prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
+        """A directory for a context's socket, owned by the user its interpreter runs as."""
+        uid = 0
+        passwd = self.sandbox_dir(sandbox_id) / "rootfs" / "etc" / "passwd"
+        for line in passwd.read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and (fields[0] == user or fields[2] == user):
+                uid = int(fields[2])
+                break
+        else:
+            if not user.isdigit():
+                raise NodeError(f"unknown user {user!r}")
+            uid = int(user)
+        d = self.sandbox_dir(sandbox_id) / "run" / "sock" / "kernels" / context_id
+        d.parent.mkdir(mode=0o711, exist_ok=True)
+        os.chown(d.parent, self.settings.uid_base, self.settings.uid_base)
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chown(d, self.settings.uid_base + uid, self.settings.uid_base + uid)
+        return f"/run/cove/sock/kernels/{context_id}/bridge.sock"
+
+    async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
+        return await asyncio.to_thread(self._prepare_context, sandbox_id, context_id, user)
+
+    def context_socket(self, sandbox_id: str, context_id: str) -> str:
+        return str(self.sandbox_dir(sandbox_id) / "run" / "sock" / "kernels" / context_id / "bridge.sock")
+
     # -- checkpoints (CRIU) ----------------------------------------------------------------
     def checkpoint_dir(self, key: str) -> Path:
         root = (
@@ -306,12 +342,23 @@ class NamespacesRuntime:
             (images / "procs").mkdir(exist_ok=True)
             for record in procs.glob("*.json"):
                 shutil.copy2(record, images / "procs" / record.name)
+        kernels = self.sandbox_dir(sandbox_id) / "run" / "sock" / "kernels"
+        if kernels.is_dir():  # code contexts' socket dirs: their sockets are restored into them
+            owners = {d.name: [d.stat().st_uid, d.stat().st_gid] for d in kernels.iterdir() if d.is_dir()}
+            (images / "kernels.json").write_text(json.dumps(owners))
 
     def _load_process_records(self, sandbox_id: str, images: Path) -> None:
+        base = self.settings.uid_base
+        if (images / "kernels.json").exists():
+            kernels = self.sandbox_dir(sandbox_id) / "run" / "sock" / "kernels"
+            kernels.mkdir(mode=0o711, exist_ok=True)
+            os.chown(kernels, base, base)
+            for name, (uid, gid) in json.loads((images / "kernels.json").read_text()).items():
+                (kernels / name).mkdir(mode=0o700, exist_ok=True)
+                os.chown(kernels / name, uid, gid)
         saved = images / "procs"
         if not saved.is_dir():
             return
-        base = self.settings.uid_base
         procs = self.sandbox_dir(sandbox_id) / "run" / "sock" / "procs"
         procs.mkdir(mode=0o700, exist_ok=True)
         os.chown(procs, base, base)

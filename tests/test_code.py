@@ -1,0 +1,139 @@
+"""Code contexts: persistent interpreters in a sandbox (real Jupyter kernels and bash)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import pytest
+
+from cove import Sandbox
+from cove.devserver import Server
+from cove.node import checkpoint
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run(api: httpx.Client, sid: str, code: str, **kw: object) -> list[dict]:
+    with api.stream("POST", f"/v1/sandboxes/{sid}/code", json={"code": code, **kw}, timeout=180) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def value(events: list[dict]) -> str | None:
+    results = [e["data"]["text/plain"] for e in events if e["type"] == "result" and "text/plain" in e["data"]]
+    return results[-1] if results else None
+
+
+@pytest.fixture(scope="module")
+def kernel_ready(server: Server) -> None:
+    """The server builds the kernel environment in the background on its first start (pip)."""
+    sb = None
+    deadline = time.monotonic() + 240
+    with server.client() as api:
+        while time.monotonic() < deadline:
+            sb = api.post("/v1/sandboxes", json={}).json()
+            r = api.post(f"/v1/sandboxes/{sb['id']}/contexts", json={}, timeout=120)
+            api.delete(f"/v1/sandboxes/{sb['id']}")
+            if r.status_code == 201:
+                return
+            if "building" not in r.text:
+                pytest.skip(f"code contexts unavailable here: {r.text}")
+            time.sleep(2)
+    pytest.skip("the kernel environment was not built in time")
+
+
+def test_variables_persist_and_streams_and_rich_results(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    assert run(api, sid, "x = 41")[-1] == {"type": "end", "error": None, "execution_count": 1}
+    assert value(run(api, sid, "x + 1")) == "42"
+    events = run(api, sid, "import sys; print('out'); print('err', file=sys.stderr)")
+    assert {"type": "stdout", "text": "out\n"} in events and {"type": "stderr", "text": "err\n"} in events
+    events = run(api, sid, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]); plt.show()")
+    pngs = [e["data"]["image/png"] for e in events if e["type"] == "result" and "image/png" in e["data"]]
+    assert pngs and base64.b64decode(pngs[0]).startswith(b"\x89PNG")
+    events = run(
+        api, sid, "from IPython.display import HTML, Markdown; display(HTML('<b>x</b>')); Markdown('*y*')"
+    )
+    mimes = {m for e in events if e["type"] == "result" for m in e["data"]}
+    assert {"text/html", "text/markdown"} <= mimes
+    end = run(api, sid, "1 / 0")[-1]
+    assert end["error"]["name"] == "ZeroDivisionError" and "division by zero" in end["error"]["value"]
+    assert any("1 / 0" in line for line in end["error"]["traceback"])
+
+
+def test_timeout_interrupts_and_the_context_stays_usable(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    run(api, sid, "kept = 'still here'")
+    end = run(api, sid, "while True: pass", timeout=2)[-1]
+    assert end["error"]["name"] == "TimeoutError"
+    assert value(run(api, sid, "kept")) == "'still here'"
+
+
+def test_dead_kernel_gives_a_clear_error_and_restarts(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    ctx = api.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "python"}).json()
+    events = run(api, sid, "import os; os._exit(1)", context=ctx["id"])
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "kernel_died"
+    assert "restart" in events[-1]["message"]
+    assert api.post(f"/v1/sandboxes/{sid}/contexts/{ctx['id']}/restart").status_code == 200
+    assert value(run(api, sid, "1 + 1", context=ctx["id"])) == "2"
+
+
+def test_contexts_are_separate_and_bash_keeps_its_shell(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    a = api.post(f"/v1/sandboxes/{sid}/contexts", json={"env": {"WHO": "a"}}).json()
+    b = api.post(f"/v1/sandboxes/{sid}/contexts", json={"cwd": "/tmp"}).json()
+    run(api, sid, "v = 'in a'", context=a["id"])
+    assert run(api, sid, "v", context=b["id"])[-1]["error"]["name"] == "NameError"
+    assert (
+        value(run(api, sid, "import os; os.environ['WHO'], os.getcwd()", context=a["id"]))
+        == "('a', '/home/user')"
+    )
+    assert value(run(api, sid, "import os; os.getcwd()", context=b["id"])) == "'/tmp'"
+    run(api, sid, "cd /tmp && export N=5", language="bash")
+    out = "".join(e.get("text", "") for e in run(api, sid, "echo $PWD $N", language="bash"))
+    assert out == "/tmp 5\n"
+    ids = {c["id"] for c in api.get(f"/v1/sandboxes/{sid}/contexts").json()["items"]}
+    assert {a["id"], b["id"], "default-bash"} <= ids
+    assert api.delete(f"/v1/sandboxes/{sid}/contexts/{a['id']}").status_code == 204
+    assert api.post(f"/v1/sandboxes/{sid}/code", json={"code": "1", "context": "nothere"}).status_code == 404
+
+
+@pytest.mark.skipif(not checkpoint.available(), reason="needs CRIU >= 4.1")
+def test_a_context_survives_hibernate_and_fork(api: httpx.Client, kernel_ready: None) -> None:
+    sb = api.post("/v1/sandboxes", json={}).json()
+    sid = sb["id"]
+    try:
+        run(api, sid, "memo = [1, 2, 3]")
+        assert api.post(f"/v1/sandboxes/{sid}/hibernate").json()["hibernation"]["memory"] is True
+        assert value(run(api, sid, "sum(memo)")) == "6"
+        child = api.post(f"/v1/sandboxes/{sid}/fork", json={"count": 1}).json()["items"][0]
+        run(api, child["id"], "memo.append(4)")
+        assert value(run(api, child["id"], "sum(memo)")) == "10"
+        assert value(run(api, sid, "sum(memo)")) == "6"
+        api.delete(f"/v1/sandboxes/{child['id']}")
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_sdk_run_code(server: Server, kernel_ready: None) -> None:
+    with Sandbox.create(url=server.url, api_key=server.api_key) as sb:
+        sb.run_code("x = 41")
+        seen: list[str] = []
+        result = sb.run_code("print('hello'); x + 1", on_stdout=seen.append)
+        assert result.text == "42" and result.stdout == "hello\n" and seen == ["hello\n"]
+        assert sb.run_code("undefined_name").error["name"] == "NameError"  # type: ignore[index]
+        ctx = sb.contexts.create("bash")
+        assert sb.run_code("echo $((6*7))", context=ctx.id).stdout == "42\n"
+        assert ctx.id in [c.id for c in sb.contexts.list()]
