@@ -137,3 +137,16 @@ def test_sdk_run_code(server: Server, kernel_ready: None) -> None:
         ctx = sb.contexts.create("bash")
         assert sb.run_code("echo $((6*7))", context=ctx.id).stdout == "42\n"
         assert ctx.id in [c.id for c in sb.contexts.list()]
+
+
+def test_cli_run_code(server: Server, sandbox: dict, kernel_ready: None) -> None:
+    import subprocess
+    import sys
+
+    env = server.env
+    cmd = [sys.executable, "-m", "cove", "run-code", sandbox["id"]]
+    assert subprocess.run([*cmd, "y = 6 * 7"], env=env, capture_output=True, timeout=120).returncode == 0
+    done = subprocess.run([*cmd, "print('hi'); y"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "hi\n42\n"
+    done = subprocess.run([*cmd, "raise ValueError('bad')"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "ValueError: bad" in done.stderr

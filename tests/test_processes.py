@@ -245,3 +245,24 @@ def test_cli_shell_is_an_interactive_terminal(server: Server, sandbox: dict) -> 
     assert b"33 101" in out, out[-500:]
     assert b"40 120" in out, out[-500:]
     assert os.waitstatus_to_exitcode(status) == 5
+
+
+def test_cli_watch_prints_events(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cove", "watch", sandbox["id"], "/home/user"],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # the CLI connects and the watch is set up
+        api.put(f"/v1/sandboxes/{sandbox['id']}/files", params={"path": "/home/user/seen.txt"}, content=b"x")
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "/home/user/" in line and line.split()[0] in ("create", "write", "rename"), line
+    finally:
+        proc.terminate()
+        proc.wait(10)

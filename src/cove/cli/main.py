@@ -585,6 +585,70 @@ def shell(
     raise typer.Exit(_terminal(ctx, sandbox_id, "bash -l", user=user))
 
 
+@app.command("run-code")
+@_friendly
+def run_code(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    code: Annotated[str, typer.Argument(metavar="CODE", help="The code; - reads it from stdin.")],
+    language: Annotated[str, typer.Option("--language", "-l", help="python or bash.")] = "python",
+    context: Annotated[
+        str | None, typer.Option("--context", "-c", help="Context id (default: the default one).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Interrupt after SECONDS.")] = None,
+) -> None:
+    """Run code in a persistent interpreter in the sandbox; variables stay for the next call.
+
+    Prints output as it comes, then the value of the last expression (text/plain); exits 1 if the
+    code raised.
+
+    [bold]Example:[/]  [cyan]cove run-code sb-1234 'x = 41'; cove run-code sb-1234 'x + 1'[/]
+    """
+    source = sys.stdin.read() if code == "-" else code
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        result = sandbox.run_code(
+            source,
+            language=language,
+            context=context,
+            timeout=timeout,
+            on_stdout=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+            on_stderr=lambda t: (sys.stderr.write(t), sys.stderr.flush()),
+        )
+    finally:
+        sandbox.close()
+    if result.text is not None:
+        out.print(escape(result.text))
+    if result.error:
+        err.print(
+            f"[red]{escape(result.error.get('name', 'Error'))}: {escape(str(result.error.get('value', '')))}[/]"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def watch(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Directory inside the sandbox.")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also watch subdirectories.")] = False,
+) -> None:
+    """Print file events (create, write, remove, rename) under a directory until Ctrl-C.
+
+    [bold]Example:[/]  [cyan]cove watch sb-1234 /home/user -r[/]
+    """
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        for event in sandbox.files.watch(path, recursive=recursive):
+            if event.type != "watching":
+                out.print(f"{event.type:7} {escape(event.path)}{'/' if event.is_dir else ''}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.close()
+
+
 @app.command("ps")
 @_friendly
 def ps(
