@@ -148,5 +148,47 @@ def test_cli_run_code(server: Server, sandbox: dict, kernel_ready: None) -> None
     assert subprocess.run([*cmd, "y = 6 * 7"], env=env, capture_output=True, timeout=120).returncode == 0
     done = subprocess.run([*cmd, "print('hi'); y"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "hi\n42\n"
-    done = subprocess.run([*cmd, "raise ValueError('bad')"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*cmd, "raise ValueError('bad')"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1 and "ValueError: bad" in done.stderr
+
+
+def test_async_sdk_code_processes_and_watch(server: Server, kernel_ready: None) -> None:
+    import asyncio
+
+    from cove import AsyncSandbox
+
+    async def main() -> None:
+        async with AsyncSandbox.create(url=server.url, api_key=server.api_key) as sb:
+            await sb.run_code("z = 20")
+            streamed: list[str] = []
+
+            async def on_stdout(text: str) -> None:
+                streamed.append(text)
+
+            result = await sb.run_code("print('async'); z + 22", on_stdout=on_stdout)
+            assert result.text == "42" and streamed == ["async\n"]
+            proc = await sb.processes.start("echo from-bg")
+            assert (await proc.wait(10)).exit_code == 0
+            texts = [e.data async for e in proc.output() if e.type == "stdout"]
+            assert texts == ["from-bg\n"]
+            term = await sb.pty.create("bash --norc -i", rows=12, cols=34)
+            await term.send_stdin("stty size; exit\n")
+            assert "12 34" in "".join([e.data async for e in term.output()])
+
+            events: list[str] = []
+
+            async def watch() -> None:
+                async for event in sb.files.watch("/tmp"):
+                    events.append(event.type)
+                    if event.type != "watching":
+                        return
+
+            task = asyncio.create_task(watch())
+            await asyncio.sleep(1)
+            await sb.files.write("/tmp/async.txt", "x")
+            await asyncio.wait_for(task, 15)
+            assert events[0] == "watching" and len(events) >= 2
+
+    asyncio.run(main())

@@ -266,3 +266,25 @@ def test_cli_watch_prints_events(server: Server, api: httpx.Client, sandbox: dic
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_cli_start_logs_signal_ps(server: Server, sandbox: dict) -> None:
+    import subprocess
+    import sys
+
+    def cove(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cove", *args], env=server.env, capture_output=True, text=True, timeout=60
+        )
+
+    started = cove(
+        "start", sandbox["id"], "--tag", "counter", "--", "for i in 1 2 3; do echo n$i; done; sleep 600"
+    )
+    assert started.returncode == 0, started.stderr
+    pid = started.stdout.strip()
+    listed = cove("ps", sandbox["id"])
+    assert pid in listed.stdout and "running" in listed.stdout
+    assert cove("signal", sandbox["id"], pid, "-s", "SIGKILL").returncode == 0
+    logs = cove("logs", sandbox["id"], pid)
+    assert logs.stdout == "n1\nn2\nn3\n" and logs.returncode == 137
+    assert cove("logs", sandbox["id"], "0000ffff").returncode == 1
