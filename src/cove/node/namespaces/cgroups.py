@@ -192,7 +192,7 @@ class Cgroup:
             return None
 
     # -- freeze / kill -------------------------------------------------------------
-    def freeze(self, frozen: bool = True, timeout: float = 5.0) -> None:
+    def freeze(self, frozen: bool = True, timeout: float = 30.0) -> None:
         """Freeze (or thaw) every process; returns once the kernel reports the new state."""
         if self.v2_dir and os.path.exists(os.path.join(self.v2_dir, "cgroup.freeze")):
             _write(os.path.join(self.v2_dir, "cgroup.freeze"), "1" if frozen else "0")
