@@ -122,9 +122,12 @@ def test_long_snapshot_chains_are_flattened() -> None:
                 sh(api, sb["id"], "rm /home/user/doomed" if step == 0 else "echo 3 > /home/user/three")
             snap = api.post(f"/v1/sandboxes/{sb['id']}/snapshots").json()
             assert snap["layers"] >= 2  # earlier generations may already be flattened: timing
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while api.get(f"/v1/snapshots/{snap['id']}").json()["layers"] != 1:
-                assert time.monotonic() < deadline, "the chain was not flattened"
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"the chain was not flattened; server log:\n{srv.log.read_text()[-3000:]}"
+                    )
                 time.sleep(0.2)
             flat = api.post("/v1/sandboxes", json={"snapshot": snap["id"]}).json()
             out = sh(api, flat["id"], "cat /home/user/one /home/user/three; ls /home/user/doomed; id -un")
