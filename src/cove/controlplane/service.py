@@ -347,29 +347,32 @@ class SandboxService:
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
             await self.store.insert_snapshot(snap)
-            try:
-                if memory:
-                    layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id)
-                    snap.memory = True
-                else:  # the node freezes the sandbox for the instant of the copy
-                    layer = await self.node.commit(rec.id)
-            except (NodeError, OSError) as e:
-                await self.store.delete_snapshot(snap.id)
-                await self.node.drop_checkpoint(snap.id)
-                raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
-            snap.layers = [*rec.layers, layer]
-            snap.config = {
-                "template": rec.template,
-                "env": rec.env,
-                "user": rec.user,
-                "workdir": rec.workdir,
-                "limits": rec.limits,
-                "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
-            }
-            snap.state = "ready"
-            await self.store.update_snapshot(
-                snap.id, layers=snap.layers, config=snap.config, state="ready", memory=int(snap.memory)
-            )
+            # Until the record names the new layer, nothing else may collect layers (it would
+            # see the layer as unused and delete it).
+            async with self._layer_refs:
+                try:
+                    if memory:
+                        layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id)
+                        snap.memory = True
+                    else:  # the node freezes the sandbox for the instant of the copy
+                        layer = await self.node.commit(rec.id)
+                except (NodeError, OSError) as e:
+                    await self.store.delete_snapshot(snap.id)
+                    await self.node.drop_checkpoint(snap.id)
+                    raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
+                snap.layers = [*rec.layers, layer]
+                snap.config = {
+                    "template": rec.template,
+                    "env": rec.env,
+                    "user": rec.user,
+                    "workdir": rec.workdir,
+                    "limits": rec.limits,
+                    "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
+                }
+                snap.state = "ready"
+                await self.store.update_snapshot(
+                    snap.id, layers=snap.layers, config=snap.config, state="ready", memory=int(snap.memory)
+                )
         log.info("snapshot taken", extra={"snapshot": snap.id, "sandbox": rec.id, "layers": len(snap.layers)})
         if len(snap.layers) > self.settings.flatten_at:
             task = asyncio.create_task(self._flatten(snap.id))
@@ -379,20 +382,16 @@ class SandboxService:
 
     async def _flatten(self, snapshot_id: str) -> None:
         """Squash a snapshot's long layer chain into one layer; sandboxes made later mount just that."""
-        snap = await self.store.get_snapshot(snapshot_id)
-        if snap is None:
-            return
-        try:
-            flat = await self.node.flatten(snap.layers)
-        except (NodeError, OSError):
-            log.exception("flattening snapshot %s failed", snapshot_id)
-            return
-        async with self._layer_refs:
-            if await self.store.get_snapshot(snapshot_id) is None:  # deleted meanwhile
-                flat_keep: list[str] = []
-            else:
-                flat_keep = [flat]
-                await self.store.update_snapshot(snapshot_id, layers=flat_keep)
+        async with self._layer_refs:  # the new layer must be recorded before anything collects
+            snap = await self.store.get_snapshot(snapshot_id)
+            if snap is None:
+                return
+            try:
+                flat = await self.node.flatten(snap.layers)
+            except (NodeError, OSError):
+                log.exception("flattening snapshot %s failed", snapshot_id)
+                return
+            await self.store.update_snapshot(snapshot_id, layers=[flat])
         log.info("snapshot flattened", extra={"snapshot": snapshot_id, "from_layers": len(snap.layers)})
         await self.collect_layers()
 
