@@ -183,7 +183,8 @@ def test_hibernation_completed_by_a_crashed_server_is_recovered() -> None:
             sb = api.post("/v1/sandboxes", json={}).json()
             start_workload(api, sb["id"])
             token, _ = state(api, sb["id"])
-            assert api.post(f"/v1/sandboxes/{sb['id']}/hibernate").json()["state"] == "hibernated"
+            r = api.post(f"/v1/sandboxes/{sb['id']}/hibernate")
+            assert r.status_code == 200 and r.json()["state"] == "hibernated", r.text
         srv.proc.kill()  # type: ignore[union-attr]  # SIGKILL, as in a crash
         srv.proc.wait()  # type: ignore[union-attr]
         db = sqlite3.connect(srv.home / "cove.db")

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 CRIU = os.environ.get("COVE_CRIU") or (
@@ -83,17 +82,14 @@ def dump(pid: int, images: Path, freeze_cgroup: str, leave_running: bool) -> Non
     ]  # fmt: skip
     if leave_running:
         argv.append("--leave-running")
-    for attempt in range(3):
-        try:
-            _run(argv, images / "dump.log", "dump")
-            break
-        except CheckpointError as e:
-            # A handler that is just finishing a request holds a socket whose host-side peer is
-            # already gone ("Unix socket … not found"); it exits within milliseconds: try again.
-            if "sk-unix" not in str(e) or attempt == 2:
-                raise
-            time.sleep(0.2)
+    _run(argv, images / "dump.log", "dump")
     (images / DONE).write_text(str(pid))
+
+
+def transient(error: Exception) -> bool:
+    """A dump that failed on a handler just finishing a request: its socket's host-side peer is
+    already gone ("Unix socket … not found"). Let it finish (thaw) and dump again."""
+    return "sk-unix" in str(error)
 
 
 def complete(images: Path) -> bool:

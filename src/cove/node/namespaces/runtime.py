@@ -311,7 +311,16 @@ class NamespacesRuntime:
         cg.freeze(True)
         layer = None
         try:
-            checkpoint.dump(pid, images, freezer, leave_running)
+            for attempt in range(3):
+                try:
+                    checkpoint.dump(pid, images, freezer, leave_running)
+                    break
+                except checkpoint.CheckpointError as e:
+                    if not checkpoint.transient(e) or attempt == 2 or was_frozen:
+                        raise
+                    cg.freeze(False)
+                    time.sleep(0.2)
+                    cg.freeze(True)
             self._save_process_records(sandbox_id, images)
             if leave_running:
                 layer = self.layers.commit(sandbox_id)
