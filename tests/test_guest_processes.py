@@ -320,7 +320,10 @@ def test_pty_sigwinch_and_ctrl_c(client: GuestClient, spawn: Spawner) -> None:
         await read_until(client, proc["id"], b"ready")
         await client.resize(proc["id"], 11, 12)
         await read_until(client, proc["id"], b"winch")
-        await client.input(proc["id"], b"\x03")  # ^C through the terminal: SIGINT to its group
+        try:
+            await client.input(proc["id"], b"\x03")  # ^C through the terminal: SIGINT to its group
+        except GuestError as e:  # rarely the terminal's hang-up has already ended it: same outcome
+            assert e.code == "conflict", e
         assert (await client.wait(proc["id"], 5))["running"] is False
 
     run(go())
