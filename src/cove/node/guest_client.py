@@ -99,6 +99,14 @@ async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
+async def _send_request(writer: asyncio.StreamWriter, op: str, fields: dict[str, Any]) -> None:
+    """Send an operation's request frame; a broken connection is the guest being unavailable."""
+    try:
+        await _send(writer, _request(op, fields))
+    except OSError as exc:
+        raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+
+
 async def _chunks(source: ByteSource) -> AsyncIterator[bytes]:
     """Any byte source as an async iterator of pieces of at most SEND_CHUNK bytes, none empty."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -161,10 +169,7 @@ class GuestClient:
         """One simple operation (ping, stat, list, mkdir, remove, rename); returns the `ok` reply."""
         reader, writer = await self._open()
         try:
-            try:
-                await _send(writer, _request(op, fields))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await _send_request(writer, op, fields)
             return await _final_reply(reader)
         finally:
             writer.close()
@@ -176,10 +181,7 @@ class GuestClient:
         """A request answered by `J` events, the last of which has `ok` (used by code contexts)."""
         reader, writer = await self._open()
         try:
-            try:
-                await _send(writer, _request(op, fields))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection failed: {exc}") from exc
+            await _send_request(writer, op, fields)
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -215,10 +217,7 @@ class GuestClient:
         reader, writer = await self._open()
         feeder: asyncio.Task[None] | None = None
         try:
-            try:
-                await _send(writer, _request("exec", {**fields, "stdin": stdin is not None}))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await _send_request(writer, "exec", {**fields, "stdin": stdin is not None})
             if stdin is not None:
                 feeder = asyncio.create_task(self._feed(writer, stdin))
             while True:
@@ -267,10 +266,7 @@ class GuestClient:
         raised by the first iteration step, before any chunk."""
         reader, writer = await self._open()
         try:
-            try:
-                await _send(writer, _request("read", {"path": path, "user": user}))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await _send_request(writer, "read", {"path": path, "user": user})
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -341,10 +337,7 @@ class GuestClient:
         process is not touched. Unknown id: GuestError("not_found")."""
         reader, writer = await self._open()
         try:
-            try:
-                await _send(writer, _request("attach", {"id": id, "offset": offset}))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await _send_request(writer, "attach", {"id": id, "offset": offset})
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -420,10 +413,7 @@ class GuestClient:
         the first iteration step."""
         reader, writer = await self._open()
         try:
-            try:
-                await _send(writer, _request("watch", {"path": path, "recursive": recursive, "user": user}))
-            except OSError as exc:
-                raise GuestUnavailable(f"connection to the guest agent failed: {exc}") from exc
+            await _send_request(writer, "watch", {"path": path, "recursive": recursive, "user": user})
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:

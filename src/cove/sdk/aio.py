@@ -144,6 +144,15 @@ async def _call_back(callback: OutputCallback | None, data: str) -> None:
             await result
 
 
+async def _once(op: Op[T], url: str | None, api_key: str | None, transport: Any) -> T:
+    """Run one operation on a short-lived client (for calls that need no sandbox object)."""
+    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
+    try:
+        return await http.run(op)
+    finally:
+        await http.close()
+
+
 class AsyncFiles:
     """File operations inside one sandbox: ``sandbox.files``."""
 
@@ -360,44 +369,28 @@ class AsyncSandbox:
         transport: Any = None,
     ) -> builtins.list[SandboxInfo]:
         """All sandboxes of this key's tenant, filtered by state (one or several) and metadata (all must match)."""
-        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-        try:
-            return await http.run(_core.list_sandboxes(state=state, metadata=metadata))
-        finally:
-            await http.close()
+        return await _once(_core.list_sandboxes(state=state, metadata=metadata), url, api_key, transport)
 
     @classmethod
     async def kill_by_id(
         cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> None:
         """Kill a sandbox by id (idempotent on a dead sandbox)."""
-        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-        try:
-            await http.run(_core.kill_sandbox(sandbox_id))
-        finally:
-            await http.close()
+        await _once(_core.kill_sandbox(sandbox_id), url, api_key, transport)
 
     @classmethod
     async def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
-        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-        try:
-            return await http.run(_core.list_snapshots())
-        finally:
-            await http.close()
+        return await _once(_core.list_snapshots(), url, api_key, transport)
 
     @classmethod
     async def delete_snapshot(
         cls, snapshot_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> None:
         """Delete a snapshot; sandboxes started from it keep running (their layers stay)."""
-        http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-        try:
-            await http.run(_core.delete_snapshot(snapshot_id))
-        finally:
-            await http.close()
+        await _once(_core.delete_snapshot(snapshot_id), url, api_key, transport)
 
     @property
     def id(self) -> str:
@@ -553,33 +546,21 @@ async def create_key(
     transport: Any = None,
 ) -> ApiKey:
     """Create an API key (needs an admin key); the returned ``.key`` is shown only this once."""
-    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-    try:
-        return await http.run(_core.create_key(name, tenant, admin))
-    finally:
-        await http.close()
+    return await _once(_core.create_key(name, tenant, admin), url, api_key, transport)
 
 
 async def list_keys(
     *, url: str | None = None, api_key: str | None = None, transport: Any = None
 ) -> list[ApiKey]:
     """All API keys (needs an admin key); secrets are not included."""
-    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-    try:
-        return await http.run(_core.list_keys())
-    finally:
-        await http.close()
+    return await _once(_core.list_keys(), url, api_key, transport)
 
 
 async def delete_key(
     key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
 ) -> None:
     """Revoke an API key (needs an admin key)."""
-    http = _AsyncHTTP(Config.resolve(url, api_key, transport))
-    try:
-        await http.run(_core.delete_key(key_id))
-    finally:
-        await http.close()
+    await _once(_core.delete_key(key_id), url, api_key, transport)
 
 
 class AsyncProcess:

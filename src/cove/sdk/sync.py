@@ -98,6 +98,15 @@ class _HTTP:
             response.close()
 
 
+def _once(op: Op[T], url: str | None, api_key: str | None, transport: Any) -> T:
+    """Run one operation on a short-lived client (for calls that need no sandbox object)."""
+    http = _HTTP(Config.resolve(url, api_key, transport))
+    try:
+        return http.run(op)
+    finally:
+        http.close()
+
+
 class Files:
     """File operations inside one sandbox: ``sandbox.files``."""
 
@@ -292,44 +301,28 @@ class Sandbox:
         transport: Any = None,
     ) -> builtins.list[SandboxInfo]:
         """All sandboxes of this key's tenant, filtered by state (one or several) and metadata (all must match)."""
-        http = _HTTP(Config.resolve(url, api_key, transport))
-        try:
-            return http.run(_core.list_sandboxes(state=state, metadata=metadata))
-        finally:
-            http.close()
+        return _once(_core.list_sandboxes(state=state, metadata=metadata), url, api_key, transport)
 
     @classmethod
     def kill_by_id(
         cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> None:
         """Kill a sandbox by id (idempotent on a dead sandbox)."""
-        http = _HTTP(Config.resolve(url, api_key, transport))
-        try:
-            http.run(_core.kill_sandbox(sandbox_id))
-        finally:
-            http.close()
+        _once(_core.kill_sandbox(sandbox_id), url, api_key, transport)
 
     @classmethod
     def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
-        http = _HTTP(Config.resolve(url, api_key, transport))
-        try:
-            return http.run(_core.list_snapshots())
-        finally:
-            http.close()
+        return _once(_core.list_snapshots(), url, api_key, transport)
 
     @classmethod
     def delete_snapshot(
         cls, snapshot_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> None:
         """Delete a snapshot; sandboxes started from it keep running (their layers stay)."""
-        http = _HTTP(Config.resolve(url, api_key, transport))
-        try:
-            http.run(_core.delete_snapshot(snapshot_id))
-        finally:
-            http.close()
+        _once(_core.delete_snapshot(snapshot_id), url, api_key, transport)
 
     @property
     def id(self) -> str:
@@ -502,31 +495,19 @@ def create_key(
     transport: Any = None,
 ) -> ApiKey:
     """Create an API key (needs an admin key); the returned ``.key`` is shown only this once."""
-    http = _HTTP(Config.resolve(url, api_key, transport))
-    try:
-        return http.run(_core.create_key(name, tenant, admin))
-    finally:
-        http.close()
+    return _once(_core.create_key(name, tenant, admin), url, api_key, transport)
 
 
 def list_keys(*, url: str | None = None, api_key: str | None = None, transport: Any = None) -> list[ApiKey]:
     """All API keys (needs an admin key); secrets are not included."""
-    http = _HTTP(Config.resolve(url, api_key, transport))
-    try:
-        return http.run(_core.list_keys())
-    finally:
-        http.close()
+    return _once(_core.list_keys(), url, api_key, transport)
 
 
 def delete_key(
     key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
 ) -> None:
     """Revoke an API key (needs an admin key)."""
-    http = _HTTP(Config.resolve(url, api_key, transport))
-    try:
-        http.run(_core.delete_key(key_id))
-    finally:
-        http.close()
+    _once(_core.delete_key(key_id), url, api_key, transport)
 
 
 class Process:
