@@ -39,3 +39,14 @@ def sandbox(api: httpx.Client) -> Iterator[dict]:
     sb = r.json()
     yield sb
     api.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+@pytest.fixture
+def e2b_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """The e2b SDKs pointed at the test server through their three variables, and nothing else."""
+    for name in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN", "E2B_HTTP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", server.api_key)
+    return server

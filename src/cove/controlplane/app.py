@@ -12,11 +12,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove import __version__
+from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import auth, errors
 from cove.controlplane.api import commands, contexts, files, keys, processes, sandboxes, snapshots, system
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.service import SandboxService
+from cove.controlplane.signing import Signer
 from cove.node.base import NodeAgent
 from cove.node.local import LocalNode
 from cove.store.base import Store
@@ -34,6 +36,7 @@ class Cove:
     metrics: Metrics
     service: SandboxService
     keys: auth.KeyCache
+    signer: Signer  # access tokens and signed URLs, from $COVE_HOME/secret
     # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
     first_key: str | None = None
     demo_key: str | None = None  # a key for `cove serve --demo`, revoked at shutdown
@@ -93,7 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     node = LocalNode(settings)
     metrics = Metrics()
     service = SandboxService(settings, store, node, metrics)
-    cove = Cove(settings, store, node, metrics, service, auth.KeyCache(store))
+    cove = Cove(
+        settings, store, node, metrics, service, auth.KeyCache(store), Signer(settings.home / "secret")
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,5 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys):
         app.include_router(module.router)
 
+    e2b.install(app, cove)
     app.add_middleware(AccessLog)
     return app

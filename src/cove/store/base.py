@@ -31,6 +31,8 @@ class SandboxRecord:
     on_idle: str = "pause"  # pause | hibernate
     on_timeout: str = "kill"  # kill | hibernate
     checkpoint: dict[str, Any] = field(default_factory=dict)  # how it was hibernated
+    # Network and traffic settings ({"public_traffic": bool, ...}); the e2b front end keeps its own here.
+    network: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     idle_timeout INTEGER NOT NULL DEFAULT 0,
     on_idle TEXT NOT NULL DEFAULT 'pause',
     on_timeout TEXT NOT NULL DEFAULT 'kill',
-    checkpoint TEXT NOT NULL DEFAULT '{}'
+    checkpoint TEXT NOT NULL DEFAULT '{}',
+    network TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_tenant_state ON sandboxes (tenant, state);
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -61,7 +62,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
-_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint"}
+_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint", "network"}
+# Columns added after the first release: (table, column, definition), added to older databases at open.
+_ADDED_COLUMNS = [("sandboxes", "network", "TEXT NOT NULL DEFAULT '{}'")]
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 
 
@@ -104,6 +107,10 @@ class SQLiteStore(Store):
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._db = db
 
         await asyncio.to_thread(_open)

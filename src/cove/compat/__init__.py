@@ -1,0 +1,1 @@
+"""Wire-compatible front ends: other platforms' protocols served on top of cove's service."""
