@@ -341,6 +341,29 @@ def test_write_errors(agent: Agent, client: GuestClient) -> None:
     assert leftovers(directory) == [] and leftovers(directory / "sub") == []
 
 
+def test_xattrs(agent: Agent, client: GuestClient) -> None:
+    path = str(agent.root / "xattrs" / "f.txt")
+    meta = {"user.e2b.owner": "alice", "user.e2b.note": "ünïcode ok"}
+    entry = run(client.write(path, b"x", xattrs=meta))["entry"]
+    assert entry["xattrs"] == meta
+    assert os.getxattr(path, "user.e2b.owner") == b"alice"
+    # Only asked-for entries carry them; stat, list and rename can ask.
+    assert "xattrs" not in run(client.call("stat", path=path))["entry"]
+    assert run(client.call("stat", path=path, xattrs=True))["entry"]["xattrs"] == meta
+    listed = run(client.call("list", path=str(agent.root / "xattrs"), xattrs=True))["entries"]
+    assert [e["xattrs"] for e in listed] == [meta]
+    moved = str(agent.root / "xattrs" / "g.txt")
+    assert run(client.call("rename", src=path, dst=moved, xattrs=True))["entry"]["xattrs"] == meta
+    # An upload replaces the file, and with it the whole set.
+    assert run(client.write(moved, b"y", xattrs={"user.e2b.k": "v"}))["entry"]["xattrs"] == {"user.e2b.k": "v"}
+    assert run(client.write(moved, b"z"))["entry"].get("xattrs") is None
+    assert run(client.call("stat", path=moved, xattrs=True))["entry"]["xattrs"] == {}
+    # Only the user namespace; a bad name leaves nothing behind.
+    for bad in ({"trusted.x": "1"}, {"user.": "1"}, {"user.x": 1}, {"user." + "n" * 300: "1"}):
+        assert error_of(client.write(moved, b"w", xattrs=bad)).code == "invalid"  # type: ignore[arg-type]
+    assert Path(moved).read_bytes() == b"z"
+
+
 def test_write_through_a_symlink(agent: Agent, client: GuestClient) -> None:
     directory = agent.root / "wlink"
     directory.mkdir()

@@ -187,11 +187,11 @@ def _group_name(gid: int) -> str:
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}
 
 
-def make_entry(path: str, st: os.stat_result | None = None) -> dict:
+def make_entry(path: str, st: os.stat_result | None = None, xattrs: bool = False) -> dict:
     if st is None:
         st = os.lstat(path)
     kind = _TYPES.get(stat.S_IFMT(st.st_mode), "other")
-    return {
+    entry = {
         "name": os.path.basename(path) or "/",
         "path": path,
         "type": kind,
@@ -203,6 +203,51 @@ def make_entry(path: str, st: os.stat_result | None = None) -> dict:
         "mtime": st.st_mtime,
         "symlink_target": os.readlink(path) if kind == "symlink" else None,
     }
+    if xattrs:
+        entry["xattrs"] = user_xattrs(path)
+    return entry
+
+
+def user_xattrs(path: str) -> dict[str, str]:
+    """The entry's extended attributes in the `user.` namespace (a symlink's own, not its target's);
+    {} where the file system has none."""
+    found: dict[str, str] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith("user."):
+            try:
+                found[name] = os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "replace")
+            except OSError:
+                continue  # removed meanwhile
+    return found
+
+
+def _xattrs_field(req: dict) -> dict[str, str] | None:
+    """A write's `xattrs`: names under `user.` to their values (strings)."""
+    value = req.get("xattrs")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise OpError("invalid", "xattrs must be an object of names to strings")
+    for name, text in value.items():
+        if not name.startswith("user.") or len(name) <= 5 or len(name.encode()) > 255 or "\0" in name:
+            raise OpError("invalid", f"xattr name {name!r} must be user.NAME (at most 255 bytes)")
+        if not isinstance(text, str) or len(text.encode()) > 65536:
+            raise OpError("invalid", f"xattr {name!r} must be a string of at most 64 KiB")
+    return value
+
+
+def _set_xattrs(fd: int, xattrs: dict[str, str]) -> None:
+    for name, text in xattrs.items():
+        try:
+            os.setxattr(fd, name, text.encode())
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                return  # a file system without user xattrs (e.g. proc): the file is written without them
+            raise
 
 
 def _field_bool(req: dict, name: str) -> bool:
@@ -265,6 +310,7 @@ def op_write(c: Conn, req: dict) -> dict:
     mode = req.get("mode")
     if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
         raise OpError("invalid", "mode must be an integer between 0 and 0o7777")
+    xattrs = _xattrs_field(req)
     _, path = _file_op_start(req)
     target = path
     try:
@@ -302,6 +348,8 @@ def op_write(c: Conn, req: dict) -> dict:
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view) :]
+        if xattrs:
+            _set_xattrs(fd, xattrs)  # before fchmod: setting them needs write permission
         if mode is None:
             mode = stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~UMASK
         os.fchmod(fd, mode)
@@ -317,7 +365,7 @@ def op_write(c: Conn, req: dict) -> dict:
                 os.unlink(tmp)
             except OSError:
                 pass
-    return {"entry": make_entry(target)}
+    return {"entry": make_entry(target, xattrs=xattrs is not None)}
 
 
 def op_list(c: Conn, req: dict) -> dict:
@@ -326,6 +374,7 @@ def op_list(c: Conn, req: dict) -> dict:
         depth = 1
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise OpError("invalid", "depth must be an integer >= 1")
+    xattrs = _field_bool(req, "xattrs")
     _, top = _file_op_start(req)
     entries: list[dict] = []
 
@@ -335,7 +384,7 @@ def op_list(c: Conn, req: dict) -> dict:
         for item in items:
             path = directory.rstrip("/") + "/" + item.name
             try:
-                entries.append(make_entry(path, item.stat(follow_symlinks=False)))
+                entries.append(make_entry(path, item.stat(follow_symlinks=False), xattrs))
             except FileNotFoundError:  # removed while we list
                 continue
             if len(entries) > LIST_LIMIT:
@@ -352,11 +401,13 @@ def op_list(c: Conn, req: dict) -> dict:
 
 
 def op_stat(c: Conn, req: dict) -> dict:
+    xattrs = _field_bool(req, "xattrs")
     _, path = _file_op_start(req)
-    return {"entry": make_entry(path)}
+    return {"entry": make_entry(path, xattrs=xattrs)}
 
 
 def op_mkdir(c: Conn, req: dict) -> dict:
+    xattrs = _field_bool(req, "xattrs")
     _, path = _file_op_start(req)
     try:
         os.mkdir(path)
@@ -368,7 +419,7 @@ def op_mkdir(c: Conn, req: dict) -> dict:
     except FileNotFoundError:
         os.makedirs(path)
         created = True
-    return {"entry": make_entry(path), "created": created}
+    return {"entry": make_entry(path, xattrs=xattrs), "created": created}
 
 
 def _rmtree(path: str) -> None:
@@ -404,6 +455,7 @@ def op_remove(c: Conn, req: dict) -> dict:
 
 
 def op_rename(c: Conn, req: dict) -> dict:
+    xattrs = _field_bool(req, "xattrs")
     user, src = _file_op_start(req, "src")
     dst = norm_path(req.get("dst"), user.home)
     st = os.lstat(src)
@@ -424,7 +476,7 @@ def op_rename(c: Conn, req: dict) -> dict:
         else:
             shutil.copy2(src, dst, follow_symlinks=False)
             os.unlink(src)
-    return {"entry": make_entry(dst)}
+    return {"entry": make_entry(dst, xattrs=xattrs)}
 
 
 # --- exec -------------------------------------------------------------------------------------

@@ -282,9 +282,15 @@ class GuestClient:
             writer.close()
 
     async def write(
-        self, path: str, chunks: ByteSource, user: str | int | None = None, mode: int | None = None
+        self,
+        path: str,
+        chunks: ByteSource,
+        user: str | int | None = None,
+        mode: int | None = None,
+        xattrs: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Upload a file from `chunks`; returns the reply (`{"ok": True, "entry": {...}}`).
+        """Upload a file from `chunks`; returns the reply (`{"ok": True, "entry": {...}}`). `xattrs`
+        (names under `user.`) are set on the new file, and its entry then lists its `xattrs`.
 
         If `chunks` raises, the connection is closed before the end-of-input frame, so the agent
         discards the partial upload and the error propagates.
@@ -295,7 +301,8 @@ class GuestClient:
         replied = asyncio.create_task(_final_reply(reader))
         try:
             try:
-                await _send(writer, _request("write", {"path": path, "user": user, "mode": mode}))
+                fields = {"path": path, "user": user, "mode": mode, "xattrs": xattrs}
+                await _send(writer, _request("write", fields))
                 async for piece in _chunks(chunks):
                     if replied.done():
                         break
