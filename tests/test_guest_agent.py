@@ -355,7 +355,9 @@ def test_xattrs(agent: Agent, client: GuestClient) -> None:
     moved = str(agent.root / "xattrs" / "g.txt")
     assert run(client.call("rename", src=path, dst=moved, xattrs=True))["entry"]["xattrs"] == meta
     # An upload replaces the file, and with it the whole set.
-    assert run(client.write(moved, b"y", xattrs={"user.e2b.k": "v"}))["entry"]["xattrs"] == {"user.e2b.k": "v"}
+    assert run(client.write(moved, b"y", xattrs={"user.e2b.k": "v"}))["entry"]["xattrs"] == {
+        "user.e2b.k": "v"
+    }
     assert run(client.write(moved, b"z"))["entry"].get("xattrs") is None
     assert run(client.call("stat", path=moved, xattrs=True))["entry"]["xattrs"] == {}
     # Only the user namespace; a bad name leaves nothing behind.
