@@ -1,4 +1,9 @@
-"""TODO(ports): being written."""
+"""Traffic to a server listening inside a sandbox (e2b's `get_host(port)`), relayed by cove's proxy.
+
+Like e2b's proxy, a sandbox's ports are public by default: whoever knows the host name reaches
+them. A sandbox created with public traffic off (`network.public_traffic` false) asks for its
+traffic token in `E2B-Traffic-Access-Token`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,38 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cove.controlplane.errors import ApiError
+from cove.network import proxy
+
 from .routing import send_error, target
 
 if TYPE_CHECKING:
     from cove.controlplane.app import Cove
 
+# Routing and credentials meant for cove, not for the server in the sandbox.
+DROP_HEADERS = (b"e2b-sandbox-id", b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token")
+
 
 def build(cove: Cove) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send_error(send, 501, "not implemented yet", target(scope).sandbox.id)
+        tgt = target(scope)
+        sandbox_id = tgt.sandbox.id
+
+        async def error(send: Send, status: int, message: str) -> None:
+            await send_error(send, status, message, sandbox_id)
+
+        if tgt.sandbox.network.get("public_traffic") is False and not tgt.traffic_token:
+            message = f"sandbox {sandbox_id} does not allow public traffic: send its traffic access token"
+            await proxy.refuse(scope, send, error, 403, message)
+            return
+        try:
+            rec = await cove.service.running(tgt.caller, sandbox_id)  # resumes a paused sandbox
+        except ApiError as e:
+            status, message = (
+                (502, f"The sandbox {sandbox_id} was not found") if e.status == 404 else (e.status, e.message)
+            )
+            await proxy.refuse(scope, send, error, status, message)
+            return
+        await proxy.serve(scope, receive, send, rec, tgt.port, drop_headers=DROP_HEADERS, error=error)
 
     return app
