@@ -48,6 +48,11 @@ class CreateSandbox(Strict):
     snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
         default=None, description="start from this snapshot instead of a template"
     )
+    network: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="network settings to record (e.g. the e2b front end's egress rules); not enforced yet",
+    )
 
     _env = field_validator("env")(_check_env)
 

@@ -162,6 +162,7 @@ class SandboxService:
                 idle_timeout=req.idle_timeout,
                 on_idle=req.on_idle,
                 on_timeout=req.on_timeout,
+                network=dict(req.network),
             )
             await self.store.insert_sandbox(rec)
         async with self._locks[rec.id]:

@@ -184,6 +184,35 @@ class Cgroup:
         except OSError:
             return None
 
+    def cpu_usage_usec(self) -> int | None:
+        """CPU time used by the whole tree: cgroup2's core `cpu.stat` exists with or without the cpu
+        controller (so on hybrid hosts too); on pure v1 cove has no cpuacct group: unknown."""
+        if not self.v2_dir:
+            return None
+        try:
+            for line in _read(os.path.join(self.v2_dir, "cpu.stat")).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def memory_cache(self) -> int | None:
+        """Page cache charged to the sandbox (`file` on v2, `cache` on v1)."""
+        f = self._controller_file("memory", "memory.stat", "memory.stat")
+        if not f:
+            return None
+        want = "cache" if self._v1_dir("memory") else "file"
+        try:
+            for line in _read(f).splitlines():
+                key, _, value = line.partition(" ")
+                if key == want:
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
+
     def read(self, controller: str, v1_file: str, v2_file: str) -> str | None:
         f = self._controller_file(controller, v1_file, v2_file)
         try:

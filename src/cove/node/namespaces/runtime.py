@@ -219,6 +219,8 @@ class NamespacesRuntime:
         cg = self.cgroup(sandbox_id)
         return {
             "memory_bytes": cg.memory_usage(),
+            "memory_cache_bytes": cg.memory_cache(),
+            "cpu_usec": cg.cpu_usage_usec(),
             "pids": len(cg.pids()),
             "disk_bytes": self.layers.usage(sandbox_id),
         }
