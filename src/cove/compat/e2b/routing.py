@@ -117,6 +117,14 @@ class SandboxRouter:
             else:
                 await send_error(send, 502, f"The sandbox {sandbox_id} was not found", sandbox_id)
             return
+        if rec.state in ("paused", "hibernated") and not rec.auto_resume:
+            # As e2b's proxy: traffic does not wake a paused sandbox unless it asked for auto-resume.
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                msg = f"The sandbox {sandbox_id} was not found: it is paused (connect to resume it)"
+                await send_error(send, 502, msg, sandbox_id)
+            return
         headers = dict(scope["headers"])
         tgt = Target(
             sandbox=rec,
