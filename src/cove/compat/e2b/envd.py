@@ -10,25 +10,30 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import files
-from .routing import send_error, target
+from . import connect, files, filesystem
+from .connect import ConnectError, Context
+from .routing import target
 
 if TYPE_CHECKING:
     from cove.controlplane.app import Cove
 
 
+async def _authorize(ctx: Context) -> None:
+    if not target(ctx.scope).envd_token:
+        raise ConnectError(
+            "unauthenticated",
+            "unauthorized access, please provide a valid access token or method signing if supported",
+        )
+
+
 def build(cove: Cove) -> ASGIApp:
     plain = files.build(cove)
+    rpc = connect.app({**filesystem.methods(cove)}, before=_authorize)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-            return
-        path = scope["path"]
-        if path in ("/files", "/health"):
+        if scope["type"] == "http" and scope["path"] in ("/files", "/health"):
             await plain(scope, receive, send)
-            return
-        await send_error(send, 404, f"envd has no route {path}", target(scope).sandbox.id)
+        else:
+            await rpc(scope, receive, send)
 
     return app
