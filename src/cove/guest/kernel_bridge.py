@@ -12,12 +12,17 @@ Requests and replies are ``J`` frames; a connection may send any number of reque
 and requests from all connections are served one after another.
 
 * ``{"op": "ping"}`` → ``{"ok": true, "language": "python"|"bash"}``
-* ``{"op": "run", "code": STR, "timeout": SECONDS|null}`` → any number of events
-  ``{"event": "stdout"|"stderr", "text": STR}`` and ``{"event": "result", "data": {MIME: VALUE}}``
-  (execute_result and display_data; only :data:`MIME_TYPES`, image/png as base64 text), then
+* ``{"op": "run", "code": STR, "timeout": SECONDS|null, "env": {NAME: VALUE}?}`` → any number of events
+  ``{"event": "stdout"|"stderr", "text": STR}`` and ``{"event": "result", "data": {MIME: VALUE},
+  "main": BOOL}`` (execute_result, which is main, and display_data; only :data:`MIME_TYPES`, image/png
+  as base64 text), then
   ``{"ok": true, "error": null|{"name", "value", "traceback": [STR]}, "execution_count": N}``
   (bash adds ``"exit_code": N``; a non-zero status is error ``NonZeroExit``). A run past its
   timeout is interrupted and ends with error name ``TimeoutError``; the context stays usable.
+  ``env`` is set in the interpreter for this run only (then restored).
+  A run may carry ``"id": STR`` so that it can be interrupted:
+* ``{"op": "interrupt", "id": STR}`` → ``{"ok": true, "interrupted": BOOL}``: SIGINT to the interpreter if
+  that run is the one running (e.g. its client went away); the run ends with the interrupt's error.
 * ``{"op": "restart"}`` → a fresh interpreter, ``{"ok": true}``.
 * If the interpreter dies, ``run`` answers ``{"ok": false, "error": {"code": "kernel_died",
   "message": STR}}``, and so does every later ``run`` until a ``restart``.
@@ -34,6 +39,7 @@ import queue
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -164,6 +170,10 @@ class PythonContext:
         self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def interrupt(self) -> None:
+        if self.km is not None:
+            self.km.interrupt_kernel()
+
     def _check_alive(self) -> None:
         if self.km is None or not self.km.is_alive():
             code = None
@@ -174,10 +184,42 @@ class PythonContext:
             )
             raise KernelDied(self.dead)
 
-    def run(self, code: str, timeout: float | None, emit) -> dict:
+    def _silent(self, code: str) -> None:
+        """Run setup code that leaves no trace: no output, no history, no execution count."""
+        msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                reply = self.kc.get_shell_msg(timeout=0.5)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                return
+
+    def run(self, code: str, timeout: float | None, emit, env: dict[str, str] | None = None) -> dict:
         if self.dead:
             raise KernelDied(self.dead)
         self._check_alive()
+        if not env:
+            return self._run(code, timeout, emit)
+        self._silent(
+            "import os as __o\n"
+            f"__cove_saved_env = {{k: __o.environ.get(k) for k in {sorted(env)!r}}}\n"
+            f"__o.environ.update({env!r})\ndel __o"
+        )
+        try:
+            return self._run(code, timeout, emit)
+        finally:
+            if not self.dead and self.km is not None:
+                self._silent(
+                    "import os as __o\n"
+                    "for __k, __v in __cove_saved_env.items():\n"
+                    "    __o.environ.pop(__k, None) if __v is None else __o.environ.__setitem__(__k, __v)\n"
+                    "del __o, __k, __v, __cove_saved_env"
+                )
+
+    def _run(self, code: str, timeout: float | None, emit) -> dict:
         kc = self.kc
         msg_id = kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=False)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -218,7 +260,7 @@ class PythonContext:
             elif kind in ("execute_result", "display_data"):
                 data = {k: v for k, v in content.get("data", {}).items() if k in MIME_TYPES}
                 if data:
-                    emit({"event": "result", "data": data})
+                    emit({"event": "result", "data": data, "main": kind == "execute_result"})
             elif kind == "error":
                 error = _error(
                     content.get("ename", ""),
@@ -300,6 +342,11 @@ class BashContext:
         self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def interrupt(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+
     def _send(self, text: str) -> None:
         try:
             self.proc.stdin.write(text.encode())
@@ -364,7 +411,7 @@ class BashContext:
                     emit({"event": streams[fd], "text": text.decode("utf-8", "replace")})
         return status, timed_out
 
-    def run(self, code: str, timeout: float | None, emit) -> dict:
+    def run(self, code: str, timeout: float | None, emit, env: dict[str, str] | None = None) -> dict:
         if self.dead:
             raise KernelDied(self.dead)
         if self.proc is None or self.proc.poll() is not None:
@@ -375,7 +422,21 @@ class BashContext:
             f.write(code)
             if not code.endswith("\n"):
                 f.write("\n")
-        self._send(f". {script} </dev/null\n")
+        if env:
+            # Set for this cell, restored on the next line (which runs even after an interrupt).
+            names = [k for k in env if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+            save = "".join(f"__cove_had_{k}=${{{k}+1}}; __cove_old_{k}=${{{k}-}}; " for k in names)
+            export = "".join(f"export {k}={shlex.quote(env[k])}; " for k in names)
+            restore = "".join(
+                f'if [ -n "$__cove_had_{k}" ]; then {k}="$__cove_old_{k}"; else unset {k}; fi; '
+                f"unset __cove_had_{k} __cove_old_{k}; "
+                for k in names
+            )
+            self._send(
+                f"{save}{export}. {script} </dev/null\n__cove_user_rc=$?; {restore}(exit $__cove_user_rc)\n"
+            )
+        else:
+            self._send(f". {script} </dev/null\n")
         status, timed_out = self._collect(timeout, emit)
         result: dict = {"error": None, "execution_count": self.count, "exit_code": status}
         if timed_out:
@@ -394,11 +455,22 @@ class Bridge:
     def __init__(self, context) -> None:
         self.context = context
         self.lock = threading.Lock()
+        self.running: str | None = None  # the id of the run in progress, if it gave one
 
     def handle(self, req: dict, send) -> None:
         op = req.get("op")
         if op == "ping":
             send({"ok": True, "language": self.context.language})
+        elif op == "interrupt":
+            run_id = req.get("id")
+            hit = isinstance(run_id, str) and run_id == self.running
+            if hit:
+                try:
+                    self.context.interrupt()
+                except Exception as exc:
+                    send({"ok": False, "error": {"code": "internal", "message": f"interrupt failed: {exc}"}})
+                    return
+            send({"ok": True, "interrupted": hit})
         elif op == "restart":
             with self.lock:
                 try:
@@ -410,6 +482,13 @@ class Bridge:
         elif op == "run":
             code = req.get("code")
             timeout = req.get("timeout")
+            env = req.get("env") or {}
+            if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+                for k, v in env.items()
+            ):
+                send({"ok": False, "error": {"code": "invalid", "message": "env must map names to strings"}})
+                return
             if not isinstance(code, str) or not (
                 timeout is None
                 or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0)
@@ -428,13 +507,17 @@ class Bridge:
                     except OSError as exc:
                         broken.append(exc)
 
+            run_id = req.get("id") if isinstance(req.get("id"), str) else None
             with self.lock:
+                self.running = run_id
                 try:
-                    result = self.context.run(code, timeout, emit)
+                    result = self.context.run(code, timeout, emit, env)
                 except KernelDied as exc:
                     result = {"ok": False, "error": {"code": "kernel_died", "message": str(exc)}}
                 else:
                     result = {"ok": True, **result}
+                finally:
+                    self.running = None
             if broken:
                 raise broken[0]
             send(result)
