@@ -275,6 +275,10 @@ class SandboxService:
                 await self._transition(rec, "running", node=handle, checkpoint=info)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+            if rec.timeout and rec.expires_at is None:
+                # Its clock was stopped while it slept (a timeout that hibernated it): restart it.
+                rec.expires_at = time.time() + rec.timeout
+                await self.store.update_sandbox(rec.id, expires_at=rec.expires_at)
         return rec
 
     # -- hibernate -----------------------------------------------------------------------
