@@ -869,7 +869,21 @@ def _read_meta(proc_id: str) -> dict | None:
     return meta
 
 
-_PUBLIC_FIELDS = ("id", "pid", "cmd", "argv", "tag", "pty", "running", "exit_code", "started_at", "ended_at")
+_PUBLIC_FIELDS = (
+    "id",
+    "pid",
+    "cmd",
+    "argv",
+    "tag",
+    "pty",
+    "running",
+    "exit_code",
+    "started_at",
+    "ended_at",
+    "cwd",
+    "env",
+    "signal",
+)
 
 
 def _all_meta() -> list[dict]:
@@ -963,6 +977,9 @@ def op_spawn(c: Conn, req: dict) -> dict:
         "cmd": req.get("cmd"),
         "argv": argv,
         "tag": tag,
+        "cwd": req.get("cwd"),  # as requested (e2b lists a process's config as it was given)
+        "env": req.get("env") or {},
+        "signal": None,  # the signal that ended it, if one did
         "pty": None if size is None else {"rows": size[0], "cols": size[1]},
         "stdin": want_stdin or size is not None,
         "running": True,
@@ -1029,7 +1046,7 @@ def _process_gone(c: Conn, req: dict, proc_id: str) -> dict:
         return {"running": False, "exit_code": meta.get("exit_code")}
     if op == "attach":
         offset = req.get("offset")
-        event = {"event": "attached", "offset": end, "truncated": offset is None or offset < end}
+        event = {"event": "attached", "offset": end, "truncated": offset is None or 0 <= offset < end}
         protocol.send_frame(c.sock, KIND_JSON, protocol.dumps(event).encode())
         return {"exit_code": meta.get("exit_code"), "end_offset": end}
     if op == "close_stdin":
@@ -1333,7 +1350,8 @@ class Supervisor:
         self.stdin_buf.clear()
         if self.master < 0:
             self.close_stdin_fd()
-        self.meta.update(running=False, exit_code=self.exit_code, ended_at=time.time())
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        self.meta.update(running=False, exit_code=self.exit_code, signal=sig, ended_at=time.time())
         _write_meta(self.meta)
 
     def finish(self, now: float) -> None:
@@ -1385,8 +1403,10 @@ class Supervisor:
             if offset is None:
                 offset = self.start
                 truncated = self.start > 0
+            elif offset == -1:  # live output only, from now on
+                offset, truncated = self.end, False
             elif isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                raise OpError("invalid", "offset must be an integer >= 0, or null")
+                raise OpError("invalid", "offset must be an integer >= 0, -1 (live output only) or null")
             elif offset > self.end:
                 raise OpError("invalid", f"offset {offset} is beyond the end of the output ({self.end})")
             else:

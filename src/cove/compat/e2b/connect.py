@@ -12,7 +12,7 @@ Usage::
             ),
             "/pkg.Service/Feed": connect.client_stream(FeedRequest, FeedResponse, feed),
         },
-        before=check_access,  # optional: async (ctx) -> None, runs before every handler
+        before=check_access,  # optional: async (ctx) -> None, runs first (before the body is read)
     )
 
 Handlers (message types are Google protobuf classes, e.g. from `cove.compat.e2b.proto`):
@@ -417,15 +417,13 @@ class _Call:
 
     async def _dispatch(self, before: Callable[[Context], Awaitable[None]] | None, encoding: str) -> None:
         m = self.method
+        if before is not None:  # access checks come before anything about the request's body
+            await before(self.ctx)
         if m.kind == "client_stream":
-            if before is not None:
-                await before(self.ctx)
             response = await m.handler(self.requests(encoding), self.ctx)
             await self.write(response)
             return
         request = await self.one_request(encoding)
-        if before is not None:
-            await before(self.ctx)
         if m.kind == "unary":
             response = await m.handler(request, self.ctx)
             data = encode(response, self.codec)

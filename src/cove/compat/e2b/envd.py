@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import connect, files, filesystem
+from . import connect, files, filesystem, process
 from .connect import ConnectError, Context
 from .routing import target
 
@@ -28,7 +28,7 @@ async def _authorize(ctx: Context) -> None:
 
 def build(cove: Cove) -> ASGIApp:
     plain = files.build(cove)
-    rpc = connect.app({**filesystem.methods(cove)}, before=_authorize)
+    rpc = connect.app({**filesystem.methods(cove), **process.methods(cove)}, before=_authorize)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in ("/files", "/health"):
