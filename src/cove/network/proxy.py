@@ -79,24 +79,32 @@ async def serve(
     port: int,
     *,
     path: bytes | None = None,
+    host: str | None = None,
     drop_headers: Iterable[bytes] = (),
     error: ErrorSender = json_error,
 ) -> None:
     """Relay this HTTP request or WebSocket to `port` on the sandbox's loopback.
 
     `sandbox` must be running (its node handle names its init). `path` replaces the request's raw
-    path (percent-encoded, without the query) for mounts under a prefix; `drop_headers` (lower-case)
-    are not forwarded, e.g. credentials meant for cove itself."""
+    path (percent-encoded, without the query) for mounts under a prefix; `host` replaces the Host
+    header; `drop_headers` are not forwarded, e.g. credentials meant for cove itself."""
     drop = {h.lower() for h in drop_headers}
+    if host is not None:
+        scope = {
+            **scope,
+            "headers": [
+                *((k, v) for k, v in scope["headers"] if k.lower() != b"host"),
+                (b"host", host.encode()),
+            ],
+        }
     target = (path if path is not None else _raw_path(scope)) or b"/"
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
     try:
         sock = await connect(sandbox.node, port)
     except PortNotOpen:
-        await refuse(
-            scope, send, error, 502, f"The sandbox {sandbox.id} is running but port {port} is not open"
-        )
+        message = f"The sandbox {sandbox.id} is running but port is not open: nothing listens on port {port}"
+        await refuse(scope, send, error, 502, message)
         return
     except SandboxGone:
         await refuse(scope, send, error, 502, f"The sandbox {sandbox.id} was not found")

@@ -157,7 +157,7 @@ async def connect(handle: dict[str, Any], port: int, timeout: float = CONNECT_TI
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
-        raise PortNotOpen(f"port {port} is not open in the sandbox")
+        raise PortNotOpen(f"nothing listens on port {port} in the sandbox")
     finally:
         _close_all(socks)
 

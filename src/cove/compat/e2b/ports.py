@@ -2,7 +2,8 @@
 
 Like e2b's proxy, a sandbox's ports are public by default: whoever knows the host name reaches
 them. A sandbox created with public traffic off (`network.public_traffic` false) asks for its
-traffic token in `E2B-Traffic-Access-Token`.
+traffic token in `E2B-Traffic-Access-Token`. `network.mask_request_host` replaces the Host header the
+server sees (`${PORT}` in it becomes the port).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def build(cove: Cove) -> ASGIApp:
             )
             await proxy.refuse(scope, send, error, status, message)
             return
-        await proxy.serve(scope, receive, send, rec, tgt.port, drop_headers=DROP_HEADERS, error=error)
+        mask = rec.network.get("mask_request_host")
+        host = mask.replace("${PORT}", str(tgt.port)) if isinstance(mask, str) and mask else None
+        await proxy.serve(
+            scope, receive, send, rec, tgt.port, host=host, drop_headers=DROP_HEADERS, error=error
+        )
 
     return app

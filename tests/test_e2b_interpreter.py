@@ -1,0 +1,610 @@
+"""e2b's code interpreter and sandbox ports on cove, driven by the unmodified `e2b-code-interpreter` SDK.
+
+The SDK is configured only by the `e2b_env` fixture. Servers inside sandboxes are started through
+cove's own API (same key, so the same tenant), then reached through the cove URL the way e2b clients
+do: `E2b-Sandbox-Id`/`E2b-Sandbox-Port` headers, or the host name `{port}-{id}.{domain}` (sent to
+127.0.0.1 explicitly: `*.localhost` does not resolve everywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import fcntl
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from e2b import NotFoundException, SandboxException, TimeoutException
+from e2b_code_interpreter import AsyncSandbox, Sandbox
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from conftest import Server
+from cove.network import sandbox_socket
+
+pytestmark = pytest.mark.timeout(300)
+
+# A server for the proxy tests, standard library only (the sandbox's python3 is the host's).
+#   GET /headers -> the request's headers as JSON     POST /echo -> length and sha256 of the body
+#   GET /stream  -> "first\n", then the rest once /tmp/go exists (proves the response is streamed)
+#   GET with Upgrade: websocket -> "path=<path>" first, then an echo of every message
+APP = r"""
+import base64, hashlib, http.server, json, os, struct, sys, time
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, body, status=200, kind="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self.websocket()
+        if self.path.startswith("/headers"):
+            return self.reply(json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode())
+        if self.path.startswith("/stream"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.chunk(b"first\n")
+            while not os.path.exists("/tmp/go"):
+                time.sleep(0.02)
+            self.chunk(b"second\n")
+            self.chunk(b"")
+            return
+        self.reply(b"not here", 404, "text/plain")
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def do_POST(self):
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                data = self.rfile.read(n)
+                self.rfile.readline()
+                if n == 0:
+                    break
+                digest.update(data)
+                size += n
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                data = self.rfile.read(min(left, 1 << 16))
+                digest.update(data)
+                size += len(data)
+                left -= len(data)
+        self.reply(json.dumps({"size": size, "sha256": digest.hexdigest()}).encode())
+
+    def websocket(self):
+        accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] + GUID).encode()).digest())
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept.decode())
+        if self.headers.get("Sec-WebSocket-Protocol"):
+            self.send_header("Sec-WebSocket-Protocol", self.headers["Sec-WebSocket-Protocol"].split(",")[0].strip())
+        self.end_headers()
+        self.wfile.flush()
+        self.frame(1, ("path=" + self.path).encode())
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                break
+            op, n = head[0] & 15, head[1] & 127
+            if n == 126:
+                n = struct.unpack(">H", self.rfile.read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self.rfile.read(8))[0]
+            mask = self.rfile.read(4) if head[1] & 128 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+            self.frame(op, data)
+            if op == 8:
+                break
+        self.close_connection = True
+
+    def frame(self, op, data):
+        n = len(data)
+        size = bytes([n]) if n < 126 else (b"\x7e" + struct.pack(">H", n) if n < 65536 else b"\x7f" + struct.pack(">Q", n))
+        self.wfile.write(bytes([128 | op]) + size + data)
+        self.wfile.flush()
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_ready(server: Server) -> None:
+    """The server builds the kernel environment in the background on its first start (pip)."""
+    deadline = time.monotonic() + 240
+    with server.client() as api:
+        while time.monotonic() < deadline:
+            sb = api.post("/v1/sandboxes", json={}).json()
+            r = api.post(f"/v1/sandboxes/{sb['id']}/contexts", json={}, timeout=120)
+            api.delete(f"/v1/sandboxes/{sb['id']}")
+            if r.status_code == 201:
+                return
+            if "building" not in r.text:
+                pytest.skip(f"code contexts unavailable here: {r.text}")
+            time.sleep(2)
+    pytest.skip("the kernel environment was not built in time")
+
+
+@pytest.fixture
+def api(e2b_env: Server) -> Iterator[httpx.Client]:
+    with e2b_env.client() as c:
+        yield c
+
+
+@pytest.fixture
+def sbx(e2b_env: Server) -> Iterator[Sandbox]:
+    sb = Sandbox.create(timeout=300)
+    try:
+        yield sb
+    finally:
+        sb.kill()
+
+
+def start_app(api: httpx.Client, sandbox_id: str, port: int) -> None:
+    """Start APP on `port` in the sandbox and wait until it listens."""
+    r = api.put(f"/v1/sandboxes/{sandbox_id}/files", params={"path": "/tmp/app.py"}, content=APP.encode())
+    assert r.status_code == 200, r.text
+    r = api.post(
+        f"/v1/sandboxes/{sandbox_id}/processes", json={"argv": ["python3", "/tmp/app.py", str(port)]}
+    )
+    assert r.status_code == 201, r.text
+    wait_listening(api, sandbox_id, port)
+
+
+def wait_listening(api: httpx.Client, sandbox_id: str, port: int) -> None:
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = api.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"argv": ["python3", "-c", probe]})
+        if r.json()["exit_code"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} in {sandbox_id}")
+
+
+def routed(sb: Sandbox, port: int) -> dict[str, str]:
+    return {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": str(port)}
+
+
+# -- code interpreter -------------------------------------------------------------------------------
+
+
+def test_run_code_keeps_state_streams_output_and_reports_errors(kernel_ready: None, sbx: Sandbox) -> None:
+    assert sbx.run_code("x = 41").error is None
+    execution = sbx.run_code("x + 1")
+    assert execution.text == "42" and execution.results[0].is_main_result
+    assert execution.execution_count == 2
+    assert sbx.run_code("'a string'").text == "a string"  # e2b shows strings without their quotes
+
+    out: list[str] = []
+    err: list[str] = []
+    results = []
+    execution = sbx.run_code(
+        "import sys\nprint('to out')\nprint('to err', file=sys.stderr)\nx * 2",
+        on_stdout=lambda m: out.append(m.line),
+        on_stderr=lambda m: err.append(m.line),
+        on_result=results.append,
+    )
+    assert "".join(out) == "to out\n" and "".join(err) == "to err\n"
+    assert execution.logs.stdout == out and execution.logs.stderr == err
+    assert [r.text for r in results] == ["82"]
+
+    errors = []
+    execution = sbx.run_code("def f():\n    return 1 / 0\nf()", on_error=errors.append)
+    assert execution.error is not None and errors == [execution.error]
+    assert execution.error.name == "ZeroDivisionError"
+    assert "division by zero" in execution.error.value
+    assert "return 1 / 0" in execution.error.traceback and isinstance(execution.error.traceback, str)
+    assert sbx.run_code("x").text == "41"  # an error does not lose the state
+
+
+def test_env_vars_hold_for_one_run_only(kernel_ready: None, sbx: Sandbox) -> None:
+    code = "import os, subprocess\nprint(os.environ.get('COVE_E2B'), subprocess.run(['sh', '-c', 'echo $COVE_E2B'], capture_output=True, text=True).stdout.strip())"
+    assert sbx.run_code(code, envs={"COVE_E2B": "set"}).logs.stdout == ["set set\n"]
+    assert sbx.run_code(code).logs.stdout == ["None \n"]
+    bash = sbx.run_code("echo [$COVE_E2B]", language="bash", envs={"COVE_E2B": "in bash"})
+    assert bash.logs.stdout == ["[in bash]\n"]
+    assert sbx.run_code("echo [$COVE_E2B]", language="bash").logs.stdout == ["[]\n"]
+
+
+def test_matplotlib_chart_comes_back_as_png(kernel_ready: None, sbx: Sandbox) -> None:
+    execution = sbx.run_code(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('cove')\nplt.show()"
+    )
+    pngs = [r.png for r in execution.results if r.png]
+    assert pngs, execution
+    assert base64.b64decode(pngs[0]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "png" in execution.results[0].formats()
+    html = sbx.run_code("from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))")
+    assert html.results[0].html == "<b>bold</b>" and not html.results[0].is_main_result
+
+
+def test_contexts_create_list_restart_remove(kernel_ready: None, sbx: Sandbox) -> None:
+    ctx = sbx.create_code_context(cwd="/tmp")
+    assert ctx.language == "python" and ctx.cwd == "/tmp"
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "/tmp"
+    sbx.run_code("y = 'in context'", context=ctx)
+    assert sbx.run_code("y", context=ctx).text == "in context"
+    assert sbx.run_code("'y' in globals()").text == "False"  # the default context is another one
+
+    listed = {c.id: c for c in sbx.list_code_contexts()}
+    assert ctx.id in listed and listed[ctx.id].cwd == "/tmp" and listed[ctx.id].language == "python"
+
+    sbx.restart_code_context(ctx)
+    assert sbx.run_code("y", context=ctx).error.name == "NameError"  # a fresh interpreter
+
+    sbx.remove_code_context(ctx.id)
+    assert ctx.id not in {c.id for c in sbx.list_code_contexts()}
+    with pytest.raises(NotFoundException, match="not found"):
+        sbx.run_code("1", context=ctx)
+    with pytest.raises(NotFoundException):
+        sbx.remove_code_context(ctx.id)
+    with pytest.raises(NotFoundException):
+        sbx.restart_code_context("no-such-context")
+
+
+def test_bash_is_a_second_language_and_others_are_refused(kernel_ready: None, sbx: Sandbox) -> None:
+    sbx.run_code("cd /tmp && GREETING=hi", language="bash")
+    execution = sbx.run_code("echo $GREETING from $(pwd)", language="bash")
+    assert execution.logs.stdout == ["hi from /tmp\n"] and execution.error is None
+    failed = sbx.run_code("false", language="bash")
+    assert failed.error is not None and "1" in failed.error.value
+    ctx = sbx.create_code_context(language="bash")
+    assert ctx.language == "bash"
+    assert sbx.run_code("echo $GREETING", context=ctx).logs.stdout == ["\n"]  # its own shell
+    # cove's contexts are python and bash; other languages get a clear error, not a hang or 500.
+    with pytest.raises(SandboxException, match="not supported"):
+        sbx.run_code("1 + 1", language="r")
+    with pytest.raises(SandboxException, match="not supported"):
+        sbx.create_code_context(language="javascript")
+
+
+def test_timeout_interrupts_the_run_and_the_context_goes_on(kernel_ready: None, sbx: Sandbox) -> None:
+    sbx.run_code("kept = 'still here'")
+    started = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sbx.run_code("import time\nwhile True: time.sleep(0.05)", timeout=2)
+    # The dropped connection interrupted the loop: the next run does not queue behind it.
+    execution = sbx.run_code("kept", timeout=30)
+    assert execution.text == "still here"
+    assert time.monotonic() - started < 20
+
+
+def test_interpreter_requires_the_sandboxs_token(kernel_ready: None, e2b_env: Server, sbx: Sandbox) -> None:
+    url = f"{e2b_env.url}/execute"
+    body = {"code": "1 + 1"}
+    r = httpx.post(url, headers=routed(sbx, 49999), json=body)
+    assert r.status_code == 401
+    r = httpx.post(url, headers={**routed(sbx, 49999), "X-Access-Token": "wrong"}, json=body)
+    assert r.status_code == 401
+    token = {"E2B-Traffic-Access-Token": sbx.traffic_access_token or ""}
+    r = httpx.post(url, headers={**routed(sbx, 49999), **token}, json=body)
+    assert r.status_code == 200 and '"text": "2"' in r.text
+    r = httpx.post(url, headers={**routed(sbx, 49999), **token}, json={"code": 1})
+    assert r.status_code == 400 and "code" in r.text
+    r = httpx.post(
+        url,
+        headers={**routed(sbx, 49999), **token},
+        json={"code": "1", "context_id": "x", "language": "python"},
+    )
+    assert r.status_code == 400 and "Only one of" in r.text
+
+
+def test_async_sdk_runs_code_and_manages_contexts(kernel_ready: None, e2b_env: Server) -> None:
+    async def main() -> None:
+        sb = await AsyncSandbox.create(timeout=300)
+        try:
+            await sb.run_code("n = 20")
+            seen: list[str] = []
+
+            async def on_stdout(m: object) -> None:
+                seen.append(m.line)  # type: ignore[attr-defined]
+
+            execution = await sb.run_code("print('hello'); n + 1", on_stdout=on_stdout)
+            assert execution.text == "21" and seen == ["hello\n"]
+            png = await sb.run_code("import matplotlib.pyplot as plt\nplt.bar([1, 2], [3, 4]); plt.show()")
+            assert base64.b64decode(png.results[0].png).startswith(b"\x89PNG")
+            error = (await sb.run_code("raise ValueError('bad')")).error
+            assert error.name == "ValueError" and error.value == "bad"
+            ctx = await sb.create_code_context(cwd="/home/user", language="bash")
+            assert ctx.id in {c.id for c in await sb.list_code_contexts()}
+            assert (await sb.run_code("echo $PWD", context=ctx)).logs.stdout == ["/home/user\n"]
+            await sb.restart_code_context(ctx)
+            await sb.remove_code_context(ctx)
+            assert ctx.id not in {c.id for c in await sb.list_code_contexts()}
+        finally:
+            await sb.kill()
+
+    asyncio.run(main())
+
+
+# -- ports ------------------------------------------------------------------------------------------
+
+
+def test_get_host_reaches_a_server_in_the_sandbox(e2b_env: Server, api: httpx.Client, sbx: Sandbox) -> None:
+    r = api.post(
+        f"/v1/sandboxes/{sbx.sandbox_id}/processes",
+        json={
+            "cmd": "mkdir -p /tmp/site && echo served > /tmp/site/index.txt && cd /tmp/site && exec python3 -m http.server 8001"
+        },
+    )
+    assert r.status_code == 201, r.text
+    wait_listening(api, sbx.sandbox_id, 8001)
+    host = sbx.get_host(8001)
+    assert host == f"8001-{sbx.sandbox_id}.{sbx.sandbox_domain}"
+
+    by_header = httpx.get(f"{e2b_env.url}/index.txt", headers=routed(sbx, 8001))
+    assert by_header.status_code == 200 and by_header.text == "served\n"
+    by_host = httpx.get(f"{e2b_env.url}/index.txt", headers={"Host": host})
+    assert by_host.status_code == 200 and by_host.text == "served\n"
+    listing = httpx.get(f"{e2b_env.url}/", headers={"Host": host})
+    assert "index.txt" in listing.text
+    missing = httpx.get(f"{e2b_env.url}/nothing", headers={"Host": host})
+    assert missing.status_code == 404  # the server's own answer, passed through
+
+
+def test_proxy_streams_both_ways_and_forwards_headers(
+    e2b_env: Server, api: httpx.Client, sbx: Sandbox
+) -> None:
+    start_app(api, sbx.sandbox_id, 8002)
+    base, headers = e2b_env.url, routed(sbx, 8002)
+
+    seen = httpx.get(
+        f"{base}/headers?a=1&b=%2F", headers={**headers, "X-Access-Token": "secret", "X-Custom": "kept"}
+    ).json()
+    names = {k.lower(): v for k, v in seen["headers"].items()}
+    assert seen["path"] == "/headers?a=1&b=%2F"
+    assert names["x-custom"] == "kept" and "x-forwarded-for" in names
+    assert not {"x-access-token", "e2b-sandbox-id", "e2b-sandbox-port"} & set(names)
+    assert names["host"] == e2b_env.url.removeprefix("http://")
+
+    body = os.urandom(8 << 20)
+    r = httpx.post(f"{base}/echo", headers=headers, content=body, timeout=60)
+    assert r.json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(50):
+            yield bytes([i]) * 10_000
+
+    r = httpx.post(f"{base}/echo", headers=headers, content=chunks(), timeout=60)
+    assert r.json() == {"size": 500_000, "sha256": hashlib.sha256(b"".join(chunks())).hexdigest()}
+
+    # The first chunk arrives while the server still holds back the rest.
+    with httpx.stream("GET", f"{base}/stream", headers=headers, timeout=30) as r:
+        pieces = r.iter_raw()
+        assert next(pieces) == b"first\n"
+        assert (
+            api.post(f"/v1/sandboxes/{sbx.sandbox_id}/exec", json={"cmd": "touch /tmp/go"}).json()[
+                "exit_code"
+            ]
+            == 0
+        )
+        assert b"".join(pieces) == b"second\n"
+
+
+def test_websocket_pass_through(e2b_env: Server, api: httpx.Client, sbx: Sandbox) -> None:
+    start_app(api, sbx.sandbox_id, 8003)
+    url = e2b_env.url.replace("http://", "ws://") + "/socket?x=1"
+    with ws_connect(url, additional_headers=routed(sbx, 8003), subprotocols=["chat.v1"]) as ws:
+        assert ws.subprotocol == "chat.v1"
+        assert ws.recv(timeout=10) == "path=/socket?x=1"
+        ws.send("hello")
+        assert ws.recv(timeout=10) == "hello"
+        blob = os.urandom(300_000)
+        ws.send(blob)
+        assert ws.recv(timeout=10) == blob
+    host = {"Host": sbx.get_host(8003)}
+    with ws_connect(url, additional_headers=host) as ws:
+        assert ws.recv(timeout=10) == "path=/socket?x=1"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, additional_headers=routed(sbx, 8009), open_timeout=10)
+    assert refused.value.response.status_code == 502
+    assert b"port is not open" in refused.value.response.body
+
+
+def test_closed_port_is_a_502_that_says_so(e2b_env: Server, sbx: Sandbox) -> None:
+    r = httpx.get(f"{e2b_env.url}/", headers=routed(sbx, 8765))
+    assert r.status_code == 502 and "port is not open" in r.json()["message"]
+    r = httpx.get(f"{e2b_env.url}/", headers={"Host": sbx.get_host(8765)})
+    assert r.status_code == 502 and "port is not open" in r.text
+    r = httpx.get(f"{e2b_env.url}/", headers={**routed(sbx, 8765), "E2b-Sandbox-Id": "nosuchsandbox"})
+    assert r.status_code == 502 and "was not found" in r.text
+
+
+def test_public_traffic_off_requires_the_traffic_token(e2b_env: Server, api: httpx.Client) -> None:
+    sb = Sandbox.create(timeout=300, network={"allow_public_traffic": False})
+    try:
+        assert sb.traffic_access_token
+        start_app(api, sb.sandbox_id, 8004)
+        url = f"{e2b_env.url}/headers"
+        r = httpx.get(url, headers=routed(sb, 8004))
+        assert r.status_code == 403 and "traffic" in r.text
+        r = httpx.get(url, headers={**routed(sb, 8004), "E2B-Traffic-Access-Token": "wrong"})
+        assert r.status_code == 403
+        r = httpx.get(url, headers={**routed(sb, 8004), "E2B-Traffic-Access-Token": sb.traffic_access_token})
+        assert r.status_code == 200
+        assert "e2b-traffic-access-token" not in {k.lower() for k in r.json()["headers"]}
+        # Code still runs: the SDK sends its envd token and the traffic token.
+    finally:
+        sb.kill()
+
+
+# -- the sockets under the proxy --------------------------------------------------------------------
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _netns() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def _socket_netns(sock: socket.socket) -> int:
+    """The network namespace a socket belongs to (SIOCGSKNS gives an fd of it)."""
+    fd = fcntl.ioctl(sock.fileno(), 0x894C)
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def other_netns() -> Iterator[subprocess.Popen[bytes]]:
+    """A process in a network namespace of its own (as a sandbox's init is)."""
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "120"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == _netns():  # until unshare has run
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sockets_belong_to_the_sandbox_and_the_thread_comes_back(
+    other_netns: subprocess.Popen[bytes],
+) -> None:
+    from cove.node.namespaces.launcher import process_start_time
+
+    pid = other_netns.pid
+    start = process_start_time(pid)
+    sandbox_socket.home_netns()  # opened once, kept
+    fds = _fds()
+    for _ in range(3):
+        outcome = _in_thread(lambda: sandbox_socket.open_sockets(pid, start, (socket.AF_INET,)))
+        assert outcome["netns_kept"], outcome
+        [sock] = outcome["result"]  # type: ignore[misc]
+        assert _socket_netns(sock) == os.stat(f"/proc/{pid}/ns/net").st_ino != _netns()
+        sock.close()
+    assert _fds() == fds
+
+    # A stale record (same pid, another start time) is refused before entering anything.
+    outcome = _in_thread(lambda: sandbox_socket.open_sockets(pid, start + 1, (socket.AF_INET,)))
+    assert isinstance(outcome["error"], sandbox_socket.SandboxGone) and outcome["netns_kept"]
+    assert _fds() == fds
+
+
+def _in_thread(fn: Callable[[], object]) -> dict[str, object]:
+    """fn() in a new thread: its result or error, and whether the thread ended in its own netns."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        before = _netns()
+        try:
+            outcome["result"] = fn()
+        except Exception as e:
+            outcome["error"] = e
+        outcome["netns_kept"] = _netns() == before
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return outcome
+
+
+def test_a_failure_inside_the_namespace_leaves_no_fd_and_the_thread_at_home(
+    other_netns: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cove.node.namespaces.launcher import process_start_time
+
+    pid, start = other_netns.pid, process_start_time(other_netns.pid)
+    sandbox_socket.home_netns()
+    real_socket, real_setns = socket.socket, sandbox_socket.setns
+    both = (socket.AF_INET, socket.AF_INET6)
+    fds = _fds()
+
+    calls: list[int] = []
+
+    def failing_socket(fail_on: int) -> Callable[..., socket.socket]:
+        def make(*args: object) -> socket.socket:
+            calls.append(1)
+            if len(calls) == fail_on:
+                raise OSError(24, "Too many open files")
+            return real_socket(*args)  # type: ignore[arg-type]
+
+        return make
+
+    # The first (required) family fails: the error comes out, the thread is back home.
+    monkeypatch.setattr(sandbox_socket.socket, "socket", failing_socket(1))
+    outcome = _in_thread(lambda: sandbox_socket.open_sockets(pid, start, both))
+    assert isinstance(outcome["error"], OSError) and outcome["netns_kept"]
+    assert _fds() == fds
+
+    # The optional family (IPv6) fails: IPv4 alone is returned.
+    calls.clear()
+    monkeypatch.setattr(sandbox_socket.socket, "socket", failing_socket(2))
+    outcome = _in_thread(lambda: sandbox_socket.open_sockets(pid, start, both))
+    assert outcome["netns_kept"]
+    [sock] = outcome["result"]  # type: ignore[misc]
+    sock.close()
+    monkeypatch.setattr(sandbox_socket.socket, "socket", real_socket)
+    assert _fds() == fds
+
+    # Going back fails: the sockets are closed and the error says the thread is stuck (it then ends).
+    def setns_once(fd: int, nstype: int) -> None:
+        if fd == sandbox_socket.home_netns():
+            raise OSError(1, "Operation not permitted")
+        real_setns(fd, nstype)
+
+    monkeypatch.setattr(sandbox_socket, "setns", setns_once)
+    outcome = _in_thread(lambda: sandbox_socket.open_sockets(pid, start, both))
+    assert isinstance(outcome["error"], sandbox_socket.NamespaceStuck) and not outcome["netns_kept"]
+    assert _fds() == fds
+    monkeypatch.setattr(sandbox_socket, "setns", real_setns)
+    assert _netns() == os.stat("/proc/self/ns/net").st_ino  # this thread never moved
+
+    # An ended process: a clean SandboxGone, nothing left open.
+    other_netns.kill()
+    other_netns.wait()
+    with pytest.raises(sandbox_socket.SandboxGone):
+        sandbox_socket.open_sockets(pid, start, (socket.AF_INET,))
+    assert _fds() == fds
+
+
+def test_async_connect_reports_closed_ports_and_gone_sandboxes(other_netns: subprocess.Popen[bytes]) -> None:
+    from cove.node.namespaces.launcher import process_start_time
+
+    handle = {"pid": other_netns.pid, "start_time": process_start_time(other_netns.pid)}
+
+    async def main() -> None:
+        fds = _fds()
+        # Loopback is down in this bare namespace: no route (on the host it would be refused).
+        with pytest.raises(OSError) as unreachable:
+            await sandbox_socket.connect(handle, 8080)
+        assert unreachable.value.errno == errno.ENETUNREACH
+        with pytest.raises(sandbox_socket.SandboxGone):
+            await sandbox_socket.connect({**handle, "start_time": handle["start_time"] + 1}, 8080)
+        with pytest.raises(sandbox_socket.SandboxGone):
+            await sandbox_socket.connect({}, 8080)
+        assert _fds() == fds
+
+    asyncio.run(main())
