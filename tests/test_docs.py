@@ -32,7 +32,13 @@ def test_example_runs(server: Server, tmp_path: Path, page: Path, index: int, co
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env=server.env,
+        # docs/e2b.md tells users to set these three variables; nothing else configures the e2b SDK.
+        env={
+            **server.env,
+            "E2B_API_URL": server.url,
+            "E2B_SANDBOX_URL": server.url,
+            "E2B_API_KEY": server.api_key,
+        },
         capture_output=True,
         text=True,
         timeout=120,
