@@ -27,6 +27,7 @@ from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 from packaging.version import Version
 
 from conftest import UPLOAD_LIMIT, Server
+from cove.compat.e2b.filesystem import WATCHERS_PER_SANDBOX
 
 
 @pytest.fixture
@@ -329,6 +330,18 @@ def test_watch_dir_polling(sbx: Sandbox) -> None:
         flat.stop()
     with pytest.raises(InvalidArgumentException):
         sbx.files.watch_dir("watched/top.txt")
+
+
+def test_polling_watchers_are_bounded(sbx: Sandbox) -> None:
+    handles = [sbx.files.watch_dir(".") for _ in range(WATCHERS_PER_SANDBOX)]
+    try:
+        with pytest.raises(SandboxException, match="too many watchers"):
+            sbx.files.watch_dir(".")
+        handles.pop().stop()
+        handles.append(sbx.files.watch_dir("."))  # room again
+    finally:
+        for h in handles:
+            h.stop()
 
 
 def test_watch_dir_streaming(e2b_env: Server) -> None:

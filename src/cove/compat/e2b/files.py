@@ -9,6 +9,7 @@ signature made with it (e2b's `download_url` / `upload_url`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -292,23 +293,24 @@ async def _download(cove: Cove, scope: Scope, request: Request, send: Send) -> N
     except (GuestError, GuestUnavailable) as exc:
         await _error(send, await s.failed(exc))
         return
-    gzip = _wants_gzip(request.headers.get("accept-encoding", ""))
+    # Every SDK download accepts gzip. Compress fast (level 1, off the event loop), and not at all
+    # when the first chunk shows the data does not compress (Accept-Encoding is only a preference).
+    z = None
+    if _wants_gzip(request.headers.get("accept-encoding", "")) and (
+        len(first) < 4096 or len(zlib.compress(first, 1)) < 0.9 * len(first)
+    ):
+        z = zlib.compressobj(1, wbits=31)
+    head = z.compress(first) if z else first
     ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
     headers = [(b"content-type", ctype.encode()), (b"vary", b"Accept-Encoding")]
-    if gzip:
+    if z is not None:
         headers.append((b"content-encoding", b"gzip"))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    z = zlib.compressobj(wbits=31) if gzip else None
     try:
-
-        async def body() -> AsyncIterator[bytes]:
-            if first:
-                yield first
-            async for chunk in chunks:
-                yield chunk
-
-        async for chunk in body():
-            out = z.compress(chunk) if z else chunk
+        if head:
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+        async for chunk in chunks:
+            out = await asyncio.to_thread(z.compress, chunk) if z else chunk
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         await send({"type": "http.response.body", "body": z.flush() if z else b""})
