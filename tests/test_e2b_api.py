@@ -127,6 +127,14 @@ def test_create_info_list_and_kill(api: httpx.Client, sandboxes: list[str]) -> N
     assert api.get(f"/v1/sandboxes/{sb.sandbox_id}").json()["state"] == "killed"
 
 
+def test_code_interpreter_template_is_the_base_template(sandboxes: list[str]) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    sb = CodeSandbox.create(timeout=60)  # asks for "code-interpreter-v1"
+    sandboxes.append(sb.sandbox_id)
+    assert sb.get_info().template_id == "base"
+
+
 def test_list_filters_by_metadata_and_state_and_pages(api: httpx.Client, sandboxes: list[str]) -> None:
     tag = uuid.uuid4().hex
     # Keys and values with the characters the SDK's double encoding must carry through.
