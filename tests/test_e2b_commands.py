@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import gzip
 import json
 import struct
 import time
@@ -86,6 +87,22 @@ def test_binary_and_large_output(sbx: Sandbox) -> None:
     r = sbx.commands.run("head -c 3000000 /dev/zero | tr '\\0' x; printf 'é'")
     assert len(r.stdout) == 3_000_001
     assert r.stdout.endswith("xé")
+
+
+def test_slow_reader_misses_no_output(sbx: Sandbox) -> None:
+    """A reader slower than the command holds the command back (as envd does) instead of losing the
+    output beyond cove's kept window (8 MiB)."""
+    h = sbx.commands.run("head -c 16000000 /dev/zero | tr '\\0' y; echo end", background=True)
+    size = 0
+
+    def slowly(chunk: str) -> None:
+        nonlocal size
+        size += len(chunk)
+        time.sleep(0.01)
+
+    r = h.wait(on_stdout=slowly)
+    assert size == len(r.stdout) == 16_000_004
+    assert r.stdout.endswith("yend\n")
 
 
 def test_background_with_callbacks(sbx: Sandbox) -> None:
@@ -199,6 +216,18 @@ def test_unknown_pid(sbx: Sandbox) -> None:
         sbx.commands.connect(999_999)
     with pytest.raises(NotFoundException):
         sbx.commands.close_stdin(999_999)
+
+
+def test_paused_sandbox_resumes_for_commands(e2b_env: Server, sandboxes: list[str]) -> None:
+    sb = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    sandboxes.append(sb.sandbox_id)
+    h = sb.commands.run("sleep 60", background=True)
+    with e2b_env.client() as api:
+        r = api.post(f"/v1/sandboxes/{sb.sandbox_id}/pause")
+        assert r.status_code == 200 and r.json()["state"] == "paused", r.text
+        assert sb.commands.run("echo back").stdout == "back\n"
+        assert api.get(f"/v1/sandboxes/{sb.sandbox_id}").json()["state"] == "running"
+    assert h.pid in running_pids(sb)
 
 
 # --- terminals ------------------------------------------------------------------------------------
@@ -439,6 +468,48 @@ def test_connect_errors(e2b_env: Server, raw: tuple[httpx.Client, str]) -> None:
         headers={**envd_headers(e2b_env, sid, None), "Content-Type": "application/connect+json"},
     )
     assert json.loads(envelopes(r.content)[-1][1])["error"]["code"] == "unauthenticated"
+
+
+def test_connect_client_stream_proto_gzip(
+    e2b_env: Server, raw: tuple[httpx.Client, str], sbx: Sandbox
+) -> None:
+    """StreamInput over the binary codec with gzip-compressed envelopes; a unary gzip body."""
+    c, sid = raw
+    h = envd_headers(e2b_env, sid)
+    cmd = sbx.commands.run("cat", background=True, stdin=True)
+    start = process_pb2.StreamInputRequest(
+        start=process_pb2.StreamInputRequest.StartEvent(process=process_pb2.ProcessSelector(pid=cmd.pid))
+    )
+    body = envelope(start.SerializeToString())
+    for piece in (b"ab", b"cd\n"):
+        data = process_pb2.StreamInputRequest(
+            data=process_pb2.StreamInputRequest.DataEvent(input=process_pb2.ProcessInput(stdin=piece))
+        )
+        body += envelope(gzip.compress(data.SerializeToString()), flags=1)
+    keepalive = process_pb2.StreamInputRequest(keepalive=process_pb2.StreamInputRequest.KeepAlive())
+    body += envelope(keepalive.SerializeToString())
+    r = c.post(
+        "/process.Process/StreamInput",
+        content=iter([body[:7], body[7:]]),  # chunked, split inside an envelope
+        headers={**h, "Content-Type": "application/connect+proto", "Connect-Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200
+    assert envelopes(r.content) == [(0, b""), (2, b"{}")]
+    close = process_pb2.CloseStdinRequest(process=process_pb2.ProcessSelector(pid=cmd.pid))
+    r = c.post(
+        "/process.Process/CloseStdin",
+        content=gzip.compress(close.SerializeToString()),
+        headers={**h, "Content-Type": "application/proto", "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200, r.text
+    assert cmd.wait().stdout == "abcd\n"
+    # A stream that does not begin with its start event.
+    r = c.post(
+        "/process.Process/StreamInput",
+        content=envelope(keepalive.SerializeToString()),
+        headers={**h, "Content-Type": "application/connect+proto"},
+    )
+    assert json.loads(envelopes(r.content)[-1][1])["error"]["code"] == "invalid_argument"
 
 
 def test_connect_keepalive_and_deadline(e2b_env: Server, raw: tuple[httpx.Client, str]) -> None:

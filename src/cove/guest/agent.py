@@ -1085,7 +1085,7 @@ def relay(host: _socket.socket, sup: _socket.socket) -> None:
 class _Client:
     """One connection to a supervisor (a relaying handler)."""
 
-    __slots__ = ("close_at", "deadline", "inbuf", "out", "pos", "shut", "sock", "state")
+    __slots__ = ("block", "close_at", "deadline", "inbuf", "out", "pos", "shut", "sock", "state")
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
@@ -1093,6 +1093,7 @@ class _Client:
         self.inbuf = bytearray()
         self.out = bytearray()
         self.pos = 0  # attach: offset of the next output byte to send
+        self.block = False  # attach: hold the process's output back rather than drop what this reader missed
         self.deadline: float | None = None  # wait: when to give up
         self.close_at = 0.0  # closing: when to stop waiting for the peer to close
         self.shut = False
@@ -1414,6 +1415,7 @@ class Supervisor:
                 offset = max(offset, self.start)
             cl.out += protocol.encode_json({"event": "attached", "offset": offset, "truncated": truncated})
             cl.pos = offset
+            cl.block = req.get("block") is True
             cl.state = "attach"
         elif op == "input":
             if self.status is not None:
@@ -1513,21 +1515,27 @@ class Supervisor:
         while not self.shutdown:
             now = time.monotonic()
             self.check_exit(now)
+            # A blocking reader half the kept window behind: stop reading output (the process's writes
+            # block) until it catches up, so it misses nothing.
+            held = any(
+                cl.block and cl.state == "attach" and self.end - cl.pos >= OUTPUT_LIMIT // 2
+                for cl in self.clients
+            )
             if (
                 self.status is not None
                 and not self.done
-                and (not self.outputs or now - self.exited_at >= EXIT_GRACE)
+                and (not self.outputs or (now - self.exited_at >= EXIT_GRACE and not held))
             ):
                 self.finish(now)
             if self.done and not self.clients and now - self.done_at >= PROC_RETAIN:
                 return
             timeout: float | None = None
-            if self.status is not None and not self.done:
+            if self.status is not None and not self.done and not held:
                 timeout = max(0.0, self.exited_at + EXIT_GRACE - now)
             elif self.done:
                 timeout = max(0.0, self.done_at + PROC_RETAIN - now)
             masks: dict[int, int] = {listen_fd: select.POLLIN, wake_r: select.POLLIN}
-            for fd in self.outputs:
+            for fd in () if held else self.outputs:
                 masks[fd] = select.POLLIN
             if self.in_fd >= 0 and self.stdin_buf:
                 masks[self.in_fd] = masks.get(self.in_fd, 0) | select.POLLOUT

@@ -335,16 +335,19 @@ class GuestClient:
         return list((await self.call("list_processes"))["processes"])
 
     async def attach(
-        self, id: str, offset: int | None = None
+        self, id: str, offset: int | None = None, block: bool = False
     ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
         """A process's output from `offset` (None: the oldest byte kept): yields ("attached", {offset,
         truncated}) first, then ("stdout" | "stderr", bytes), possibly ("truncated", {offset, dropped})
         if this reader fell more than the agent's buffer behind, and ("exit", {exit_code, end_offset})
         once the process has exited and all its output was sent. Closing the iterator detaches; the
-        process is not touched. Unknown id: GuestError("not_found")."""
+        process is not touched. `offset=-1`: live output only. `block`: a reader that falls behind
+        holds the process's output back (its writes block) instead of missing bytes.
+        Unknown id: GuestError("not_found")."""
         reader, writer = await self._open()
         try:
-            await _send_request(writer, "attach", {"id": id, "offset": offset})
+            fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
+            await _send_request(writer, "attach", fields)
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:

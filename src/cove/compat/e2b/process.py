@@ -145,7 +145,7 @@ class Service:
     ) -> AsyncIterator[Any]:
         """start, data... and end events of one process, as `cls` (StartResponse/ConnectResponse)."""
         guest = _session(ctx).guest
-        output = guest.attach(proc_id, offset=offset)
+        output = guest.attach(proc_id, offset=offset, block=True)  # as envd: a slow reader slows the process
         try:
             async with _guest_errors(ctx):
                 await anext(output)  # "attached": the process is there
