@@ -230,6 +230,13 @@ def test_paused_sandbox_resumes_for_commands(e2b_env: Server, sandboxes: list[st
     assert h.pid in running_pids(sb)
 
 
+def test_sandbox_killed_during_a_command(sbx: Sandbox) -> None:
+    cmd = sbx.commands.run("sleep 60", background=True)
+    sbx.kill()
+    with pytest.raises(e2b.SandboxException, match="sandbox was killed or reached its end of life"):
+        cmd.wait()
+
+
 # --- terminals ------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,18 @@ async def _guest_errors(ctx: Context) -> AsyncIterator[None]:
         raise _as_connect(await _session(ctx).failed(exc)) from exc
 
 
+@contextlib.asynccontextmanager
+async def _stream_cut(session: fsops.Session) -> AsyncIterator[None]:
+    """A stream the sandbox's going away cut short, worded as e2b's proxy does: the SDK then probes
+    the sandbox's health to tell a killed sandbox from a network failure."""
+    try:
+        yield
+    except GuestUnavailable as exc:
+        await session.failed(exc)  # notes a sandbox that died
+        message = f"the connection to sandbox {session.rec.id} ended before the stream completed"
+        raise ConnectError("unavailable", message) from exc
+
+
 def _session(ctx: Context) -> fsops.Session:
     return ctx.state["session"]
 
@@ -144,12 +156,14 @@ class Service:
         self, ctx: Context, proc_id: str, pid: int, offset: int, pty: bool, cls: Any
     ) -> AsyncIterator[Any]:
         """start, data... and end events of one process, as `cls` (StartResponse/ConnectResponse)."""
-        guest = _session(ctx).guest
-        output = guest.attach(proc_id, offset=offset, block=True)  # as envd: a slow reader slows the process
+        session = _session(ctx)
+        # block: as in envd, a slow reader slows the process down rather than missing output.
+        output = session.guest.attach(proc_id, offset=offset, block=True)
         try:
             async with _guest_errors(ctx):
                 await anext(output)  # "attached": the process is there
-                yield cls(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+            yield cls(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+            async with _guest_errors(ctx), _stream_cut(session):
                 async for kind, data in output:
                     if kind in ("stdout", "stderr"):
                         field = "pty" if pty else kind
