@@ -30,7 +30,7 @@ from .sandbox_socket import PortNotOpen, SandboxGone, connect
 log = logging.getLogger("cove.proxy")
 
 ErrorSender = Callable[[Send, int, str], Awaitable[None]]
-READ_SIZE = 1 << 16
+READ_SIZE = 1 << 18
 WS_MAX_MESSAGE = 64 << 20
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), and the ones we set ourselves.
