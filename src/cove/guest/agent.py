@@ -1681,8 +1681,8 @@ class Watcher:
         for item in items:
             full = path.rstrip("/") + "/" + item.name
             is_dir = item.is_dir(follow_symlinks=False)
-            if report:
-                self.send({"event": "watch", "type": "create", "path": full, "is_dir": is_dir})
+            if report:  # `found`: it was there when its directory's watch began, maybe written already
+                self.send({"event": "watch", "type": "create", "path": full, "is_dir": is_dir, "found": True})
             if is_dir:
                 try:
                     self.add(full)

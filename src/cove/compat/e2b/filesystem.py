@@ -133,10 +133,11 @@ def _events(root: str, event: dict[str, Any]) -> Iterator[tuple[str, int]]:
         yield rel(old), pb.EVENT_TYPE_RENAME
         yield rel(path), pb.EVENT_TYPE_CREATE
     elif tmp is None and kind in ("create", "write", "remove"):
-        yield (
-            rel(path),
-            {"create": pb.EVENT_TYPE_CREATE, "write": pb.EVENT_TYPE_WRITE}.get(kind, pb.EVENT_TYPE_REMOVE),
-        )
+        types = {"create": pb.EVENT_TYPE_CREATE, "write": pb.EVENT_TYPE_WRITE, "remove": pb.EVENT_TYPE_REMOVE}
+        yield rel(path), types[kind]
+        if kind == "create" and event.get("found") and not event.get("is_dir"):
+            # Already there when its new directory's watch began: its writes went unseen.
+            yield rel(path), pb.EVENT_TYPE_WRITE
 
 
 async def _watch(c: _Call, path: str, recursive: bool) -> tuple[str, AsyncIterator[dict[str, Any]]]:
