@@ -18,6 +18,7 @@ from e2b import (
     AuthenticationException,
     FileType,
     InvalidArgumentException,
+    NotEnoughSpaceException,
     NotFoundException,
     Sandbox,
     SandboxException,
@@ -28,6 +29,7 @@ from packaging.version import Version
 
 from conftest import UPLOAD_LIMIT, Server
 from cove.compat.e2b.filesystem import WATCHERS_PER_SANDBOX
+from cove.controlplane.signing import Signer
 
 
 @pytest.fixture
@@ -388,6 +390,33 @@ def test_upload_over_the_limit(sbx: Sandbox, http: httpx.Client) -> None:
     assert [e.name for e in sbx.files.list(".") if ".cove-" in e.name] == []  # no half-written file
 
 
+def _sdk_for(e2b_env: Server, sandbox_id: str, token: str) -> Sandbox:
+    """The SDK's handle on a sandbox made through cove's own API (as `Sandbox.create` builds it)."""
+    return Sandbox(
+        sandbox_id=sandbox_id,
+        sandbox_domain=None,
+        envd_version=Version("0.6.4"),
+        envd_access_token=token,
+        connection_config=ConnectionConfig(
+            extra_sandbox_headers={"X-Access-Token": token, "E2b-Sandbox-Id": sandbox_id}
+        ),
+    )
+
+
+def test_disk_full_is_not_enough_space(e2b_env: Server) -> None:
+    with e2b_env.client() as api:
+        sid = api.post("/v1/sandboxes", json={"disk_mb": 32}).json()["id"]
+        try:
+            s = _sdk_for(e2b_env, sid, Signer(e2b_env.home / "secret").token("e2b-envd", sid))
+            sh(e2b_env, sid, "dd if=/dev/zero of=/home/user/half bs=1M count=20 status=none")
+            with pytest.raises(NotEnoughSpaceException):
+                s.files.write("/tmp/big", b"x" * (20 << 20))
+            assert not s.files.exists("/tmp/big")
+            assert [e.name for e in s.files.list("/tmp") if ".cove-" in e.name] == []
+        finally:
+            api.delete(f"/v1/sandboxes/{sid}")
+
+
 @pytest.mark.parametrize(
     ("headers", "body", "params", "words"),
     [
@@ -429,15 +458,7 @@ def test_same_path_twice_in_one_upload(http: httpx.Client) -> None:
 
 
 def test_wrong_token(e2b_env: Server, sbx: Sandbox) -> None:
-    wrong = Sandbox(
-        sandbox_id=sbx.sandbox_id,
-        sandbox_domain=None,
-        envd_version=Version("0.6.4"),
-        envd_access_token="wrong",
-        connection_config=ConnectionConfig(
-            extra_sandbox_headers={"X-Access-Token": "wrong", "E2b-Sandbox-Id": sbx.sandbox_id}
-        ),
-    )
+    wrong = _sdk_for(e2b_env, sbx.sandbox_id, "wrong")
     with pytest.raises(AuthenticationException):
         wrong.files.read("x")
     with pytest.raises(AuthenticationException):

@@ -36,6 +36,7 @@ from .routing import envd_token, target
 if TYPE_CHECKING:
     from cove.controlplane.app import Cove
 
+_UNAUTHORIZED_DRAIN = 1 << 20  # what we read of a refused upload from a caller without a token
 _PIECE = 256 * 1024  # most bytes one step of gunzip may produce (bounds a compression bomb's burst)
 
 
@@ -121,6 +122,7 @@ class _Body:
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.done = False
+        self.drain_budget = _UNAUTHORIZED_DRAIN  # raised once the caller is authorized
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while not self.done:
@@ -131,9 +133,10 @@ class _Body:
             if message.get("body"):
                 yield message["body"]
 
-    async def drain(self, budget: int) -> None:
+    async def drain(self) -> None:
         """Read the rest of an upload we refuse, so the client sees our answer rather than a reset;
-        an upload larger than `budget` gets the reset."""
+        an upload larger than `drain_budget` gets the reset."""
+        budget = self.drain_budget
         try:
             async for chunk in self.chunks():
                 budget -= len(chunk)
@@ -336,7 +339,7 @@ async def _upload(cove: Cove, scope: Scope, request: Request, receive: Receive, 
     except _ClientGone:
         return
     except EnvdError as err:
-        await body.drain(limit)
+        await body.drain()
         await _error(send, err)
         return
     await _json(send, 200, entries)
@@ -344,6 +347,7 @@ async def _upload(cove: Cove, scope: Scope, request: Request, receive: Receive, 
 
 async def _store(cove: Cove, scope: Scope, request: Request, body: _Body, limit: int) -> list[dict[str, Any]]:
     _authorize(cove, scope, request, "write")
+    body.drain_budget = limit
     user = _user(request)
     metadata = {
         k[len(fsops.METADATA_HEADER) :]: v
