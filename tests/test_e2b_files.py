@@ -428,6 +428,12 @@ def test_disk_full_is_not_enough_space(e2b_env: Server) -> None:
             "multipart",
         ),
         ({"Content-Type": "multipart/form-data"}, b"", {}, "boundary"),
+        (
+            {"Content-Type": "multipart/form-data; boundary=xyz"},
+            b"--xyz\r\n" + b"X-Many: hhhhhhhhhhhhhhhhhhhhhhhh\r\n" * 2000 + b"\r\nbody\r\n--xyz--\r\n",
+            {},
+            "header",
+        ),
         ({"Content-Type": "application/octet-stream"}, b"x", {}, "path"),
         ({"Content-Type": "text/plain"}, b"x", {"path": "a"}, "content type"),
         (
