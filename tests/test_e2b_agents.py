@@ -22,7 +22,7 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from conftest import Server
 
 pytestmark = pytest.mark.timeout(300)
-WORKSPACE = "/home/user/workspace"
+WORKSPACE = "/workspace"  # the SDK's default root: created through the files API, as on e2b
 
 
 def _outputs(model: ScriptedModel) -> dict[str, str]:
@@ -65,11 +65,7 @@ def test_scripted_agent_runs_its_tools_in_a_cove_sandbox(e2b_env: Server, sandbo
         name="cove worker",
         instructions="Do the task with the shell.",
         model=model,
-        # Under the sandbox user's home: e2b's default user is `user` on cove, who cannot create
-        # the SDK's default root, /workspace (see the report / docs/e2b.md).
-        default_manifest=Manifest(
-            root=WORKSPACE, entries={"brief.txt": File(content=b"compute six times seven\n")}
-        ),
+        default_manifest=Manifest(entries={"brief.txt": File(content=b"compute six times seven\n")}),
     )
     before = set(_cove_sandboxes(e2b_env))
 

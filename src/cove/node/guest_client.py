@@ -261,12 +261,16 @@ class GuestClient:
             writer.close()
             raise
 
-    async def read(self, path: str, user: str | int | None = None) -> AsyncIterator[bytes]:
+    async def read(
+        self, path: str, user: str | int | None = None, owner: str | int | None = None
+    ) -> AsyncIterator[bytes]:
         """A file's bytes in chunks of at most 64 KiB. Errors (not_found, is_a_directory, ...) are
-        raised by the first iteration step, before any chunk."""
+        raised by the first iteration step, before any chunk. `owner` (on every file operation):
+        act with root's permissions, resolve relative paths in the owner's home and give what is
+        created to the owner (e2b's envd semantics)."""
         reader, writer = await self._open()
         try:
-            await _send_request(writer, "read", {"path": path, "user": user})
+            await _send_request(writer, "read", {"path": path, "user": user, "owner": owner})
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -288,6 +292,7 @@ class GuestClient:
         user: str | int | None = None,
         mode: int | None = None,
         xattrs: dict[str, str] | None = None,
+        owner: str | int | None = None,
     ) -> dict[str, Any]:
         """Upload a file from `chunks`; returns the reply (`{"ok": True, "entry": {...}}`). `xattrs`
         (names under `user.`) are set on the new file, and its entry then lists its `xattrs`.
@@ -301,7 +306,7 @@ class GuestClient:
         replied = asyncio.create_task(_final_reply(reader))
         try:
             try:
-                fields = {"path": path, "user": user, "mode": mode, "xattrs": xattrs}
+                fields = {"path": path, "user": user, "mode": mode, "xattrs": xattrs, "owner": owner}
                 await _send(writer, _request("write", fields))
                 async for piece in _chunks(chunks):
                     if replied.done():
@@ -414,7 +419,11 @@ class GuestClient:
         return {"running": reply["running"], "exit_code": reply["exit_code"]}
 
     async def watch(
-        self, path: str, recursive: bool = False, user: str | int | None = None
+        self,
+        path: str,
+        recursive: bool = False,
+        user: str | int | None = None,
+        owner: str | int | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """File system events under a directory: yields {"event": "watching"} once the watch is in
         place, then {"event": "watch", "type", "path", "is_dir"[, "old_path"]} per change (and
@@ -423,7 +432,9 @@ class GuestClient:
         the first iteration step."""
         reader, writer = await self._open()
         try:
-            await _send_request(writer, "watch", {"path": path, "recursive": recursive, "user": user})
+            await _send_request(
+                writer, "watch", {"path": path, "recursive": recursive, "user": user, "owner": owner}
+            )
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:

@@ -290,7 +290,7 @@ async def _download(cove: Cove, scope: Scope, request: Request, send: Send) -> N
     except EnvdError as err:
         await _error(send, err)
         return
-    chunks = s.guest.read(path or ".", user=user or s.rec.user)
+    chunks = s.guest.read(path or ".", owner=user or s.rec.user)
     try:
         first = await anext(chunks, b"")  # errors (missing file, a directory) come before any byte
     except (GuestError, GuestUnavailable) as exc:
@@ -412,7 +412,7 @@ async def _write(
     s: Session, path: str, data: AsyncIterator[bytes], user: str | None, xattrs: dict[str, str]
 ) -> dict[str, Any]:
     try:
-        reply = await s.guest.write(fsops.guest_path(path), data, user=user or s.rec.user, xattrs=xattrs)
+        reply = await s.guest.write(fsops.guest_path(path), data, owner=user or s.rec.user, xattrs=xattrs)
     except (GuestError, GuestUnavailable) as exc:
         raise await s.failed(exc) from exc
     entry = reply["entry"]

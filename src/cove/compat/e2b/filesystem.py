@@ -91,7 +91,7 @@ class _Call:
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         try:
-            return await self.s.call(op, user=self.user, **fields)
+            return await self.s.call(op, owner=self.user, **fields)
         except EnvdError as err:
             raise _raise(err) from err
 
@@ -144,7 +144,7 @@ async def _watch(c: _Call, path: str, recursive: bool) -> tuple[str, AsyncIterat
     """Start a guest watch; returns the watched directory's absolute path and the event stream
     (already past its "watching" event, so the watch is in place)."""
     root = (await c.call("stat", path=path))["entry"]["path"]  # absolute: events are named relative to it
-    stream = c.s.guest.watch(root, recursive=recursive, user=c.user)
+    stream = c.s.guest.watch(root, recursive=recursive, owner=c.user)
     try:
         await anext(stream)
     except (GuestError, GuestUnavailable) as exc:
@@ -159,7 +159,7 @@ async def _event_message(c: _Call, root: str, name: str, kind: int, include: boo
     ev = pb.FilesystemEvent(name=name, type=kind)
     if include and kind != pb.EVENT_TYPE_REMOVE:
         with contextlib.suppress(GuestError, GuestUnavailable, EnvdError):
-            reply = await c.s.guest.call("stat", path=os.path.join(root, name), user=c.user, xattrs=True)
+            reply = await c.s.guest.call("stat", path=os.path.join(root, name), owner=c.user, xattrs=True)
             ev.entry.CopyFrom(entry_info(reply["entry"]))
     return ev
 

@@ -1,8 +1,10 @@
 """What envd's /files and `filesystem.Filesystem` share: the sandbox's guest, the acting user, paths,
 file metadata and errors in both of envd's shapes (an HTTP status for /files, a Connect code for RPC).
 
-Every path is resolved by cove's guest agent inside the sandbox, as the acting user, so `..`,
-absolute paths and symlinks only ever reach the sandbox's own files.
+Every path is resolved by cove's guest agent inside the sandbox, so `..`, absolute paths and symlinks
+only ever reach the sandbox's own files. As envd does, file operations act with the sandbox root's
+permissions and give what they create to the acting user (`owner`): that is how the SDK's clients
+create a workspace such as `/workspace` that the sandbox user then owns.
 """
 
 from __future__ import annotations
