@@ -114,7 +114,11 @@ class Agent:
         # first: it would replace a killed spare handler with a new one we do not know of.
         self.proc.send_signal(signal.SIGSTOP)
         deadline = time.monotonic() + 5
-        while (proc_stat(self.proc.pid) or ("T", 0))[0] not in ("T", "t", "Z") and time.monotonic() < deadline:
+        while (proc_stat(self.proc.pid) or ("T", 0))[0] not in (
+            "T",
+            "t",
+            "Z",
+        ) and time.monotonic() < deadline:
             time.sleep(0.005)  # stopped for real: no fork can be under way any more
         for _ in range(50):  # until no descendant is left (a fork in flight shows up late)
             kids = [p for p in descendants_of(self.proc.pid) if (proc_stat(p) or ("Z", 0))[0] != "Z"]

@@ -126,7 +126,9 @@ def test_long_snapshot_chains_are_flattened() -> None:
             while api.get(f"/v1/snapshots/{snap['id']}").json()["layers"] != 1:
                 if time.monotonic() > deadline:
                     events = [ln for ln in srv.log.read_text().splitlines() if "cove.access" not in ln]
-                    raise AssertionError("the chain was not flattened; server log:\n" + "\n".join(events[-25:]))
+                    raise AssertionError(
+                        "the chain was not flattened; server log:\n" + "\n".join(events[-25:])
+                    )
                 time.sleep(0.2)
             flat = api.post("/v1/sandboxes", json={"snapshot": snap["id"]}).json()
             out = sh(api, flat["id"], "cat /home/user/one /home/user/three; ls /home/user/doomed; id -un")
