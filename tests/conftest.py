@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -50,3 +52,40 @@ def e2b_env(server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
     monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
     monkeypatch.setenv("E2B_API_KEY", server.api_key)
     return server
+
+
+@pytest.fixture
+def sandboxes(e2b_env: Server) -> Iterator[list[str]]:
+    """Ids of sandboxes to kill at the end of the test, whatever happened."""
+    ids: list[str] = []
+    yield ids
+    with e2b_env.client() as c:
+        for sid in ids:
+            c.delete(f"/v1/sandboxes/{sid}")
+
+
+@pytest.fixture
+def sbx(sandboxes: list[str]) -> Any:
+    """A sandbox made by the real e2b SDK (`e2b.Sandbox`), killed after the test."""
+    from e2b import Sandbox
+
+    sb = Sandbox.create(timeout=300)
+    sandboxes.append(sb.sandbox_id)
+    return sb
+
+
+@pytest.fixture(scope="session")
+def kernel_ready(server: Server) -> None:
+    """The server builds the kernel environment in the background on its first start (pip)."""
+    deadline = time.monotonic() + 240
+    with server.client() as api:
+        while time.monotonic() < deadline:
+            sb = api.post("/v1/sandboxes", json={}).json()
+            r = api.post(f"/v1/sandboxes/{sb['id']}/contexts", json={}, timeout=120)
+            api.delete(f"/v1/sandboxes/{sb['id']}")
+            if r.status_code == 201:
+                return
+            if "building" not in r.text:
+                pytest.skip(f"code contexts unavailable here: {r.text}")
+            time.sleep(2)
+    pytest.skip("the kernel environment was not built in time")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import httpx
 import pytest
@@ -25,24 +24,6 @@ def run(api: httpx.Client, sid: str, code: str, **kw: object) -> list[dict]:
 def value(events: list[dict]) -> str | None:
     results = [e["data"]["text/plain"] for e in events if e["type"] == "result" and "text/plain" in e["data"]]
     return results[-1] if results else None
-
-
-@pytest.fixture(scope="module")
-def kernel_ready(server: Server) -> None:
-    """The server builds the kernel environment in the background on its first start (pip)."""
-    sb = None
-    deadline = time.monotonic() + 240
-    with server.client() as api:
-        while time.monotonic() < deadline:
-            sb = api.post("/v1/sandboxes", json={}).json()
-            r = api.post(f"/v1/sandboxes/{sb['id']}/contexts", json={}, timeout=120)
-            api.delete(f"/v1/sandboxes/{sb['id']}")
-            if r.status_code == 201:
-                return
-            if "building" not in r.text:
-                pytest.skip(f"code contexts unavailable here: {r.text}")
-            time.sleep(2)
-    pytest.skip("the kernel environment was not built in time")
 
 
 def test_variables_persist_and_streams_and_rich_results(

@@ -51,23 +51,6 @@ def api(e2b_env: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture
-def sandboxes(e2b_env: Server) -> Iterator[list[str]]:
-    """Ids to kill at the end of the test, whatever happened."""
-    ids: list[str] = []
-    yield ids
-    with e2b_env.client() as c:
-        for sid in ids:
-            c.delete(f"/v1/sandboxes/{sid}")
-
-
-@pytest.fixture
-def sbx(sandboxes: list[str]) -> Sandbox:
-    sb = Sandbox.create(timeout=300)
-    sandboxes.append(sb.sandbox_id)
-    return sb
-
-
 def sh(api: httpx.Client, sid: str, cmd: str) -> dict:
     r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd, "timeout": 30})
     assert r.status_code == 200, r.text

@@ -35,23 +35,6 @@ from cove.compat.e2b.proto import filesystem_pb2, process_pb2
 from cove.controlplane.signing import Signer
 
 
-@pytest.fixture
-def sandboxes(e2b_env: Server) -> Iterator[list[str]]:
-    """Ids to kill at the end of the test, whatever happened."""
-    ids: list[str] = []
-    yield ids
-    with e2b_env.client() as c:
-        for sid in ids:
-            c.delete(f"/v1/sandboxes/{sid}")
-
-
-@pytest.fixture
-def sbx(sandboxes: list[str]) -> Sandbox:
-    sb = Sandbox.create(timeout=300)
-    sandboxes.append(sb.sandbox_id)
-    return sb
-
-
 def running_pids(sbx: Sandbox) -> set[int]:
     return {p.pid for p in sbx.commands.list()}
 

@@ -33,15 +33,6 @@ from cove.controlplane.signing import Signer
 
 
 @pytest.fixture
-def sbx(e2b_env: Server) -> Iterator[Sandbox]:
-    s = Sandbox.create(timeout=300)
-    try:
-        yield s
-    finally:
-        s.kill()
-
-
-@pytest.fixture
 def http(e2b_env: Server, sbx: Sandbox) -> Iterator[httpx.Client]:
     """Raw envd traffic for `sbx`, with its token."""
     headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": sbx._envd_access_token or ""}

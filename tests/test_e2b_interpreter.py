@@ -134,23 +134,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_
 """
 
 
-@pytest.fixture(scope="module")
-def kernel_ready(server: Server) -> None:
-    """The server builds the kernel environment in the background on its first start (pip)."""
-    deadline = time.monotonic() + 240
-    with server.client() as api:
-        while time.monotonic() < deadline:
-            sb = api.post("/v1/sandboxes", json={}).json()
-            r = api.post(f"/v1/sandboxes/{sb['id']}/contexts", json={}, timeout=120)
-            api.delete(f"/v1/sandboxes/{sb['id']}")
-            if r.status_code == 201:
-                return
-            if "building" not in r.text:
-                pytest.skip(f"code contexts unavailable here: {r.text}")
-            time.sleep(2)
-    pytest.skip("the kernel environment was not built in time")
-
-
 @pytest.fixture
 def api(e2b_env: Server) -> Iterator[httpx.Client]:
     with e2b_env.client() as c:
