@@ -15,7 +15,17 @@ from cove import __version__
 from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import auth, errors
-from cove.controlplane.api import commands, contexts, files, keys, processes, sandboxes, snapshots, system
+from cove.controlplane.api import (
+    commands,
+    contexts,
+    files,
+    keys,
+    ports,
+    processes,
+    sandboxes,
+    snapshots,
+    system,
+)
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.service import SandboxService
 from cove.controlplane.signing import Signer
@@ -131,8 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.cove = cove
     errors.install_handlers(app)
-    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys):
+    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys, ports):
         app.include_router(module.router)
+    app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
 
     e2b.install(app, cove)
     app.add_middleware(AccessLog)

@@ -306,6 +306,16 @@ def delete_snapshot(snapshot_id: str) -> Op[None]:
     yield Call("DELETE", f"/v1/snapshots/{_q(snapshot_id)}")
 
 
+def port_url(
+    sandbox_id: str, port: int, expires_in: int = 3600, path: str = "/", by: Literal["host", "path"] = "host"
+) -> Op[str]:
+    if by not in ("host", "path"):
+        raise InvalidArgument(f"by must be 'host' or 'path', not {by!r}")
+    body = {"port": port, "expires_in": expires_in, "path": path}
+    data = yield Call("POST", sandbox_path(sandbox_id, "/urls"), json=body)
+    return str(data["url"] if by == "host" else data["path_url"])
+
+
 def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:
     data = yield Call("POST", sandbox_path(sandbox_id, "/timeout"), json={"timeout": seconds})
     return SandboxInfo.from_dict(data)

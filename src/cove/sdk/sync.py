@@ -391,6 +391,15 @@ class Sandbox:
         config = self._http.config
         return [type(self)._adopt(info, _HTTP(config)) for info in infos]
 
+    def get_url(
+        self, port: int, *, expires_in: int = 3600, path: str = "/", by: Literal["host", "path"] = "host"
+    ) -> str:
+        """A URL that reaches a server listening on ``port`` inside the sandbox, with no API key,
+        until ``expires_in`` seconds from now (a browser keeps access through a cookie). ``by="host"``
+        gives ``http://{port}-{id}.{domain}/…`` (the server's ``COVE_DOMAIN``; ``*.localhost`` by
+        default), ``by="path"`` gives ``{server}/v1/sandboxes/{id}/ports/{port}/…``."""
+        return self._http.run(_core.port_url(self._id, port, expires_in, path, by))
+
     def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""
         self._info = self._http.run(_core.set_timeout(self._id, seconds))

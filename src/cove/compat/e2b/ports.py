@@ -1,8 +1,9 @@
 """Traffic to a server listening inside a sandbox (e2b's `get_host(port)`), relayed by cove's proxy.
 
-Like e2b's proxy, a sandbox's ports are public by default: whoever knows the host name reaches
-them. A sandbox created with public traffic off (`network.public_traffic` false) asks for its
-traffic token in `E2B-Traffic-Access-Token`. `network.mask_request_host` replaces the Host header the
+Host names `{port}-{id}.{domain}` are cove's too. Access is decided by controlplane/port_access.py
+(public ports, an API key, a signed URL or its cookie), plus e2b's traffic token in
+`E2B-Traffic-Access-Token`. Sandboxes created through e2b's API have public ports unless created
+with public traffic off, as on e2b; cove's own sandboxes do not. `network.mask_request_host` replaces the Host header the
 server sees (`${PORT}` in it becomes the port).
 """
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cove.controlplane import port_access
 from cove.controlplane.errors import ApiError
 from cove.network import proxy
 
@@ -32,8 +34,14 @@ def build(cove: Cove) -> ASGIApp:
         async def error(send: Send, status: int, message: str) -> None:
             await send_error(send, status, message, sandbox_id)
 
-        if tgt.sandbox.network.get("public_traffic") is False and not tgt.traffic_token:
-            message = f"sandbox {sandbox_id} does not allow public traffic: send its traffic access token"
+        grant = await port_access.authorize(cove, tgt.sandbox, tgt.port, scope)
+        if grant is None and tgt.traffic_token:
+            grant = port_access.Grant(scope)
+        if grant is None:
+            message = (
+                f"sandbox {sandbox_id} does not allow public traffic: send its traffic access token, "
+                "an API key of its tenant, or use a signed URL"
+            )
             await proxy.refuse(scope, send, error, 403, message)
             return
         try:
@@ -47,7 +55,14 @@ def build(cove: Cove) -> ASGIApp:
         mask = rec.network.get("mask_request_host")
         host = mask.replace("${PORT}", str(tgt.port)) if isinstance(mask, str) and mask else None
         await proxy.serve(
-            scope, receive, send, rec, tgt.port, host=host, drop_headers=DROP_HEADERS, error=error
+            grant.scope,
+            receive,
+            grant.wrap(send),
+            rec,
+            tgt.port,
+            host=host,
+            drop_headers=DROP_HEADERS,
+            error=error,
         )
 
     return app
