@@ -457,6 +457,7 @@ def test_async_connect_reports_closed_ports_and_gone_sandboxes(other_netns: subp
     handle = {"pid": other_netns.pid, "start_time": process_start_time(other_netns.pid)}
 
     async def main() -> None:
+        sandbox_socket.home_netns()  # opened once per process, on first use: not a leak
         fds = _fds()
         # Loopback is down in this bare namespace: no route (on the host it would be refused).
         with pytest.raises(OSError) as unreachable:
