@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import core
+import e2b_compat
 import interactive
 import stateful
 
@@ -99,7 +100,16 @@ def main() -> None:
     st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run()
     mem = stateful.run_memory(sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run_memory()
     inter = interactive.run(runs=10 if args.quick else 30)
-    extra = [*stateful.render(st), "", *stateful.render_memory(mem), "", *interactive.render(inter)]
+    compat = e2b_compat.run(runs=10 if args.quick else 30)
+    extra = [
+        *stateful.render(st),
+        "",
+        *stateful.render_memory(mem),
+        "",
+        *interactive.render(inter),
+        "",
+        *e2b_compat.render(compat),
+    ]
     text = render(result, args, extra)
     print(text)
     if not args.no_write:

@@ -10,13 +10,16 @@ pumping differs between the two front ends.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import ssl
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
+import certifi
 import httpx
 
 from cove.errors import (
@@ -85,7 +88,16 @@ class Config:
         }
         if self.transport is not None:
             kwargs["transport"] = self.transport
+        else:
+            kwargs["verify"] = _tls_context()
         return kwargs
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process: building one loads the CA bundle (~40 ms), which httpx would
+    otherwise do for every client, i.e. every ``Sandbox.create`` and ``connect``."""
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 # ----------------------------------------------------------------------------------------- calls

@@ -1,0 +1,81 @@
+"""The e2b SDK against cove, beside cove's own SDK on the same server: what the compatibility layer costs.
+
+Each operation runs interleaved through both clients (sync, one sandbox each), so load on the host
+affects both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from core import Row
+from cove import Sandbox as CoveSandbox
+from cove.devserver import Server
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def run(runs: int = 30) -> dict[str, tuple[Row, Row]]:
+    srv = Server("bench-e2b")
+    srv.start()
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
+    os.environ.pop("E2B_DEBUG", None)
+    from e2b import Sandbox as E2BSandbox  # reads the variables above
+
+    pairs: dict[str, tuple[Row, Row]] = {
+        key: (Row(f"{label} (e2b SDK)"), Row(f"{label} (cove SDK)"))
+        for key, label in [
+            ("create", "create → kill"),
+            ("run", "run `true`"),
+            ("write", "write 4 KiB file"),
+            ("read", "read 4 KiB file"),
+            ("list", "list a directory"),
+        ]
+    }
+    data = b"x" * 4096
+    try:
+        e2b = E2BSandbox.create(timeout=600)
+        cove = CoveSandbox.create(url=srv.url, api_key=srv.api_key, timeout=600)
+        for _ in range(runs):
+            pairs["create"][0].samples_ms.append(_ms(lambda: E2BSandbox.create(timeout=60).kill()))
+            pairs["create"][1].samples_ms.append(
+                _ms(lambda: CoveSandbox.create(url=srv.url, api_key=srv.api_key, timeout=60).kill())
+            )
+            pairs["run"][0].samples_ms.append(_ms(lambda: e2b.commands.run("true")))
+            pairs["run"][1].samples_ms.append(_ms(lambda: cove.exec("true")))
+            pairs["write"][0].samples_ms.append(_ms(lambda: e2b.files.write("/home/user/f", data)))
+            pairs["write"][1].samples_ms.append(_ms(lambda: cove.files.write("/home/user/f", data)))
+            pairs["read"][0].samples_ms.append(_ms(lambda: e2b.files.read("/home/user/f", format="bytes")))
+            pairs["read"][1].samples_ms.append(_ms(lambda: cove.files.read("/home/user/f", format="bytes")))
+            pairs["list"][0].samples_ms.append(_ms(lambda: e2b.files.list("/home/user")))
+            pairs["list"][1].samples_ms.append(_ms(lambda: cove.files.list("/home/user")))
+        e2b.kill()
+        cove.kill()
+    finally:
+        srv.close()
+    return pairs
+
+
+def render(pairs: dict[str, tuple[Row, Row]]) -> list[str]:
+    lines = [
+        "## The e2b SDK on cove",
+        "The unmodified `e2b` SDK (through `E2B_API_URL`/`E2B_SANDBOX_URL`) beside cove's own SDK, same",
+        "server, interleaved. `run true` is `commands.run` (Connect RPC stream) against `exec`.",
+        "",
+        "| operation | e2b SDK p50 ms | cove SDK p50 ms | e2b / cove |",
+        "|---|---|---|---|",
+    ]
+    for e2b, cove in pairs.values():
+        label = e2b.name.removesuffix(" (e2b SDK)")
+        lines.append(f"| {label} | {e2b.p50:.2f} | {cove.p50:.2f} | {e2b.p50 / cove.p50:.2f}× |")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(render(run())))
