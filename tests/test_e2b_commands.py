@@ -568,3 +568,18 @@ def _clear_json_names(messages: object) -> None:
         for f in m.field:
             f.ClearField("json_name")
         _clear_json_names(m.nested_type)
+
+
+@pytest.mark.parametrize("version", ["1.1", "2"])
+def test_both_http_version_settings(
+    e2b_env: Server, sandboxes: list[str], monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    # Over http:// the SDK speaks HTTP/1.1 whichever it is told; both settings must work end to end.
+    monkeypatch.setenv("E2B_HTTP_VERSION", version)
+    sb = Sandbox.create(timeout=120)
+    sandboxes.append(sb.sandbox_id)
+    assert sb.commands.run("echo $((6*7))").stdout == "42\n"
+    sb.files.write("v.txt", version)
+    assert sb.files.read("v.txt") == version
+    handle = sb.commands.run("sleep 0.2; echo done", background=True)
+    assert handle.wait().stdout == "done\n"
