@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
@@ -985,6 +986,122 @@ def doctor() -> None:
     out.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+class _SessionEnd(StrEnum):
+    hibernate = "hibernate"
+    kill = "kill"
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    environment_id: Annotated[
+        str | None,
+        typer.Option(
+            "--environment-id",
+            envvar="ANTHROPIC_ENVIRONMENT_ID",
+            help="The self-hosted environment (env_...).",
+        ),
+    ] = None,
+    environment_key: Annotated[
+        str | None,
+        typer.Option(
+            "--environment-key",
+            envvar="ANTHROPIC_ENVIRONMENT_KEY",
+            help="The environment's key (prefer the variable: options show in `ps`).",
+            show_default=False,
+        ),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="Template of each session's sandbox.")
+    ] = "base",
+    on_session_end: Annotated[
+        _SessionEnd,
+        typer.Option(
+            "--on-session-end",
+            help="hibernate: keep the session's files and processes on disk; its next work item wakes the "
+            "same sandbox. kill: discard it.",
+        ),
+    ] = _SessionEnd.hibernate,
+    workdir: Annotated[
+        str, typer.Option("--workdir", help="Working directory in the sandbox (relative tool paths).")
+    ] = "/workspace",
+    timeout: Annotated[
+        int,
+        typer.Option(
+            "--timeout", help="Seconds a sandbox outlives a worker that stopped serving it.", min=60
+        ),
+    ] = 3600,
+    keep_hibernated: Annotated[
+        int,
+        typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0),
+    ] = 7 * 86400,
+    single_item: Annotated[
+        bool,
+        typer.Option(
+            "--single-item",
+            help="Serve the one work item named by ANTHROPIC_WORK_ID, ANTHROPIC_SESSION_ID (and "
+            "ANTHROPIC_WORK_SECRET), as `ant ... worker poll --on-work` sets them, then exit.",
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
+) -> None:
+    """Run a Claude Managed Agents self-hosted environment: each session's tools run in its own sandbox.
+
+    Polls the environment's work queue (with anthropic's EnvironmentWorker) and serves each claimed
+    session: the agent's bash, read, write, edit, glob and grep calls run in a cove sandbox made on the
+    session's first tool call, with skills and memory stores copied into it. When the session ends,
+    memory changes are copied back (the worker uploads them) and the sandbox is hibernated or killed.
+    Needs `pip install 'cove\\[claude]'`.
+
+    [bold]Example:[/]  [cyan]ANTHROPIC_ENVIRONMENT_KEY=... cove worker --environment-id env_01... -t base[/]
+    """
+    import asyncio
+    import logging
+    import tempfile
+
+    try:
+        from cove.integrations.claude_managed import require_anthropic, run_worker
+
+        require_anthropic()
+    except ImportError as e:
+        _fail(str(e))
+    import anthropic
+
+    if not environment_id:
+        _fail("no environment: pass --environment-id or set ANTHROPIC_ENVIRONMENT_ID")
+    if not environment_key and not (single_item and os.environ.get("ANTHROPIC_WORK_SECRET")):
+        _fail("no environment key: set ANTHROPIC_ENVIRONMENT_KEY (or pass --environment-key)")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s")
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
+    conn = _conn(ctx)
+    err.print(f"[green]serving[/] {escape(environment_id)} with [bold]{escape(template)}[/] sandboxes")
+    try:
+        # Skills and memory stores are downloaded here first, then copied into each sandbox.
+        with tempfile.TemporaryDirectory(prefix="cove-worker-") as staging:
+            asyncio.run(
+                run_worker(
+                    environment_id=environment_id,
+                    environment_key=environment_key,
+                    single_item=single_item,
+                    host_workdir=staging,
+                    template=template,
+                    on_session_end=on_session_end.value,
+                    workdir=workdir,
+                    timeout=timeout,
+                    keep_hibernated=keep_hibernated,
+                    url=conn.url,
+                    api_key=conn.api_key,
+                )
+            )
+    except (anthropic.APIError, ValueError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
