@@ -36,7 +36,6 @@ import os
 import posixpath
 import shlex
 import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -307,22 +306,27 @@ def _tar_dir(path: Path) -> bytes:
 def _mirror_tar(data: bytes, dest: Path) -> None:
     """Make ``dest`` hold exactly the regular files of the tar, touching only files that differ
     (the worker's memory sync uploads what changed and deletes what is gone)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(tmp, filter="data")
-        new = {p.relative_to(tmp): p for p in Path(tmp).rglob("*") if p.is_file() and not p.is_symlink()}
-        for old in [p for p in dest.rglob("*") if p.is_file() or p.is_symlink()]:
-            if old.relative_to(dest) not in new:
-                old.unlink()
-        for rel, src in new.items():
-            target = dest / rel
-            body = src.read_bytes()
-            if target.is_file() and not target.is_symlink() and target.read_bytes() == body:
+    new: dict[Path, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            rel = Path(posixpath.normpath(member.name))
+            # Only regular files at paths inside dest: links and odd names from the sandbox are skipped.
+            if not member.isfile() or rel.is_absolute() or ".." in rel.parts:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink():
-                target.unlink()
-            target.write_bytes(body)
+            body = tar.extractfile(member)
+            if body is not None:
+                new[rel] = body.read()
+    for old in [p for p in dest.rglob("*") if p.is_file() or p.is_symlink()]:
+        if old.relative_to(dest) not in new:
+            old.unlink()
+    for rel, body in new.items():
+        target = dest / rel
+        if target.is_file() and not target.is_symlink() and target.read_bytes() == body:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink():
+            target.unlink()
+        target.write_bytes(body)
 
 
 # ---------------------------------------------------------------------------------------- tools
