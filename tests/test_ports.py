@@ -101,15 +101,17 @@ def test_signed_url_by_path_then_its_cookie(server: Server, app_sandbox: Sandbox
         assert "cove_port" not in _headers(r).get("cookie", "")
     # The signature is for this sandbox and port only, and cannot be altered.
     other_port = url.replace(f"/ports/{PORT}/", "/ports/8999/")
-    assert httpx.get(other_port).status_code == 401
+    assert httpx.get(other_port).status_code == 403
     tampered = url.replace("cove_expires=", "cove_expires=9")
-    assert httpx.get(tampered).status_code == 401
+    r = httpx.get(tampered)
+    assert r.status_code == 403 and "invalid or has expired" in r.json()["error"]["message"]
 
 
 def test_a_signed_url_expires(server: Server, app_sandbox: Sandbox) -> None:
     url = app_sandbox.get_url(PORT, path="/headers", by="path", expires_in=1)
+    assert httpx.get(url).status_code == 200
     time.sleep(2.1)
-    assert httpx.get(url).status_code == 401
+    assert httpx.get(url).status_code == 403
 
 
 def test_by_host_name(server: Server, app_sandbox: Sandbox) -> None:
@@ -149,3 +151,29 @@ def test_signed_url_bad_requests(server: Server, app_sandbox: Sandbox) -> None:
         assert api.post(path, json={"port": 80, "expires_in": 10**9}).status_code == 422
         assert api.post(path, json={"port": 80, "path": "no-slash"}).status_code == 422
         assert api.post("/v1/sandboxes/nosuch/urls", json={"port": 80}).status_code == 404
+        both = api.post(path, json={"port": 80, "file": "/etc/hostname"})
+        assert both.status_code == 422 and "exactly one" in both.text
+        assert api.post(path, json={}).status_code == 422
+
+
+def test_signed_file_urls(server: Server, app_sandbox: Sandbox) -> None:
+    app_sandbox.files.write("/home/user/report.txt", "quarterly numbers")
+    down = app_sandbox.files.download_url("/home/user/report.txt", expires_in=60)
+    r = httpx.get(down)  # no API key
+    assert r.status_code == 200 and r.text == "quarterly numbers"
+    up = app_sandbox.files.upload_url("/home/user/in/upload.bin", expires_in=60)
+    r = httpx.put(up, content=b"\x00\x01payload")
+    assert r.status_code == 200, r.text
+    assert app_sandbox.files.read("/home/user/in/upload.bin", format="bytes") == b"\x00\x01payload"
+    # A signature opens exactly its file and method.
+    assert httpx.put(down, content=b"x").status_code == 403  # a download URL cannot upload
+    assert httpx.get(up).status_code == 403  # nor the other way round
+    other = down.replace("report.txt", "other.txt")
+    assert httpx.get(other).status_code == 403
+    as_root = down + "&user=root"
+    assert httpx.get(as_root).status_code == 403
+    assert app_sandbox.files.read("/home/user/report.txt") == "quarterly numbers"
+    short = app_sandbox.files.download_url("/home/user/report.txt", expires_in=1)
+    time.sleep(2.1)
+    r = httpx.get(short)
+    assert r.status_code == 403 and "expired" in r.json()["error"]["message"]

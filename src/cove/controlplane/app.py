@@ -25,6 +25,7 @@ from cove.controlplane.api import (
     sandboxes,
     snapshots,
     system,
+    urls,
 )
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.service import SandboxService
@@ -141,7 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.cove = cove
     errors.install_handlers(app)
-    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys, ports):
+    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys, urls):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
 

@@ -68,7 +68,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _api_key(scope: Scope) -> str | None:
+def api_key(scope: Scope) -> str | None:
     auth = _header(scope, b"authorization")
     if auth and auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
@@ -119,7 +119,7 @@ async def authorize(
         token, _, expires = jar[COOKIE].value.rpartition(".")
         if _valid(cove, rec, port, token, expires) is not None:
             return Grant({**scope, "headers": headers})
-    key = _api_key(scope)
+    key = api_key(scope)
     if key:
         found = await cove.keys.lookup(hash_key(key))
         if found is not None and found.tenant == rec.tenant:

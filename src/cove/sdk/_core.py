@@ -328,6 +328,16 @@ def port_url(
     return str(data["url"] if by == "host" else data["path_url"])
 
 
+def file_url(
+    sandbox_id: str, path: str, method: Literal["GET", "PUT"], expires_in: int = 3600, user: str | None = None
+) -> Op[str]:
+    body: dict[str, Any] = {"file": path, "method": method, "expires_in": expires_in}
+    if user is not None:
+        body["user"] = user
+    data = yield Call("POST", sandbox_path(sandbox_id, "/urls"), json=body)
+    return str(data["url"])
+
+
 def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:
     data = yield Call("POST", sandbox_path(sandbox_id, "/timeout"), json={"timeout": seconds})
     return SandboxInfo.from_dict(data)

@@ -213,6 +213,14 @@ class AsyncFiles:
         content = b"".join([chunk async for chunk in chunks])
         return content if fmt == "bytes" else _core.decode_text(content, path)
 
+    async def download_url(self, path: str, *, expires_in: int = 3600, user: str | None = None) -> str:
+        """A URL that downloads ``path`` with a plain GET and no API key, until it expires."""
+        return await self._http.run(_core.file_url(self._id, path, "GET", expires_in, user))
+
+    async def upload_url(self, path: str, *, expires_in: int = 3600, user: str | None = None) -> str:
+        """A URL that writes ``path`` from the body of a plain PUT, no API key, until it expires."""
+        return await self._http.run(_core.file_url(self._id, path, "PUT", expires_in, user))
+
     async def list(
         self, path: str = ".", *, depth: int = 1, user: str | None = None
     ) -> builtins.list[EntryInfo]:

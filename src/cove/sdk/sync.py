@@ -169,6 +169,14 @@ class Files:
         content = b"".join(chunks)
         return content if fmt == "bytes" else _core.decode_text(content, path)
 
+    def download_url(self, path: str, *, expires_in: int = 3600, user: str | None = None) -> str:
+        """A URL that downloads ``path`` with a plain GET and no API key, until it expires."""
+        return self._http.run(_core.file_url(self._id, path, "GET", expires_in, user))
+
+    def upload_url(self, path: str, *, expires_in: int = 3600, user: str | None = None) -> str:
+        """A URL that writes ``path`` from the body of a plain PUT, no API key, until it expires."""
+        return self._http.run(_core.file_url(self._id, path, "PUT", expires_in, user))
+
     def list(self, path: str = ".", *, depth: int = 1, user: str | None = None) -> builtins.list[EntryInfo]:
         """The entries of a directory (``depth`` > 1 descends into subdirectories)."""
         return self._http.run(_core.list_files(self._id, path, depth, user))

@@ -19,10 +19,13 @@ from cove.controlplane.schemas import Entry, EntryList, MkdirRequest, RenameRequ
 from cove.controlplane.service import SandboxService
 
 from .deps import guest_errors, service
+from .urls import file_caller
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/files", tags=["files"])
 Svc = Annotated[SandboxService, Depends(service)]
 Who = Annotated[Caller, Depends(caller)]
+# Downloads and uploads also take a signed URL (POST /v1/sandboxes/{id}/urls) instead of an API key.
+FileWho = Annotated[Caller, Depends(file_caller)]
 PathQ = Annotated[
     SandboxPath, Query(description="path inside the sandbox; relative paths start at the user's home")
 ]
@@ -33,7 +36,7 @@ UserQ = Annotated[UserName | None, Query(description="user to act as (default: t
     "", response_class=StreamingResponse, responses={200: {"content": {"application/octet-stream": {}}}}
 )
 async def read_file(
-    sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = None
+    sandbox_id: str, path: PathQ, who: FileWho, svc: Svc, user: UserQ = None
 ) -> StreamingResponse:
     """Download a file, streamed."""
     rec = await svc.running(who, sandbox_id)
@@ -86,7 +89,7 @@ async def write_file(
     sandbox_id: str,
     path: PathQ,
     request: Request,
-    who: Who,
+    who: FileWho,
     svc: Svc,
     user: UserQ = None,
     mode: Annotated[

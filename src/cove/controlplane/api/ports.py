@@ -1,5 +1,5 @@
 """Servers inside a sandbox, reached through cove: `/v1/sandboxes/{id}/ports/{port}/…` (HTTP and
-WebSocket), and signed URLs for them (`POST /v1/sandboxes/{id}/urls`).
+WebSocket). Signed URLs for them come from `POST /v1/sandboxes/{id}/urls` (api/urls.py).
 
 The same ports are reachable by host name, `{port}-{id}.{domain}` (see compat/e2b/routing.py, which
 routes host names for cove and e2b alike). Who may pass is decided in controlplane/port_access.py.
@@ -7,58 +7,15 @@ routes host names for cove and e2b alike). Who may pass is decided in controlpla
 
 from __future__ import annotations
 
-import time
-from typing import Annotated
-from urllib.parse import quote, urlencode
-
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from cove.controlplane import port_access
-from cove.controlplane.auth import Caller, caller, hash_key
+from cove.controlplane.auth import Caller, hash_key
 from cove.controlplane.errors import ApiError
-from cove.controlplane.schemas import Strict
-from cove.controlplane.service import SandboxService
 from cove.network import proxy
 
-from .deps import service
-
-router = APIRouter(tags=["ports"])
-Svc = Annotated[SandboxService, Depends(service)]
-Who = Annotated[Caller, Depends(caller)]
-
 PREFIX = "/v1/sandboxes/{sandbox_id}/ports/{port:int}"
-MAX_EXPIRY = 30 * 86400
-
-
-class UrlRequest(Strict):
-    port: int = Field(ge=1, le=65535)
-    expires_in: int = Field(default=3600, ge=1, le=MAX_EXPIRY, description="seconds the URL stays valid")
-    path: str = Field(default="/", pattern=r"^/", max_length=2048)
-
-
-class SignedUrl(BaseModel):
-    url: str = Field(description="by host name: {port}-{id}.{domain}; opens in a browser")
-    path_url: str = Field(description="by path on the cove server")
-    expires_at: int = Field(description="unix time")
-
-
-@router.post("/v1/sandboxes/{sandbox_id}/urls", response_model=SignedUrl)
-async def signed_url(sandbox_id: str, body: UrlRequest, who: Who, svc: Svc, request: Request) -> SignedUrl:
-    """A URL that reaches `port` in the sandbox without an API key, until it expires."""
-    rec = await svc.get(who, sandbox_id)
-    cove = request.app.state.cove
-    expires = int(time.time()) + body.expires_in
-    query = urlencode(port_access.sign(cove, rec.id, body.port, expires))
-    scheme = request.url.scheme
-    path = quote(body.path, safe="/%:@!$&'()*+,;=~-._")
-    return SignedUrl(
-        url=f"{scheme}://{body.port}-{rec.id}.{cove.settings.public_domain}{path}?{query}",
-        path_url=f"{str(request.base_url).rstrip('/')}/v1/sandboxes/{rec.id}/ports/{body.port}{path}?{query}",
-        expires_at=expires,
-    )
 
 
 class _PortProxy:
@@ -79,8 +36,11 @@ class _PortProxy:
         live = rec is not None and rec.state in ("running", "paused", "hibernated")
         grant = await port_access.authorize(cove, rec, port, scope, prefix + "/") if live else None
         if grant is None:
-            key = port_access._api_key(scope)
-            if key and await cove.keys.lookup(hash_key(key)) is not None:
+            key = port_access.api_key(scope)
+            if port_access.TOKEN_PARAM in scope.get("query_string", b"").decode("latin-1"):
+                message = "the signed URL is invalid or has expired"
+                await proxy.refuse(scope, send, _error, 403, message)
+            elif key and await cove.keys.lookup(hash_key(key)) is not None:
                 await proxy.refuse(scope, send, _error, 404, f"sandbox {sandbox_id!r} not found")
             else:
                 message = (
