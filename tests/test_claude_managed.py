@@ -70,6 +70,11 @@ def shared(server: Server, loop: asyncio.AbstractEventLoop) -> Iterator[dict[str
     tools = cove_toolset(_ctx(session_id), on_session_end="kill", url=server.url, api_key=server.api_key)
     yield {t.name: t for t in tools}
     loop.run_until_complete(tools[0].close())  # type: ignore[misc]
+    # Every session sandbox these tests made has been killed by now (the last test to finish is this one's).
+    left = loop.run_until_complete(
+        AsyncSandbox.list(state=["running", "paused", "hibernated"], url=server.url, api_key=server.api_key)
+    )
+    assert [i.id for i in left if SESSION_METADATA_KEY in i.metadata] == []
 
 
 # ---------------------------------------------------------------------------------- schemas
@@ -198,6 +203,23 @@ def test_kill_at_session_end(server: Server, run: Any) -> None:
     assert states in ([], ["killed"])
 
 
+def test_a_reaped_sandbox_is_replaced(server: Server, run: Any) -> None:
+    """A session quiet for longer than the timeout loses its sandbox to cove's reaper; the next
+    tool call gets a new one instead of failing for the rest of the session."""
+    tools = cove_toolset(
+        _ctx(f"sesn_{uuid.uuid4().hex[:12]}"), on_session_end="kill", url=server.url, api_key=server.api_key
+    )
+    bash = tools[0]
+    session = bash.cove_session
+    run(bash.call({"command": "true"}))
+    first = session.sandbox.id
+    run(AsyncSandbox.kill_by_id(first, url=server.url, api_key=server.api_key))
+    session._extended_at = float("-inf")  # as if the timeout had passed
+    assert run(bash.call({"command": "echo again"})) == "again"
+    assert session.sandbox.id != first
+    run(bash.close())
+
+
 # ---------------------------------------------------------------------------------- the worker loop
 
 
@@ -216,6 +238,7 @@ class FakeManagedAgents:
         self.polls = 0
         self.stops: list[dict[str, Any]] = []
         self.auth: set[str] = set()
+        self.downloads: list[str] = []
         self.answered = anyio.Event()
         self.stopped = anyio.Event()
 
@@ -239,6 +262,9 @@ class FakeManagedAgents:
             self.stops.append(json.loads(request.content or b"{}"))
             self.stopped.set()
             return httpx2.Response(200, json=self._work("stopped"))
+        if (method, path) == ("GET", "/v1/files/file_1/content"):
+            self.downloads.append(request.headers.get("anthropic-beta", ""))
+            return httpx2.Response(200, content=b"a,b\n1,2\n")
         if (method, path) == ("GET", session):
             return httpx2.Response(200, json=self._session())
         if (method, path) == ("GET", f"{session}/events"):
@@ -294,7 +320,16 @@ class FakeManagedAgents:
             "created_at": _now(),
             "updated_at": _now(),
             "metadata": {},
-            "resources": [],
+            "resources": [
+                {
+                    "type": "file",
+                    "id": "sesrsc_1",
+                    "file_id": "file_1",
+                    "mount_path": "/mnt/session/uploads/data.csv",
+                    "created_at": _now(),
+                    "updated_at": _now(),
+                }
+            ],
             "vault_ids": [],
             "agent": {**agent, "mcp_servers": [], "model": {"id": "claude"}},
         }
@@ -307,7 +342,10 @@ def test_environment_worker_runs_a_session_in_a_sandbox(server: Server, run: Any
         "env_test",
         session_id,
         [
-            ("bash", {"command": f"echo {token} | tee marker.txt; uname -n"}),
+            (
+                "bash",
+                {"command": f"echo {token} | tee marker.txt; uname -n; cat /mnt/session/uploads/data.csv"},
+            ),
             ("write", {"file_path": "out/hello.txt", "content": "from the agent"}),
         ],
     )
@@ -335,9 +373,10 @@ def test_environment_worker_runs_a_session_in_a_sandbox(server: Server, run: Any
         run(serve_one(), timeout=60)
         bash, write = (fake.results[f"sevt_{i}"] for i in range(2))
         assert bash["type"] == "user.tool_result" and not bash["is_error"]
-        assert bash["content"] == [{"type": "text", "text": f"{token}\nsandbox"}]
+        assert bash["content"] == [{"type": "text", "text": f"{token}\nsandbox\na,b\n1,2"}]
         assert write["content"] == [{"type": "text", "text": "wrote 14 bytes to out/hello.txt"}]
         assert fake.stops == [{"force": True}] and fake.heartbeats >= 1 and fake.auth == {"Bearer envkey"}
+        assert fake.downloads == ["files-api-2025-04-14"]  # the session's file resource, fetched once
 
         (info,) = run(_session_sandboxes(server, session_id))
         assert info.state == "hibernated"

@@ -74,6 +74,7 @@ DEFAULT_WORKDIR = "/workspace"
 DEFAULT_TIMEOUT = 3600
 DEFAULT_KEEP_HIBERNATED = 7 * 86400
 _LIVE = ("running", "paused", "hibernated")
+FILES_BETA = "files-api-2025-04-14"
 
 
 def require_anthropic() -> None:
@@ -165,14 +166,28 @@ class SessionSandbox:
                 self._extended_at = time.monotonic()
             elif time.monotonic() - self._extended_at > self.timeout / 2:
                 # The timeout only reaps sandboxes whose worker vanished: keep a busy one alive.
-                await self._sandbox.set_timeout(self.timeout)
+                try:
+                    await self._sandbox.set_timeout(self.timeout)
+                except CoveError as e:
+                    if e.status not in (404, 409):
+                        raise
+                    # No tool ran for longer than the timeout and cove reaped it: start afresh.
+                    log.warning(
+                        "session %s: sandbox %s is gone (%s); making a new one",
+                        self.session_id,
+                        self._sandbox.id,
+                        e,
+                    )
+                    await self._sandbox.close()
+                    self._sandbox = self._toolset = None
+                    self._sandbox = await self._open()
                 self._extended_at = time.monotonic()
             return self._sandbox
 
     async def toolset(self) -> Toolset:
         """The six tools over the session's sandbox, with its one persistent bash shell."""
         sb = await self.get()
-        if self._toolset is None:
+        if self._toolset is None or self._toolset.sandbox is not sb:
             self._toolset = Toolset(sb, workdir=self.workdir, max_file_bytes=_max_file_bytes(self.ctx))
         return self._toolset
 
@@ -206,6 +221,7 @@ class SessionSandbox:
     async def _open(self) -> AsyncSandbox:
         conn = {"url": self.url, "api_key": self.api_key}
         sb = None
+        fresh = False
         if self.session_id:
             found = await AsyncSandbox.list(
                 state=list(_LIVE), metadata={SESSION_METADATA_KEY: self.session_id}, **conn
@@ -225,10 +241,13 @@ class SessionSandbox:
             sb = await AsyncSandbox.create(
                 self.template, env=self.env, timeout=self.timeout, metadata=metadata, **conn
             )
+            fresh = True
             log.info("session %s: created sandbox %s", self.session_id, sb.id)
         try:
             await self._root(sb, f"mkdir -p {shlex.quote(self.workdir)}", self.workdir, writable=True)
             await self._push_inputs(sb)
+            if fresh:
+                await self._push_file_resources(sb)  # a woken sandbox has them, maybe edited
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await sb.kill()
@@ -278,6 +297,26 @@ class SessionSandbox:
                 dest,
                 writable=writable,
             )
+
+    async def _push_file_resources(self, sb: AsyncSandbox) -> None:
+        """The session's ``file`` resources, downloaded through the worker's client to their mount paths."""
+        session = getattr(self.ctx, "session", None)
+        client = getattr(self.ctx, "client", None)
+        for resource in getattr(session, "resources", None) or []:
+            kind = getattr(resource, "type", None)
+            if kind == "github_repository":
+                log.warning("session %s: github_repository resources are not mounted", self.session_id)
+            if kind != "file" or client is None:
+                continue
+            dest = posixpath.normpath(posixpath.join(self.workdir, resource.mount_path))
+            try:
+                response = await client.beta.files.download(resource.file_id, betas=[FILES_BETA])
+                data = await response.read()
+            except Exception as e:  # the agent sees the file missing; the worker's log says why
+                log.warning("session %s: could not download %s: %s", self.session_id, resource.file_id, e)
+                continue
+            await sb.files.write(dest, data, user="root")
+            await self._root(sb, "true", dest, writable=True)
 
     async def _pull_memory(self, sb: AsyncSandbox) -> None:
         """Mirror the writable memory stores from the sandbox back to the host."""
@@ -385,6 +424,7 @@ def _build_tools(session: SessionSandbox) -> list[BetaAsyncFunctionTool[Any]]:
             input_schema=definition["input_schema"],
         )(_tool_function(session, definition["name"]))
         tool.close = session.end  # the session tool runner calls every tool's close when the session ends
+        tool.cove_session = session  # type: ignore[attr-defined]  # e.g. tool.cove_session.sandbox.id
         tools.append(tool)
     return tools
 
