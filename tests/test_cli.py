@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -266,3 +267,23 @@ def test_snapshot_fork_hibernate_commands(
     assert _run(runner, cli_env, "snapshots", "rm", snap_id).exit_code == 0
     missing = _run(runner, cli_env, "snapshots", "rm", snap_id)
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_port_and_file_urls(runner: CliRunner, cli_env: dict[str, str], sandbox_id: str, server: Any) -> None:
+    result = _run(runner, cli_env, "port", sandbox_id, "8000", "--by", "path", "--path", "/x")
+    assert result.exit_code == 0, result.output
+    url = result.output.strip()
+    assert url.startswith(f"{server.url}/v1/sandboxes/{sandbox_id}/ports/8000/x?cove_token=")
+    # Nothing listens on 8000: the signed URL gets through to the sandbox, which has nothing there.
+    r = httpx.get(url)
+    assert r.status_code == 502 and "port is not open" in r.text
+    bad = _run(runner, cli_env, "port", sandbox_id, "8000", "--by", "nowhere")
+    assert bad.exit_code != 0 and "--by" in bad.output
+
+    _run(runner, cli_env, "exec", sandbox_id, "--", "sh", "-c", "echo shared > /home/user/s.txt")
+    down = _run(runner, cli_env, "file-url", sandbox_id, "/home/user/s.txt")
+    assert down.exit_code == 0, down.output
+    assert httpx.get(down.output.strip()).text == "shared\n"
+    up = _run(runner, cli_env, "file-url", sandbox_id, "/home/user/t.txt", "--upload", "--expires", "60")
+    assert httpx.put(up.output.strip(), content=b"sent").status_code == 200
+    assert _run(runner, cli_env, "exec", sandbox_id, "--", "cat", "/home/user/t.txt").output == "sent"

@@ -779,6 +779,55 @@ def resume(
     out.print(f"{escape(info.id)} {_state(info.state)}")
 
 
+@app.command()
+@_friendly
+def port(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    port_number: Annotated[int, typer.Argument(metavar="PORT", help="Port a server listens on inside.")],
+    path: Annotated[str, typer.Option(help="Path to open.")] = "/",
+    expires: Annotated[int, typer.Option(help="Seconds the URL stays valid (at most 30 days).")] = 3600,
+    by: Annotated[
+        str, typer.Option(help="host: {port}-{id}.{domain} (COVE_DOMAIN); path: under /v1.")
+    ] = "host",
+) -> None:
+    """Print a URL that opens a server running in a sandbox, without an API key, until it expires.
+
+    A browser keeps access through a cookie, so the page's own links work. With an API key instead,
+    the same server answers at [cyan]/v1/sandboxes/ID/ports/PORT/[/].
+
+    [bold]Example:[/]  [cyan]cove exec sb-1234 -- sh -c 'python3 -m http.server 8000 &'[/]
+              [cyan]cove port sb-1234 8000[/]
+    """
+    if by not in ("host", "path"):
+        _fail("--by must be 'host' or 'path'")
+    conn = _conn(ctx)
+    out.print(conn.sandbox(sandbox_id).get_url(port_number, expires_in=expires, path=path, by=by))  # type: ignore[arg-type]
+
+
+@app.command("file-url")
+@_friendly
+def file_url(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="File inside the sandbox.")],
+    upload: Annotated[
+        bool, typer.Option("--upload", help="A URL to PUT the file to (default: GET it).")
+    ] = False,
+    expires: Annotated[int, typer.Option(help="Seconds the URL stays valid (at most 30 days).")] = 3600,
+) -> None:
+    """Print a URL that downloads (or, with --upload, writes) one file, without an API key.
+
+    [bold]Example:[/]  [cyan]curl -o report.csv "$(cove file-url sb-1234 /home/user/report.csv)"[/]
+              [cyan]curl -T data.bin "$(cove file-url sb-1234 /home/user/data.bin --upload)"[/]
+    """
+    files = _conn(ctx).sandbox(sandbox_id).files
+    url = (
+        files.upload_url(path, expires_in=expires) if upload else files.download_url(path, expires_in=expires)
+    )
+    out.print(url)
+
+
 def _spinner(description: str) -> Any:
     return err.status(description) if err.is_terminal else contextlib.nullcontext()
 
@@ -1102,6 +1151,100 @@ def worker(
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+class _McpTransport(StrEnum):
+    stdio = "stdio"
+    http = "http"
+
+
+class _McpEnd(StrEnum):
+    hibernate = "hibernate"
+    keep = "keep"
+    kill = "kill"
+
+
+@app.command()
+def mcp(
+    ctx: typer.Context,
+    transport: Annotated[
+        _McpTransport,
+        typer.Option(
+            "--transport", help="stdio: for a client that starts this command. http: streamable HTTP at /mcp."
+        ),
+    ] = _McpTransport.stdio,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (http).")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="Port to listen on (http).", min=1, max=65535)
+    ] = 8000,
+    sandbox: Annotated[
+        str | None,
+        typer.Option(
+            "--sandbox",
+            "-s",
+            help="Bind sessions to this existing sandbox (e.g. one an earlier session left).",
+        ),
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="Template of the sandbox a session creates.")
+    ] = "base",
+    on_end: Annotated[
+        _McpEnd,
+        typer.Option(
+            "--on-end",
+            help="What a session's sandboxes become when it ends. hibernate: files and processes kept on "
+            "disk, the next session continues (sandbox_use or --sandbox). keep: left running. kill: deleted.",
+        ),
+    ] = _McpEnd.hibernate,
+    timeout: Annotated[
+        int,
+        typer.Option(
+            "--timeout", help="Seconds a sandbox it made outlives a client that stopped using it.", min=60
+        ),
+    ] = 3600,
+    keep_hibernated: Annotated[
+        int,
+        typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0),
+    ] = 7 * 86400,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request (to stderr).")] = False,
+) -> None:
+    """Serve an MCP server whose tools run in a cove sandbox.
+
+    Tools: [bold]bash read write edit glob grep[/] (Claude Managed Agents' agent_toolset_20260401: the same names and input schemas; bash is one persistent shell) and [bold]sandbox_create sandbox_use sandbox_list sandbox_kill sandbox_snapshot sandbox_fork expose_port[/].
+
+    A session works in one current sandbox, made at its first tool call (or given by --sandbox / sandbox_use) and hibernated when the session ends, so a later session continues with its files. Needs `pip install 'cove\\[mcp]'`; reads COVE_URL and COVE_API_KEY.
+
+    [bold]Claude Code:[/]  [cyan]claude mcp add cove -e COVE_URL=$COVE_URL -e COVE_API_KEY=$COVE_API_KEY -- cove mcp[/]
+
+    [bold]Over HTTP:[/]  [cyan]cove mcp --transport http --port 8000[/]  (clients connect to http://127.0.0.1:8000/mcp; one sandbox per MCP session)
+    """
+    import asyncio
+    import logging
+
+    try:
+        from cove.integrations.mcp_server import create_server, serve
+    except ImportError as e:
+        _fail(str(e))
+    # stdout is the protocol channel on stdio: logs go to stderr only.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        stream=sys.stderr,
+    )
+    conn = _conn(ctx)
+    server = create_server(
+        url=conn.url,
+        api_key=conn.api_key,
+        template=template,
+        sandbox_id=sandbox,
+        on_end=on_end.value,  # type: ignore[arg-type]
+        timeout=timeout,
+        keep_hibernated=keep_hibernated,
+    )
+    if transport is _McpTransport.http:
+        err.print(f"[green]MCP over streamable HTTP[/] at http://{host}:{port}/mcp")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(server, transport.value, host, port))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":  # pragma: no cover
