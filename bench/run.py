@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core
 import e2b_compat
 import interactive
+import ports
 import stateful
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,7 @@ def main() -> None:
     mem = stateful.run_memory(sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run_memory()
     inter = interactive.run(runs=10 if args.quick else 30)
     compat = e2b_compat.run(runs=10 if args.quick else 30)
+    exposed = ports.run(runs=50 if args.quick else 200)
     extra = [
         *stateful.render(st),
         "",
@@ -109,6 +111,8 @@ def main() -> None:
         *interactive.render(inter),
         "",
         *e2b_compat.render(compat),
+        "",
+        *ports.render(exposed),
     ]
     text = render(result, args, extra)
     print(text)
