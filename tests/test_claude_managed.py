@@ -21,14 +21,13 @@ pytest.importorskip("anthropic")
 import anyio
 import httpx2
 from anthropic import AsyncAnthropic
-from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools import ToolError
 from anthropic.lib.tools.agent_toolset import AgentToolContext, beta_agent_toolset_20260401
 from typer.testing import CliRunner
 
 from cove.cli.main import app
 from cove.devserver import Server
-from cove.integrations.claude_managed import SESSION_METADATA_KEY, cove_tool_factory, cove_toolset
+from cove.integrations.claude_managed import SESSION_METADATA_KEY, cove_tool_factory, cove_toolset, run_worker
 from cove.sdk import AsyncSandbox
 
 T = TypeVar("T")
@@ -251,7 +250,7 @@ class FakeManagedAgents:
             if self.polls == 1:
                 return httpx2.Response(200, json=self._work("starting"))
             await anyio.sleep(0.2)  # an empty long poll
-            return httpx2.Response(200, json=None)
+            return httpx2.Response(200, content=b"null", headers={"content-type": "application/json"})
         if (method, path) == ("POST", f"{work}/{self.work_id}/ack"):
             return httpx2.Response(200, json=self._work("active"))
         if (method, path) == ("POST", f"{work}/{self.work_id}/heartbeat"):
@@ -335,7 +334,7 @@ class FakeManagedAgents:
         }
 
 
-def test_environment_worker_runs_a_session_in_a_sandbox(server: Server, run: Any, tmp_path: Path) -> None:
+def test_worker_runs_a_session_in_a_sandbox(server: Server, run: Any, tmp_path: Path) -> None:
     session_id = f"sesn_{uuid.uuid4().hex[:12]}"
     token = uuid.uuid4().hex
     fake = FakeManagedAgents(
@@ -354,18 +353,20 @@ def test_environment_worker_runs_a_session_in_a_sandbox(server: Server, run: Any
         base_url="http://anthropic.test",
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle)),
     )
-    worker = EnvironmentWorker(
-        client,
+    # What `cove worker -n 2` runs: two EnvironmentWorker.run() loops with cove_tool_factory tools.
+    serving = run_worker(
         environment_id="env_test",
         environment_key="envkey",
-        tools=cove_tool_factory(url=server.url, api_key=server.api_key),
-        workdir=tmp_path,
-        memory_sync_interval=None,
+        concurrency=2,
+        host_workdir=tmp_path,
+        client=client,
+        url=server.url,
+        api_key=server.api_key,
     )
 
     async def serve_one() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
+            tg.start_soon(lambda: serving)
             await fake.stopped.wait()
             tg.cancel_scope.cancel()
 
@@ -377,6 +378,7 @@ def test_environment_worker_runs_a_session_in_a_sandbox(server: Server, run: Any
         assert write["content"] == [{"type": "text", "text": "wrote 14 bytes to out/hello.txt"}]
         assert fake.stops == [{"force": True}] and fake.heartbeats >= 1 and fake.auth == {"Bearer envkey"}
         assert fake.downloads == ["files-api-2025-04-14"]  # the session's file resource, fetched once
+        assert fake.polls >= 2  # both loops polled; one got the item
 
         (info,) = run(_session_sandboxes(server, session_id))
         assert info.state == "hibernated"

@@ -1086,6 +1086,9 @@ def worker(
         int,
         typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0),
     ] = 7 * 86400,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-n", help="Sessions served at once (one sandbox each).", min=1)
+    ] = 1,
     single_item: Annotated[
         bool,
         typer.Option(
@@ -1136,6 +1139,7 @@ def worker(
                     environment_id=environment_id,
                     environment_key=environment_key,
                     single_item=single_item,
+                    concurrency=concurrency,
                     host_workdir=staging,
                     template=template,
                     on_session_end=on_session_end.value,

@@ -454,6 +454,7 @@ async def run_worker(
     environment_id: str | None,
     environment_key: str | None,
     single_item: bool = False,
+    concurrency: int = 1,
     host_workdir: str | os.PathLike[str] | None = None,
     client: Any = None,
     max_idle: float | None = None,
@@ -461,26 +462,37 @@ async def run_worker(
 ) -> None:
     """Serve a self-hosted environment's sessions with tools in cove sandboxes.
 
-    Polls forever (``single_item=False``) or serves the one work item named by the ``ANTHROPIC_*``
-    variables that ``ant ... worker poll --on-work`` sets. ``host_workdir`` is where the worker
-    downloads skills and memory stores before they are copied into the sandbox.
+    Polls forever with ``concurrency`` workers (each serves one session at a time), or serves the one
+    work item named by the ``ANTHROPIC_*`` variables that ``ant ... worker poll --on-work`` sets
+    (``single_item``). ``host_workdir`` is where skills and memory stores are downloaded before they
+    are copied into the sandbox (default: the current directory, as the stock worker does).
     """
     require_anthropic()
     from anthropic import AsyncAnthropic
     from anthropic.lib.environments import DEFAULT_MAX_IDLE, EnvironmentWorker
 
-    options: dict[str, Any] = {}
-    if host_workdir is not None:
-        options["workdir"] = host_workdir
-    worker = EnvironmentWorker(
-        client or AsyncAnthropic(),
-        environment_id=environment_id,
-        environment_key=environment_key,
-        tools=cove_tool_factory(**toolset_options),
-        max_idle=DEFAULT_MAX_IDLE if max_idle is None else max_idle,
-        **options,
-    )
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    client = client or AsyncAnthropic()
+    tools = cove_tool_factory(**toolset_options)
+    base = Path(host_workdir) if host_workdir is not None else Path.cwd()
+
+    def make(index: int) -> EnvironmentWorker:
+        # Each worker downloads skills into its own directory: two sessions may use same-named skills.
+        workdir = base / f"worker-{index}" if concurrency > 1 else base
+        workdir.mkdir(parents=True, exist_ok=True)
+        return EnvironmentWorker(
+            client,
+            environment_id=environment_id,
+            environment_key=environment_key,
+            tools=tools,
+            workdir=workdir,
+            max_idle=DEFAULT_MAX_IDLE if max_idle is None else max_idle,
+        )
+
     if single_item:
-        await worker.handle_item(environment_id=environment_id, environment_key=environment_key)
-    else:
-        await worker.run()
+        await make(0).handle_item(environment_id=environment_id, environment_key=environment_key)
+        return
+    async with anyio.create_task_group() as tg:
+        for index in range(concurrency):
+            tg.start_soon(make(index).run)
