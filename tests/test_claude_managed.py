@@ -91,6 +91,10 @@ def test_bad_options_are_refused(server: Server) -> None:
         cove_toolset(_ctx(), on_session_end="pause")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="absolute"):
         cove_tool_factory(workdir="work")(_ctx())
+    with pytest.raises(ValueError, match="timeout must be 60"):
+        cove_toolset(_ctx(), timeout=5)
+    with pytest.raises(ValueError, match="keep_hibernated"):
+        cove_toolset(_ctx(), keep_hibernated=-1)
 
 
 # ---------------------------------------------------------------------------------- tools

@@ -73,6 +73,7 @@ ENVIRONMENT_METADATA_KEY = "anthropic.environment"
 DEFAULT_WORKDIR = "/workspace"
 DEFAULT_TIMEOUT = 3600
 DEFAULT_KEEP_HIBERNATED = 7 * 86400
+_MAX_TIMEOUT = 30 * 86400  # the server's limit
 _LIVE = ("running", "paused", "hibernated")
 FILES_BETA = "files-api-2025-04-14"
 
@@ -127,8 +128,12 @@ class SessionSandbox:
             raise ValueError(f"on_session_end must be 'hibernate' or 'kill', not {on_session_end!r}")
         if not posixpath.isabs(workdir):
             raise ValueError(f"workdir must be an absolute path in the sandbox, not {workdir!r}")
-        if timeout < 60:
-            raise ValueError(f"timeout must be at least 60 seconds, not {timeout}")
+        if not 60 <= timeout <= _MAX_TIMEOUT:
+            raise ValueError(f"timeout must be 60 to {_MAX_TIMEOUT} seconds, not {timeout}")
+        if not 0 <= keep_hibernated <= _MAX_TIMEOUT:
+            raise ValueError(
+                f"keep_hibernated must be 0 (forever) to {_MAX_TIMEOUT} seconds, not {keep_hibernated}"
+            )
         self.ctx = ctx
         self.session_id = _session_id(ctx)
         self.template = template
@@ -210,8 +215,9 @@ class SessionSandbox:
                     if self.on_session_end == "kill":
                         await sb.kill()
                     else:
-                        await sb.set_timeout(self.keep_hibernated)
+                        # Hibernate first: if that fails the sandbox keeps its short timeout, not the long one.
                         await sb.hibernate()
+                        await sb.set_timeout(self.keep_hibernated)
                         log.info("session %s: hibernated sandbox %s", self.session_id, sb.id)
         finally:
             await sb.close()
