@@ -151,6 +151,7 @@ class SessionSandbox:
         self._ended = False
         self._extended_at = 0.0
         self._toolset: Toolset | None = None
+        self._user: str | None = None  # the sandbox's user, who owns the workdir
 
     @property
     def sandbox(self) -> AsyncSandbox | None:
@@ -256,13 +257,16 @@ class SessionSandbox:
                 await self._push_file_resources(sb)  # a woken sandbox has them, maybe edited
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await sb.kill()
+                # A new sandbox that could not be prepared is useless; a woken one still holds the session's work.
+                await (sb.kill() if fresh else sb.close())
             raise
         return sb
 
     async def _root(self, sb: AsyncSandbox, script: str, path: str, *, writable: bool) -> None:
         """Run ``script`` as root, then give ``path`` to the sandbox's user (or make it read-only)."""
-        user = (await sb.info()).user or "user"
+        if self._user is None:
+            self._user = (await sb.info()).user or "user"
+        user = self._user
         owner = (
             f"chown -R {shlex.quote(user)}: {shlex.quote(path)}"
             if writable
