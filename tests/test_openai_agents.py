@@ -40,6 +40,7 @@ from agents.sandbox.files import EntryKind
 from agents.sandbox.manifest import Environment
 from agents.sandbox.session.sandbox_session import SandboxSession
 from agents.sandbox.snapshot import LocalSnapshotSpec
+from agents.sandbox.types import Group, User
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from conftest import Server
@@ -317,7 +318,7 @@ def test_exposed_port_reaches_a_server_in_the_sandbox(
     try:
         endpoint = run(session.resolve_exposed_port(8000))
         url = endpoint.url_for("http")
-        assert endpoint.host == f"8000-{_inner(session).sandbox_id}.localhost:{server.port}".split(":")[0]
+        assert endpoint.host == f"8000-{_inner(session).sandbox_id}.localhost"  # the server's default domain
         assert endpoint.port == server.port and not endpoint.tls and endpoint.query
         # `*.localhost` does not resolve here: connect to the server and name the host.
         direct = f"http://127.0.0.1:{endpoint.port}/hello.txt?{endpoint.query}"
@@ -337,6 +338,32 @@ def test_exposed_port_reaches_a_server_in_the_sandbox(
         run(session.pty_terminate_all())
     with pytest.raises(ExposedPortUnavailableError):
         run(session.resolve_exposed_port(9000))  # not among the options' exposed_ports
+
+
+def test_manifest_users_and_acting_as_them(client: CoveSandboxClient, run: Run[Any]) -> None:
+    alice = User(name="alice")
+    manifest = Manifest(
+        users=[alice],
+        groups=[Group(name="team", users=[alice])],
+        entries={"shared.txt": File(content=b"all")},
+    )
+
+    async def scenario() -> tuple[str, str, str]:
+        s = await client.create(manifest=manifest)
+        async with s:  # accounts are made as root, by cove, without sudo in the sandbox
+            ids = (await s.exec("id -un; id -Gn", user="alice")).stdout.decode()
+            shared = (await s.read(Path("shared.txt"), user=alice)).read().decode()
+            with pytest.raises(WorkspaceArchiveWriteError):  # the workspace belongs to the sandbox's user
+                await s.write(Path("by-alice.txt"), io.BytesIO(b"x"), user=alice)
+            assert (await s.exec("install -d -o alice tmp-alice", user="root")).ok()
+            await s.write(Path("tmp-alice/by-alice.txt"), io.BytesIO(b"x"), user=alice)
+            owner = (await s.exec("stat -c %U tmp-alice/by-alice.txt")).stdout.decode().strip()
+        await client.delete(s)
+        return ids, shared, owner
+
+    ids, shared, owner = run(scenario())
+    assert ids.split("\n")[0] == "alice" and "team" in ids.split("\n")[1]
+    assert (shared, owner) == ("all", "alice")
 
 
 # --------------------------------------------------------------------- lifecycle and persistence
@@ -454,12 +481,12 @@ def test_native_snapshot_hydrates_into_a_new_sandbox_and_tar_is_refused_when_uns
 
 
 def test_state_round_trip_and_resume_after_hibernate(
-    server: Server, client: CoveSandboxClient, run: Run[Any]
+    server: Server, client: CoveSandboxClient, run: Run[Any], tmp_path: Path
 ) -> None:
     options = CoveSandboxClientOptions(on_exit="hibernate", timeout=120)
 
     async def first() -> str:
-        s = await client.create(options=options)
+        s = await client.create(options=options, snapshot=LocalSnapshotSpec(base_path=tmp_path))
         async with s:
             await s.write(Path("state.txt"), io.BytesIO(b"before hibernate"))
             # A background process: hibernation keeps processes, so it is still there after resume.
@@ -474,7 +501,7 @@ def test_state_round_trip_and_resume_after_hibernate(
     sandbox_id = payload["sandbox_id"]
     assert _cove_state(server, sandbox_id) == "hibernated"
 
-    async def second() -> tuple[str, str, list[str], bool]:
+    async def second() -> tuple[str, str, list[str], bool, str]:
         state = CoveSandboxClient(url=server.url, api_key=server.api_key).deserialize_session_state(
             json.loads(text)
         )
@@ -486,14 +513,21 @@ def test_state_round_trip_and_resume_after_hibernate(
         tags = [p.tag or "" for p in await _inner(s).sandbox.processes.list() if p.running]
         resumed_id = _inner(s).sandbox_id
         info = await _inner(s).sandbox.info()
-        await s.aclose()  # hibernates again
-        await _inner(s).sandbox.kill()
-        return content, resumed_id, tags, running and info.expires_at is not None
+        await s.aclose()  # hibernates again, and persists a new snapshot
+        await client.delete(s)
+        snapshot = s.state.cove_snapshot_id
+        assert snapshot and _cove_state(server, resumed_id) == "hibernated"
+        await client.discard(s.state)  # done for good: sandbox and snapshot go
+        await client.discard(s.state)  # and again is fine
+        return content, resumed_id, tags, running and info.expires_at is not None, snapshot
 
-    content, resumed_id, tags, clock_restarted = run(second())
+    content, resumed_id, tags, clock_restarted, snapshot = run(second())
     assert (content, resumed_id) == ("before hibernate", sandbox_id)
     assert "keeper" in tags
     assert clock_restarted  # shutdown stopped the timeout while it slept; resume set it again
+    assert _cove_state(server, sandbox_id) == "killed"
+    with server.client() as api:
+        assert api.get(f"/v1/snapshots/{snapshot}").status_code == 404
 
 
 def test_options_are_checked_and_defaults_come_from_the_environment(
@@ -537,6 +571,14 @@ def _outputs(model: ScriptedModel) -> dict[str, str]:
     return found
 
 
+def _session_state(client: CoveSandboxClient, result: Any) -> CoveSandboxSessionState:
+    """The sandbox session state a finished (or paused) run keeps for resuming."""
+    payload = result.to_state().to_json()["sandbox"]["session_state"]
+    state = client.deserialize_session_state(payload)
+    assert isinstance(state, CoveSandboxSessionState)
+    return state
+
+
 def _tool_names(model: ScriptedModel) -> set[str]:
     return {getattr(tool, "name", "") for call in model.calls for tool in call.tools}
 
@@ -576,11 +618,11 @@ def test_runner_runs_a_scripted_agents_tools_in_a_cove_sandbox(
     assert "compute six times seven" in out["w"] and "Process exited with code 0" in out["w"]
     assert "42\n/workspace\nuser" in out["r"]
     assert "Process exited with code 3" in out["fail"]
-    assert {"exec_command", "write_stdin", "apply_patch"} <= _tool_names(
-        model
-    )  # PTY support offers write_stdin
-    sandbox_id = result.to_state()._sandbox["session_state"]["sandbox_id"]  # type: ignore[index]
-    assert _cove_state(server, sandbox_id) == "killed"
+    assert {"exec_command", "write_stdin", "apply_patch"} <= _tool_names(model)  # write_stdin: PTY support
+    state = _session_state(client, result)
+    assert _cove_state(server, state.sandbox_id) == "killed"
+    assert state.cove_snapshot_id  # the run's end persisted the workspace as a cove snapshot
+    run(client.discard(state))
 
 
 class _Publish(Capability):
@@ -652,13 +694,17 @@ def test_runner_pauses_for_approval_and_resumes_later_on_the_same_sandbox(
             resumed_agent, state, run_config=config(CoveSandboxClient(server.url, server.api_key))
         )
 
+    client = CoveSandboxClient(server.url, server.api_key)
     try:
         result = run(resume())
         assert result.final_output == "Published."
         out = _outputs(second_model)
         assert out["pub"].strip() == "prepared"  # the tool ran after approval and saw the earlier file
         assert "hello world\nprepared" in out["check"]
-        after = result.to_state()._sandbox["session_state"]["sandbox_id"]  # type: ignore[index]
-        assert after == sandbox_id  # the same cove sandbox, woken from hibernation
+        state = _session_state(client, result)
+        assert state.sandbox_id == sandbox_id  # the same cove sandbox, woken from hibernation
+        assert _cove_state(server, sandbox_id) == "hibernated"
+        run(client.discard(state))
+        assert _cove_state(server, sandbox_id) == "killed"
     finally:
         _kill(server, sandbox_id)

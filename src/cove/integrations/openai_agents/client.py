@@ -159,5 +159,20 @@ class CoveSandboxClient(BaseSandboxClient[CoveSandboxClientOptions | None]):
                 logger.warning("cove snapshot %s is gone; starting a fresh sandbox", state.cove_snapshot_id)
         return await AsyncSandbox.create(**state.create_kwargs(), env=env, **connection), None
 
+    async def discard(self, state: SandboxSessionState) -> None:
+        """Drop what a finished session left on the server for a resume that will not come: its
+        (hibernated) sandbox and its workspace's cove snapshot. Missing ones are fine."""
+        if not isinstance(state, CoveSandboxSessionState):
+            raise TypeError("CoveSandboxClient.discard expects a CoveSandboxSessionState")
+        config = Config.resolve(self._url or state.url, self._api_key)
+        with contextlib.suppress(NotFound):
+            await AsyncSandbox.kill_by_id(state.sandbox_id, url=config.url, api_key=config.api_key)
+        if state.cove_snapshot_id:
+            with contextlib.suppress(NotFound):
+                await AsyncSandbox.delete_snapshot(
+                    state.cove_snapshot_id, url=config.url, api_key=config.api_key
+                )
+            state.cove_snapshot_id = None
+
     def deserialize_session_state(self, payload: dict[str, object]) -> SandboxSessionState:
         return self._deserialize_session_state_payload(payload, CoveSandboxSessionState)

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 _KINDS = {"dir": EntryKind.DIRECTORY, "file": EntryKind.FILE, "symlink": EntryKind.SYMLINK}
 # Workspace archives and root setup run as root: the workspace may hold files of several users.
 _ADMIN = "root"
+_ACCOUNT_COMMANDS = frozenset({"groupadd", "useradd", "usermod", "chgrp"})
 _MAKE_ROOT = 'if [ ! -d "$1" ]; then mkdir -p -- "$1" && chown -- "$2" "$1"; fi'
 
 
@@ -147,6 +148,16 @@ class CoveSandboxSession(BaseSandboxSession):
         return ExecResult(
             stdout=result.stdout.encode(), stderr=result.stderr.encode(), exit_code=result.exit_code
         )
+
+    async def _exec_checked_nonzero(self, *command: str | Path) -> ExecResult:
+        # The manifest's users and groups: account administration needs root, which cove grants per
+        # command (the sandbox's default user has no sudo).
+        if command and str(command[0]) in _ACCOUNT_COMMANDS:
+            result = await self._exec_internal("sudo", "-u", _ADMIN, "--", *command)
+            if not result.ok():
+                raise ExecNonZeroError(result, command=command)
+            return result
+        return await super()._exec_checked_nonzero(*command)
 
     async def running(self) -> bool:
         if not self._root_ready:
