@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -417,3 +418,11 @@ def test_worker_cli_help_and_errors(server: Server) -> None:
     assert result.exit_code == 1 and "no environment key" in result.output
     result = runner.invoke(app, ["worker", "--environment-id", "env_1", "--on-session-end", "pause"], env=env)
     assert result.exit_code == 2 and "pause" in result.output
+
+
+def test_worker_cli_without_anthropic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # as if the extra were not installed
+    result = CliRunner().invoke(
+        app, ["worker", "--environment-id", "env_1"], env={"ANTHROPIC_ENVIRONMENT_KEY": "k"}
+    )
+    assert result.exit_code == 1 and "pip install 'cove[claude]'" in result.output
