@@ -229,6 +229,44 @@ def test_stdio(server: Any, kill_after: list[str]) -> None:
     assert state_of(server, sandbox_id) == "hibernated"  # the stdio session ended: hibernated
 
 
+def test_stdio_sigterm_still_hibernates(server: Any, kill_after: list[str]) -> None:
+    """A client that ends the server with SIGTERM instead of closing stdin: the session still ends cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cove", "mcp"],
+        env=cove_env(server),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def rpc(message: dict[str, Any]) -> dict[str, Any] | None:
+        proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(proc.stdout.readline()) if "id" in message else None  # type: ignore[union-attr]
+
+    try:
+        init = {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        assert "result" in rpc({"id": 1, "method": "initialize", "params": init})  # type: ignore[operator]
+        rpc({"method": "notifications/initialized"})
+        call = {"name": "sandbox_list", "arguments": {}}
+        rpc({"id": 2, "method": "tools/call", "params": {"name": "bash", "arguments": {"command": "true"}}})
+        reply = rpc({"id": 3, "method": "tools/call", "params": call})
+        listed = json.loads(reply["result"]["content"][0]["text"])  # type: ignore[index]
+        [sandbox_id] = [s["id"] for s in listed if s["current"]]
+        kill_after.append(sandbox_id)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert state_of(server, sandbox_id) == "hibernated"
+
+
 @pytest.fixture
 def http_server(server: Any) -> Iterator[str]:
     port = free_port()
@@ -314,3 +352,34 @@ def test_openai_agent_through_mcp_stdio(server: Any, kill_after: list[str]) -> N
     [mine] = [s["id"] for s in listed if s["current"]]
     kill_after.append(mine)
     assert state_of(server, mine) == "killed"  # --on-end kill
+
+
+def test_http_sessions_each_get_a_sandbox_ended_with_the_session(
+    server: Any, http_server: str, kill_after: list[str]
+) -> None:
+    """Clients with an Mcp-Session-Id (the handshake era, as Claude Code speaks) each get their own
+    sandbox, which ends with their session while the server goes on (--on-end kill here)."""
+
+    async def current(client: Client) -> str:
+        listed = json.loads(text(await client.call_tool("sandbox_list", {})))
+        [mine] = [s["id"] for s in listed if s["current"]]
+        kill_after.append(mine)
+        return mine
+
+    async def main() -> None:
+        async with Client(http_server, mode="legacy") as one:
+            await one.call_tool("bash", {"command": "export WHO=one"})
+            async with Client(http_server, mode="legacy") as two:
+                await two.call_tool("bash", {"command": "export WHO=two"})
+                assert text(await one.call_tool("bash", {"command": "echo $WHO"})) == "one"
+                assert text(await two.call_tool("bash", {"command": "echo $WHO"})) == "two"
+                first, second = await current(one), await current(two)
+                assert first != second
+            deadline = time.monotonic() + 20
+            while state_of(server, second) != "killed" and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert state_of(server, second) == "killed"
+            assert state_of(server, first) == "running"  # the other session goes on
+            assert text(await one.call_tool("bash", {"command": "echo $WHO"})) == "one"
+
+    asyncio.run(main())

@@ -32,6 +32,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ class SandboxSession:
                 await sb.close()
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set
 class _ServerState:
     """Lifespan state: the default session, and one per HTTP session id."""
 
@@ -549,14 +550,20 @@ def create_server(
     options = Options(url, api_key, template, sandbox_id, on_end, timeout, keep_hibernated)
 
     @asynccontextmanager
-    async def lifespan(_: MCPServer[Any]) -> AsyncIterator[_ServerState]:
+    async def lifespan(server: MCPServer[Any]) -> AsyncIterator[_ServerState]:
         state = _ServerState(options, SandboxSession(options))
+        _LIVE.setdefault(server, set()).add(state)
         try:
             yield state
         finally:
+            _LIVE[server].discard(state)
             await _shielded(state.close())
 
     return MCPServer(name, instructions=INSTRUCTIONS, tools=_tools(), lifespan=lifespan)
+
+
+# The lifespans in progress per server: what a signal must end before the process goes.
+_LIVE: weakref.WeakKeyDictionary[MCPServer[Any], set[_ServerState]] = weakref.WeakKeyDictionary()
 
 
 async def serve(
@@ -566,7 +573,8 @@ async def serve(
     port: int = 8000,
 ) -> None:
     """Serve until the client goes (stdio) or a signal comes; either way the sessions end cleanly
-    (their sandboxes are hibernated) before this returns."""
+    (their sandboxes are hibernated) first."""
+    import os
     import signal
 
     import anyio
@@ -579,8 +587,11 @@ async def serve(
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+                    for state in list(_LIVE.get(server, ())):
+                        await _shielded(state.close())
+                    # The stdio transport reads stdin in a worker thread that no cancellation can
+                    # interrupt (nor interpreter exit, which joins it): leave now, the sessions are ended.
+                    os._exit(0)
 
         tg.start_soon(stop_on_signal)
         await server.run_stdio_async()
