@@ -161,7 +161,9 @@ def test_management_tools(server: Any, kill_after: list[str]) -> None:
             assert await call("sandbox_kill", {"sandbox_id": b["id"]}) == f"killed {b['id']}"
             assert b["id"] not in {s["id"] for s in await call("sandbox_list", {})}
             r = await client.call_tool("sandbox_use", {"sandbox_id": "sb_doesnotexist"})
-            assert r.is_error and "not found" in text(r)
+            assert r.is_error and "not found" in text(r) and "sandbox_create makes a new sandbox" in text(r)
+            r = await client.call_tool("bash", {"command": "true", "sandbox_id": b["id"]})  # killed
+            assert r.is_error and "sandbox_create makes a new sandbox" in text(r), text(r)
             # Killing the current sandbox: the next call makes a new one.
             await call("sandbox_kill", {})
             assert state_of(server, a["id"]) == "killed"

@@ -275,12 +275,16 @@ async def _guarded(action: Callable[[], Awaitable[CallToolResult]]) -> CallToolR
     except ToolsetError as e:
         return _text(str(e), is_error=True)
     except SandboxNotFound as e:
-        return _text(f"sandbox not found: {e.message}", is_error=True)
+        return _text(f"sandbox not found: {e.message}{_HINT}", is_error=True)
     except CoveError as e:
-        return _text(f"cove: {e.message}" if e.message else f"cove: {type(e).__name__}", is_error=True)
+        hint = _HINT if e.code == "not_running" else ""
+        return _text(f"cove: {e.message or type(e).__name__}{hint}", is_error=True)
     except Exception as e:
         log.exception("tool failed")
         return _text(f"internal error: {type(e).__name__}: {e}", is_error=True)
+
+
+_HINT = " (sandbox_create makes a new sandbox; sandbox_list shows the others)"
 
 
 def _info(sb_info: SandboxInfo, current: str | None) -> dict[str, Any]:
