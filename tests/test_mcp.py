@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -385,3 +386,16 @@ def test_http_sessions_each_get_a_sandbox_ended_with_the_session(
             assert text(await one.call_tool("bash", {"command": "echo $WHO"})) == "one"
 
     asyncio.run(main())
+
+
+def test_cli_help_teaches() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cove", "mcp", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for needle in ("--transport", "--sandbox", "--on-end", "sandbox_use", "claude mcp add cove", "/mcp"):
+        assert needle in done.stdout, needle
