@@ -194,6 +194,11 @@ def test_paths_are_confined_to_the_workspace(session: SandboxSession, run: Run[A
     with pytest.raises(InvalidManifestPathError):
         run(session.write(Path("confined-link/evil"), io.BytesIO(b"x")))
     assert not run(session.exec("test -e /etc/evil")).ok()
+    # The path helper lives in the sandbox; if something deletes it, it is installed again.
+    assert run(session.exec("rm -rf /tmp/openai-agents/bin && ! ls /tmp/openai-agents/bin")).ok()
+    assert run(_text(session, "brief.txt")) == "the brief\n"
+    with pytest.raises(InvalidManifestPathError):
+        run(session.read(Path("confined-link/passwd")))
 
 
 def test_ls_rm_mv_mkdir_use_the_file_api(session: SandboxSession, run: Run[Any]) -> None:

@@ -13,7 +13,7 @@ import io
 import logging
 import shlex
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 _KINDS = {"dir": EntryKind.DIRECTORY, "file": EntryKind.FILE, "symlink": EntryKind.SYMLINK}
 # Workspace archives and root setup run as root: the workspace may hold files of several users.
 _ADMIN = "root"
+_NOT_FOUND_EXITS = (126, 127)  # the shell's "cannot execute" and "not found"
 _ACCOUNT_COMMANDS = frozenset({"groupadd", "useradd", "usermod", "chgrp"})
 _MAKE_ROOT = 'if [ ! -d "$1" ]; then mkdir -p -- "$1" && chown -- "$2" "$1"; fi'
 
@@ -177,6 +178,29 @@ class CoveSandboxSession(BaseSandboxSession):
 
     def _current_runtime_helper_cache_key(self) -> object | None:
         return self.state.sandbox_id
+
+    async def _ensure_runtime_helper_installed(self, helper: RuntimeHelperScript) -> PurePath:
+        # The SDK probes an installed helper before every use (one more exec per file operation);
+        # trust it instead, and reinstall when running it finds it gone (below).
+        self._sync_runtime_helper_install_cache()
+        if helper.install_path in (self._runtime_helpers_installed or ()):
+            return helper.install_path
+        return await super()._ensure_runtime_helper_installed(helper)
+
+    async def _validate_remote_path_access(
+        self, path: Path | str, *, for_write: bool = False, recursive_remove: bool = False
+    ) -> Path:
+        try:
+            return await super()._validate_remote_path_access(
+                path, for_write=for_write, recursive_remove=recursive_remove
+            )
+        except ExecNonZeroError as exc:
+            if exc.exit_code not in _NOT_FOUND_EXITS:
+                raise
+            self._runtime_helpers_installed = None  # the helper was deleted in the sandbox
+            return await super()._validate_remote_path_access(
+                path, for_write=for_write, recursive_remove=recursive_remove
+            )
 
     # ------------------------------------------------------------------------------- lifecycle
 
