@@ -1,0 +1,226 @@
+"""A sandbox's egress policy: its mode, its rules, and the decision for one outbound connection.
+
+Modes:
+- `none`  (default): nothing leaves the sandbox;
+- `allow`: only targets matching an `allow` rule, minus those matching a `deny` rule;
+- `deny` : every target except those matching a `deny` rule, plus those matching an `allow` rule
+  (allow rules are exceptions to the deny list, as e2b's `allowOut` is to its `denyOut`);
+- `open` : every target.
+
+A rule is `HOST` or `HOST:PORTS`. HOST is a domain (`pypi.org`), a wildcard (`*.pythonhosted.org`: any
+name below it, not the name itself), an IP or CIDR (`10.0.0.0/8`, `[2001:db8::/32]` with a port), or `*`
+(any host). PORTS is a port or a range (`443`, `8000-8999`); without it every port matches. Domain rules
+match the name the process asked for; IP and CIDR rules match the address the name resolved to.
+
+Whatever the mode, the host's own addresses, loopback, link-local and private ranges are reached only
+when an allow rule names them explicitly (an IP or CIDR inside them, or the domain `localhost`), or
+the name comes from the operator's host map; cove's own API needs an IP rule with its port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("none", "allow", "deny", "open")
+MAX_RULES = 1024
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    text: str  # normalised, as stored and shown
+    domain: str | None = None  # exact name, or the suffix below which a wildcard matches
+    wildcard: bool = False
+    network: IPNetwork | None = None
+    any_host: bool = False
+    ports: tuple[int, int] | None = None  # inclusive range; None: every port
+
+    def matches(self, host: str, ip: IPAddress | None, port: int) -> bool:
+        if self.ports is not None and not self.ports[0] <= port <= self.ports[1]:
+            return False
+        if self.any_host:
+            return True
+        if self.network is not None:
+            return ip is not None and ip.version == self.network.version and ip in self.network
+        if self.wildcard:
+            return host.endswith("." + str(self.domain))
+        return host == self.domain
+
+    def names(self, host: str, ip: IPAddress) -> bool:
+        """Does this rule name `ip` explicitly enough to open a protected address?"""
+        if self.network is not None:
+            single = self.network.num_addresses == 1
+            return ip in self.network and (single or not self.network.is_global)
+        return self.domain == "localhost" == host and not self.wildcard
+
+
+def normal_host(host: str) -> str:
+    """A host name as rules compare it: lower case, without a trailing dot or IPv6 brackets."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return ip
+
+
+def _ports(text: str, rule: str) -> tuple[int, int]:
+    m = _PORTS.match(text)
+    if not m:
+        raise ValueError(f"{rule!r}: the port must be a number or a range like 8000-8999")
+    lo = int(m.group(1))
+    hi = int(m.group(2) or lo)
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{rule!r}: ports go from 1 to 65535, low to high")
+    return lo, hi
+
+
+def parse_rule(text: Any) -> Rule:
+    """One rule; ValueError says what is wrong with it."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r}: a rule is a string")
+    raw = text.strip().lower()
+    if not raw or len(raw) > 300:
+        raise ValueError(f"{text!r}: a rule is 1 to 300 characters")
+    host, ports = raw, None
+    if raw.startswith("["):  # [IPv6] or [IPv6/len], maybe with :ports
+        end = raw.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: unclosed '['")
+        host, rest = raw[1:end], raw[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            ports = _ports(rest[1:], text)
+    elif raw.count(":") == 1:  # host:ports (a bare IPv6 address has several colons)
+        host, _, port_text = raw.partition(":")
+        ports = _ports(port_text, text)
+    port_suffix = "" if ports is None else f":{ports[0]}" + (f"-{ports[1]}" if ports[1] != ports[0] else "")
+    if host == "*":
+        return Rule(text="*" + port_suffix, any_host=True, ports=ports)
+    if "/" in host or parse_ip(host) is not None or ":" in host:
+        try:
+            net = ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r}: not a valid IP address or CIDR") from None
+        shown = str(net.network_address) if net.num_addresses == 1 else str(net)
+        if net.version == 6 and ports is not None:
+            shown = f"[{shown}]"
+        return Rule(text=shown + port_suffix, network=net, ports=ports)
+    wildcard = host.startswith("*.")
+    name = normal_host(host[2:] if wildcard else host)
+    if not _DOMAIN.match(name) or len(name) > 253:
+        raise ValueError(
+            f"{text!r}: not a domain, wildcard (*.example.com), IP or CIDR "
+            "(examples: pypi.org, *.pythonhosted.org, 10.0.0.0/8:443, [::1]:8080)"
+        )
+    shown = ("*." if wildcard else "") + name + port_suffix
+    return Rule(text=shown, domain=name, wildcard=wildcard, ports=ports)
+
+
+def parse_rules(rules: Any, name: str) -> tuple[Rule, ...]:
+    """A list of rules, duplicates dropped; ValueError names the list and the rule at fault."""
+    if rules is None:
+        return ()
+    if not isinstance(rules, list | tuple):
+        raise ValueError(f"{name}: expected a list of rules")
+    if len(rules) > MAX_RULES:
+        raise ValueError(f"{name}: at most {MAX_RULES} rules")
+    parsed: dict[str, Rule] = {}
+    for i, text in enumerate(rules):
+        try:
+            rule = parse_rule(text)
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: {e}") from None
+        parsed.setdefault(rule.text, rule)
+    return tuple(parsed.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mode: str = "none"
+    allow: tuple[Rule, ...] = ()
+    deny: tuple[Rule, ...] = ()
+
+    @classmethod
+    def parse(cls, mode: Any = "none", allow: Any = (), deny: Any = ()) -> Policy:
+        """A validated policy; ValueError names the field and the rule at fault."""
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+        return cls(mode=mode, allow=parse_rules(allow, "allow"), deny=parse_rules(deny, "deny"))
+
+    @classmethod
+    def of_record(cls, network: dict[str, Any]) -> Policy:
+        """The policy stored in a sandbox record's `network` (validated when it was stored)."""
+        try:
+            return cls.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+        except ValueError:
+            return cls()  # never widen access because of a bad record
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "allow": [r.text for r in self.allow], "deny": [r.text for r in self.deny]}
+
+    def decide(
+        self,
+        host: str,
+        ip: IPAddress,
+        port: int,
+        *,
+        protected: bool = False,
+        trusted_name: bool = False,
+        cove_api: bool = False,
+    ) -> str | None:
+        """None when a connection to `host` (resolved to `ip`) on `port` may go; else the reason.
+
+        `protected`: `ip` is the host's own, loopback, link-local or private; `trusted_name`: the
+        name came from the operator's host map; `cove_api`: `ip:port` is cove's own API."""
+        if self.mode == "none":
+            return "the sandbox's network mode is none"
+        allowed_by = next((r for r in self.allow if r.matches(host, ip, port)), None)
+        denied_by = next((r for r in self.deny if r.matches(host, ip, port)), None)
+        if self.mode == "allow":
+            if allowed_by is None:
+                return "it is not in the allow list"
+            if denied_by is not None:
+                return f"it matches deny rule {denied_by.text!r}"
+        elif self.mode == "deny" and denied_by is not None and allowed_by is None:
+            return f"it matches deny rule {denied_by.text!r}"
+        if cove_api:
+            named = [r for r in self.allow if r.network is not None and r.ports and r.matches(host, ip, port)]
+            if not any(r.names(host, ip) for r in named):
+                return f"{ip}:{port} is cove's own API (allow it only by IP with this port)"
+        elif (
+            protected
+            and not trusted_name
+            and not any(r.matches(host, ip, port) and r.names(host, ip) for r in self.allow)
+        ):
+            return f"{ip} is a loopback, private or host address (allow it by IP or CIDR)"
+        return None
+
+
+def from_e2b(allow_out: list[str] | None, deny_out: list[str] | None) -> dict[str, Any]:
+    """e2b's `allowOut`/`denyOut` as a cove policy. In e2b, allowed entries win over denied ones and
+    `0.0.0.0/0` in `denyOut` (also what `allow_internet_access=False` means) blocks everything else."""
+    allow = list(allow_out or [])
+    deny = [d for d in deny_out or [] if d.strip() not in ("0.0.0.0/0", "::/0")]
+    if len(deny) != len(deny_out or []):
+        return {"mode": "allow" if allow else "none", "allow": allow, "deny": []}
+    if deny:
+        return {"mode": "deny", "allow": allow, "deny": deny}
+    return {"mode": "open", "allow": allow, "deny": []}
