@@ -26,6 +26,7 @@ from cove.controlplane.api import (
     snapshots,
     system,
     urls,
+    volumes,
 )
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.service import SandboxService
@@ -142,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.cove = cove
     errors.install_handlers(app)
-    for module in (system, sandboxes, snapshots, commands, processes, contexts, files, keys, urls):
+    for module in (system, sandboxes, snapshots, volumes, commands, processes, contexts, files, keys, urls):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from cove.store.base import KeyRecord, SandboxRecord, SnapshotRecord
+from cove.store.base import KeyRecord, SandboxRecord, SnapshotRecord, VolumeRecord
 
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
@@ -24,6 +24,100 @@ def _check_env(env: dict[str, str]) -> dict[str, str]:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+VolumeName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+_Plain = r"^[^\x00-\x1f\x7f]*$"  # no control characters (they would end a line of rclone's config)
+_Token = r"^[^\s\x00-\x1f\x7f]+$"
+# Where a volume or bucket may be mounted: not over what the sandbox itself is made of.
+RESERVED_PATHS = (
+    "/proc",
+    "/dev",
+    "/sys",
+    "/run/cove",
+    "/usr",
+    "/opt/cove",
+    "/bin",
+    "/lib",
+    "/lib64",
+    "/sbin",
+)
+
+
+def check_mount_path(path: str) -> str:
+    import posixpath
+
+    if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
+        raise ValueError(f"mount path {path!r} must be absolute and normalized (no '..', '//', trailing '/')")
+    for reserved in RESERVED_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise ValueError(f"mount path {path!r} is reserved ({reserved})")
+    return path
+
+
+MountPath = Annotated[str, StringConstraints(min_length=2, max_length=1024, pattern=_Plain)]
+
+
+class VolumeMount(Strict):
+    name: VolumeName
+    path: MountPath = Field(description="absolute path inside the sandbox, e.g. /data")
+    read_only: bool = False
+
+    _path = field_validator("path")(check_mount_path)
+
+
+class BucketMount(Strict):
+    """An S3-compatible bucket (or a prefix of it) mounted by rclone on the host; the credentials
+    stay there and are never returned."""
+
+    type: Literal["s3"] = "s3"
+    bucket: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+    prefix: Annotated[str, StringConstraints(max_length=1024, pattern=_Plain)] = ""
+    endpoint: (
+        Annotated[str, StringConstraints(max_length=1024, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")] | None
+    ) = None
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] | None = None
+    access_key_id: Annotated[str, StringConstraints(max_length=256, pattern=_Token)] | None = None
+    secret_access_key: Annotated[str, StringConstraints(max_length=1024, pattern=_Token)] | None = None
+    path: MountPath
+    read_only: bool = False
+
+    _path = field_validator("path")(check_mount_path)
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> BucketMount:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("give both access_key_id and secret_access_key, or neither (a public bucket)")
+        return self
+
+
+class CreateVolume(Strict):
+    name: VolumeName
+    size_mb: int | None = Field(
+        default=None, ge=16, le=1 << 24, description="size limit; default 1024 where the node can enforce one"
+    )
+
+
+class VolumeOut(BaseModel):
+    name: str
+    size_mb: int | None
+    created_at: datetime
+    source: dict[str, Any] = Field(default_factory=dict, description="the snapshot it was copied from")
+    sandboxes: list[str] = Field(default_factory=list, description="live sandboxes that mount it")
+
+    @classmethod
+    def of(cls, v: VolumeRecord, sandboxes: list[str] | None = None) -> VolumeOut:
+        return cls(
+            name=v.name,
+            size_mb=v.size_mb,
+            created_at=_iso(v.created_at),  # type: ignore[arg-type]
+            source=v.source,
+            sandboxes=sandboxes or [],
+        )
+
+
+class VolumeList(BaseModel):
+    items: list[VolumeOut]
 
 
 class CreateSandbox(Strict):
@@ -53,6 +147,20 @@ class CreateSandbox(Strict):
         max_length=64,
         description="network settings to record (e.g. the e2b front end's egress rules); not enforced yet",
     )
+
+    volumes: list[VolumeMount] = Field(
+        default_factory=list, max_length=16, description="named volumes to mount"
+    )
+    mounts: list[BucketMount] = Field(default_factory=list, max_length=8, description="buckets to mount")
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> CreateSandbox:
+        paths = sorted([v.path for v in self.volumes] + [m.path for m in self.mounts])
+        for i in range(1, len(paths)):
+            a, b = paths[i - 1], paths[i]
+            if b == a or b.startswith(a + "/"):
+                raise ValueError(f"mount paths {a!r} and {b!r} overlap")
+        return self
 
     _env = field_validator("env")(_check_env)
 
@@ -92,6 +200,8 @@ class SandboxOut(BaseModel):
     hibernation: dict[str, Any] | None = Field(
         default=None, description="how it was hibernated (memory kept or not)"
     )
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="mounted volumes")
+    mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounted buckets (no credentials)")
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -113,6 +223,12 @@ class SandboxOut(BaseModel):
             on_idle=r.on_idle,
             on_timeout=r.on_timeout,
             hibernation=r.checkpoint or None,
+            volumes=[
+                {"name": m["name"], "path": m["path"], "read_only": m["read_only"]}
+                for m in r.mounts
+                if m["type"] == "volume"
+            ],
+            mounts=[m for m in r.mounts if m["type"] != "volume"],
         )
 
 
@@ -183,6 +299,11 @@ class RenameRequest(Strict):
 class CreateSnapshot(Strict):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     memory: bool = Field(default=False, description="also checkpoint the processes (needs CRIU on the node)")
+    volumes: Literal["include", "exclude"] = Field(
+        default="exclude",
+        description="include: seal a copy of each mounted volume (sandboxes made from the snapshot get a "
+        "new volume with it); exclude: they mount the same live volumes",
+    )
 
 
 class SnapshotOut(BaseModel):
@@ -192,6 +313,7 @@ class SnapshotOut(BaseModel):
     created_at: datetime
     layers: int = Field(description="length of its layer chain")
     memory: bool
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="volumes it mounts or carries")
 
     @classmethod
     def of(cls, s: SnapshotRecord) -> SnapshotOut:
@@ -202,6 +324,10 @@ class SnapshotOut(BaseModel):
             created_at=_iso(s.created_at),  # type: ignore[arg-type]
             layers=len(s.layers),
             memory=s.memory,
+            volumes=[
+                {"name": v["name"], "path": v["path"], "read_only": v["read_only"], "mode": v["mode"]}
+                for v in s.config.get("volumes", [])
+            ],
         )
 
 
@@ -212,6 +338,9 @@ class SnapshotList(BaseModel):
 class ForkRequest(Strict):
     count: int = Field(default=1, ge=1, le=20)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    volumes: Literal["include", "exclude"] = Field(
+        default="exclude", description="include: each child gets its own copy of each volume"
+    )
 
 
 class SandboxList(BaseModel):

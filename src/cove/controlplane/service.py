@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -24,6 +25,7 @@ from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.schemas import CreateSandbox
+from cove.controlplane.volumes import Volumes
 from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.store.base import Page, SandboxRecord, SnapshotRecord, Store
@@ -43,6 +45,16 @@ ACTIVE = ("running", "paused")  # states with processes
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
+_NO_FUSE_CHECKPOINT = (
+    "sandbox {} has bucket mounts: FUSE mounts cannot be checkpointed (no fork or memory snapshot); "
+    "take a snapshot without memory, or mount the bucket in a new sandbox"
+)
+
+
+def _buckets(rec: SandboxRecord) -> bool:
+    return any(m["type"] != "volume" for m in rec.mounts)
+
+
 def new_sandbox_id() -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(16))
 
@@ -58,6 +70,7 @@ class SandboxService:
         self._layer_refs = asyncio.Lock()  # held while layer references are read or added
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.volumes = Volumes(settings, store, node)
 
     # -- state machine ---------------------------------------------------------------------
     async def _transition(self, rec: SandboxRecord, to: str, **fields: Any) -> None:
@@ -164,17 +177,33 @@ class SandboxService:
                 on_timeout=req.on_timeout,
                 network=dict(req.network),
             )
-            await self.store.insert_sandbox(rec)
+            if defaults.get("checkpoint") and (req.volumes or req.mounts):
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    "a sandbox restored with its processes has its snapshot's mounts: volumes and mounts "
+                    "cannot be added",
+                )
+            async with self.volumes.lock:  # its volumes cannot be deleted until it is recorded
+                rec.mounts, node_mounts, made = await self.volumes.resolve(
+                    who, rec, req, defaults.get("volumes", [])
+                )
+                try:
+                    await self.store.insert_sandbox(rec)
+                except BaseException:
+                    await self.volumes.drop(made)
+                    raise
         async with self._locks[rec.id]:
             try:
                 if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
                     handle = await self.node.restore(
-                        self._spec(rec, template), defaults["checkpoint"], resume=False
+                        self._node_spec(rec, template, node_mounts), defaults["checkpoint"], resume=False
                     )
                 else:
-                    handle = await self.node.create(self._spec(rec, template))
+                    handle = await self.node.create(self._node_spec(rec, template, node_mounts))
             except (NodeError, OSError) as e:
                 await self._transition(rec, "error", end_reason=str(e)[:2000])
+                await self.volumes.drop(made)
                 raise ApiError(503, "sandbox_failed", str(e)) from e
             except BaseException:
                 # Cancelled (client went away) or a bug: never leave half a sandbox behind.
@@ -186,6 +215,14 @@ class SandboxService:
             await self._transition(rec, "running", node=handle)
         self.metrics.create_seconds.observe(time.perf_counter() - started)
         return rec
+
+    def _node_spec(
+        self, rec: SandboxRecord, template: TemplateSpec, mounts: list[dict[str, Any]] | None = None
+    ) -> SandboxSpec:
+        """The spec with its mounts (`mounts`: with a bucket's credentials, at create only)."""
+        return dataclasses.replace(
+            self._spec(rec, template), mounts=tuple(rec.mounts if mounts is None else mounts)
+        )
 
     def _spec(self, rec: SandboxRecord, template: TemplateSpec) -> SandboxSpec:
         limits = Limits(**rec.limits)
@@ -250,7 +287,7 @@ class SandboxService:
                 await self.node.resume(rec.id)
                 await self._transition(rec, "running")
             elif rec.state == "hibernated":
-                spec = self._spec(rec, await self.node.base_template())
+                spec = self._node_spec(rec, await self.node.base_template())
                 info = dict(rec.checkpoint)
                 handle = None
                 if info.get("memory"):
@@ -272,7 +309,8 @@ class SandboxService:
                             503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
                         ) from e
                 await self.node.drop_checkpoint(rec.id)
-                await self._transition(rec, "running", node=handle, checkpoint=info)
+                remounted = [m if m["type"] == "volume" else {**m, "status": "mounted"} for m in rec.mounts]
+                await self._transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
@@ -294,7 +332,7 @@ class SandboxService:
                 return rec
             if rec.state not in ACTIVE:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
-            if self.node.can_checkpoint():
+            if self.node.can_checkpoint() and not _buckets(rec):
                 try:
                     await self.node.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
@@ -304,7 +342,12 @@ class SandboxService:
                 info: dict[str, Any] = {"memory": True}
             else:
                 await self.node.stop(rec.id)
-                info = {"memory": False, "reason": "no CRIU >= 4.1 on this node: processes restart on resume"}
+                reason = (
+                    "bucket mounts (FUSE) cannot be checkpointed: processes restart on resume"
+                    if _buckets(rec)
+                    else "no CRIU >= 4.1 on this node: processes restart on resume"
+                )
+                info = {"memory": False, "reason": reason}
             await self._transition(rec, "hibernated", node={}, checkpoint=info)
         return rec
 
@@ -326,6 +369,7 @@ class SandboxService:
         name: str | None = None,
         memory: bool = False,
         internal: bool = False,
+        volumes: str = "exclude",
     ) -> SnapshotRecord:
         """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
         too (CRIU); the sandbox keeps running."""
@@ -351,16 +395,19 @@ class SandboxService:
                 raise ApiError(
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
+            if memory and _buckets(rec):
+                raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(rec.id))
+            entries, seal = await self.volumes.for_snapshot(rec, snap.id, volumes)
             await self.store.insert_snapshot(snap)
             # Until the record names the new layer, nothing else may collect layers (it would
             # see the layer as unused and delete it).
             async with self._layer_refs:
                 try:
                     if memory:
-                        layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id)
+                        layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id, seal)
                         snap.memory = True
                     else:  # the node freezes the sandbox for the instant of the copy
-                        layer = await self.node.commit(rec.id)
+                        layer = await self.node.commit(rec.id, seal)
                 except (NodeError, OSError) as e:
                     await self.store.delete_snapshot(snap.id)
                     await self.node.drop_checkpoint(snap.id)
@@ -372,6 +419,7 @@ class SandboxService:
                     "user": rec.user,
                     "workdir": rec.workdir,
                     "limits": rec.limits,
+                    "volumes": entries,  # live ones, or sealed copies (docs/volumes.md)
                     "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
                 }
                 snap.state = "ready"
@@ -405,10 +453,11 @@ class SandboxService:
         snap = await self.get_snapshot(who, snapshot_id)
         await self.store.delete_snapshot(snap.id)
         await self.node.drop_checkpoint(snap.id)
+        await self.volumes.drop_sealed(snap)
         await self.collect_layers()
 
     async def fork(
-        self, who: Caller, sandbox_id: str, count: int, metadata: dict[str, str]
+        self, who: Caller, sandbox_id: str, count: int, metadata: dict[str, str], volumes: str = "exclude"
     ) -> tuple[list[SandboxRecord], bool]:
         """N new sandboxes that continue from this instant of the source, which keeps running.
 
@@ -416,8 +465,10 @@ class SandboxService:
         files. Returns the children and whether their memory was kept.
         """
         source = await self.get(who, sandbox_id)
+        if _buckets(source):
+            raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(source.id))
         memory = self.node.can_checkpoint() and source.state in ACTIVE
-        snap = await self.snapshot(who, sandbox_id, memory=memory, internal=True)
+        snap = await self.snapshot(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
             req = CreateSandbox(
                 snapshot=snap.id,
@@ -432,6 +483,7 @@ class SandboxService:
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
             await self.node.drop_checkpoint(snap.id)
+            await self.volumes.drop_sealed(snap)  # the children have their own copies
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -496,8 +548,13 @@ class SandboxService:
             if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
                 await self.store.delete_snapshot(snap.id)
                 await self.node.drop_checkpoint(snap.id)
+                await self.volumes.drop_sealed(snap)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         swept = await self.node.sweep(keep)
+        await self.volumes.sweep()
+        for rec in page.items:  # a bucket whose rclone died while the server was down is marked
+            if rec.id in keep and rec.state in ACTIVE and _buckets(rec):
+                await self._check_buckets(rec)
         await self.collect_layers()
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
 
@@ -523,8 +580,31 @@ class SandboxService:
                     last = self._activity.setdefault(rec.id, mono)
                     if mono - last >= rec.idle_timeout:
                         await self._idle(rec)
+                if rec.state in ACTIVE and _buckets(rec):
+                    await self._check_buckets(rec)
             except Exception:
                 log.exception("reaper failed on sandbox %s", rec.id)
+
+    async def _check_buckets(self, rec: SandboxRecord) -> None:
+        """Mark bucket mounts whose rclone is gone as `lost` (the sandbox sees ENOTCONN there);
+        hibernate and resume, or a new sandbox, mounts them again."""
+        served = [i for i, m in enumerate(rec.mounts) if m["type"] != "volume" and m.get("status") != "lost"]
+        if not served or all(await self.node.bucket_mounts_healthy(rec.id, served)):
+            return
+        async with self._locks[rec.id]:  # checked again: a hibernation may have stopped it meanwhile
+            fresh = await self._fresh(rec)
+            if fresh.state not in ACTIVE:
+                return
+            healthy = await self.node.bucket_mounts_healthy(rec.id, served)
+            lost = [i for i, ok in zip(served, healthy, strict=True) if not ok]
+            if not lost:
+                return
+            mounts = [dict(m) for m in fresh.mounts]
+            for i in lost:
+                mounts[i]["status"] = "lost"
+            await self.store.update_sandbox(rec.id, mounts=mounts)
+            rec.mounts = mounts
+        log.warning("bucket mount lost (its rclone exited)", extra={"sandbox": rec.id, "mounts": lost})
 
     async def _idle(self, rec: SandboxRecord) -> None:
         if rec.on_idle == "hibernate":

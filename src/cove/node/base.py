@@ -36,6 +36,9 @@ class SandboxSpec:
     user: str = "user"
     workdir: str = "/home/user"
     limits: Limits = field(default_factory=Limits)
+    # {"type": "volume", "volume": id, "path", "read_only"} or {"type": "s3", bucket…, "path", …};
+    # an s3 mount carries its credentials only when the sandbox is created.
+    mounts: tuple[dict[str, Any], ...] = ()
 
 
 class NodeError(Exception):
@@ -68,8 +71,11 @@ class NodeAgent(ABC):
         """Checkpoint every process to disk, then release its memory, mounts and cgroups."""
 
     @abstractmethod
-    async def snapshot_with_memory(self, sandbox_id: str, handle: dict[str, Any], key: str) -> str:
-        """Checkpoint the processes (under `key`) and seal the files at the same instant; keeps running."""
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: dict[str, Any], key: str, seal: tuple[tuple[str, str], ...] = ()
+    ) -> str:
+        """Checkpoint the processes (under `key`) and seal the files at the same instant; keeps running.
+        `seal`: (volume id, sealed id) pairs of volumes to copy at that instant too."""
 
     @abstractmethod
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
@@ -84,8 +90,9 @@ class NodeAgent(ABC):
         """Delete the checkpoint stored under `key`."""
 
     @abstractmethod
-    async def commit(self, sandbox_id: str) -> str:
-        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id."""
+    async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
+        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id.
+        `seal`: (volume id, sealed id) pairs of volumes to copy at the same instant."""
 
     @abstractmethod
     async def flatten(self, layers: list[str]) -> str:
@@ -136,6 +143,33 @@ class NodeAgent(ABC):
     @abstractmethod
     async def sweep(self, keep: set[str]) -> list[str]:
         """Release resources of sandboxes this node holds that are not in `keep`; returns their ids."""
+
+    # -- volumes (docs/volumes.md); a node without them refuses ------------------------------
+    volume_limits: bool = False  # can it enforce a volume's size limit?
+
+    async def create_volume(self, volume_id: str, size_mb: int | None) -> None:
+        raise NodeError("this node has no volumes")
+
+    async def clone_volume(self, sealed_id: str, volume_id: str, size_mb: int | None) -> None:
+        """A new volume with the content of a sealed copy (taken by a snapshot)."""
+        raise NodeError("this node has no volumes")
+
+    async def delete_volume(self, volume_id: str) -> None:
+        raise NodeError("this node has no volumes")
+
+    async def delete_sealed(self, sealed_ids: list[str]) -> None:
+        raise NodeError("this node has no volumes")
+
+    async def volume_ids(self) -> tuple[set[str], set[str]]:
+        """Ids of the volumes and of the sealed copies on this node."""
+        return set(), set()
+
+    def bucket_mounts_available(self) -> bool:
+        return False
+
+    async def bucket_mounts_healthy(self, sandbox_id: str, indices: list[int]) -> list[bool]:
+        """Is each bucket mount (by its index in the sandbox's mounts) still served?"""
+        return [False for _ in indices]
 
     @abstractmethod
     async def close(self) -> None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 CRIU = os.environ.get("COVE_CRIU") or (
@@ -68,8 +69,16 @@ def _run(argv: list[str], log: Path, what: str) -> None:
         raise CheckpointError(f"criu {what} failed: {detail}")
 
 
-def dump(pid: int, images: Path, freeze_cgroup: str, leave_running: bool) -> None:
-    """Checkpoint the tree under `pid` into `images`; without `leave_running` the tree is killed."""
+def dump(
+    pid: int,
+    images: Path,
+    freeze_cgroup: str,
+    leave_running: bool,
+    externals: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Checkpoint the tree under `pid` into `images`; without `leave_running` the tree is killed.
+
+    `externals`: (mount path inside, key) of mounts a restore may bind from elsewhere (volumes)."""
     images.mkdir(parents=True, exist_ok=True)
     argv = [
         CRIU, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
@@ -80,6 +89,8 @@ def dump(pid: int, images: Path, freeze_cgroup: str, leave_running: bool) -> Non
         "--cgroup-dump-controller", "",
         "--freeze-cgroup", freeze_cgroup,
     ]  # fmt: skip
+    for path, key in externals:
+        argv += ["--external", f"mnt[{path}]:{key}"]
     if leave_running:
         argv.append("--leave-running")
     _run(argv, images / "dump.log", "dump")
@@ -96,7 +107,9 @@ def complete(images: Path) -> bool:
     return (images / DONE).exists()
 
 
-def restore(images: Path, root: str, run_dir: str, cgroup: str, log: Path) -> int:
+def restore(
+    images: Path, root: str, run_dir: str, cgroup: str, log: Path, externals: Sequence[tuple[str, str]] = ()
+) -> int:
     """Restore an image into a prepared root (overlay mounted, cgroups made); returns pid 1's host pid."""
     pidfile = log.with_suffix(".pid")
     pidfile.unlink(missing_ok=True)
@@ -107,6 +120,8 @@ def restore(images: Path, root: str, run_dir: str, cgroup: str, log: Path) -> in
         "--ext-mount-map", "auto", "--external", f"mnt[run]:{run_dir}",
         "--manage-cgroups=soft", "--cgroup-root", "/" + cgroup.strip("/"),
     ]  # fmt: skip
+    for key, host_path in externals:  # (key, host dir): a volume, or its copy for a new sandbox
+        argv += ["--external", f"mnt[{key}]:{host_path}"]
     _run(argv, log, "restore")
     try:
         return int(pidfile.read_text().strip())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
-from cove.node import checkpoint
+from cove.node import bucket_mounts, checkpoint
 from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.node.namespaces import cgroups
@@ -107,8 +107,10 @@ class LocalNode(NodeAgent):
     async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
         await self.runtime.hibernate(sandbox_id, handle["pid"])
 
-    async def snapshot_with_memory(self, sandbox_id: str, handle: dict[str, Any], key: str) -> str:
-        return await self.runtime.snapshot_with_memory(sandbox_id, handle["pid"], key)
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: dict[str, Any], key: str, seal: tuple[tuple[str, str], ...] = ()
+    ) -> str:
+        return await self.runtime.snapshot_with_memory(sandbox_id, handle["pid"], key, seal)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
         return await self.runtime.restore(spec, key, resume)
@@ -119,8 +121,8 @@ class LocalNode(NodeAgent):
     async def drop_checkpoint(self, key: str) -> None:
         await self.runtime.drop_checkpoint(key)
 
-    async def commit(self, sandbox_id: str) -> str:
-        return await self.runtime.commit(sandbox_id)
+    async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
+        return await self.runtime.commit(sandbox_id, seal)
 
     async def flatten(self, layers: list[str]) -> str:
         return await asyncio.to_thread(self.layers.flatten, layers)
@@ -157,6 +159,47 @@ class LocalNode(NodeAgent):
         for sandbox_id in stray:
             await self.runtime.kill(sandbox_id)
         return stray
+
+    # -- volumes -------------------------------------------------------------------------------
+    @property
+    def volume_limits(self) -> bool:  # type: ignore[override]
+        return self.runtime.volumes.can_limit
+
+    def _volume_owner(self) -> tuple[int, int]:
+        uid = self.settings.uid_base + 1000  # the base template's `user`: it can write the volume
+        return uid, uid
+
+    async def create_volume(self, volume_id: str, size_mb: int | None) -> None:
+        await asyncio.to_thread(self.runtime.volumes.create, volume_id, size_mb, self._volume_owner())
+
+    async def clone_volume(self, sealed_id: str, volume_id: str, size_mb: int | None) -> None:
+        await asyncio.to_thread(self.runtime.volumes.clone_sealed, sealed_id, volume_id, size_mb)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        await asyncio.to_thread(self.runtime.volumes.delete, volume_id)
+
+    async def delete_sealed(self, sealed_ids: list[str]) -> None:
+        def drop() -> None:
+            for sealed_id in sealed_ids:
+                self.runtime.volumes.delete_sealed(sealed_id)
+
+        await asyncio.to_thread(drop)
+
+    async def volume_ids(self) -> tuple[set[str], set[str]]:
+        vols = self.runtime.volumes
+        return await asyncio.to_thread(lambda: (vols.ids(), vols.sealed_ids()))
+
+    def bucket_mounts_available(self) -> bool:
+        return bucket_mounts.available()
+
+    async def bucket_mounts_healthy(self, sandbox_id: str, indices: list[int]) -> list[bool]:
+        sdir = self.runtime.sandbox_dir(sandbox_id)
+
+        def check() -> list[bool]:
+            bucket_mounts.reap()
+            return [bucket_mounts.healthy(sdir, i) for i in indices]
+
+        return await asyncio.to_thread(check)
 
     async def close(self) -> None:
         await self.runtime.close()

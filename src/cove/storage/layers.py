@@ -62,6 +62,10 @@ class Btrfs:
     def snapshot(self, src: Path, dst: Path) -> None:
         _run("btrfs", "subvolume", "snapshot", "-r", str(src), str(dst))
 
+    def clone(self, src: Path, dst: Path) -> None:
+        """A writable copy (a snapshot that shares every extent until written)."""
+        _run("btrfs", "subvolume", "snapshot", str(src), str(dst))
+
     def delete(self, path: Path) -> None:
         if not path.exists():
             return
@@ -90,6 +94,9 @@ class Dirs:
         tmp = dst.with_name(dst.name + ".tmp")
         _run("cp", "-a", "--reflink=auto", str(src), str(tmp))
         os.rename(tmp, dst)
+
+    def clone(self, src: Path, dst: Path) -> None:
+        self.snapshot(src, dst)
 
     def delete(self, path: Path) -> None:
         fs = path / "fs"

@@ -33,6 +33,20 @@ class SandboxRecord:
     checkpoint: dict[str, Any] = field(default_factory=dict)  # how it was hibernated
     # Network and traffic settings ({"public_traffic": bool, ...}); the e2b front end keeps its own here.
     network: dict[str, Any] = field(default_factory=dict)
+    # Volumes and bucket mounts (docs/volumes.md), without credentials: those stay on the node.
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class VolumeRecord:
+    """A named volume of one tenant; its content lives on the node (`storage/volumes/<id>`)."""
+
+    id: str
+    tenant: str
+    name: str  # unique per tenant
+    size_mb: int | None  # None: no limit (the dirs backend cannot enforce one)
+    created_at: float
+    source: dict[str, Any] = field(default_factory=dict)  # {"snapshot", "volume"} for a copied one
 
 
 @dataclass
@@ -112,6 +126,23 @@ class Store(ABC):
 
     @abstractmethod
     async def delete_snapshot(self, snapshot_id: str) -> bool: ...
+
+    # volumes
+    async def insert_volume(self, rec: VolumeRecord) -> None:
+        """Raises ValueError when the tenant already has a volume of that name."""
+        raise NotImplementedError
+
+    async def get_volume(self, tenant: str, name: str) -> VolumeRecord | None:
+        raise NotImplementedError
+
+    async def get_volume_by_id(self, volume_id: str) -> VolumeRecord | None:
+        raise NotImplementedError
+
+    async def list_volumes(self, tenant: str | None) -> list[VolumeRecord]:
+        raise NotImplementedError
+
+    async def delete_volume(self, volume_id: str) -> bool:
+        raise NotImplementedError
 
     # api keys
     @abstractmethod

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from cove.store.base import KeyRecord, Page, SandboxRecord, SnapshotRecord, Store
+from cove.store.base import KeyRecord, Page, SandboxRecord, SnapshotRecord, Store, VolumeRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -53,6 +53,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
     memory INTEGER NOT NULL,
     config TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS volumes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size_mb INTEGER,
+    created_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT '{}',
+    UNIQUE (tenant, name)
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -62,9 +72,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
-_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint", "network"}
+_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts"}
 # Columns added after the first release: (table, column, definition), added to older databases at open.
-_ADDED_COLUMNS = [("sandboxes", "network", "TEXT NOT NULL DEFAULT '{}'")]
+_ADDED_COLUMNS = [
+    ("sandboxes", "network", "TEXT NOT NULL DEFAULT '{}'"),
+    ("sandboxes", "mounts", "TEXT NOT NULL DEFAULT '[]'"),
+]
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 
 
@@ -241,6 +254,57 @@ class SQLiteStore(Store):
     async def delete_snapshot(self, snapshot_id: str) -> bool:
         sql = "DELETE FROM snapshots WHERE id = ?"
         return bool(await self._call(lambda db: db.execute(sql, (snapshot_id,)).rowcount))
+
+    # -- volumes -------------------------------------------------------------------------
+    @staticmethod
+    def _volume(row: sqlite3.Row) -> VolumeRecord:
+        return VolumeRecord(
+            id=row["id"],
+            tenant=row["tenant"],
+            name=row["name"],
+            size_mb=row["size_mb"],
+            created_at=row["created_at"],
+            source=json.loads(row["source"]),
+        )
+
+    async def insert_volume(self, rec: VolumeRecord) -> None:
+        row = asdict(rec)
+        row["source"] = json.dumps(rec.source)
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        try:
+            await self._call(lambda db: db.execute(f"INSERT INTO volumes ({cols}) VALUES ({marks})", row))
+        except sqlite3.IntegrityError as e:
+            raise ValueError(f"volume {rec.name!r} exists") from e
+
+    async def get_volume(self, tenant: str, name: str) -> VolumeRecord | None:
+        def q(db: sqlite3.Connection) -> VolumeRecord | None:
+            sql = "SELECT * FROM volumes WHERE tenant = ? AND name = ?"
+            row = db.execute(sql, (tenant, name)).fetchone()
+            return self._volume(row) if row else None
+
+        return await self._call(q)
+
+    async def get_volume_by_id(self, volume_id: str) -> VolumeRecord | None:
+        def q(db: sqlite3.Connection) -> VolumeRecord | None:
+            row = db.execute("SELECT * FROM volumes WHERE id = ?", (volume_id,)).fetchone()
+            return self._volume(row) if row else None
+
+        return await self._call(q)
+
+    async def list_volumes(self, tenant: str | None) -> list[VolumeRecord]:
+        def q(db: sqlite3.Connection) -> list[VolumeRecord]:
+            if tenant is None:
+                rows = db.execute("SELECT * FROM volumes ORDER BY seq").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM volumes WHERE tenant = ? ORDER BY seq", (tenant,)).fetchall()
+            return [self._volume(r) for r in rows]
+
+        return await self._call(q)
+
+    async def delete_volume(self, volume_id: str) -> bool:
+        sql = "DELETE FROM volumes WHERE id = ?"
+        return bool(await self._call(lambda db: db.execute(sql, (volume_id,)).rowcount))
 
     # -- keys ----------------------------------------------------------------------------
     async def insert_key(self, rec: KeyRecord) -> None:

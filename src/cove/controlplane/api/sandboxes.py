@@ -99,7 +99,7 @@ async def hibernate(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
 async def snapshot(sandbox_id: str, who: Who, svc: Svc, body: CreateSnapshot | None = None) -> SnapshotOut:
     """Seal the sandbox's files as they are now; start new sandboxes from it with `snapshot`."""
     body = body or CreateSnapshot()
-    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name, body.memory))
+    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name, body.memory, volumes=body.volumes))
 
 
 @router.post("/{sandbox_id}/fork", status_code=201, response_model=ForkResult)
@@ -107,5 +107,5 @@ async def fork(sandbox_id: str, who: Who, svc: Svc, body: ForkRequest | None = N
     """`count` new sandboxes that continue from this instant (files, and processes where the node
     can checkpoint them: `memory`); the source keeps running."""
     body = body or ForkRequest()
-    children, memory = await svc.fork(who, sandbox_id, body.count, body.metadata)
+    children, memory = await svc.fork(who, sandbox_id, body.count, body.metadata, body.volumes)
     return ForkResult(items=[SandboxOut.of(c) for c in children], memory=memory)

@@ -172,6 +172,50 @@ def _sandbox_init(spec: dict, ready_w: int) -> None:
             os._exit(1)
 
 
+def _open_dir(parent: int, name: str, owner: int) -> int:
+    """Open (make where missing) a directory below `parent`, never following a symlink: what is
+    there comes from the sandbox's own files (a snapshot's), and must not lead out of its root."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        os.mkdir(name, 0o755, dir_fd=parent)
+        os.chown(name, owner, owner, dir_fd=parent, follow_symlinks=False)
+        return os.open(name, flags, dir_fd=parent)
+
+
+def _host_binds(root: str, binds: list, owner: int) -> None:
+    """Volumes and bucket mounts, bound under the root *before* the user namespace exists.
+
+    Made here, in the host's mount namespace, they are copied into the sandbox's namespace as
+    locked mounts: a read-only one cannot be made writable there, even by a root that somehow had
+    CAP_SYS_ADMIN in the sandbox's user namespace. nosuid and nodev always.
+    """
+    for bind in sorted(binds, key=lambda b: b["dst"]):
+        parts = [p for p in bind["dst"].split("/") if p]
+        if not parts or any(p in (".", "..") for p in parts):
+            raise ValueError(f"bad mount path {bind['dst']!r}")
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                nfd = _open_dir(fd, part, owner)
+                os.close(fd)
+                fd = nfd
+            target = _open_dir(fd, parts[-1], owner)
+            try:
+                syscalls.mount(bind["src"], f"/proc/self/fd/{target}", None, MS_BIND | MS_REC)
+            finally:
+                os.close(target)
+            mounted = _open_dir(fd, parts[-1], owner)  # now the mount's root
+            try:
+                flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (MS_RDONLY if bind.get("ro") else 0)
+                syscalls.mount(None, f"/proc/self/fd/{mounted}", None, flags)
+            finally:
+                os.close(mounted)
+        finally:
+            os.close(fd)
+
+
 def launch(spec: dict) -> dict:
     cg = cgroups.Cgroup(spec["cgroup"])
     cg.create()
@@ -182,6 +226,7 @@ def launch(spec: dict) -> dict:
     if not os.path.ismount(root):
         opts = f"lowerdir={':'.join(spec['lowerdirs'])},upperdir={spec['upper']},workdir={spec['work']}"
         syscalls.mount("overlay", root, "overlay", 0, opts)
+    _host_binds(root, spec.get("host_binds", []), spec["uid_map"][1])
 
     ready_r, ready_w = os.pipe()
     to_a_r, to_a_w = os.pipe()

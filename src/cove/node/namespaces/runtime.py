@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
-from cove.node import checkpoint
+from cove.node import bucket_mounts, checkpoint
 from cove.node.base import NodeError, SandboxSpec
 from cove.node.namespaces import cgroups, syscalls
 from cove.node.namespaces.launcher import process_start_time
 from cove.storage import kernel_layer
 from cove.storage.layers import LayerStore
+from cove.storage.volumes import VolumeStore
 
 log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
@@ -40,6 +41,7 @@ class NamespacesRuntime:
     def __init__(self, settings: Settings, layers: LayerStore) -> None:
         self.settings = settings
         self.layers = layers
+        self.volumes = VolumeStore(layers)
         self.settings.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self._forkserver: asyncio.subprocess.Process | None = None
         self._forkserver_lock = asyncio.Lock()
@@ -155,7 +157,9 @@ class NamespacesRuntime:
         else:
             active = self.layers.prepare(spec.id, layers, (base, base), spec.limits.disk_mb)
         limits = spec.limits
+        host_binds = self._mount_sources(spec)
         return {
+            "host_binds": host_binds,
             "rootfs": str(rootfs),
             "run_dir": str(run),
             "upper": str(active.upper),
@@ -173,6 +177,43 @@ class NamespacesRuntime:
             "python": self.settings.guest_python,
             "agent": "/run/cove/agent.pyc",
         }
+
+    def _mount_sources(self, spec: SandboxSpec) -> list[dict[str, Any]]:
+        """Host dirs for the sandbox's volumes and buckets (a bucket's rclone is started here).
+
+        Also records, in the sandbox's dir, which mount paths are volumes: a checkpoint names each
+        one as an external mount (`vol<n>`), so a restore can bind another volume there (a copy)."""
+        sdir = self.sandbox_dir(spec.id)
+        user = (self.settings.uid_base + 1000, self.settings.uid_base + 1000)
+        binds: list[dict[str, Any]] = []
+        for i, m in enumerate(spec.mounts):
+            if m["type"] == "volume":
+                src = self.volumes.path(m["volume"])
+                if not src.is_dir():
+                    raise NodeError(f"volume {m.get('name') or m['volume']} is gone from this node")
+            else:
+                if "access_key_id" in m or not (bucket_mounts.mount_dir(sdir, i) / "rclone.conf").exists():
+                    bucket_mounts.write_config(sdir, i, m)
+                try:
+                    src = bucket_mounts.start(sdir, i, user)
+                except OSError as e:
+                    raise NodeError(str(e)) from e
+            binds.append(
+                {"src": str(src), "dst": m["path"], "ro": bool(m.get("read_only")), "type": m["type"]}
+            )
+        keys = [
+            {"key": f"vol{n}", "dst": b["dst"], "src": b["src"]}
+            for n, b in enumerate(binds)
+            if b["type"] == "volume"
+        ]
+        (sdir / "volumes.json").write_text(json.dumps(keys))
+        return binds
+
+    def _volume_externals(self, sandbox_id: str) -> list[dict[str, str]]:
+        try:
+            return json.loads((self.sandbox_dir(sandbox_id) / "volumes.json").read_text())
+        except (OSError, ValueError):
+            return []
 
     async def create(self, spec: SandboxSpec, resume: bool = False) -> dict[str, Any]:
         """Start a sandbox; with `resume`, over the writable layer it already has (after a stop)."""
@@ -236,13 +277,17 @@ class NamespacesRuntime:
             cg.kill()
         rootfs = self.sandbox_dir(sandbox_id) / "rootfs"
         if os.path.ismount(rootfs):
-            syscalls.umount(str(rootfs), syscalls.MNT_DETACH)
+            syscalls.umount(str(rootfs), syscalls.MNT_DETACH)  # volumes and buckets bound below go too
+        bucket_mounts.stop_all(self.sandbox_dir(sandbox_id))
         if cg.exists():
             cg.remove()
 
     def _kill(self, sandbox_id: str) -> None:
         self._stop(sandbox_id)
-        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        sdir = self.sandbox_dir(sandbox_id)
+        if bucket_mounts.mounted(sdir):  # never walk into a bucket: rmtree would delete its objects
+            raise NodeError(f"a bucket of sandbox {sandbox_id} is still mounted at {sdir / 'fuse'}")
+        shutil.rmtree(sdir, ignore_errors=True)
         shutil.rmtree(self.checkpoint_dir(sandbox_id), ignore_errors=True)
         self.layers.remove_active(sandbox_id)
 
@@ -295,7 +340,14 @@ class NamespacesRuntime:
         )
         return root / key
 
-    def _checkpoint(self, sandbox_id: str, pid: int, images: Path, leave_running: bool) -> str | None:
+    def _checkpoint(
+        self,
+        sandbox_id: str,
+        pid: int,
+        images: Path,
+        leave_running: bool,
+        seal: tuple[tuple[str, str], ...] = (),
+    ) -> str | None:
         """Dump the sandbox's processes into `images`, frozen through cove's own freezer.
 
         leave_running: also seal its files while still frozen (a snapshot: memory and files from one
@@ -309,13 +361,16 @@ class NamespacesRuntime:
         shutil.rmtree(images, ignore_errors=True)
         if leave_running:
             self.layers.flush(sandbox_id)  # most dirty data goes to disk before the freeze
+            for volume_id, _ in seal:
+                self.volumes.flush(volume_id)
+        externals = [(v["dst"], v["key"]) for v in self._volume_externals(sandbox_id)]
         was_frozen = cg.frozen()  # a paused sandbox stays paused
         cg.freeze(True)
         layer = None
         try:
             for attempt in range(3):
                 try:
-                    checkpoint.dump(pid, images, freezer, leave_running)
+                    checkpoint.dump(pid, images, freezer, leave_running, externals)
                     break
                 except checkpoint.CheckpointError as e:
                     if not checkpoint.transient(e) or attempt == 2 or was_frozen:
@@ -326,6 +381,7 @@ class NamespacesRuntime:
             self._save_process_records(sandbox_id, images)
             if leave_running:
                 layer = self.layers.commit(sandbox_id)
+                self._seal_volumes(seal)
         except BaseException:
             shutil.rmtree(images, ignore_errors=True)
             if not was_frozen:
@@ -340,8 +396,23 @@ class NamespacesRuntime:
     async def hibernate(self, sandbox_id: str, pid: int) -> None:
         await asyncio.to_thread(self._checkpoint, sandbox_id, pid, self.checkpoint_dir(sandbox_id), False)
 
-    async def snapshot_with_memory(self, sandbox_id: str, pid: int, key: str) -> str:
-        layer = await asyncio.to_thread(self._checkpoint, sandbox_id, pid, self.checkpoint_dir(key), True)
+    def _seal_volumes(self, seal: tuple[tuple[str, str], ...]) -> None:
+        done: list[str] = []
+        try:
+            for volume_id, sealed_id in seal:
+                self.volumes.seal(volume_id, sealed_id)
+                done.append(sealed_id)
+        except BaseException:
+            for sealed_id in done:
+                self.volumes.delete_sealed(sealed_id)
+            raise
+
+    async def snapshot_with_memory(
+        self, sandbox_id: str, pid: int, key: str, seal: tuple[tuple[str, str], ...] = ()
+    ) -> str:
+        layer = await asyncio.to_thread(
+            self._checkpoint, sandbox_id, pid, self.checkpoint_dir(key), True, seal
+        )
         assert layer is not None
         return layer
 
@@ -390,7 +461,10 @@ class NamespacesRuntime:
             opts = f"lowerdir={':'.join(launch['lowerdirs'])},upperdir={launch['upper']},workdir={launch['work']}"
             syscalls.mount("overlay", launch["rootfs"], "overlay", 0, opts)
         log_path = self.sandbox_dir(spec.id) / "restore.log"
-        pid = checkpoint.restore(images, launch["rootfs"], launch["run_dir"], launch["cgroup"], log_path)
+        externals = [(v["key"], v["src"]) for v in self._volume_externals(spec.id)]
+        pid = checkpoint.restore(
+            images, launch["rootfs"], launch["run_dir"], launch["cgroup"], log_path, externals
+        )
         return {"pid": pid, "start_time": process_start_time(pid), "runtime": self.name}
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
@@ -407,22 +481,31 @@ class NamespacesRuntime:
     async def drop_checkpoint(self, key: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.checkpoint_dir(key), True)
 
-    def _commit(self, sandbox_id: str) -> str:
-        """Seal a copy of the writable layer at one instant: flush first (the sandbox runs on while
-        the bulk of its dirty data is written back), then freeze only for the snapshot itself."""
+    def _commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
+        """Seal a copy of the writable layer (and of the volumes in `seal`: (volume id, sealed id))
+        at one instant: flush first (the sandbox runs on while the bulk of its dirty data is written
+        back), then freeze only for the snapshots themselves."""
         self.layers.flush(sandbox_id)
+        for volume_id, _ in seal:
+            self.volumes.flush(volume_id)
         cg = self.cgroup(sandbox_id)
         running = cg.exists() and not cg.frozen()
         if running:
             cg.freeze(True)
         try:
-            return self.layers.commit(sandbox_id)
+            layer = self.layers.commit(sandbox_id)
+            try:
+                self._seal_volumes(seal)
+            except BaseException:
+                self.layers.remove_layer(layer)
+                raise
+            return layer
         finally:
             if running:
                 cg.freeze(False)
 
-    async def commit(self, sandbox_id: str) -> str:
-        return await asyncio.to_thread(self._commit, sandbox_id)
+    async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
+        return await asyncio.to_thread(self._commit, sandbox_id, seal)
 
     def present(self) -> set[str]:
         """Ids of every sandbox with files or a cgroup on this host."""
