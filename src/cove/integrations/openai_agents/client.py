@@ -19,6 +19,7 @@ from cove.integrations.openai_agents.session import CoveSandboxSession
 from cove.integrations.openai_agents.state import CoveSandboxClientOptions, CoveSandboxSessionState
 from cove.sdk._core import Config
 from cove.sdk.aio import AsyncSandbox
+from cove.sdk.models import SandboxInfo
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class CoveSandboxClient(BaseSandboxClient[CoveSandboxClientOptions | None]):
             workspace_persistence=options.workspace_persistence,
             on_exit=options.effective_on_exit,
         )
-        inner = CoveSandboxSession(state=state, sandbox=sandbox)
+        inner = CoveSandboxSession(state=state, sandbox=sandbox, api_key=config.api_key)
         return self._wrap_session(inner, instrumentation=self._instrumentation)
 
     async def delete(self, session: SandboxSession) -> SandboxSession:
@@ -122,7 +123,9 @@ class CoveSandboxClient(BaseSandboxClient[CoveSandboxClientOptions | None]):
             state.sandbox_id = sandbox.id
             state.workspace_root_ready = False
         state.url = config.url
-        inner = CoveSandboxSession(state=state, sandbox=sandbox, pristine_snapshot=pristine)
+        inner = CoveSandboxSession(
+            state=state, sandbox=sandbox, api_key=config.api_key, pristine_snapshot=pristine
+        )
         inner._set_start_state_preserved(reattached, system=reattached)
         return self._wrap_session(inner, instrumentation=self._instrumentation)
 
@@ -131,9 +134,10 @@ class CoveSandboxClient(BaseSandboxClient[CoveSandboxClientOptions | None]):
             sandbox = await AsyncSandbox.connect(state.sandbox_id, url=config.url, api_key=config.api_key)
         except NotFound:
             return None
-        info = sandbox._info
+        info: SandboxInfo | None = None
         try:
-            if info is not None and info.state in ("paused", "hibernated"):
+            info = await sandbox.info()
+            if info.state in ("paused", "hibernated"):
                 info = await sandbox.resume()
                 if state.sandbox_timeout:  # shutdown stopped its clock while it slept
                     await sandbox.set_timeout(state.sandbox_timeout)

@@ -103,10 +103,12 @@ class CoveSandboxSession(BaseSandboxSession):
         *,
         state: CoveSandboxSessionState,
         sandbox: AsyncSandbox,
+        api_key: str | None = None,
         pristine_snapshot: str | None = None,
     ) -> None:
         self.state = state
         self._sandbox = sandbox
+        self._api_key = api_key  # for the sandboxes it starts; never part of the state
         self._root_ready = state.workspace_root_ready
         self._pty = PtyProcesses()
         # A sandbox just started from this cove snapshot: restoring it again would change nothing.
@@ -550,5 +552,4 @@ class CoveSandboxSession(BaseSandboxSession):
 
     def _connection(self) -> dict[str, Any]:
         """The server and key this session's sandbox was reached with, for the sandboxes it makes."""
-        config = self._sandbox._http.config
-        return {"url": config.url, "api_key": config.api_key, "transport": config.transport}
+        return {"url": self.state.url, "api_key": self._api_key}
