@@ -426,7 +426,10 @@ def test_persist_delete_resume_restores_the_workspace(
     async def second() -> tuple[str, str, str, str, str | None]:
         state = client.deserialize_session_state(json.loads(json.dumps(payload)))
         s = await client.resume(state)
+        started_on = _inner(s).sandbox_id
         async with s:
+            # From a cove snapshot, the replacement already is the snapshot: no second sandbox.
+            assert _inner(s).sandbox_id == started_on
             result = await _text(s, "work/result.txt")
             seed = await _text(s, "seed.txt")
             who = (await s.exec("stat -c %U work/result.txt")).stdout.decode().strip()

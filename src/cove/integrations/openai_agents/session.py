@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import shlex
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlsplit
@@ -458,7 +458,7 @@ class CoveSandboxSession(BaseSandboxSession):
             with contextlib.suppress(CoveError):
                 await self._sandbox.files.remove(archive, user=_ADMIN)
 
-    async def _with_mounts_detached(self, persist: Any) -> io.IOBase:
+    async def _with_mounts_detached(self, persist: Callable[[], Awaitable[bytes]]) -> io.IOBase:
         """Run ``persist`` with the ephemeral mounts unmounted (they are not workspace state)."""
         root = Path(self._workspace_root_path())
         detached: list[tuple[Mount, Path]] = []
