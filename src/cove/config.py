@@ -53,6 +53,10 @@ class Settings:
     # Host names `{port}-{sandbox id}.{domain}` reach a port inside a sandbox (default: *.localhost,
     # which browsers and curl resolve to loopback). Set it to a wildcard DNS name that points here.
     domain: str | None = field(default_factory=lambda: os.environ.get("COVE_DOMAIN") or None)
+    # Egress (docs/network.md): the port of the proxy inside each sandbox (on its own loopback), and
+    # names the proxy resolves itself before DNS ("name=ip,name=ip"; they may reach private addresses).
+    egress_port: int = field(default_factory=lambda: int(os.environ.get("COVE_EGRESS_PORT", "17770")))
+    egress_hosts: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS_HOSTS", ""))
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

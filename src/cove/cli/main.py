@@ -203,15 +203,25 @@ def create(
     idle_timeout: Annotated[
         int | None, typer.Option("--idle-timeout", help="Pause after this many idle seconds (0 = never).")
     ] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            "--network",
+            "-n",
+            help="Egress: none (default), open, allow:RULE,... or deny:RULE,... (see cove network).",
+        ),
+    ] = None,
 ) -> None:
     """Start a sandbox and print its id.
 
     [bold]Examples:[/]  [cyan]cove create -t base -e DEBUG=1 -l project=demo --memory 512[/]
                 [cyan]cove create --snapshot snapab12cd34ef56[/]
+                [cyan]cove create --network allow:pypi.org,*.pythonhosted.org[/]
     """
     conn = _conn(ctx)
     sandbox = Sandbox.create(
         template,
+        network=_network_spec(network) if network is not None else None,
         snapshot=snapshot,
         idle_timeout=idle_timeout,
         env=_pairs(env, "--env"),
@@ -226,6 +236,79 @@ def create(
     )
     sandbox.close()
     out.print(sandbox.id)
+
+
+def _rules(values: list[str] | None) -> list[str]:
+    """Repeatable options whose values may also be comma-separated lists."""
+    return [r.strip() for v in values or [] for r in v.split(",") if r.strip()]
+
+
+def _network_spec(text: str) -> dict[str, Any]:
+    mode, _, rules = text.partition(":")
+    if mode not in ("none", "open", "allow", "deny"):
+        _fail(f"--network: expected none, open, allow:RULE,... or deny:RULE,...; got {text!r}")
+    if rules and mode not in ("allow", "deny"):
+        _fail(f"--network: mode {mode} takes no rules")
+    return {"mode": mode, mode: _rules([rules])} if rules else {"mode": mode}
+
+
+@app.command("network")
+@_friendly
+def network_(
+    ctx: typer.Context,
+    sandbox_id: Annotated[str, typer.Argument(metavar="ID", help="Sandbox id.")],
+    mode: Annotated[str | None, typer.Option("--mode", help="none, allow, deny or open.")] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help="Allow rules (repeatable or comma-separated); replaces the list."),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option("--deny", help="Deny rules (repeatable or comma-separated); replaces the list."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show or change a sandbox's egress policy; new connections follow a change at once.
+
+    Modes: [bold]none[/] (nothing leaves), [bold]allow[/] (only the allow list, minus the deny list),
+    [bold]deny[/] (everything but the deny list, plus the allow list), [bold]open[/]. A rule is
+    HOST[:PORTS]: a domain, *.domain, an IP or CIDR, or *; PORTS is 443 or 8000-8999.
+    [cyan]--allow[/] alone on a sandbox in mode none switches it to allow.
+
+    [bold]Examples:[/]  [cyan]cove network sb-1234[/]
+                [cyan]cove network sb-1234 --allow pypi.org,*.pythonhosted.org[/]
+                [cyan]cove network sb-1234 --mode deny --deny 10.0.0.0/8[/]
+    """
+    sandbox = _conn(ctx).sandbox(sandbox_id)
+    try:
+        current = sandbox.get_network()
+        if mode is not None or allow is not None or deny is not None:
+            new_mode = mode or ("allow" if current.mode == "none" and allow else current.mode)
+            current = sandbox.set_network(
+                new_mode,
+                allow=_rules(allow) if allow is not None else current.allow,
+                deny=_rules(deny) if deny is not None else current.deny,
+            )
+    finally:
+        sandbox.close()
+    if as_json:
+        out.print_json(json.dumps(asdict(current)))
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    last = current.last_denied
+    rows = [
+        ("mode", escape(current.mode)),
+        ("allow", escape(", ".join(current.allow)) or "-"),
+        ("deny", escape(", ".join(current.deny)) or "-"),
+        ("proxy", escape(current.proxy or current.error or "not running")),
+        ("connections", f"{current.allowed} allowed, {current.denied} denied"),
+        ("last denied", escape(f"{last['target']}: {last['reason']}") if last else "-"),
+    ]
+    for key, value in rows:
+        grid.add_row(key, value)
+    out.print(grid)
 
 
 @app.command("ls")

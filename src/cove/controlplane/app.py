@@ -20,6 +20,7 @@ from cove.controlplane.api import (
     contexts,
     files,
     keys,
+    network,
     ports,
     processes,
     sandboxes,
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await cove.service.stop_reaper()
+            await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
             if cove.demo_key:
                 rec = await store.key_by_hash(auth.hash_key(cove.demo_key))
                 if rec:
@@ -143,7 +145,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.cove = cove
     errors.install_handlers(app)
-    for module in (system, sandboxes, snapshots, volumes, commands, processes, contexts, files, keys, urls):
+    for module in (
+        system,
+        sandboxes,
+        network,
+        snapshots,
+        volumes,
+        commands,
+        processes,
+        contexts,
+        files,
+        keys,
+        urls,
+    ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cove.store.base import Store
 
@@ -23,6 +23,13 @@ class Metrics:
             "cove_exec_seconds",
             "Duration of commands run through the API",
             buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
+            registry=self.registry,
+        )
+
+        self.egress = Counter(
+            "cove_egress_connections",
+            "Connections through the sandboxes' egress proxies, by result (allowed, denied, failed)",
+            ["result"],
             registry=self.registry,
         )
 

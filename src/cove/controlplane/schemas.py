@@ -5,8 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from cove.network.egress_policy import Policy, parse_rules
 from cove.store.base import KeyRecord, SandboxRecord, SnapshotRecord, VolumeRecord
 
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
@@ -24,6 +33,56 @@ def _check_env(env: dict[str, str]) -> dict[str, str]:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+NetworkMode = Literal["none", "allow", "deny", "open"]
+Rules = list[Annotated[str, StringConstraints(max_length=300)]]
+
+
+class NetworkSettings(Strict):
+    """A sandbox's egress policy (docs/network.md)."""
+
+    mode: NetworkMode = Field(
+        default="none",
+        description="none: no egress; allow: only the allow list; deny: all but the deny list; open: all",
+    )
+    allow: Rules = Field(
+        default_factory=list,
+        max_length=1024,
+        description="HOST[:PORTS] rules: pypi.org, *.pythonhosted.org, 10.0.0.0/8:443, [::1]:8080, *:443",
+    )
+    deny: Rules = Field(default_factory=list, max_length=1024, description="rules, same form as allow")
+    public_traffic: bool | None = Field(
+        default=None, description="the sandbox's ports are reachable without a key (default: no)"
+    )
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _rules(cls, rules: list[str], info: ValidationInfo) -> list[str]:
+        return [r.text for r in parse_rules(rules, str(info.field_name))]  # a ValueError is a 422
+
+    def record(self) -> dict[str, Any]:
+        """What the sandbox record keeps in `network`."""
+        return self.model_dump(exclude_none=True)
+
+
+class NetworkOut(BaseModel):
+    mode: NetworkMode = "none"
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    public_traffic: bool | None = None
+
+    @classmethod
+    def of(cls, network: dict[str, Any]) -> NetworkOut:
+        return cls(**Policy.of_record(network).as_dict(), public_traffic=network.get("public_traffic"))
+
+
+class NetworkStatus(NetworkOut):
+    proxy: str | None = Field(default=None, description="the proxy's URL inside the sandbox, when it runs")
+    error: str | None = Field(default=None, description="why the proxy does not run")
+    allowed: int = Field(default=0, description="connections let through since the server started")
+    denied: int = Field(default=0, description="connections refused since the server started")
+    last_denied: dict[str, Any] | None = None
 
 
 VolumeName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -142,10 +201,8 @@ class CreateSandbox(Strict):
     snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
         default=None, description="start from this snapshot instead of a template"
     )
-    network: dict[str, Any] = Field(
-        default_factory=dict,
-        max_length=64,
-        description="network settings to record (e.g. the e2b front end's egress rules); not enforced yet",
+    network: NetworkSettings = Field(
+        default_factory=NetworkSettings, description="egress policy (default: mode none, no egress)"
     )
 
     volumes: list[VolumeMount] = Field(
@@ -202,6 +259,7 @@ class SandboxOut(BaseModel):
     )
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="mounted volumes")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounted buckets (no credentials)")
+    network: NetworkOut = Field(default_factory=NetworkOut, description="egress policy")
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -229,6 +287,7 @@ class SandboxOut(BaseModel):
                 if m["type"] == "volume"
             ],
             mounts=[m for m in r.mounts if m["type"] != "volume"],
+            network=NetworkOut.of(r.network),
         )
 
 

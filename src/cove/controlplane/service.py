@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from cove.config import Settings
@@ -26,6 +27,8 @@ from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.volumes import Volumes
+from cove.network.egress import Egress, parse_hosts, proxy_env
+from cove.network.egress_policy import Policy
 from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.store.base import Page, SandboxRecord, SnapshotRecord, Store
@@ -71,6 +74,13 @@ class SandboxService:
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.volumes = Volumes(settings, store, node)
+        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
+        self.egress = Egress(
+            settings.egress_port,
+            parse_hosts(settings.egress_hosts),
+            settings.port,
+            lambda result: metrics.egress.labels(result).inc(),
+        )
 
     # -- state machine ---------------------------------------------------------------------
     async def _transition(self, rec: SandboxRecord, to: str, **fields: Any) -> None:
@@ -137,8 +147,17 @@ class SandboxService:
         )
         return template, {**snap.config, "checkpoint": snap.id if snap.memory else None}
 
-    async def create(self, who: Caller, req: CreateSandbox) -> SandboxRecord:
+    async def create(
+        self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None
+    ) -> SandboxRecord:
+        """`network`: the record's whole network settings instead of `req.network` (front ends and
+        forks keep keys of their own there); its policy is validated here."""
         started = time.perf_counter()
+        network = req.network.record() if network is None else dict(network)
+        try:
+            Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+        except ValueError as e:
+            raise ApiError(422, "validation_error", f"network: {e}") from e
         async with self._layer_refs:  # the source's layers cannot be collected meanwhile
             template, defaults = await self._source(who, req)
             timeout = self.settings.default_timeout if req.timeout is None else req.timeout
@@ -175,7 +194,7 @@ class SandboxService:
                 idle_timeout=req.idle_timeout,
                 on_idle=req.on_idle,
                 on_timeout=req.on_timeout,
-                network=dict(req.network),
+                network=network,
             )
             if defaults.get("checkpoint") and (req.volumes or req.mounts):
                 raise ApiError(
@@ -201,6 +220,7 @@ class SandboxService:
                     )
                 else:
                     handle = await self.node.create(self._node_spec(rec, template, node_mounts))
+                await self._attach_egress(rec, handle)
             except (NodeError, OSError) as e:
                 await self._transition(rec, "error", end_reason=str(e)[:2000])
                 await self.volumes.drop(made)
@@ -227,9 +247,41 @@ class SandboxService:
     def _spec(self, rec: SandboxRecord, template: TemplateSpec) -> SandboxSpec:
         limits = Limits(**rec.limits)
         chain = TemplateSpec(name=template.name, layers=tuple(rec.layers), config=template.config)
+        env = {**proxy_env(self.settings.egress_port), **rec.env}  # the sandbox's way out: its proxy
         return SandboxSpec(
-            id=rec.id, template=chain, env=rec.env, user=rec.user, workdir=rec.workdir, limits=limits
+            id=rec.id, template=chain, env=env, user=rec.user, workdir=rec.workdir, limits=limits
         )
+
+    # -- egress --------------------------------------------------------------------------
+    async def _attach_egress(self, rec: SandboxRecord, handle: dict[str, Any]) -> None:
+        """Open the egress proxy in the namespace of the processes started with `handle` (after
+        create, restore and adoption: a restored namespace is a new one, without the listener)."""
+        await self.egress.attach(rec.id, handle, Policy.of_record(rec.network))
+
+    async def network_status(self, who: Caller, sandbox_id: str) -> tuple[SandboxRecord, dict[str, Any]]:
+        rec = await self.get(who, sandbox_id)
+        return rec, self.egress.status(rec.id)
+
+    async def set_network(
+        self, who: Caller, sandbox_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> SandboxRecord:
+        """Replace the sandbox's network settings with `change(current)`; new connections follow
+        the new policy at once (a hibernated sandbox gets it when it resumes)."""
+        rec = await self.get(who, sandbox_id)
+        async with self._locks[rec.id]:
+            rec = await self._fresh(rec)
+            if rec.state not in LIVE:
+                raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
+            network = change(dict(rec.network))
+            try:
+                policy = Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+            except ValueError as e:
+                raise ApiError(422, "validation_error", f"network: {e}") from e
+            await self.store.update_sandbox(rec.id, network=network)
+            rec.network = network
+            self.egress.set_policy(rec.id, policy)
+        log.info("network policy set", extra={"sandbox": rec.id, **policy.as_dict()})
+        return rec
 
     # -- kill / timeout ------------------------------------------------------------------
     async def kill(self, who: Caller, sandbox_id: str) -> None:
@@ -248,6 +300,7 @@ class SandboxService:
                 return
             if check == "expired" and (fresh.expires_at is None or fresh.expires_at > time.time()):
                 return
+            await self.egress.detach(fresh.id, forget=True)  # its connections pin the namespace
             await self.node.kill(fresh.id, fresh.node)
             await self._transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
@@ -309,6 +362,7 @@ class SandboxService:
                             503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
                         ) from e
                 await self.node.drop_checkpoint(rec.id)
+                await self._attach_egress(rec, handle)
                 remounted = [m if m["type"] == "volume" else {**m, "status": "mounted"} for m in rec.mounts]
                 await self._transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
             elif rec.state != "running":
@@ -332,10 +386,13 @@ class SandboxService:
                 return rec
             if rec.state not in ACTIVE:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
+            # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
+            await self.egress.detach(rec.id)
             if self.node.can_checkpoint() and not _buckets(rec):
                 try:
                     await self.node.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
+                    await self._attach_egress(rec, rec.node)
                     raise ApiError(
                         503, "hibernate_failed", f"hibernating {rec.id} failed, it is still {rec.state}: {e}"
                     ) from e
@@ -478,7 +535,8 @@ class SandboxService:
                 idle_timeout=source.idle_timeout,
             )
             results = await asyncio.gather(
-                *(self.create(who, req) for _ in range(count)), return_exceptions=True
+                *(self.create(who, req, network=source.network) for _ in range(count)),
+                return_exceptions=True,
             )
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
@@ -528,6 +586,8 @@ class SandboxService:
                 keep.add(rec.id)
                 if rec.state == "running":
                     await self.node.resume(rec.id)  # a crash during a snapshot may have left it frozen
+                if rec.state in ACTIVE:
+                    await self._attach_egress(rec, rec.node)
                 continue
             if rec.state in ACTIVE and await self.node.has_checkpoint(rec.id):
                 # The server died after the hibernation's dump completed but before recording it.

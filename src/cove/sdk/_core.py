@@ -31,7 +31,7 @@ from cove.errors import (
     error_from_response,
     status_for_code,
 )
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
 
 T = TypeVar("T")
 
@@ -214,8 +214,11 @@ def create_sandbox(
     auto_resume: bool | None = None,
     idle_timeout: int | None = None,
     snapshot: str | None = None,
+    network: Network | None = None,
 ) -> Op[SandboxInfo]:
     body: dict[str, Any] = {"template": template, "env": dict(env or {}), "metadata": dict(metadata or {})}
+    if network is not None:
+        body["network"] = network_body(network)
     optional = {
         "snapshot": snapshot,
         "auto_resume": auto_resume,
@@ -336,6 +339,27 @@ def file_url(
         body["user"] = user
     data = yield Call("POST", sandbox_path(sandbox_id, "/urls"), json=body)
     return str(data["url"])
+
+
+Network = str | Mapping[str, Any]
+
+
+def network_body(network: Network) -> dict[str, Any]:
+    """``"open"`` is ``{"mode": "open"}``; a mapping is sent as it is (mode, allow, deny)."""
+    return {"mode": network} if isinstance(network, str) else dict(network)
+
+
+def get_network(sandbox_id: str) -> Op[NetworkInfo]:
+    data = yield Call("GET", sandbox_path(sandbox_id, "/network"))
+    return NetworkInfo.from_dict(data)
+
+
+def set_network(
+    sandbox_id: str, mode: str, allow: Sequence[str] = (), deny: Sequence[str] = ()
+) -> Op[NetworkInfo]:
+    body = {"mode": mode, "allow": list(allow), "deny": list(deny)}
+    data = yield Call("PUT", sandbox_path(sandbox_id, "/network"), json=body)
+    return NetworkInfo.from_dict(data)
 
 
 def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:

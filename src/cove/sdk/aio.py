@@ -27,7 +27,7 @@ import httpx
 from cove.errors import CoveError, InvalidArgument
 from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
 
 __all__ = ["AsyncFiles", "AsyncSandbox", "create_key", "delete_key", "list_keys"]
 
@@ -321,6 +321,7 @@ class AsyncSandbox:
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
         snapshot: str | None = None,
+        network: _core.Network | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -340,6 +341,7 @@ class AsyncSandbox:
             "auto_resume": auto_resume,
             "idle_timeout": idle_timeout,
             "snapshot": snapshot,
+            "network": network,
         }
 
         async def make() -> AsyncSandbox:
@@ -477,6 +479,18 @@ class AsyncSandbox:
         gives ``http://{port}-{id}.{domain}/…`` (the server's ``COVE_DOMAIN``; ``*.localhost`` by
         default), ``by="path"`` gives ``{server}/v1/sandboxes/{id}/ports/{port}/…``."""
         return await self._http.run(_core.port_url(self._id, port, expires_in, path, by))
+
+    async def get_network(self) -> NetworkInfo:
+        """The sandbox's egress policy and its proxy's counters (docs/network.md)."""
+        return await self._http.run(_core.get_network(self._id))
+
+    async def set_network(
+        self, mode: str, *, allow: Sequence[str] = (), deny: Sequence[str] = ()
+    ) -> NetworkInfo:
+        """Replace the egress policy; new connections follow it at once. ``mode`` is ``none``,
+        ``allow`` (only ``allow``, minus ``deny``), ``deny`` (all but ``deny``, plus ``allow``) or
+        ``open``; rules are ``HOST[:PORTS]``: ``pypi.org``, ``*.pythonhosted.org``, ``10.0.0.0/8:443``."""
+        return await self._http.run(_core.set_network(self._id, mode, allow, deny))
 
     async def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""

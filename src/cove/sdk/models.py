@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["ApiKey", "EntryInfo", "ExecEvent", "ExecResult", "Limits", "SandboxInfo"]
+__all__ = ["ApiKey", "EntryInfo", "ExecEvent", "ExecResult", "Limits", "NetworkInfo", "SandboxInfo"]
 
 
 def _time(value: Any) -> datetime | None:
@@ -63,6 +63,36 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkInfo:
+    """A sandbox's egress policy (see docs/network.md); ``get_network()`` adds the proxy's counters."""
+
+    mode: str = "none"
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    public_traffic: bool | None = None
+    proxy: str | None = None  # its URL inside the sandbox, while it runs
+    allowed: int = 0  # connections let through / refused since the server started
+    denied: int = 0
+    last_denied: dict[str, Any] | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> NetworkInfo:
+        data = data or {}
+        return cls(
+            mode=str(data.get("mode") or "none"),
+            allow=[str(r) for r in data.get("allow") or []],
+            deny=[str(r) for r in data.get("deny") or []],
+            public_traffic=data.get("public_traffic"),
+            proxy=data.get("proxy"),
+            allowed=int(data.get("allowed") or 0),
+            denied=int(data.get("denied") or 0),
+            last_denied=data.get("last_denied"),
+            error=data.get("error"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxInfo:
     """What the server knows about one sandbox."""
 
@@ -79,6 +109,7 @@ class SandboxInfo:
     limits: Limits = field(default_factory=Limits)
     end_reason: str | None = None
     hibernation: dict[str, Any] | None = None  # after hibernate: {"memory": bool, ...}
+    network: NetworkInfo = field(default_factory=NetworkInfo)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -96,6 +127,7 @@ class SandboxInfo:
             limits=Limits.from_dict(data.get("limits")),
             end_reason=data.get("end_reason"),
             hibernation=data.get("hibernation"),
+            network=NetworkInfo.from_dict(data.get("network")),
         )
 
     @property

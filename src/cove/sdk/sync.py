@@ -13,7 +13,7 @@ import httpx
 from cove.errors import CoveError
 from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, SandboxInfo, SnapshotInfo
+from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
 
 __all__ = ["Files", "Sandbox", "create_key", "delete_key", "list_keys"]
 
@@ -244,6 +244,7 @@ class Sandbox:
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
         snapshot: str | None = None,
+        network: _core.Network | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -266,6 +267,7 @@ class Sandbox:
                     auto_resume=auto_resume,
                     idle_timeout=idle_timeout,
                     snapshot=snapshot,
+                    network=network,
                 )
             )
         except BaseException:
@@ -407,6 +409,16 @@ class Sandbox:
         gives ``http://{port}-{id}.{domain}/…`` (the server's ``COVE_DOMAIN``; ``*.localhost`` by
         default), ``by="path"`` gives ``{server}/v1/sandboxes/{id}/ports/{port}/…``."""
         return self._http.run(_core.port_url(self._id, port, expires_in, path, by))
+
+    def get_network(self) -> NetworkInfo:
+        """The sandbox's egress policy and its proxy's counters (docs/network.md)."""
+        return self._http.run(_core.get_network(self._id))
+
+    def set_network(self, mode: str, *, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> NetworkInfo:
+        """Replace the egress policy; new connections follow it at once. ``mode`` is ``none``,
+        ``allow`` (only ``allow``, minus ``deny``), ``deny`` (all but ``deny``, plus ``allow``) or
+        ``open``; rules are ``HOST[:PORTS]``: ``pypi.org``, ``*.pythonhosted.org``, ``10.0.0.0/8:443``."""
+        return self._http.run(_core.set_network(self._id, mode, allow, deny))
 
     def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""

@@ -12,7 +12,8 @@ How e2b's model maps onto cove's:
 - `autoPause` = `on_timeout="hibernate"`; `autoResume.enabled` = cove's `auto_resume` (off unless
   asked: a paused e2b sandbox does not wake on traffic).
 - snapshot ids double as template ids, so `Sandbox.create(snapshot_id)` starts from a snapshot.
-- network settings are recorded in the sandbox's `network` and returned; egress is not enforced yet.
+- network settings are recorded in the sandbox's `network` and returned; `allow_internet_access`,
+  `allowOut` and `denyOut` become cove's egress policy, enforced by its proxy (docs/network.md).
 """
 
 from __future__ import annotations
@@ -257,9 +258,10 @@ async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSON
         timeout=None if body.timeout is None else _seconds(body.timeout),
         auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
         on_timeout="hibernate" if body.auto_pause else "kill",
-        network=m.network_record(body.network, body.allow_internet_access),
     )
-    rec = await cove.service.create(who, req)
+    rec = await cove.service.create(
+        who, req, network=m.network_record(body.network, body.allow_internet_access)
+    )
     return JSONResponse(_created(cove, rec), 201)
 
 
@@ -613,16 +615,22 @@ async def delete_template(template_id: str, request: Request, who: Who) -> Respo
 
 
 # -- network ---------------------------------------------------------------------------------------
-_EGRESS = ("allow_out", "deny_out", "dns_servers", "egress_proxy", "rules", "allow_internet_access")
+_EGRESS = (
+    *("allow_out", "deny_out", "dns_servers", "egress_proxy", "rules", "allow_internet_access"),
+    *("mode", "allow", "deny"),  # cove's policy, derived from the ones above
+)
 
 
 @router.put("/sandboxes/{sandbox_id}/network", status_code=204)
 async def update_network(sandbox_id: str, body: m.NetworkUpdate, request: Request, who: Who) -> Response:
-    """Replace the sandbox's egress settings (omitted ones are cleared, as e2b does). Recorded;
-    not enforced yet."""
+    """Replace the sandbox's egress settings (omitted ones are cleared, as e2b does); new
+    connections follow them at once."""
     cove = _cove(request)
     rec = await _live(cove, who, sandbox_id)
-    kept = {k: v for k, v in rec.network.items() if k not in _EGRESS}
-    network = m.network_record(body, body.allow_internet_access, base=kept)
-    await cove.store.update_sandbox(rec.id, network=network)
+
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in current.items() if k not in _EGRESS}
+        return m.network_record(body, body.allow_internet_access, base=kept)
+
+    await cove.service.set_network(who, rec.id, change)
     return Response(status_code=204)

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from cove.network.egress_policy import from_e2b
+
 MAX_TIMEOUT = 30 * 86400  # cove's own bound (e2b's plans stop at 24 h)
 
 Timeout = Annotated[int, Field(ge=0, le=MAX_TIMEOUT, description="seconds")]
@@ -110,7 +112,9 @@ _STORED = (
 def network_record(
     cfg: NetworkConfig | None, allow_internet_access: bool | None, base: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The settings as cove records them (snake case). Egress rules are recorded, not enforced yet."""
+    """The settings as cove records them (snake case), with the cove egress policy they mean
+    (`mode`, `allow`, `deny`: what the proxy enforces). DNS servers, egress proxies and transform
+    rules are recorded only."""
     out = dict(base or {})
     out.setdefault("public_traffic", True)
     if cfg is not None:
@@ -130,6 +134,7 @@ def network_record(
         out["allow_internet_access"] = allow_internet_access
         if not allow_internet_access:  # e2b: the same as denying 0.0.0.0/0
             out["deny_out"] = sorted({*out.get("deny_out", []), "0.0.0.0/0"})
+    out.update(from_e2b(out.get("allow_out"), out.get("deny_out")))
     return out
 
 
