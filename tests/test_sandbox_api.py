@@ -35,6 +35,17 @@ def test_create_exec_kill_lifecycle(api: httpx.Client) -> None:
     assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204  # idempotent
 
 
+def test_a_new_workdir_is_created_for_the_user(api: httpx.Client) -> None:
+    r = api.post("/v1/sandboxes", json={"workdir": "/srv/app/src"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    try:
+        res = exec_ok(api, sid, "pwd; stat -c %U /srv/app /srv/app/src; touch here && echo ok")
+        assert res["stdout"] == "/srv/app/src\nuser\nuser\nok\n", res
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
 def test_exec_results_streaming_and_timeouts(api: httpx.Client, sandbox: dict) -> None:
     sid = sandbox["id"]
     res = exec_ok(api, sid, "echo out; echo err >&2; exit 3")

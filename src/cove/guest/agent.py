@@ -2102,6 +2102,26 @@ def load_config(path: str, required: bool) -> None:
     CONFIG["workdir"] = data.get("workdir")
 
 
+def ensure_workdir() -> None:
+    """Create the sandbox's working directory if the template lacks it (as Docker's WORKDIR does),
+    owned by the sandbox's user, so a sandbox created with a new workdir can run commands at once."""
+    workdir = CONFIG["workdir"]
+    if not workdir or os.path.isdir(workdir) or os.geteuid() != 0:
+        return
+    try:
+        owner = resolve_user(CONFIG["user"])
+        missing = []
+        head = os.path.normpath(workdir)
+        while head != "/" and not os.path.lexists(head):
+            missing.append(head)
+            head = os.path.dirname(head)
+        os.makedirs(workdir, 0o755, exist_ok=True)
+        for created in missing:
+            os.chown(created, owner.uid, owner.gid)
+    except (OSError, OpError):
+        pass  # then commands report the missing directory themselves
+
+
 def _usage() -> None:
     sys.stderr.write("usage: agent.py [--socket PATH] [--config FILE]\n")
     sys.exit(2)
@@ -2128,6 +2148,7 @@ def main(args: list[str]) -> None:
             os.open("/dev/null", os.O_RDWR)
     os.umask(UMASK)
     load_config(config_path or CONFIG_PATH, required=config_path is not None)
+    ensure_workdir()
     # SIG_DFL, not Python's KeyboardInterrupt handler: as pid 1 the kernel then drops these signals
     # sent from inside the sandbox, and in test mode they simply terminate the agent.
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
