@@ -58,6 +58,20 @@ def _remote(spec: dict[str, Any]) -> str:
     return f"bucket:{spec['bucket']}" + (f"/{prefix}" if prefix else "")
 
 
+def _is_mount(path: Path) -> bool:
+    """From the mount table: os.path.ismount stats the path, which fails on a FUSE mount whose
+    daemon died (ENOTCONN), and such a mount must still be found and unmounted."""
+    want = str(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if "\\" in point:  # octal escapes of spaces and the like
+                point = point.encode().decode("unicode_escape")
+            if point == want:
+                return True
+    return False
+
+
 def mount_dir(sandbox_dir: Path, index: int) -> Path:
     return sandbox_dir / "fuse" / str(index)
 
@@ -80,7 +94,7 @@ def start(sandbox_dir: Path, index: int, owner: tuple[int, int]) -> Path:
     d = mount_dir(sandbox_dir, index)
     settings = json.loads((d / "mount.json").read_text())
     mnt = d / "mnt"
-    if _daemon_alive(d) and os.path.ismount(mnt):
+    if _daemon_alive(d) and _is_mount(mnt):
         return mnt
     stop(d)
     mnt.mkdir(mode=0o700, exist_ok=True)
@@ -104,7 +118,7 @@ def start(sandbox_dir: Path, index: int, owner: tuple[int, int]) -> Path:
     )
     (d / "daemon.json").write_text(json.dumps({"pid": proc.pid, "start_time": process_start_time(proc.pid)}))
     deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not os.path.ismount(mnt):
+    while not _is_mount(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(d)
             raise BucketMountError(f"mounting bucket {settings['bucket']!r} failed: {_log_tail(d)}")
@@ -149,7 +163,7 @@ def stop(d: Path) -> None:
     """Unmount and end rclone. The mount goes first (lazily: the sandbox's detached copy may still
     be referenced for a moment), so nothing below `mnt` can be reached by a later rmtree."""
     mnt = d / "mnt"
-    if os.path.ismount(mnt):
+    while _is_mount(mnt):  # stacked mounts are possible after a crash: take them all
         syscalls.umount(str(mnt), syscalls.MNT_DETACH)
     info = _daemon(d)
     if info is not None:
@@ -181,9 +195,17 @@ def stop_all(sandbox_dir: Path) -> None:
 
 def mounted(sandbox_dir: Path) -> bool:
     """Is any bucket of this sandbox still mounted on the host? (Then its dir must not be removed.)"""
-    return any(os.path.ismount(mount_dir(sandbox_dir, i) / "mnt") for i in indices(sandbox_dir))
+    return any(_is_mount(mount_dir(sandbox_dir, i) / "mnt") for i in indices(sandbox_dir))
 
 
 def healthy(sandbox_dir: Path, index: int) -> bool:
     d = mount_dir(sandbox_dir, index)
-    return _daemon_alive(d) and os.path.ismount(d / "mnt")
+    return _daemon_alive(d) and _is_mount(d / "mnt") and _answers(d / "mnt")
+
+
+def _answers(mnt: Path) -> bool:
+    try:
+        os.stat(mnt)
+        return True
+    except OSError:  # ENOTCONN: the daemon is gone (or hangs up)
+        return False
