@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import core
 import e2b_compat
+import egress
 import interactive
 import ports
 import stateful
@@ -103,6 +104,7 @@ def main() -> None:
     inter = interactive.run(runs=10 if args.quick else 30)
     compat = e2b_compat.run(runs=10 if args.quick else 30)
     exposed = ports.run(runs=50 if args.quick else 200)
+    out = egress.run(runs=50 if args.quick else 200)
     extra = [
         *stateful.render(st),
         "",
@@ -113,6 +115,8 @@ def main() -> None:
         *e2b_compat.render(compat),
         "",
         *ports.render(exposed),
+        "",
+        *egress.render(out),
     ]
     text = render(result, args, extra)
     print(text)
