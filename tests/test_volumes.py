@@ -327,3 +327,43 @@ def test_memory_snapshot_with_included_volume_restores_onto_the_copy(
     api.delete(f"/v1/snapshots/{snap.json()['id']}")
     for vol in (name, child.json()["volumes"][0]["name"]):
         assert api.delete(f"/v1/volumes/{vol}").status_code == 204
+
+
+def test_sdk_sync_and_async(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from cove import AsyncSandbox, AsyncVolume, Conflict, NotFound, Sandbox, Volume
+
+    monkeypatch.setenv("COVE_URL", server.url)
+    monkeypatch.setenv("COVE_API_KEY", server.api_key)
+    vol = Volume.create("sdk-" + secrets.token_hex(3), size_mb=64)
+    assert vol.info.size_mb == 64 and vol.name in [v.name for v in Volume.list()]
+    with Sandbox.create(volumes=[vol.mount("/data")]) as sb:
+        assert sb.info().volumes == [{"name": vol.name, "path": "/data", "read_only": False}]
+        sb.exec("echo sync > /data/f")
+        assert vol.refresh().sandboxes == [sb.id]
+        with pytest.raises(Conflict):
+            vol.delete()
+        snap = sb.snapshot(volumes="include")
+    child = Sandbox.create(snapshot=snap.id)
+    try:
+        assert child.exec("cat /data/f").stdout == "sync\n"
+        copy = Volume.get(child.info().volumes[0]["name"])
+        assert copy.info.source["volume"] == vol.name
+    finally:
+        child.kill()
+    copy.delete()
+    Sandbox.delete_snapshot(snap.id)
+
+    async def run() -> None:
+        avol = await AsyncVolume.get(vol.name)
+        async with AsyncSandbox.create(
+            volumes=[{"name": avol.name, "path": "/mnt/v", "read_only": True}]
+        ) as sb:
+            assert (await sb.exec("cat /mnt/v/f")).stdout == "sync\n"
+            assert "Read-only" in (await sb.exec("touch /mnt/v/x")).stderr
+        await avol.delete()
+        with pytest.raises(NotFound):
+            await AsyncVolume.get(vol.name)
+
+    asyncio.run(run())

@@ -18,10 +18,12 @@ _ERRORS = {
     "NotFound",
     "SandboxNotFound",
 }
-_SDK = {"Sandbox", "AsyncSandbox"}
+_SDK = {"Sandbox", "AsyncSandbox", "Volume", "AsyncVolume", "VolumeMount", "BucketMount"}
 __all__ = [
     "AsyncSandbox",
+    "AsyncVolume",
     "AuthError",
+    "BucketMount",
     "CommandTimeout",
     "Conflict",
     "CoveError",
@@ -30,6 +32,8 @@ __all__ = [
     "NotFound",
     "Sandbox",
     "SandboxNotFound",
+    "Volume",
+    "VolumeMount",
 ]
 
 if TYPE_CHECKING:
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
         NotFound,
         SandboxNotFound,
     )
-    from cove.sdk import AsyncSandbox, Sandbox
+    from cove.sdk import AsyncSandbox, AsyncVolume, BucketMount, Sandbox, Volume, VolumeMount
 
 
 def __getattr__(name: str) -> Any:

@@ -17,12 +17,15 @@ from cove.sdk._processes import ProcessEvent, ProcessInfo, WatchEvent
 from cove.sdk.aio import AsyncFiles, AsyncProcess, AsyncSandbox
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo, SnapshotInfo
 from cove.sdk.sync import Files, Process, Sandbox
+from cove.sdk.volumes import AsyncVolume, BucketMount, Volume, VolumeInfo, VolumeMount
 
 __all__ = [
     "ApiKey",
     "AsyncFiles",
     "AsyncProcess",
     "AsyncSandbox",
+    "AsyncVolume",
+    "BucketMount",
     "EntryInfo",
     "ExecEvent",
     "ExecResult",
@@ -34,5 +37,8 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "SnapshotInfo",
+    "Volume",
+    "VolumeInfo",
+    "VolumeMount",
     "WatchEvent",
 ]

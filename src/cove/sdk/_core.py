@@ -215,8 +215,14 @@ def create_sandbox(
     idle_timeout: int | None = None,
     snapshot: str | None = None,
     network: Network | None = None,
+    volumes: list[dict[str, Any]] | None = None,
+    mounts: list[dict[str, Any]] | None = None,
 ) -> Op[SandboxInfo]:
     body: dict[str, Any] = {"template": template, "env": dict(env or {}), "metadata": dict(metadata or {})}
+    if volumes:
+        body["volumes"] = volumes
+    if mounts:
+        body["mounts"] = mounts
     if network is not None:
         body["network"] = network_body(network)
     optional = {
@@ -291,8 +297,10 @@ def hibernate_sandbox(sandbox_id: str) -> Op[SandboxInfo]:
     return SandboxInfo.from_dict(data)
 
 
-def snapshot_sandbox(sandbox_id: str, name: str | None = None, memory: bool = False) -> Op[SnapshotInfo]:
-    body: dict[str, Any] = {"memory": memory}
+def snapshot_sandbox(
+    sandbox_id: str, name: str | None = None, memory: bool = False, volumes: str = "exclude"
+) -> Op[SnapshotInfo]:
+    body: dict[str, Any] = {"memory": memory, "volumes": volumes}
     if name:
         body["name"] = name
     data = yield Call("POST", sandbox_path(sandbox_id, "/snapshots"), json=body, timeout=TRANSFER_TIMEOUT)
@@ -300,9 +308,9 @@ def snapshot_sandbox(sandbox_id: str, name: str | None = None, memory: bool = Fa
 
 
 def fork_sandbox(
-    sandbox_id: str, count: int = 1, metadata: Mapping[str, str] | None = None
+    sandbox_id: str, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: str = "exclude"
 ) -> Op[list[SandboxInfo]]:
-    body = {"count": count, "metadata": dict(metadata or {})}
+    body = {"count": count, "metadata": dict(metadata or {}), "volumes": volumes}
     data = yield Call("POST", sandbox_path(sandbox_id, "/fork"), json=body, timeout=TRANSFER_TIMEOUT)
     return [SandboxInfo.from_dict(item) for item in data["items"]]
 

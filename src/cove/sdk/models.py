@@ -110,6 +110,8 @@ class SandboxInfo:
     end_reason: str | None = None
     hibernation: dict[str, Any] | None = None  # after hibernate: {"memory": bool, ...}
     network: NetworkInfo = field(default_factory=NetworkInfo)
+    volumes: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "path", "read_only"}]
+    mounts: list[dict[str, Any]] = field(default_factory=list)  # buckets, without their keys
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -128,6 +130,8 @@ class SandboxInfo:
             end_reason=data.get("end_reason"),
             hibernation=data.get("hibernation"),
             network=NetworkInfo.from_dict(data.get("network")),
+            volumes=list(data.get("volumes") or []),
+            mounts=list(data.get("mounts") or []),
         )
 
     @property

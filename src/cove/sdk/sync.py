@@ -14,6 +14,7 @@ from cove.errors import CoveError
 from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
+from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount, mount_bodies, volume_bodies
 
 __all__ = ["Files", "Sandbox", "create_key", "delete_key", "list_keys"]
 
@@ -245,6 +246,8 @@ class Sandbox:
         idle_timeout: int | None = None,
         snapshot: str | None = None,
         network: _core.Network | None = None,
+        volumes: Sequence[VolumeMount | Mapping[str, Any]] | None = None,
+        mounts: Sequence[BucketMount | Mapping[str, Any]] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
@@ -268,6 +271,8 @@ class Sandbox:
                     idle_timeout=idle_timeout,
                     snapshot=snapshot,
                     network=network,
+                    volumes=volume_bodies(volumes),
+                    mounts=mount_bodies(mounts),
                 )
             )
         except BaseException:
@@ -390,14 +395,19 @@ class Sandbox:
         self._info = self._http.run(_core.hibernate_sandbox(self._id))
         return self._info
 
-    def snapshot(self, name: str | None = None, memory: bool = False) -> SnapshotInfo:
+    def snapshot(
+        self, name: str | None = None, memory: bool = False, volumes: SnapshotVolumes = "exclude"
+    ) -> SnapshotInfo:
         """Seal the sandbox's files as they are now (and with ``memory``, its running processes);
         ``Sandbox.create(snapshot=snap.id)`` starts new sandboxes from it."""
-        return self._http.run(_core.snapshot_sandbox(self._id, name, memory))
+        return self._http.run(_core.snapshot_sandbox(self._id, name, memory, volumes))
 
-    def fork(self, count: int = 1, metadata: Mapping[str, str] | None = None) -> list[Sandbox]:
-        """``count`` new sandboxes that continue from this instant; this one keeps running."""
-        infos = self._http.run(_core.fork_sandbox(self._id, count, metadata))
+    def fork(
+        self, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: SnapshotVolumes = "exclude"
+    ) -> list[Sandbox]:
+        """``count`` new sandboxes that continue from this instant; this one keeps running.
+        ``volumes="include"`` gives each its own copy of this sandbox's volumes."""
+        infos = self._http.run(_core.fork_sandbox(self._id, count, metadata, volumes))
         config = self._http.config
         return [type(self)._adopt(info, _HTTP(config)) for info in infos]
 
