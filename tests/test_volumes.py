@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -367,3 +368,34 @@ def test_sdk_sync_and_async(server: Server, monkeypatch: pytest.MonkeyPatch) -> 
             await AsyncVolume.get(vol.name)
 
     asyncio.run(run())
+
+
+def test_cli_volume_commands(server: Server, api: httpx.Client) -> None:
+    from typer.testing import CliRunner
+
+    from cove.cli.main import app
+
+    env = {"COVE_URL": server.url, "COVE_API_KEY": server.api_key, "COLUMNS": "200"}
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+    name = "cli-" + secrets.token_hex(3)
+    assert run("volume", "create", name, "--size-mb", "48").stdout.strip() == name
+    listed = run("volume", "ls")
+    assert listed.exit_code == 0 and name in listed.stdout and "48" in listed.stdout
+    created = run("create", "--volume", f"{name}:/data", "--volume", f"{name}:/ro:ro")
+    assert created.exit_code == 0, created.stdout
+    sid = created.stdout.strip()
+    try:
+        assert sh(api, sid, "echo cli > /data/f; cat /ro/f; touch /ro/x")["stderr"].count("Read-only") == 1
+        busy = run("volume", "rm", name)
+        assert busy.exit_code == 1 and sid in busy.stderr
+        bad = run("create", "--volume", "no-path")
+        assert bad.exit_code == 2 and "NAME:/path" in bad.stderr
+        missing = run("create", "--volume", "nope-nope:/data")
+        assert missing.exit_code == 1 and "not found" in missing.stderr.lower()
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+    assert run("volume", "rm", name).stdout.strip() == f"deleted {name}"
+    assert name not in run("volume", "ls").stdout

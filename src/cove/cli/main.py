@@ -32,6 +32,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cove.cli import volumes as volumes_cli
+from cove.cli.volumes import parse_volume
 from cove.errors import CommandTimeout, CoveError, FileNotFound, InvalidArgument
 from cove.sdk import Sandbox, SandboxInfo
 from cove.sdk.sync import create_key, delete_key, list_keys
@@ -211,16 +213,22 @@ def create(
             help="Egress: none (default), open, allow:RULE,... or deny:RULE,... (see cove network).",
         ),
     ] = None,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option("--volume", "-v", help="Mount a volume: NAME:/path or NAME:/path:ro (repeatable)."),
+    ] = None,
 ) -> None:
     """Start a sandbox and print its id.
 
     [bold]Examples:[/]  [cyan]cove create -t base -e DEBUG=1 -l project=demo --memory 512[/]
                 [cyan]cove create --snapshot snapab12cd34ef56[/]
                 [cyan]cove create --network allow:pypi.org,*.pythonhosted.org[/]
+                [cyan]cove create --volume data:/data --volume models:/models:ro[/]
     """
     conn = _conn(ctx)
     sandbox = Sandbox.create(
         template,
+        volumes=[parse_volume(v) for v in volume or []],
         network=_network_spec(network) if network is not None else None,
         snapshot=snapshot,
         idle_timeout=idle_timeout,
@@ -943,6 +951,12 @@ def snapshot(
         bool,
         typer.Option("--memory", help="Also checkpoint the running processes (needs CRIU on the server)."),
     ] = False,
+    volumes: Annotated[
+        str,
+        typer.Option(
+            "--volumes", help="include: seal a copy of its volumes; exclude: reference the live ones."
+        ),
+    ] = "exclude",
 ) -> None:
     """Seal a sandbox's files as they are now and print the snapshot id (the sandbox keeps running).
 
@@ -950,7 +964,7 @@ def snapshot(
     """
     conn = _conn(ctx)
     with _spinner(f"snapshotting {sandbox_id}…"):
-        snap = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).snapshot(name, memory)
+        snap = Sandbox.connect(sandbox_id, url=conn.url, api_key=conn.api_key).snapshot(name, memory, volumes)  # type: ignore[arg-type]
     out.print(snap.id)
 
 
@@ -1333,6 +1347,8 @@ def mcp(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(server, transport.value, host, port))  # type: ignore[arg-type]
 
+
+volumes_cli.register(app)  # after the helpers it reuses are defined
 
 if __name__ == "__main__":  # pragma: no cover
     app()
