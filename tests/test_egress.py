@@ -479,3 +479,23 @@ def test_killing_a_sandbox_closes_its_proxy_and_connections(
     while fds() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fds() <= before
+
+
+def test_the_proxy_refuses_what_it_cannot_serve(api: httpx.Client, made: list[str]) -> None:
+    sid = create(api, made, {"mode": "open"})
+    code = (
+        "import socket\n"
+        f"def ask(data):\n"
+        f"    s = socket.create_connection(('127.0.0.1', {PROXY_PORT})); s.sendall(data)\n"
+        "    return s.recv(300).split(b'\\r\\n')[0].decode()\n"
+        "print(ask(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'))\n"  # not a proxy request
+        "print(ask(b'CONNECT nohost HTTP/1.1\\r\\n\\r\\n'))\n"
+        "print(ask(b'hello\\r\\n\\r\\n'))\n"
+        "held = [socket.create_connection(('127.0.0.1', 17770)) for _ in range(300)]\n"
+        "print(held[-1].recv(300).split(b'\\r\\n')[0].decode())\n"  # over the per-sandbox cap
+    )
+    lines = run(api, sid, f"python3 -c {shlex.quote(code)}")["stdout"].splitlines()
+    assert lines[0].startswith("HTTP/1.1 400 cove egress proxy: expected an absolute http:// URL"), lines
+    assert lines[1].startswith("HTTP/1.1 400 cove egress proxy: CONNECT needs host:port"), lines
+    assert lines[2].startswith("HTTP/1.1 400 cove egress proxy: not an HTTP/1.x proxy request"), lines
+    assert lines[3] == "HTTP/1.1 503 cove egress proxy: over 256 open connections", lines

@@ -36,6 +36,7 @@ HEAD_LIMIT = 64 << 10  # request line and headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 1 << 18
+MAX_CONNECTIONS = 256  # open at once per sandbox: each costs the server two file descriptors
 NO_PROXY = "localhost,127.0.0.1,::1"
 _HOST_CHARS = re.compile(r"^[a-z0-9._\-:\[\]]{1,255}$")
 _DROP = {"connection", "proxy-connection", "keep-alive", "proxy-authorization"}
@@ -173,6 +174,9 @@ class Egress:
         assert task is not None
         box.conns.add(task)
         try:
+            if len(box.conns) > MAX_CONNECTIONS:
+                await _answer(writer, 503, f"cove egress proxy: over {MAX_CONNECTIONS} open connections")
+                return
             await self._serve(sandbox_id, box, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
@@ -357,9 +361,7 @@ def _forward_head(method: str, target: str, headers: list[str]) -> tuple[str, in
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, message: str) -> None:
-    reason = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large"}.get(
-        status, "Bad Gateway"
-    )
+    reason = {400: "Bad Request", 403: "Forbidden", 431: "Too Large", 503: "Busy"}.get(status, "Bad Gateway")
     # The reason phrase carries the message too: clients show it for a refused CONNECT
     # ("Tunnel connection failed: 403 ..."), where they never show the body.
     phrase = re.sub(r"[^\x20-\x7e]", "?", message)[:400]
