@@ -23,6 +23,7 @@ import egress
 import interactive
 import ports
 import stateful
+import volumes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +106,7 @@ def main() -> None:
     compat = e2b_compat.run(runs=10 if args.quick else 30)
     exposed = ports.run(runs=50 if args.quick else 200)
     out = egress.run(runs=50 if args.quick else 200)
+    vols = volumes.run(runs=3 if args.quick else 5)
     extra = [
         *stateful.render(st),
         "",
@@ -117,6 +119,8 @@ def main() -> None:
         *ports.render(exposed),
         "",
         *egress.render(out),
+        "",
+        *volumes.render(vols),
     ]
     text = render(result, args, extra)
     print(text)
