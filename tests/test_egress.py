@@ -33,6 +33,14 @@ NAMES = ("allowed.test", "other.test", "blocked.test")
 
 class _Upstream(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path.startswith("/bytes/"):  # /bytes/N: N bytes
+            size = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            for _ in range(0, size, 1 << 16):
+                self.wfile.write(b"x" * min(1 << 16, size))
+            return
         body = f"upstream ok {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -499,3 +507,14 @@ def test_the_proxy_refuses_what_it_cannot_serve(api: httpx.Client, made: list[st
     assert lines[1].startswith("HTTP/1.1 400 cove egress proxy: CONNECT needs host:port"), lines
     assert lines[2].startswith("HTTP/1.1 400 cove egress proxy: not an HTTP/1.x proxy request"), lines
     assert lines[3] == "HTTP/1.1 503 cove egress proxy: over 256 open connections", lines
+
+
+def test_a_slow_reader_gets_every_byte(api: httpx.Client, made: list[str], upstream: int) -> None:
+    sid = create(api, made, {"mode": "allow", "allow": ["allowed.test"]})
+    size = 16 << 20
+    for how in ((), ("-p",)):  # plain HTTP, then a CONNECT tunnel
+        res = curl(
+            api, sid, f"http://allowed.test:{upstream}/bytes/{size}", "--limit-rate 32M -o /tmp/got", *how
+        )
+        assert res["exit_code"] == 0, res
+        assert run(api, sid, "stat -c %s /tmp/got")["stdout"] == f"{size}\n"

@@ -22,6 +22,7 @@ import logging
 import re
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ HEAD_LIMIT = 64 << 10  # request line and headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 1 << 18
+LINGER = 30.0
 MAX_CONNECTIONS = 256  # open at once per sandbox: each costs the server two file descriptors
 NO_PROXY = "localhost,127.0.0.1,::1"
 _HOST_CHARS = re.compile(r"^[a-z0-9._\-:\[\]]{1,255}$")
@@ -78,6 +80,9 @@ class _Sandbox:
     policy: Policy
     server: asyncio.Server | None = None
     conns: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Client sides, also those still flushing after their handler ended: they live in the sandbox's
+    # namespace and keep it (weak: a closed one goes by itself).
+    clients: weakref.WeakSet[asyncio.WriteTransport] = field(default_factory=weakref.WeakSet)
     allowed: int = 0
     denied: int = 0
     last_denied: dict[str, Any] | None = None
@@ -143,6 +148,8 @@ class Egress:
         for task in conns:
             task.cancel()
         await asyncio.gather(*conns, return_exceptions=True)
+        for transport in list(box.clients):
+            transport.abort()
 
     def set_policy(self, sandbox_id: str, policy: Policy) -> None:
         """Applies to connections opened from now on."""
@@ -173,6 +180,8 @@ class Egress:
         task = asyncio.current_task()
         assert task is not None
         box.conns.add(task)
+        box.clients.add(writer.transport)
+        cancelled = False
         try:
             if len(box.conns) > MAX_CONNECTIONS:
                 await _answer(writer, 503, f"cove egress proxy: over {MAX_CONNECTIONS} open connections")
@@ -180,11 +189,14 @@ class Egress:
             await self._serve(sandbox_id, box, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:  # the sandbox is going away: drop everything now
+            cancelled = True
+            raise
         except Exception:
             log.exception("egress proxy failed", extra={"sandbox": sandbox_id})
         finally:
             box.conns.discard(task)
-            writer.transport.abort()
+            _close(writer, abort=cancelled)
 
     async def _serve(
         self, sandbox_id: str, box: _Sandbox, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -400,12 +412,23 @@ async def _relay(
         uw.transport.abort()  # the client is gone: stop waiting for the upstream
 
     up = asyncio.create_task(client_to_upstream())
+    done = False
     try:
         await _pump(ur, cw)
-        with contextlib.suppress(ConnectionError, OSError):
-            await cw.drain()
+        done = True
     finally:
         up.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await up
-        uw.transport.abort()
+        _close(uw, abort=not done)
+
+
+def _close(writer: asyncio.StreamWriter, abort: bool) -> None:
+    """Close after sending what is still buffered (abort: at once); a peer that never reads is cut
+    off after LINGER seconds."""
+    if abort:
+        writer.transport.abort()
+        return
+    if not writer.transport.is_closing():
+        writer.close()
+    asyncio.get_running_loop().call_later(LINGER, writer.transport.abort)
