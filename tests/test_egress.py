@@ -518,3 +518,12 @@ def test_a_slow_reader_gets_every_byte(api: httpx.Client, made: list[str], upstr
         )
         assert res["exit_code"] == 0, res
         assert run(api, sid, "stat -c %s /tmp/got")["stdout"] == f"{size}\n"
+
+
+def test_a_bad_host_map_stops_the_server_with_its_reason() -> None:
+    bad = Server("egress-badhosts", {"COVE_EGRESS_HOSTS": "allowed.test=127.0.0.1,broken"})
+    try:
+        with pytest.raises(RuntimeError, match="COVE_EGRESS_HOSTS: expected name=ip, got 'broken'"):
+            bad.start()
+    finally:
+        bad.close()
