@@ -209,7 +209,6 @@ def create(
         str | None,
         typer.Option(
             "--network",
-            "-n",
             help="Egress: none (default), open, allow:RULE,... or deny:RULE,... (see cove network).",
         ),
     ] = None,
@@ -249,6 +248,14 @@ def create(
 def _rules(values: list[str] | None) -> list[str]:
     """Repeatable options whose values may also be comma-separated lists."""
     return [r.strip() for v in values or [] for r in v.split(",") if r.strip()]
+
+
+def _network_text(mode: str, allow: list[str], deny: list[str]) -> str:
+    parts = [mode]
+    for name, rules in (("allow", allow), ("deny", deny)):
+        if rules:
+            parts.append(f"{name} {', '.join(rules)}")
+    return "; ".join(parts)
 
 
 def _network_spec(text: str) -> dict[str, Any]:
@@ -415,6 +422,7 @@ def info(
         ("user", escape(data.user or "-")),
         ("workdir", escape(data.workdir or "-")),
         ("limits", escape(limit_text) or "-"),
+        ("network", escape(_network_text(data.network.mode, data.network.allow, data.network.deny))),
         ("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(data.metadata.items()))) or "-"),
     ]
     for key, value in rows:
