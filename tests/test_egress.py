@@ -527,3 +527,24 @@ def test_a_bad_host_map_stops_the_server_with_its_reason() -> None:
             bad.start()
     finally:
         bad.close()
+
+
+def test_async_sdk(srv: Server, made: list[str], upstream: int) -> None:
+    import asyncio
+
+    from cove import AsyncSandbox
+
+    async def main() -> None:
+        sb = await AsyncSandbox.create(
+            url=srv.url, api_key=srv.api_key, network={"mode": "allow", "allow": ["other.test"]}
+        )
+        made.append(sb.id)
+        assert (await sb.get_network()).allow == ["other.test"]
+        url = f"http://allowed.test:{upstream}/async"
+        assert "403" in (await sb.exec(f"curl -sS -f --noproxy '' {url}")).stderr
+        net = await sb.set_network("open")
+        assert net.mode == "open" and net.denied == 1
+        assert (await sb.exec(f"curl -sS -f --noproxy '' {url}")).stdout == "upstream ok /async\n"
+        await sb.close()
+
+    asyncio.run(main())
