@@ -50,6 +50,8 @@ class Settings:
     # Where the kernel environment for code contexts is built (once per recipe); COVE_KERNEL=0: none.
     kernel_cache: str | None = field(default_factory=lambda: os.environ.get("COVE_KERNEL_CACHE") or None)
     kernel: bool = field(default_factory=lambda: os.environ.get("COVE_KERNEL", "1") != "0")
+    # Where `debian:<suite>` template bases are debootstrapped (once per host); default $COVE_HOME/debian.
+    debian_cache: str | None = field(default_factory=lambda: os.environ.get("COVE_DEBIAN_CACHE") or None)
     # Host names `{port}-{sandbox id}.{domain}` reach a port inside a sandbox (default: *.localhost,
     # which browsers and curl resolve to loopback). Set it to a wildcard DNS name that points here.
     domain: str | None = field(default_factory=lambda: os.environ.get("COVE_DOMAIN") or None)

@@ -53,6 +53,8 @@ class Server:
             "COVE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
             # One kernel environment for every scratch server (built once, on first use).
             "COVE_KERNEL_CACHE": os.environ.get("COVE_KERNEL_CACHE", "/var/cache/cove-test-kernel"),
+            # Likewise one debootstrapped Debian base for every test run (docs/templates.md).
+            "COVE_DEBIAN_CACHE": os.environ.get("COVE_DEBIAN_CACHE", "/var/cache/cove-test-debian"),
             **self.extra_env,
         }
 

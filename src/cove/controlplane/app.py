@@ -26,6 +26,7 @@ from cove.controlplane.api import (
     sandboxes,
     snapshots,
     system,
+    templates,
     urls,
     volumes,
 )
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         files,
         keys,
         urls,
+        templates,
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through

@@ -180,7 +180,9 @@ class VolumeList(BaseModel):
 
 
 class CreateSandbox(Strict):
-    template: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")] = "base"
+    template: Annotated[  # a template, or one of its tags (name:tag)
+        str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,63})?$")
+    ] = "base"
     env: dict[str, str] = Field(default_factory=dict, max_length=512)
     workdir: AbsPath | None = None
     user: UserName | None = None

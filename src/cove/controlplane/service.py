@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +26,7 @@ from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.schemas import CreateSandbox
+from cove.controlplane.templates import Templates, start_template_service
 from cove.controlplane.volumes import Volumes
 from cove.network.egress import Egress, parse_hosts, proxy_env
 from cove.network.egress_policy import Policy
@@ -74,6 +75,8 @@ class SandboxService:
         self._background: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.volumes = Volumes(settings, store, node)
+        self.layer_pins: Counter[str] = Counter()  # layers a template build holds (not yet recorded)
+        self.templates = Templates(self)
         # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
         self.egress = Egress(
             settings.egress_port,
@@ -139,11 +142,16 @@ class SandboxService:
         base = await self.node.base_template()
         if req.snapshot is None:
             if req.template != base.name:
-                raise not_found("template", req.template)
+                built = await self.templates.source(who, req.template)  # docs/templates.md
+                if built is None:
+                    raise not_found("template", req.template)
+                return built
             return base, {"env": {}, "user": base.config.get("user"), "workdir": base.config.get("workdir")}
         snap = await self.get_snapshot(who, req.snapshot)
         template = TemplateSpec(
-            name=snap.config.get("template", base.name), layers=tuple(snap.layers), config=base.config
+            name=snap.config.get("template", base.name),
+            layers=tuple(snap.layers),
+            config=snap.config.get("template_config") or base.config,
         )
         return template, {**snap.config, "checkpoint": snap.id if snap.memory else None}
 
@@ -195,6 +203,7 @@ class SandboxService:
                 on_idle=req.on_idle,
                 on_timeout=req.on_timeout,
                 network=network,
+                template_config=defaults.get("template_config") or {},
             )
             if defaults.get("checkpoint") and (req.volumes or req.mounts):
                 raise ApiError(
@@ -221,6 +230,8 @@ class SandboxService:
                 else:
                     handle = await self.node.create(self._node_spec(rec, template, node_mounts))
                 await self._attach_egress(rec, handle)
+                if defaults.get("start") and not defaults.get("checkpoint"):  # a cold template's service
+                    await start_template_service(self.node.guest(rec.id), rec, defaults["start"])
             except (NodeError, OSError) as e:
                 await self._transition(rec, "error", end_reason=str(e)[:2000])
                 await self.volumes.drop(made)
@@ -246,7 +257,8 @@ class SandboxService:
 
     def _spec(self, rec: SandboxRecord, template: TemplateSpec) -> SandboxSpec:
         limits = Limits(**rec.limits)
-        chain = TemplateSpec(name=template.name, layers=tuple(rec.layers), config=template.config)
+        config = rec.template_config or template.config  # a built template's own root (binds)
+        chain = TemplateSpec(name=template.name, layers=tuple(rec.layers), config=config)
         env = {**proxy_env(self.settings.egress_port), **rec.env}  # the sandbox's way out: its proxy
         return SandboxSpec(
             id=rec.id, template=chain, env=env, user=rec.user, workdir=rec.workdir, limits=limits
@@ -478,6 +490,7 @@ class SandboxService:
                     "limits": rec.limits,
                     "volumes": entries,  # live ones, or sealed copies (docs/volumes.md)
                     "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
+                    "template_config": rec.template_config,  # a built template's root (binds)
                 }
                 snap.state = "ready"
                 await self.store.update_snapshot(
@@ -558,6 +571,9 @@ class SandboxService:
                 keep.update(snap.layers)
             for rec in (await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)).items:
                 keep.update(rec.layers)
+            for tpl in await self.store.list_templates(None):
+                keep.update(tpl.layers)
+            keep.update(self.layer_pins)  # layers of template builds in progress
             removed = await self.node.collect_layers(keep)
         if removed:
             log.info("layers collected", extra={"layers": removed})
@@ -610,6 +626,7 @@ class SandboxService:
                 await self.node.drop_checkpoint(snap.id)
                 await self.volumes.drop_sealed(snap)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
+        await self.templates.rollback()
         swept = await self.node.sweep(keep)
         await self.volumes.sweep()
         for rec in page.items:  # a bucket whose rclone died while the server was down is marked

@@ -171,6 +171,10 @@ class NodeAgent(ABC):
         """Is each bucket mount (by its index in the sandbox's mounts) still served?"""
         return [False for _ in indices]
 
+    def template_storage(self) -> Any:
+        """Layer building for templates (`cove.node.template_storage.TemplateStorage`)."""
+        raise NodeError("this node cannot build templates")
+
     @abstractmethod
     async def close(self) -> None:
         """Called at server shutdown; running sandboxes stay running."""

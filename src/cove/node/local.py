@@ -13,6 +13,7 @@ from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
 from cove.node.namespaces import cgroups
 from cove.node.namespaces.runtime import NamespacesRuntime
+from cove.node.template_storage import TemplateStorage
 from cove.storage import base_template, kernel_layer
 from cove.storage.layers import LayerStore, open_storage
 
@@ -28,6 +29,7 @@ class LocalNode(NodeAgent):
         self._base: TemplateSpec | None = None
         self.kernel_status = "not started"
         self._kernel_task: asyncio.Task[None] | None = None
+        self._templates: TemplateStorage | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -200,6 +202,13 @@ class LocalNode(NodeAgent):
             return [bucket_mounts.healthy(sdir, i) for i in indices]
 
         return await asyncio.to_thread(check)
+
+    def template_storage(self) -> TemplateStorage:
+        if self._templates is None:
+            s = self.settings
+            cache = Path(s.debian_cache) if s.debian_cache else s.home / "debian"
+            self._templates = TemplateStorage(self.layers, s.uid_base, cache)
+        return self._templates
 
     async def close(self) -> None:
         await self.runtime.close()

@@ -17,6 +17,7 @@ Layout: `layers/<id>/upper` is a committed layer's content; `active/<key>/{upper
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -262,6 +263,23 @@ class LayerStore:
         finally:
             merged.rmdir()
             self.backend.delete(scratch)
+
+    def rename(self, layer_id: str, new_id: str) -> None:
+        """Give a committed layer another id (a template step's content-addressed one); if that id
+        exists already, the copy is dropped instead."""
+        if self.exists(new_id):
+            self.remove_layer(layer_id)
+        else:
+            os.rename(self.layers_dir / layer_id, self.layers_dir / new_id)
+
+    def size(self, layer_id: str) -> int:
+        """Bytes of a committed layer's files (apparent sizes)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.path(layer_id)):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+        return total
 
     def remove_active(self, key: str) -> None:
         self.backend.delete(self.active_dir / key)

@@ -35,6 +35,8 @@ class SandboxRecord:
     network: dict[str, Any] = field(default_factory=dict)
     # Volumes and bucket mounts (docs/volumes.md), without credentials: those stay on the node.
     mounts: list[dict[str, Any]] = field(default_factory=list)
+    # Its template's runtime config (binds, rootfs); empty: the `base` template's.
+    template_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +64,25 @@ class SnapshotRecord:
     layers: list[str] = field(default_factory=list)  # bottom-most first, ending with its own layer
     memory: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # template, env, user, workdir, limits
+
+
+@dataclass
+class TemplateRecord:
+    """A named template of one tenant (docs/templates.md): a layer chain plus the defaults of the
+    sandboxes made from it. Aliases (`name:tag`) are records of their own sharing `build_id`."""
+
+    id: str
+    tenant: str
+    name: str  # unique per tenant among ready ones; `name:tag` for a tag
+    state: str  # building | ready (a failed build is removed; one left building at start, too)
+    created_at: float
+    updated_at: float
+    build_id: str = ""  # shared by a build's tags (and its memory checkpoint)
+    layers: list[str] = field(default_factory=list)  # bottom-most first
+    config: dict[str, Any] = field(default_factory=dict)  # binds, rootfs, env, user, workdir, start…
+    sizes: list[int] = field(default_factory=list)  # bytes per layer
+    base: str = ""  # what it was built from
+    steps: list[dict[str, Any]] = field(default_factory=list)  # the build's steps with their layers
 
 
 @dataclass
@@ -142,6 +163,23 @@ class Store(ABC):
         raise NotImplementedError
 
     async def delete_volume(self, volume_id: str) -> bool:
+        raise NotImplementedError
+
+    # templates
+    async def insert_template(self, rec: TemplateRecord) -> None:
+        raise NotImplementedError
+
+    async def get_template(self, tenant: str, name: str) -> TemplateRecord | None:
+        """The tenant's ready template of that name."""
+        raise NotImplementedError
+
+    async def list_templates(self, tenant: str | None) -> list[TemplateRecord]:
+        raise NotImplementedError
+
+    async def update_template(self, template_id: str, **fields: Any) -> bool:
+        raise NotImplementedError
+
+    async def delete_template(self, template_id: str) -> bool:
         raise NotImplementedError
 
     # api keys

@@ -11,7 +11,15 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from cove.store.base import KeyRecord, Page, SandboxRecord, SnapshotRecord, Store, VolumeRecord
+from cove.store.base import (
+    KeyRecord,
+    Page,
+    SandboxRecord,
+    SnapshotRecord,
+    Store,
+    TemplateRecord,
+    VolumeRecord,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -63,6 +71,36 @@ CREATE TABLE IF NOT EXISTS volumes (
     source TEXT NOT NULL DEFAULT '{}',
     UNIQUE (tenant, name)
 );
+CREATE TABLE IF NOT EXISTS templates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    build_id TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    config TEXT NOT NULL,
+    sizes TEXT NOT NULL,
+    base TEXT NOT NULL,
+    steps TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS templates_tenant_name ON templates (tenant, name);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    object TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    sandbox TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_tenant_seq ON audit (tenant, seq);
+CREATE INDEX IF NOT EXISTS audit_sandbox ON audit (sandbox);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -72,11 +110,14 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
-_JSON_FIELDS = {"metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts"}
+_JSON_FIELDS = {
+    "metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts", "template_config",
+}  # fmt: skip
 # Columns added after the first release: (table, column, definition), added to older databases at open.
 _ADDED_COLUMNS = [
     ("sandboxes", "network", "TEXT NOT NULL DEFAULT '{}'"),
     ("sandboxes", "mounts", "TEXT NOT NULL DEFAULT '[]'"),
+    ("sandboxes", "template_config", "TEXT NOT NULL DEFAULT '{}'"),
 ]
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 
@@ -305,6 +346,55 @@ class SQLiteStore(Store):
     async def delete_volume(self, volume_id: str) -> bool:
         sql = "DELETE FROM volumes WHERE id = ?"
         return bool(await self._call(lambda db: db.execute(sql, (volume_id,)).rowcount))
+
+    # -- templates -----------------------------------------------------------------------
+    _TEMPLATE_JSON = ("layers", "config", "sizes", "steps")
+
+    @classmethod
+    def _template(cls, row: sqlite3.Row) -> TemplateRecord:
+        d = {k: row[k] for k in row.keys() if k != "seq"}  # noqa: SIM118 (a Row, not a dict)
+        for k in cls._TEMPLATE_JSON:
+            d[k] = json.loads(d[k])
+        return TemplateRecord(**d)
+
+    async def insert_template(self, rec: TemplateRecord) -> None:
+        row = asdict(rec)
+        for k in self._TEMPLATE_JSON:
+            row[k] = json.dumps(row[k])
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        await self._call(lambda db: db.execute(f"INSERT INTO templates ({cols}) VALUES ({marks})", row))
+
+    async def get_template(self, tenant: str, name: str) -> TemplateRecord | None:
+        def q(db: sqlite3.Connection) -> TemplateRecord | None:
+            sql = "SELECT * FROM templates WHERE tenant = ? AND name = ? AND state = 'ready'"
+            sql += " ORDER BY seq DESC"
+            row = db.execute(sql, (tenant, name)).fetchone()
+            return self._template(row) if row else None
+
+        return await self._call(q)
+
+    async def list_templates(self, tenant: str | None) -> list[TemplateRecord]:
+        def q(db: sqlite3.Connection) -> list[TemplateRecord]:
+            if tenant is None:
+                rows = db.execute("SELECT * FROM templates ORDER BY seq").fetchall()
+            else:
+                sql = "SELECT * FROM templates WHERE tenant = ? ORDER BY seq"
+                rows = db.execute(sql, (tenant,)).fetchall()
+            return [self._template(r) for r in rows]
+
+        return await self._call(q)
+
+    async def update_template(self, template_id: str, **changes: Any) -> bool:
+        vals = {k: json.dumps(v) if k in self._TEMPLATE_JSON else v for k, v in changes.items()}
+        sets = ", ".join(f"{k} = :{k}" for k in vals)
+        vals["_id"] = template_id
+        sql = f"UPDATE templates SET {sets} WHERE id = :_id"
+        return bool(await self._call(lambda db: db.execute(sql, vals).rowcount))
+
+    async def delete_template(self, template_id: str) -> bool:
+        sql = "DELETE FROM templates WHERE id = ?"
+        return bool(await self._call(lambda db: db.execute(sql, (template_id,)).rowcount))
 
     # -- keys ----------------------------------------------------------------------------
     async def insert_key(self, rec: KeyRecord) -> None:

@@ -164,7 +164,9 @@ def _sandbox_init(spec: dict, ready_w: int) -> None:
             os.set_inheritable(fd, True)
         env = {"COVE_AGENT_FD": str(AGENT_FD), "COVE_READY_FD": str(READY_FD), "PATH": "/usr/bin:/bin"}
         python = spec.get("python", "/usr/bin/python3")
-        os.execve(python, [python, "-I", "-S", spec.get("agent", "/run/cove/agent.py")], env)
+        # A root with its own /usr runs the agent with the host's interpreter through its loader.
+        argv = [*spec.get("loader", []), python, "-I", "-S", spec.get("agent", "/run/cove/agent.py")]
+        os.execve(argv[0], argv, env)
     except BaseException as e:  # report through the ready pipe; the launcher turns it into an error
         try:
             os.write(ready_w, f"error: {e}".encode()[:4000])

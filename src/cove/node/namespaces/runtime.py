@@ -35,6 +35,16 @@ LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
 GUEST_FILES = ("agent.pyc", "protocol.pyc", "kernel_bridge.py")
 
 
+@functools.cache
+def guest_loader() -> str:
+    """The host's dynamic loader (its real path under /usr), which runs the guest interpreter."""
+    for candidate in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1", "/lib64/ld64.so.2"):
+        real = os.path.realpath(candidate)
+        if os.path.exists(real) and real.startswith("/usr/"):
+            return real
+    raise NodeError("cannot find the host's dynamic loader under /usr (needed for full-root templates)")
+
+
 class NamespacesRuntime:
     name = "namespaces"
 
@@ -176,6 +186,20 @@ class NamespacesRuntime:
             "hostname": "sandbox",
             "python": self.settings.guest_python,
             "agent": "/run/cove/agent.pyc",
+            **self._guest_interpreter(spec),
+        }
+
+    def _guest_interpreter(self, spec: SandboxSpec) -> dict[str, Any]:
+        """A template with its own /usr (`rootfs: full`, docs/templates.md) has the host's /usr bound
+        at `host_usr`: the agent runs from there, through the host's loader and libraries."""
+        if spec.template.config.get("rootfs") != "full":
+            return {}
+        prefix = spec.template.config.get("host_usr", "/.cove/usr")
+        loader = guest_loader()
+        inside = lambda p: prefix + p[len("/usr") :]  # noqa: E731
+        return {
+            "python": inside(self.settings.guest_python),
+            "loader": [inside(loader), "--library-path", inside(os.path.dirname(loader))],
         }
 
     def _mount_sources(self, spec: SandboxSpec) -> list[dict[str, Any]]:
