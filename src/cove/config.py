@@ -59,6 +59,10 @@ class Settings:
     # names the proxy resolves itself before DNS ("name=ip,name=ip"; they may reach private addresses).
     egress_port: int = field(default_factory=lambda: int(os.environ.get("COVE_EGRESS_PORT", "17770")))
     egress_hosts: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS_HOSTS", ""))
+    # The gvisor runtime (docs/runtimes.md): the runsc binary and its platform (ptrace works everywhere;
+    # kvm needs real hardware virtualisation).
+    runsc: str = field(default_factory=lambda: os.environ.get("COVE_RUNSC", "runsc"))
+    runsc_platform: str = field(default_factory=lambda: os.environ.get("COVE_RUNSC_PLATFORM", "ptrace"))
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

@@ -116,7 +116,22 @@ def checks() -> list[Check]:
     out.append(
         Check("guest python", py is not None, py or "/usr/bin/python3 missing: the base template needs it")
     )
+    out.extend(runtime_checks())
     for tool, why in (("bwrap", "benchmark floor"), ("runc", "benchmark floor")):
         path = shutil.which(tool)
         out.append(Check(tool, path is not None, path or f"not installed ({why} only)", False))
+    return out
+
+
+def runtime_checks() -> list[Check]:
+    """One line per sandbox runtime (docs/runtimes.md): available or why not, and its features."""
+    from cove.config import Settings
+    from cove.node.runtimes import availability
+
+    out = []
+    for rt in availability(Settings()).values():
+        feats = ", ".join(f"{k.replace('_', ' ')} {'yes' if v else 'no'}" for k, v in rt.features.items())
+        out.append(
+            Check(f"runtime {rt.name}", rt.available, rt.detail + (f" ({feats})" if feats else ""), False)
+        )
     return out

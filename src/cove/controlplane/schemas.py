@@ -203,6 +203,10 @@ class CreateSandbox(Strict):
     snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
         default=None, description="start from this snapshot instead of a template"
     )
+    runtime: Literal["namespaces", "gvisor", "microvm"] | None = Field(
+        default=None,
+        description="isolation runtime (docs/runtimes.md); default: the snapshot's, else namespaces",
+    )
     network: NetworkSettings = Field(
         default_factory=NetworkSettings, description="egress policy (default: mode none, no egress)"
     )

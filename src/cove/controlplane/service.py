@@ -176,13 +176,14 @@ class SandboxService:
                 pids=req.pids or dl.get("pids") or self.settings.default_pids,
                 disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
             )
+            runtime = self._runtime(req.runtime or defaults.get("runtime") or "namespaces", network)
             now = time.time()
             rec = SandboxRecord(
                 id=new_sandbox_id(),
                 tenant=who.tenant,
                 template=template.name,
                 state="starting",
-                runtime="namespaces",
+                runtime=runtime,
                 created_at=now,
                 updated_at=now,
                 expires_at=now + timeout if timeout else None,
@@ -247,6 +248,19 @@ class SandboxService:
         self.metrics.create_seconds.observe(time.perf_counter() - started)
         return rec
 
+    def _runtime(self, runtime: str, network: dict[str, Any]) -> str:
+        """`runtime` if this node runs it with these network settings (docs/runtimes.md), else 409."""
+        problem = self.node.runtime_problem(runtime)
+        if problem:
+            raise ApiError(409, "runtime_unavailable", problem)
+        if runtime != "namespaces" and network.get("mode", "none") != "none":
+            raise ApiError(
+                409,
+                "not_supported",
+                f"network egress is not supported by the {runtime} runtime (mode none only)",
+            )
+        return runtime
+
     def _node_spec(
         self, rec: SandboxRecord, template: TemplateSpec, mounts: list[dict[str, Any]] | None = None
     ) -> SandboxSpec:
@@ -261,13 +275,21 @@ class SandboxService:
         chain = TemplateSpec(name=template.name, layers=tuple(rec.layers), config=config)
         env = {**proxy_env(self.settings.egress_port), **rec.env}  # the sandbox's way out: its proxy
         return SandboxSpec(
-            id=rec.id, template=chain, env=env, user=rec.user, workdir=rec.workdir, limits=limits
+            id=rec.id,
+            template=chain,
+            env=env,
+            user=rec.user,
+            workdir=rec.workdir,
+            limits=limits,
+            runtime=rec.runtime or "namespaces",
         )
 
     # -- egress --------------------------------------------------------------------------
     async def _attach_egress(self, rec: SandboxRecord, handle: dict[str, Any]) -> None:
         """Open the egress proxy in the namespace of the processes started with `handle` (after
         create, restore and adoption: a restored namespace is a new one, without the listener)."""
+        if rec.runtime not in ("namespaces", ""):  # gVisor's network stack is its own: no way in
+            return
         await self.egress.attach(rec.id, handle, Policy.of_record(rec.network))
 
     async def network_status(self, who: Caller, sandbox_id: str) -> tuple[SandboxRecord, dict[str, Any]]:
@@ -285,6 +307,7 @@ class SandboxService:
             if rec.state not in LIVE:
                 raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
             network = change(dict(rec.network))
+            self._runtime(rec.runtime or "namespaces", network)
             try:
                 policy = Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
             except ValueError as e:
@@ -400,7 +423,7 @@ class SandboxService:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
             await self.egress.detach(rec.id)
-            if self.node.can_checkpoint() and not _buckets(rec):
+            if self.node.can_checkpoint(rec.runtime) and not _buckets(rec):
                 try:
                     await self.node.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
@@ -414,6 +437,8 @@ class SandboxService:
                 reason = (
                     "bucket mounts (FUSE) cannot be checkpointed: processes restart on resume"
                     if _buckets(rec)
+                    else f"the {rec.runtime} runtime cannot checkpoint processes: they restart on resume"
+                    if rec.runtime != "namespaces"
                     else "no CRIU >= 4.1 on this node: processes restart on resume"
                 )
                 info = {"memory": False, "reason": reason}
@@ -464,6 +489,12 @@ class SandboxService:
                 raise ApiError(
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
+            if memory and not self.node.can_checkpoint(rec.runtime):
+                raise ApiError(
+                    409,
+                    "not_supported",
+                    f"memory snapshots are not supported by the {rec.runtime} runtime (see docs/runtimes.md)",
+                )
             if memory and _buckets(rec):
                 raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(rec.id))
             entries, seal = await self.volumes.for_snapshot(rec, snap.id, volumes)
@@ -487,6 +518,7 @@ class SandboxService:
                     "env": rec.env,
                     "user": rec.user,
                     "workdir": rec.workdir,
+                    "runtime": rec.runtime,  # sandboxes started from it run on the same runtime
                     "limits": rec.limits,
                     "volumes": entries,  # live ones, or sealed copies (docs/volumes.md)
                     "internal": internal,  # a fork's own snapshot: never listed, removed at start if left over
@@ -537,7 +569,7 @@ class SandboxService:
         source = await self.get(who, sandbox_id)
         if _buckets(source):
             raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(source.id))
-        memory = self.node.can_checkpoint() and source.state in ACTIVE
+        memory = self.node.can_checkpoint(source.runtime) and source.state in ACTIVE
         snap = await self.snapshot(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
             req = CreateSandbox(

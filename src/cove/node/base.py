@@ -39,6 +39,7 @@ class SandboxSpec:
     # {"type": "volume", "volume": id, "path", "read_only"} or {"type": "s3", bucket…, "path", …};
     # an s3 mount carries its credentials only when the sandbox is created.
     mounts: tuple[dict[str, Any], ...] = ()
+    runtime: str = "namespaces"  # cove.node.runtimes.NAMES
 
 
 class NodeError(Exception):
@@ -63,8 +64,12 @@ class NodeAgent(ABC):
         """Start a stopped sandbox again over its kept files (fresh processes)."""
 
     @abstractmethod
-    def can_checkpoint(self) -> bool:
-        """Can this node checkpoint processes (hibernate and fork with memory)?"""
+    def can_checkpoint(self, runtime: str = "namespaces") -> bool:
+        """Can this node checkpoint processes of `runtime`'s sandboxes (hibernate and fork with memory)?"""
+
+    def runtime_problem(self, runtime: str) -> str | None:
+        """Why this node cannot start sandboxes of `runtime` (None: it can)."""
+        return None if runtime == "namespaces" else f"{runtime} runtime unavailable on this node"
 
     @abstractmethod
     async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:

@@ -9,8 +9,10 @@ from typing import Any
 
 from cove.config import Settings
 from cove.node import bucket_mounts, checkpoint
-from cove.node.base import NodeAgent, SandboxSpec, TemplateSpec
+from cove.node.base import NodeAgent, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient
+from cove.node.gvisor.runtime import GvisorRuntime, runtime_of
+from cove.node.microvm.runtime import MicroVMRuntime
 from cove.node.namespaces import cgroups
 from cove.node.namespaces.runtime import NamespacesRuntime
 from cove.node.template_storage import TemplateStorage
@@ -22,7 +24,8 @@ log = logging.getLogger("cove.node")
 
 class LocalNode(NodeAgent):
     layers: LayerStore
-    runtime: NamespacesRuntime
+    runtime: NamespacesRuntime  # the default; also owns the volumes and storage all runtimes share
+    gvisor: GvisorRuntime
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -35,10 +38,14 @@ class LocalNode(NodeAgent):
         s = self.settings
         self.layers = await asyncio.to_thread(open_storage, s.home, s.storage_backend, s.storage_image_size)
         self.runtime = NamespacesRuntime(s, self.layers)
+        self.gvisor = GvisorRuntime(s, self.layers)
+        self.microvm = MicroVMRuntime()
         if await asyncio.to_thread(cgroups.favor_dynmods):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
         await self.runtime.start()
+        if self.gvisor.available:
+            await self.gvisor.start()
         self._start_kernel_env()
         can = checkpoint.available()
         log.info(
@@ -62,7 +69,8 @@ class LocalNode(NodeAgent):
         )
         ready = cache / kernel_layer.recipe_digest() / kernel_layer.LAYER_SUBDIR
         if (ready / "bin" / "python").exists():
-            self.runtime.kernel_env, self.kernel_status = ready, "ready"
+            self.runtime.kernel_env = self.gvisor.kernel_env = ready
+            self.kernel_status = "ready"
             return
 
         async def build() -> None:
@@ -72,13 +80,38 @@ class LocalNode(NodeAgent):
                 self.kernel_status = f"unavailable: building the kernel environment failed: {e}"[:500]
                 log.warning("kernel environment build failed", extra={"error": str(e)})
                 return
-            self.runtime.kernel_env, self.kernel_status = root / kernel_layer.LAYER_SUBDIR, "ready"
+            self.runtime.kernel_env = self.gvisor.kernel_env = root / kernel_layer.LAYER_SUBDIR
+            self.kernel_status = "ready"
             log.info("kernel environment ready", extra={"path": str(root)})
 
         self.kernel_status = (
             "building (the first start installs ipykernel; sandboxes started after it get it)"
         )
         self._kernel_task = asyncio.create_task(build())
+
+    # -- runtimes (docs/runtimes.md) -------------------------------------------------------------
+    def runtime_problem(self, runtime: str) -> str | None:
+        if runtime == "namespaces":
+            return None
+        if runtime == "gvisor":
+            if self.gvisor.available:
+                return None
+            return f"gvisor runtime unavailable on this host: {self.gvisor.detail}"
+        if runtime == "microvm":
+            return f"microvm runtime unavailable on this host: {self.microvm.reason}"
+        return f"unknown runtime {runtime!r}"
+
+    def _for(self, spec: SandboxSpec) -> NamespacesRuntime:
+        problem = self.runtime_problem(spec.runtime)
+        if problem:
+            raise NodeError(problem)
+        return self.gvisor if spec.runtime == "gvisor" else self.runtime
+
+    def _of(self, sandbox_id: str) -> NamespacesRuntime:
+        """The runtime a sandbox of this node runs on (its directory says which)."""
+        if runtime_of(self.runtime.sandbox_dir(sandbox_id)) == "gvisor":
+            return self.gvisor
+        return self.runtime
 
     async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
         return await self.runtime.prepare_context(sandbox_id, context_id, user)
@@ -95,27 +128,27 @@ class LocalNode(NodeAgent):
         return self._base
 
     async def create(self, spec: SandboxSpec) -> dict[str, Any]:
-        return await self.runtime.create(spec)
+        return await self._for(spec).create(spec)
 
     async def stop(self, sandbox_id: str) -> None:
-        await self.runtime.stop(sandbox_id)
+        await self._of(sandbox_id).stop(sandbox_id)
 
     async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
-        return await self.runtime.create(spec, resume=True)
+        return await self._for(spec).create(spec, resume=True)
 
-    def can_checkpoint(self) -> bool:
-        return checkpoint.available()
+    def can_checkpoint(self, runtime: str = "namespaces") -> bool:
+        return runtime == "namespaces" and checkpoint.available()
 
     async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        await self.runtime.hibernate(sandbox_id, handle["pid"])
+        await self._of(sandbox_id).hibernate(sandbox_id, handle["pid"])
 
     async def snapshot_with_memory(
         self, sandbox_id: str, handle: dict[str, Any], key: str, seal: tuple[tuple[str, str], ...] = ()
     ) -> str:
-        return await self.runtime.snapshot_with_memory(sandbox_id, handle["pid"], key, seal)
+        return await self._of(sandbox_id).snapshot_with_memory(sandbox_id, handle["pid"], key, seal)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
-        return await self.runtime.restore(spec, key, resume)
+        return await self._for(spec).restore(spec, key, resume)
 
     async def has_checkpoint(self, key: str) -> bool:
         return checkpoint.complete(self.runtime.checkpoint_dir(key))
@@ -124,7 +157,7 @@ class LocalNode(NodeAgent):
         await self.runtime.drop_checkpoint(key)
 
     async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
-        return await self.runtime.commit(sandbox_id, seal)
+        return await self._of(sandbox_id).commit(sandbox_id, seal)
 
     async def flatten(self, layers: list[str]) -> str:
         return await asyncio.to_thread(self.layers.flatten, layers)
@@ -139,10 +172,10 @@ class LocalNode(NodeAgent):
         return await asyncio.to_thread(collect)
 
     async def kill(self, sandbox_id: str, handle: dict[str, Any] | None = None) -> None:
-        await self.runtime.kill(sandbox_id)
+        await self._of(sandbox_id).kill(sandbox_id)
 
     async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
-        return await self.runtime.alive(sandbox_id, handle)
+        return await self._of(sandbox_id).alive(sandbox_id, handle)
 
     async def pause(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self.runtime.cgroup(sandbox_id).freeze, True)
@@ -159,7 +192,7 @@ class LocalNode(NodeAgent):
     async def sweep(self, keep: set[str]) -> list[str]:
         stray = sorted((await asyncio.to_thread(self.runtime.present)) - keep)
         for sandbox_id in stray:
-            await self.runtime.kill(sandbox_id)
+            await self._of(sandbox_id).kill(sandbox_id)
         return stray
 
     # -- volumes -------------------------------------------------------------------------------
@@ -213,3 +246,4 @@ class LocalNode(NodeAgent):
     async def close(self) -> None:
         await self.runtime.close()
         await asyncio.to_thread(self.runtime.release_parent)
+        await asyncio.to_thread(self.gvisor.release_parent)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -37,8 +38,10 @@ from cove.node.namespaces.syscalls import (
     MS_REMOUNT,
 )
 
-# Docker's default capability set; everything else leaves the bounding set before the agent runs.
-KEEP_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+# Docker's default capability set without CAP_NET_RAW (13: raw and packet sockets; ping works without
+# it through ICMP datagram sockets); everything else leaves the bounding set before the agent runs.
+KEEP_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 27, 29, 31}
+NOFILE = 65536  # open files per process in a sandbox (at most the host's hard limit)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # /proc entries that reveal or control the host (masked as Docker does); /proc/sys etc. read-only.
 PROC_MASKED = (
@@ -151,6 +154,9 @@ def _sandbox_init(spec: dict, ready_w: int) -> None:
         syscalls.set_loopback_up()
         syscalls.sethostname(spec.get("hostname", "sandbox"))
         syscalls.drop_bounding_caps(KEEP_CAPS)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nofile = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         if spec.get("seccomp", True) and seccomp.supported():
             seccomp.install()

@@ -3,7 +3,8 @@
 Denied calls fail with EPERM (ENOSYS for clone3, so libc falls back to clone, whose flags we can
 inspect). The list follows Docker's default profile for a container without CAP_SYS_ADMIN: no
 mounting, no new namespaces, no kernel keyring, module loading, kexec, bpf or perf, no clock or
-swap changes. Standard library only (the launcher imports it).
+swap changes, and no io_uring (a large kernel surface that bypasses per-syscall filtering; Docker
+blocks it too). Standard library only (the launcher imports it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ _X86_64 = {
     "open_by_handle_at": 304, "name_to_handle_at": 303, "syslog": 103, "clock_settime": 227,
     "clock_adjtime": 305, "adjtimex": 159, "iopl": 172, "ioperm": 173, "quotactl": 179,
     "lookup_dcookie": 212, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-    "fsmount": 432, "fspick": 433, "mount_setattr": 442, "clone": 56, "clone3": 435,
+    "fsmount": 432, "fspick": 433, "mount_setattr": 442, "io_uring_setup": 425, "io_uring_enter": 426,
+    "io_uring_register": 427, "clone": 56, "clone3": 435,
 }  # fmt: skip
 _AARCH64 = {
     "mount": 40, "umount2": 39, "pivot_root": 41, "swapon": 224, "swapoff": 225, "reboot": 142,
@@ -34,7 +36,8 @@ _AARCH64 = {
     "open_by_handle_at": 265, "name_to_handle_at": 264, "syslog": 116, "clock_settime": 112,
     "clock_adjtime": 266, "adjtimex": 171, "quotactl": 60, "lookup_dcookie": 18, "open_tree": 428,
     "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "mount_setattr": 442, "clone": 220, "clone3": 435,
+    "mount_setattr": 442, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "clone": 220, "clone3": 435,
 }  # fmt: skip
 _ARCH = {"x86_64": (0xC000003E, _X86_64), "aarch64": (0xC00000B7, _AARCH64)}
 
