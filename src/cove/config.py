@@ -63,6 +63,17 @@ class Settings:
     # kvm needs real hardware virtualisation).
     runsc: str = field(default_factory=lambda: os.environ.get("COVE_RUNSC", "runsc"))
     runsc_platform: str = field(default_factory=lambda: os.environ.get("COVE_RUNSC_PLATFORM", "ptrace"))
+    # Warm pools (docs/pools.md): "name=min:max,..." by template name or snapshot id, used until a
+    # pool is set through the API; "" for none. A pool shrinks toward min after pool_idle seconds
+    # without a claim.
+    pools: str = field(default_factory=lambda: os.environ.get("COVE_POOLS", "base=2:16"))
+    pool_idle: float = field(default_factory=lambda: float(os.environ.get("COVE_POOL_IDLE", "120")))
+    # Admission (docs/pools.md): creates are refused (503, Retry-After) while the host has less
+    # memory available or fewer free pids than this.
+    admit_min_memory_mb: int = field(
+        default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_MEMORY_MB", "256"))
+    )
+    admit_min_pids: int = field(default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_PIDS", "512")))
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

@@ -21,8 +21,10 @@ from cove.controlplane.api import (
     files,
     keys,
     network,
+    pools,
     ports,
     processes,
+    quotas,
     sandboxes,
     snapshots,
     system,
@@ -31,6 +33,7 @@ from cove.controlplane.api import (
     volumes,
 )
 from cove.controlplane.metrics import Metrics
+from cove.controlplane.pools import load as load_pools
 from cove.controlplane.service import SandboxService
 from cove.controlplane.signing import Signer
 from cove.node.base import NodeAgent
@@ -124,11 +127,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await _ensure_keys(cove)
         await cove.service.adopt()
         cove.service.start_reaper()
+        for config in await load_pools(store, settings.pools):
+            cove.service.pools.configure(config)
+        cove.service.pools.start()
         log.info("cove ready", extra={"home": str(settings.home), "version": __version__})
         try:
             yield
         finally:
             await cove.service.stop_reaper()
+            await cove.service.pools.close()  # pooled sandboxes are not anyone's: they go
             await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
             if cove.demo_key:
                 rec = await store.key_by_hash(auth.hash_key(cove.demo_key))
@@ -158,6 +165,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         files,
         keys,
         urls,
+        pools,
+        quotas,
         templates,
     ):
         app.include_router(module.router)

@@ -34,10 +34,13 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+        self.headers: dict[str, str] | None = None  # e.g. Retry-After on a 429/503
 
     def response(self) -> JSONResponse:
         return JSONResponse(
-            {"error": {"code": self.code, "message": self.message, **self.extra}}, self.status
+            {"error": {"code": self.code, "message": self.message, **self.extra}},
+            self.status,
+            headers=self.headers,
         )
 
 

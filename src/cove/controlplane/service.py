@@ -22,9 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from cove.config import Settings
+from cove.controlplane.admission import Admission
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
+from cove.controlplane.pools import PoolConfig, Pools
+from cove.controlplane.quotas import Quotas
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.templates import Templates, start_template_service
 from cove.controlplane.volumes import Volumes
@@ -83,6 +86,20 @@ class SandboxService:
             parse_hosts(settings.egress_hosts),
             settings.port,
             lambda result: metrics.egress.labels(result).inc(),
+        )
+        self.admission = Admission(settings, metrics.registry)
+        self.quotas = Quotas(store)
+        # Warm pools (docs/pools.md): they resolve sources and build specs the way create does.
+        self.pools = Pools(
+            node,
+            self._pool_source,
+            self._pool_spec,
+            lambda sid, handle: self.egress.attach(sid, handle, Policy.of_record({})),
+            lambda sid: self.egress.detach(sid, forget=True),
+            new_sandbox_id,
+            self._may_fill,
+            settings.pool_idle,
+            metrics.registry,
         )
 
     # -- state machine ---------------------------------------------------------------------
@@ -155,17 +172,44 @@ class SandboxService:
         )
         return template, {**snap.config, "checkpoint": snap.id if snap.memory else None}
 
+    async def _pool_source(self, pool: PoolConfig) -> tuple[TemplateSpec, dict[str, Any]]:
+        """What a pool's members start from: its snapshot (a pool with a tenant) or template."""
+        if pool.tenant is not None:
+            return await self._source(Caller("pool", pool.tenant, False), CreateSandbox(snapshot=pool.name))
+        return await self._source(Caller("pool", "", False), CreateSandbox(template=pool.name))
+
+    def _pool_spec(self, sid: str, template: TemplateSpec, defaults: dict[str, Any]) -> SandboxSpec:
+        dl = defaults.get("limits") or {}
+        limits = Limits(
+            memory_mb=dl.get("memory_mb") or self.settings.default_memory_mb,
+            pids=dl.get("pids") or self.settings.default_pids,
+        )
+        env = {**proxy_env(self.settings.egress_port), **(defaults.get("env") or {})}
+        return SandboxSpec(
+            id=sid,
+            template=template,
+            env=env,
+            user=defaults.get("user") or "user",
+            workdir=defaults.get("workdir") or "/home/user",
+            limits=limits,
+        )
+
+    async def _may_fill(self) -> bool:
+        return await self.admission.refusal(count=False) is None
+
     async def create(
         self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None
     ) -> SandboxRecord:
         """`network`: the record's whole network settings instead of `req.network` (front ends and
-        forks keep keys of their own there); its policy is validated here."""
+        forks keep keys of their own there); its policy is validated here. A create takes a warm
+        sandbox from its source's pool when it can (docs/pools.md), else starts one."""
         started = time.perf_counter()
         network = req.network.record() if network is None else dict(network)
         try:
             Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
         except ValueError as e:
             raise ApiError(422, "validation_error", f"network: {e}") from e
+        await self.admission.check()
         async with self._layer_refs:  # the source's layers cannot be collected meanwhile
             template, defaults = await self._source(who, req)
             timeout = self.settings.default_timeout if req.timeout is None else req.timeout
@@ -176,10 +220,16 @@ class SandboxService:
                 pids=req.pids or dl.get("pids") or self.settings.default_pids,
                 disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
             )
+            limits = await self.quotas.with_default_cpu(who.tenant, limits)
             runtime = self._runtime(req.runtime or defaults.get("runtime") or "namespaces", network)
+            # Pooled sandboxes have no volumes, mounts or disk limit: those start cold.
+            poolable = runtime == "namespaces" and not (
+                req.volumes or req.mounts or defaults.get("volumes") or limits.disk_mb
+            )
+            member = self.pools.take(req.snapshot or template.name) if poolable else None
             now = time.time()
             rec = SandboxRecord(
-                id=new_sandbox_id(),
+                id=member.id if member else new_sandbox_id(),
                 tenant=who.tenant,
                 template=template.name,
                 state="starting",
@@ -198,7 +248,7 @@ class SandboxService:
                     "pids": limits.pids,
                     "disk_mb": limits.disk_mb,
                 },
-                layers=list(template.layers),
+                layers=list(member.layers if member else template.layers),
                 auto_resume=req.auto_resume,
                 idle_timeout=req.idle_timeout,
                 on_idle=req.on_idle,
@@ -206,6 +256,17 @@ class SandboxService:
                 network=network,
                 template_config=defaults.get("template_config") or {},
             )
+            if member is not None:
+                try:
+                    async with self.quotas.admit(who.tenant, limits):
+                        claimed = await self._claim(rec, template, member)
+                except BaseException:  # over quota, or interrupted: never leave it half-claimed
+                    await asyncio.shield(self.pools.discard(member))
+                    raise
+                if claimed:
+                    self.metrics.create_seconds.observe(time.perf_counter() - started)
+                    return rec
+                rec.id, rec.layers = new_sandbox_id(), list(template.layers)
             if defaults.get("checkpoint") and (req.volumes or req.mounts):
                 raise ApiError(
                     422,
@@ -213,7 +274,8 @@ class SandboxService:
                     "a sandbox restored with its processes has its snapshot's mounts: volumes and mounts "
                     "cannot be added",
                 )
-            async with self.volumes.lock:  # its volumes cannot be deleted until it is recorded
+            async with self.volumes.lock, self.quotas.admit(who.tenant, limits):
+                # its volumes cannot be deleted until it is recorded
                 rec.mounts, node_mounts, made = await self.volumes.resolve(
                     who, rec, req, defaults.get("volumes", [])
                 )
@@ -222,6 +284,34 @@ class SandboxService:
                 except BaseException:
                     await self.volumes.drop(made)
                     raise
+        self.pools.foreground += 1  # the pools' refill waits for cold creates
+        try:
+            await self._create_cold(rec, template, defaults, node_mounts, made)
+        finally:
+            self.pools.foreground -= 1
+        self.metrics.create_seconds.observe(time.perf_counter() - started)
+        return rec
+
+    async def _claim(self, rec: SandboxRecord, template: TemplateSpec, member: Any) -> bool:
+        """Make a pooled sandbox `rec`'s (env, user, workdir, limits, egress policy) and record it
+        as running; False if the member could not be used (the create then starts one cold)."""
+        handle = await self.pools.claim(member, self._node_spec(rec, template))
+        if handle is None:
+            return False
+        self.egress.set_policy(rec.id, Policy.of_record(rec.network))
+        rec.state, rec.node = "running", handle
+        await self.store.insert_sandbox(rec)
+        log.info("sandbox running", extra={"sandbox": rec.id, "from": "pool", "pool": member.id})
+        return True
+
+    async def _create_cold(
+        self,
+        rec: SandboxRecord,
+        template: TemplateSpec,
+        defaults: dict[str, Any],
+        node_mounts: list[dict[str, Any]],
+        made: Any,
+    ) -> None:
         async with self._locks[rec.id]:
             try:
                 if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
@@ -245,8 +335,6 @@ class SandboxService:
                     await self._transition(rec, "error", end_reason="creation interrupted")
                 raise
             await self._transition(rec, "running", node=handle)
-        self.metrics.create_seconds.observe(time.perf_counter() - started)
-        return rec
 
     def _runtime(self, runtime: str, network: dict[str, Any]) -> str:
         """`runtime` if this node runs it with these network settings (docs/runtimes.md), else 409."""
@@ -375,6 +463,7 @@ class SandboxService:
                 await self.node.resume(rec.id)
                 await self._transition(rec, "running")
             elif rec.state == "hibernated":
+                await self.quotas.check(rec.tenant, Limits(**rec.limits))  # it will hold resources again
                 spec = self._node_spec(rec, await self.node.base_template())
                 info = dict(rec.checkpoint)
                 handle = None
@@ -598,7 +687,7 @@ class SandboxService:
     async def collect_layers(self) -> None:
         """Delete committed layers that no template, snapshot or sandbox references any more."""
         async with self._layer_refs:
-            keep = set((await self.node.base_template()).layers)
+            keep = set((await self.node.base_template()).layers) | self.pools.layers()
             for snap in await self.store.list_snapshots(None):
                 keep.update(snap.layers)
             for rec in (await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)).items:

@@ -50,6 +50,7 @@ SPARES = 1  # pre-forked handler waiting for the next connection (each costs ~1 
 LINGER = 10.0  # how long to drain host input we will not use, before closing (see linger())
 
 CONFIG: dict = {"env": {}, "user": None, "workdir": None}
+CONFIG_FILE = [CONFIG_PATH, None]  # the file read, and its (inode, mtime, size) when read
 MAIN_PID = os.getpid()
 
 _ERRNO_CODES = {
@@ -1901,6 +1902,7 @@ def serve_connection(sock: _socket.socket) -> None:
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             raise OpError("invalid", f"unknown op {op!r}")
+        refresh_config()
         c.input_open = op in ("write", "input") or (op == "exec" and req.get("stdin") is True)
         result = handler(c, req)
         if result is None:
@@ -2036,6 +2038,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                     for pid in reap():
                         idle.discard(pid)  # a spare that died before it was taken
                 elif fd == taken_r:
+                    refresh_config()  # so the next spare forks with the current config
                     try:
                         while data := os.read(taken_r, 4096):
                             for i in range(0, len(data) - 3, 4):
@@ -2085,13 +2088,16 @@ def _set_subreaper() -> None:
 
 
 def load_config(path: str, required: bool) -> None:
+    CONFIG_FILE[0] = path
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             data = protocol.decode_json(f.read())
     except FileNotFoundError:
         if required:
             raise
         return
+    CONFIG_FILE[1] = (st.st_ino, st.st_mtime_ns, st.st_size)
     env = data.get("env") or {}
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
@@ -2100,6 +2106,22 @@ def load_config(path: str, required: bool) -> None:
     CONFIG["env"] = env
     CONFIG["user"] = data.get("user")
     CONFIG["workdir"] = data.get("workdir")
+
+
+def refresh_config() -> None:
+    """Re-read the config when the host replaced it: a pooled sandbox is started before anyone
+    claims it, and the claim brings its env, user and workdir (docs/pools.md). One stat per call."""
+    try:
+        st = os.stat(CONFIG_FILE[0])
+    except OSError:
+        return
+    if (st.st_ino, st.st_mtime_ns, st.st_size) == CONFIG_FILE[1]:
+        return
+    try:
+        load_config(CONFIG_FILE[0], required=False)
+    except (OSError, ValueError, protocol.ProtocolError):
+        return  # half-written or bad: keep the config we have
+    ensure_workdir()
 
 
 def ensure_workdir() -> None:

@@ -124,6 +124,14 @@ class NodeAgent(ABC):
         """Thaw a paused sandbox."""
 
     kernel_status: str = "unavailable"  # of the environment code contexts run in
+    # Changes when sandboxes created from now on would differ (e.g. the kernel environment got
+    # built): pooled sandboxes made under an older generation are discarded, not handed out.
+    generation: str = ""
+
+    async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
+        """Apply `spec`'s env, user, workdir and cpu/memory/pids limits to a running sandbox
+        (a pooled one being claimed), then thaw it if asked."""
+        raise NodeError("this node cannot reconfigure a running sandbox")
 
     @abstractmethod
     async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:

@@ -130,6 +130,13 @@ class LocalNode(NodeAgent):
     async def create(self, spec: SandboxSpec) -> dict[str, Any]:
         return await self._for(spec).create(spec)
 
+    async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
+        await self.runtime.configure(spec, thaw)
+
+    @property
+    def generation(self) -> str:  # type: ignore[override]
+        return f"kernel={self.runtime.kernel_env}"
+
     async def stop(self, sandbox_id: str) -> None:
         await self._of(sandbox_id).stop(sandbox_id)
 

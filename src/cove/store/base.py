@@ -182,6 +182,20 @@ class Store(ABC):
     async def delete_template(self, template_id: str) -> bool:
         raise NotImplementedError
 
+    # settings: small JSON documents by key ("pool:<name>", "quota:<tenant>")
+    async def get_setting(self, key: str) -> Any:
+        raise NotImplementedError
+
+    async def put_setting(self, key: str, value: Any) -> None:
+        raise NotImplementedError
+
+    async def delete_setting(self, key: str) -> bool:
+        raise NotImplementedError
+
+    async def list_settings(self, prefix: str) -> dict[str, Any]:
+        """Every setting whose key starts with `prefix`, by key."""
+        raise NotImplementedError
+
     # api keys
     @abstractmethod
     async def insert_key(self, rec: KeyRecord) -> None: ...

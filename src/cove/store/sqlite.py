@@ -101,6 +101,10 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_tenant_seq ON audit (tenant, seq);
 CREATE INDEX IF NOT EXISTS audit_sandbox ON audit (sandbox);
 CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -442,6 +446,32 @@ class SQLiteStore(Store):
 
     async def count_keys(self) -> int:
         return int(await self._call(lambda db: db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]))
+
+    # -- settings (pools, quotas: small JSON documents by key) ------------------------------
+    async def get_setting(self, key: str) -> Any:
+        row = await self._call(
+            lambda db: db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        )
+        return json.loads(row[0]) if row else None
+
+    async def put_setting(self, key: str, value: Any) -> None:
+        sql = "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        await self._call(lambda db: db.execute(sql, (key, json.dumps(value))))
+
+    async def delete_setting(self, key: str) -> bool:
+        return bool(
+            await self._call(lambda db: db.execute("DELETE FROM settings WHERE key = ?", (key,)).rowcount)
+        )
+
+    async def list_settings(self, prefix: str) -> dict[str, Any]:
+        def q(db: sqlite3.Connection) -> dict[str, Any]:
+            rows = db.execute(
+                "SELECT key, value FROM settings WHERE substr(key, 1, ?) = ? ORDER BY key",
+                (len(prefix), prefix),
+            )
+            return {r[0]: json.loads(r[1]) for r in rows}
+
+        return await self._call(q)
 
 
 def encode_cursor(seq: int) -> str:

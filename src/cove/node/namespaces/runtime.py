@@ -159,8 +159,7 @@ class NamespacesRuntime:
         os.chown(run / "sock", base, base)  # the sandbox's root binds the agent socket here
         for name in GUEST_FILES:
             os.link(self.guest_code / name, run / name)  # shared, read-only inside
-        env = {**spec.template.config.get("env", {}), **spec.env}
-        (run / "config.json").write_text(json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir}))
+        (run / "config.json").write_text(self._config_json(spec))
         layers = list(spec.template.layers)
         if self.layers.has_active(spec.id):
             active = self.layers.active(spec.id, layers)
@@ -201,6 +200,28 @@ class NamespacesRuntime:
             "python": inside(self.settings.guest_python),
             "loader": [inside(loader), "--library-path", inside(os.path.dirname(loader))],
         }
+
+    @staticmethod
+    def _config_json(spec: SandboxSpec) -> str:
+        env = {**spec.template.config.get("env", {}), **spec.env}
+        return json.dumps({"env": env, "user": spec.user, "workdir": spec.workdir})
+
+    def _configure(self, spec: SandboxSpec, thaw: bool) -> None:
+        """Give a running (pooled) sandbox its owner's env, user, workdir and limits: the guest
+        agent re-reads its config when the file changes, so the replacement is atomic (rename)."""
+        run = self.sandbox_dir(spec.id) / "run"
+        tmp = run / "config.json.new"
+        tmp.write_text(self._config_json(spec))
+        os.rename(tmp, run / "config.json")
+        limits = spec.limits
+        memory = limits.memory_mb * 1024 * 1024 if limits.memory_mb else None
+        cg = self.cgroup(spec.id)
+        cg.set_limits(memory, limits.cpu, limits.pids)
+        if thaw:
+            cg.freeze(False)
+
+    async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
+        await asyncio.to_thread(self._configure, spec, thaw)
 
     def _mount_sources(self, spec: SandboxSpec) -> list[dict[str, Any]]:
         """Host dirs for the sandbox's volumes and buckets (a bucket's rclone is started here).

@@ -1,0 +1,101 @@
+"""/v1/pools: warm pools per template or snapshot (docs/pools.md). Changing one needs an admin key."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, Field, model_validator
+
+from cove.controlplane import pools
+from cove.controlplane.auth import Caller, admin, caller
+from cove.controlplane.errors import ApiError, not_found
+from cove.controlplane.schemas import CreateSandbox
+from cove.controlplane.service import SandboxService
+
+from .deps import service
+
+router = APIRouter(prefix="/v1/pools", tags=["pools"])
+Svc = Annotated[SandboxService, Depends(service)]
+Who = Annotated[Caller, Depends(caller)]
+Admin = Annotated[Caller, Depends(admin)]
+
+
+class SetPool(BaseModel):
+    min: int = Field(ge=0, le=pools.MAX_SIZE, description="members kept ready even when idle")
+    max: int = Field(ge=0, le=pools.MAX_SIZE, description="the most it grows to under demand")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SetPool:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class PoolOut(BaseModel):
+    name: str = Field(description="the template name or snapshot id whose creates it serves")
+    source: str = Field(description="template | snapshot")
+    min: int
+    max: int
+    target: int = Field(description="the size the refill aims for now (grows on misses, shrinks when idle)")
+    ready: int = Field(description="members ready to claim")
+    starting: int = Field(description="members being started")
+    hits: int = Field(description="creates served from the pool since the server started")
+    misses: int = Field(description="creates that found it empty and started cold")
+    error: str | None = Field(default=None, description="why the last refill failed")
+
+
+class PoolList(BaseModel):
+    items: list[PoolOut]
+
+
+def _out(svc: SandboxService, status: dict[str, Any]) -> PoolOut:
+    pool = svc.pools.pools[status["name"]]
+    return PoolOut(source="snapshot" if pool.config.tenant is not None else "template", **status)
+
+
+def _visible(who: Caller, svc: SandboxService, name: str) -> bool:
+    pool = svc.pools.pools.get(name)
+    return pool is not None and (pool.config.tenant is None or pool.config.tenant == who.tenant)
+
+
+@router.get("", response_model=PoolList)
+async def list_pools(who: Who, svc: Svc) -> PoolList:
+    """The pools serving this tenant's creates: every template's, and its own snapshots'."""
+    return PoolList(items=[_out(svc, s) for s in svc.pools.status() if _visible(who, svc, s["name"])])
+
+
+@router.get("/{name}", response_model=PoolOut)
+async def get_pool(name: str, who: Who, svc: Svc) -> PoolOut:
+    if not _visible(who, svc, name):
+        raise not_found("pool", name)
+    return _out(svc, svc.pools.pools[name].status())
+
+
+@router.put("/{name}", response_model=PoolOut)
+async def set_pool(name: str, body: SetPool, who: Admin, svc: Svc) -> PoolOut:
+    """Keep between `min` and `max` sandboxes of a template (or of one of your snapshots) ready."""
+    current = svc.pools.pools.get(name)
+    if current is not None and current.config.tenant not in (None, who.tenant):
+        raise not_found("pool", name)
+    snap = await svc.store.get_snapshot(name)
+    if snap is not None and snap.tenant == who.tenant and snap.state == "ready":
+        tenant: str | None = who.tenant
+        if snap.config.get("volumes"):
+            raise ApiError(422, "validation_error", f"snapshot {name} carries volumes: it cannot be pooled")
+    else:
+        tenant = None
+        await svc._source(who, CreateSandbox(template=name))  # 404 for an unknown template
+    config = pools.PoolConfig(name, body.min, body.max, tenant)
+    await pools.save(svc.store, config)
+    return _out(svc, svc.pools.configure(config).status())
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_pool(name: str, who: Admin, svc: Svc) -> Response:
+    """Stop pooling this source; its ready members are killed (claimed sandboxes are not touched)."""
+    if not _visible(who, svc, name):
+        raise not_found("pool", name)
+    await pools.forget(svc.store, name)
+    await svc.pools.remove(name)
+    return Response(status_code=204)

@@ -1,0 +1,362 @@
+"""Warm pools: sandboxes started ahead of time per template (or snapshot), claimed on create.
+
+A member is a complete sandbox (cgroup, overlay root, namespaces, guest agent serving, egress
+listener open) that is frozen until a create claims it. The claim writes the caller's env, user and
+workdir into the agent's config (which the agent re-reads when it changes), sets the cgroup limits,
+thaws it and records it as the caller's sandbox: about a millisecond instead of a cold start.
+Members are never reused: a killed sandbox is gone, and the pool refills with fresh ones, so a
+claim carries nothing of anyone before it.
+
+Pools are keyed by template name or snapshot id; how a name turns into layers is the service's
+business (`resolve`), so templates from any store work. A background task refills one member at a
+time, and only while no foreground create is in flight and the host admits new sandboxes. Each pool
+scales between `min` and `max`: a claim that finds it empty (a miss) doubles its target, and
+`COVE_POOL_IDLE` seconds without a claim halve it back toward `min`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from cove.node.base import NodeAgent, NodeError, SandboxSpec, TemplateSpec
+from cove.store.base import Store
+
+log = logging.getLogger("cove.pools")
+
+MAX_SIZE = 1000
+BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0)  # seconds between failed fills of one pool
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str  # a template name, or a snapshot id
+    min: int
+    max: int
+    tenant: str | None = None  # a snapshot's owner (who may resolve it); None for templates
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "tenant": self.tenant}
+
+
+@dataclass
+class Member:
+    id: str
+    handle: dict[str, Any]
+    layers: tuple[str, ...]
+    generation: str
+    made_at: float
+
+
+@dataclass
+class Pool:
+    config: PoolConfig
+    target: int
+    members: deque[Member] = field(default_factory=deque)
+    filling: int = 0
+    hits: int = 0
+    misses: int = 0
+    last_claim: float = field(default_factory=time.monotonic)
+    last_resize: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "min": self.config.min,
+            "max": self.config.max,
+            "target": self.target,
+            "ready": len(self.members),
+            "starting": self.filling,
+            "hits": self.hits,
+            "misses": self.misses,
+            "error": self.error,
+        }
+
+
+# a pool's source -> (template, defaults: env, user, workdir, limits, checkpoint)
+Resolve = Callable[[PoolConfig], Awaitable[tuple[TemplateSpec, dict[str, Any]]]]
+
+
+class Pools:
+    """The pools of one server; `service` supplies ids, specs, egress and what counts as busy."""
+
+    def __init__(
+        self,
+        node: NodeAgent,
+        resolve: Resolve,
+        make_spec: Callable[[str, TemplateSpec, dict[str, Any]], SandboxSpec],
+        open_egress: Callable[[str, dict[str, Any]], Awaitable[None]],
+        close_egress: Callable[[str], Awaitable[None]],
+        new_id: Callable[[], str],
+        may_fill: Callable[[], Awaitable[bool]],
+        idle_after: float,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.node = node
+        self.resolve = resolve
+        self.make_spec = make_spec
+        self.open_egress = open_egress
+        self.close_egress = close_egress
+        self.new_id = new_id
+        self.may_fill = may_fill
+        self.idle_after = idle_after
+        self.pools: dict[str, Pool] = {}
+        self.foreground = 0  # creates in flight that are not claims: the refill waits for them
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._making: dict[str, tuple[str, ...]] = {}  # member id -> layers, while it starts
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.size = Gauge("cove_pool_ready", "Pooled sandboxes ready to claim", ["pool"], registry=registry)
+        self.target = Gauge("cove_pool_target", "Pool sizes the refill aims for", ["pool"], registry=registry)
+        self.claims = Counter(
+            "cove_pool_claims", "Creates that asked a pool, by result (hit, miss)", ["pool", "result"],
+            registry=registry,
+        )  # fmt: skip
+
+    # -- configuration -----------------------------------------------------------------------
+    def configure(self, config: PoolConfig) -> Pool:
+        """Add a pool or change its bounds (members beyond the new max are dropped by the loop)."""
+        pool = self.pools.get(config.name)
+        if pool is None:
+            pool = self.pools[config.name] = Pool(config, target=config.min)
+        else:
+            pool.config = config
+            pool.target = min(max(pool.target, config.min), config.max)
+            pool.error, pool.failures, pool.retry_at = None, 0, 0.0
+        self._gauges(pool)
+        self._wake.set()
+        return pool
+
+    async def remove(self, name: str) -> bool:
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return False
+        await self._discard_all(pool)
+        for gauge in (self.size, self.target):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+        return True
+
+    def status(self) -> list[dict[str, Any]]:
+        return [p.status() for p in sorted(self.pools.values(), key=lambda p: p.config.name)]
+
+    def layers(self) -> set[str]:
+        """Layers under pooled sandboxes (ready or starting): they must not be collected."""
+        out: set[str] = set()
+        for pool in self.pools.values():
+            for m in pool.members:
+                out.update(m.layers)
+        for layers in self._making.values():
+            out.update(layers)
+        return out
+
+    # -- claims ------------------------------------------------------------------------------
+    def take(self, name: str) -> Member | None:
+        """A ready member of pool `name`, or None (a miss, which grows the pool's target)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            return None
+        pool.last_claim = time.monotonic()
+        generation = self.node.generation
+        while pool.members:
+            member = pool.members.popleft()
+            if member.generation == generation:
+                pool.hits += 1
+                self.claims.labels(name, "hit").inc()
+                self._gauges(pool)
+                self._wake.set()
+                return member
+            self._spawn(self._discard(member))  # made before the node changed (e.g. kernel env)
+        pool.misses += 1
+        self.claims.labels(name, "miss").inc()
+        if pool.target < pool.config.max:
+            pool.target = min(pool.config.max, max(pool.target + 1, pool.target * 2))
+            pool.last_resize = time.monotonic()
+        self._gauges(pool)
+        self._wake.set()
+        return None
+
+    async def claim(self, member: Member, spec: SandboxSpec) -> dict[str, Any] | None:
+        """Give `member` the caller's env, user, workdir and limits and thaw it; returns its node
+        handle, or None if it could not be (it is then discarded)."""
+        try:
+            await self.node.configure(spec, thaw=True)
+        except (NodeError, OSError) as e:
+            log.warning("pooled sandbox could not be claimed", extra={"sandbox": member.id, "error": str(e)})
+            await self._discard(member)
+            return None
+        return member.handle
+
+    async def discard(self, member: Member) -> None:
+        await self._discard(member)
+
+    # -- the refill loop -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="cove-pools")
+
+    async def close(self) -> None:
+        """Stop refilling and kill every member (a restarted server builds new ones)."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for pool in list(self.pools.values()):
+            await self._discard_all(pool)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                pool = self._next_to_fill()
+                if pool is None:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    continue
+                # Foreground creates first: a refill would compete with them for the CPU.
+                while self.foreground:
+                    await asyncio.sleep(0.005)
+                if not await self.may_fill():
+                    await asyncio.sleep(1.0)
+                    continue
+                await self._fill_one(pool)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pool refill failed")
+                await asyncio.sleep(1.0)
+
+    def _next_to_fill(self) -> Pool | None:
+        """Trim and shrink pools; the pool furthest below its target, if any."""
+        now = time.monotonic()
+        best, deficit = None, 0
+        for pool in self.pools.values():
+            cfg = pool.config
+            if pool.target > cfg.min and now - max(pool.last_claim, pool.last_resize) >= self.idle_after:
+                pool.target = max(cfg.min, pool.target // 2)  # idle: shrink toward min
+                pool.last_resize = now
+                self._gauges(pool)
+            while len(pool.members) > pool.target:
+                self._spawn(self._discard(pool.members.pop()))
+                self._gauges(pool)
+            short = pool.target - len(pool.members) - pool.filling
+            if short > deficit and now >= pool.retry_at:
+                best, deficit = pool, short
+        return best
+
+    async def _fill_one(self, pool: Pool) -> None:
+        sid = self.new_id()
+        pool.filling += 1
+        try:
+            template, defaults = await self.resolve(pool.config)
+            if defaults.get("volumes"):
+                raise NodeError("a snapshot that carries volumes cannot be pooled")
+            spec = self.make_spec(sid, template, defaults)
+            self._making[sid] = spec.template.layers
+            generation = self.node.generation
+            if defaults.get("checkpoint"):
+                handle = await self.node.restore(spec, defaults["checkpoint"], resume=False)
+            else:
+                handle = await self.node.create(spec)
+            try:
+                await self.open_egress(sid, handle)  # the listener; its policy comes with the claim
+                await self.node.pause(sid)
+            except BaseException:
+                await self._kill(sid)
+                raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            pool.failures += 1
+            pool.error = f"{type(e).__name__}: {e}"[:500]
+            pool.retry_at = time.monotonic() + BACKOFF[min(pool.failures, len(BACKOFF)) - 1]
+            log.warning("pool fill failed", extra={"pool": pool.config.name, "error": pool.error})
+            return
+        finally:
+            pool.filling -= 1
+            self._making.pop(sid, None)
+        if self.pools.get(pool.config.name) is not pool:  # removed meanwhile
+            await self._kill(sid)
+            return
+        pool.error, pool.failures = None, 0
+        pool.members.append(Member(sid, handle, spec.template.layers, generation, time.time()))
+        self._gauges(pool)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _gauges(self, pool: Pool) -> None:
+        self.size.labels(pool.config.name).set(len(pool.members))
+        self.target.labels(pool.config.name).set(pool.target)
+
+    async def _kill(self, sid: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.close_egress(sid)
+        try:
+            await self.node.kill(sid, None)
+        except Exception:
+            log.exception("killing pooled sandbox %s failed", sid)
+
+    async def _discard(self, member: Member) -> None:
+        await self._kill(member.id)
+
+    async def _discard_all(self, pool: Pool) -> None:
+        while pool.members:
+            await self._discard(pool.members.popleft())
+        self._gauges(pool)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def load(store: Store, defaults: str) -> list[PoolConfig]:
+    """The pools to run: `COVE_POOLS`, overridden per name by what the API stored."""
+    configs = {c.name: c for c in parse_pools(defaults)}
+    for key, value in (await store.list_settings("pool:")).items():
+        name = key.removeprefix("pool:")
+        if value.get("removed"):
+            configs.pop(name, None)
+        else:
+            configs[name] = PoolConfig(name, int(value["min"]), int(value["max"]), value.get("tenant"))
+    return list(configs.values())
+
+
+async def save(store: Store, config: PoolConfig) -> None:
+    await store.put_setting(f"pool:{config.name}", config.as_dict())
+
+
+async def forget(store: Store, name: str) -> None:
+    """Removed for good (also a pool that `COVE_POOLS` names)."""
+    await store.put_setting(f"pool:{name}", {"removed": True})
+
+
+def parse_pools(text: str) -> list[PoolConfig]:
+    """`COVE_POOLS`: "name=min:max,…" ("base=2:16"); "" for none."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, bounds = part.partition("=")
+        lo, sep2, hi = bounds.partition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            lo_n, hi_n = int(lo), int(hi) if sep2 else int(lo)
+        except ValueError:
+            raise ValueError(f"COVE_POOLS: expected name=min:max, got {part!r}") from None
+        check_bounds(lo_n, hi_n)
+        out.append(PoolConfig(name.strip(), lo_n, hi_n))
+    return out
+
+
+def check_bounds(lo: int, hi: int) -> None:
+    if not 0 <= lo <= hi <= MAX_SIZE:
+        raise ValueError(f"pool bounds must satisfy 0 <= min <= max <= {MAX_SIZE} (got {lo}:{hi})")
