@@ -74,6 +74,10 @@ class Settings:
         default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_MEMORY_MB", "256"))
     )
     admit_min_pids: int = field(default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_PIDS", "512")))
+    # Audit log entries older than this many days are deleted (docs/tenants.md); 0: kept forever.
+    audit_retention_days: float = field(
+        default_factory=lambda: float(os.environ.get("COVE_AUDIT_RETENTION_DAYS", "90"))
+    )
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

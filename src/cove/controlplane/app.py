@@ -16,6 +16,7 @@ from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import auth, errors
 from cove.controlplane.api import (
+    audit,
     commands,
     contexts,
     files,
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await cove.service.stop_reaper()
+            await cove.service.audit.close()  # entries still queued are written
             await cove.service.pools.close()  # pooled sandboxes are not anyone's: they go
             await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
             if cove.demo_key:
@@ -164,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         contexts,
         files,
         keys,
+        audit,
         urls,
         pools,
         quotas,

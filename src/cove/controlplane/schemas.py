@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from cove.network.egress_policy import Policy, parse_rules
-from cove.store.base import KeyRecord, SandboxRecord, SnapshotRecord, VolumeRecord
+from cove.store.base import AuditEntry, KeyRecord, SandboxRecord, SnapshotRecord, VolumeRecord
 
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
@@ -500,3 +500,34 @@ class NewKey(KeyOut):
 
 class KeyList(BaseModel):
     items: list[KeyOut]
+
+
+class AuditOut(BaseModel):
+    seq: int
+    time: datetime
+    tenant: str
+    key_id: str = Field(description='the key that acted; "" for the server itself (timeouts, idle policies)')
+    action: str
+    object: str = Field(description="kind/id of what was acted on")
+    sandbox: str | None
+    outcome: str = Field(description='"ok", or the error code the action ended with')
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: AuditEntry) -> AuditOut:
+        return cls(
+            seq=e.seq,
+            time=_iso(e.time),  # type: ignore[arg-type]
+            tenant=e.tenant,
+            key_id=e.key_id,
+            action=e.action,
+            object=e.object,
+            sandbox=e.sandbox,
+            outcome=e.outcome,
+            detail=e.detail,
+        )
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+    next_cursor: str | None

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cove.config import Settings
+from cove.controlplane import audit
 from cove.controlplane.admission import Admission
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
@@ -72,6 +73,7 @@ class SandboxService:
         self.store = store
         self.node = node
         self.metrics = metrics
+        self.audit = audit.AuditLog(store, settings.audit_retention_days)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
         self._layer_refs = asyncio.Lock()  # held while layer references are read or added
@@ -112,6 +114,7 @@ class SandboxService:
         ):
             raise ApiError(409, "conflict", f"sandbox {rec.id} changed state concurrently")
         log.info("sandbox %s", to, extra={"sandbox": rec.id, "from": rec.state, **fields})
+        self.audit.transition(rec.tenant, rec.id, rec.state, to, fields.get("end_reason"))
         rec.state, rec.updated_at = to, now
         for k, v in fields.items():
             setattr(rec, k, v)
@@ -135,7 +138,10 @@ class SandboxService:
                     rec.state,
                     f"sandbox {sandbox_id} is {rec.state}; resume it first (auto_resume is off)",
                 )
-            rec = await self._resume(rec)
+            async with self.audit.action(
+                who, "sandbox.resume", f"sandbox/{rec.id}", sandbox=rec.id, auto=True
+            ):
+                rec = await self._resume(rec)
         if rec.state != "running":
             why = f" ({rec.end_reason})" if rec.end_reason else ""
             raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}{why}")
@@ -197,6 +203,7 @@ class SandboxService:
     async def _may_fill(self) -> bool:
         return await self.admission.refusal(count=False) is None
 
+    @audit.audited("sandbox.create", audit.created)
     async def create(
         self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None
     ) -> SandboxRecord:
@@ -384,6 +391,7 @@ class SandboxService:
         rec = await self.get(who, sandbox_id)
         return rec, self.egress.status(rec.id)
 
+    @audit.audited("sandbox.network", audit.network_set)
     async def set_network(
         self, who: Caller, sandbox_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
     ) -> SandboxRecord:
@@ -407,6 +415,7 @@ class SandboxService:
         return rec
 
     # -- kill / timeout ------------------------------------------------------------------
+    @audit.audited("sandbox.kill")
     async def kill(self, who: Caller, sandbox_id: str) -> None:
         rec = await self.get(who, sandbox_id)
         await self._end(rec, "killed", "killed by request")
@@ -439,6 +448,7 @@ class SandboxService:
         return await self.get(who, sandbox_id)
 
     # -- pause / resume ------------------------------------------------------------------
+    @audit.audited("sandbox.pause")
     async def pause(self, who: Caller, sandbox_id: str) -> SandboxRecord:
         """Freeze the sandbox: no CPU, memory kept. Pausing a paused sandbox is a no-op."""
         rec = await self.get(who, sandbox_id)
@@ -451,6 +461,7 @@ class SandboxService:
                 raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
         return rec
 
+    @audit.audited("sandbox.resume")
     async def resume(self, who: Caller, sandbox_id: str) -> SandboxRecord:
         rec = await self.get(who, sandbox_id)
         self._activity[rec.id] = time.monotonic()
@@ -498,6 +509,7 @@ class SandboxService:
         return rec
 
     # -- hibernate -----------------------------------------------------------------------
+    @audit.audited("sandbox.hibernate")
     async def hibernate(self, who: Caller, sandbox_id: str) -> SandboxRecord:
         rec = await self.get(who, sandbox_id)
         return await self._hibernate(rec)
@@ -545,6 +557,7 @@ class SandboxService:
         snaps = await self.store.list_snapshots(who.tenant)
         return [s for s in snaps if s.state == "ready" and not s.config.get("internal")]
 
+    @audit.audited("sandbox.snapshot", audit.snapshotted)
     async def snapshot(
         self,
         who: Caller,
@@ -639,6 +652,7 @@ class SandboxService:
         log.info("snapshot flattened", extra={"snapshot": snapshot_id, "from_layers": len(snap.layers)})
         await self.collect_layers()
 
+    @audit.audited("snapshot.delete", audit.snapshot_deleted)
     async def delete_snapshot(self, who: Caller, snapshot_id: str) -> None:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
         snap = await self.get_snapshot(who, snapshot_id)
@@ -647,6 +661,7 @@ class SandboxService:
         await self.volumes.drop_sealed(snap)
         await self.collect_layers()
 
+    @audit.audited("sandbox.fork", audit.forked)
     async def fork(
         self, who: Caller, sandbox_id: str, count: int, metadata: dict[str, str], volumes: str = "exclude"
     ) -> tuple[list[SandboxRecord], bool]:

@@ -96,6 +96,22 @@ class KeyRecord:
 
 
 @dataclass
+class AuditEntry:
+    """One lifecycle action (docs/tenants.md): who (tenant, key; "" for the server itself), what,
+    on which object (`kind/id`), and how it ended ("ok" or an error code)."""
+
+    time: float
+    tenant: str
+    key_id: str
+    action: str  # sandbox.create, sandbox.kill, key.rotate, volume.delete, ...
+    object: str  # sandbox/ID, snapshot/ID, key/ID, volume/NAME, ...
+    outcome: str
+    sandbox: str | None = None  # the sandbox concerned, if any (filterable)
+    detail: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0  # set by the store; newer entries have larger ones
+
+
+@dataclass
 class Page:
     items: list[SandboxRecord]
     next_cursor: str | None
@@ -196,6 +212,27 @@ class Store(ABC):
         """Every setting whose key starts with `prefix`, by key."""
         raise NotImplementedError
 
+    # audit log
+    async def insert_audit(self, entries: list[AuditEntry]) -> None:
+        raise NotImplementedError
+
+    async def list_audit(
+        self,
+        tenant: str | None,
+        actions: list[str] | None = None,
+        sandbox: str | None = None,
+        obj: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        """Newest first; `before`: only entries with a smaller seq (the next page)."""
+        raise NotImplementedError
+
+    async def prune_audit(self, older_than: float) -> int:
+        raise NotImplementedError
+
     # api keys
     @abstractmethod
     async def insert_key(self, rec: KeyRecord) -> None: ...
@@ -208,6 +245,10 @@ class Store(ABC):
 
     @abstractmethod
     async def delete_key(self, key_id: str) -> bool: ...
+
+    async def update_key_hash(self, key_id: str, key_hash: str) -> KeyRecord | None:
+        """Give a key a new secret (rotation); None if there is no such key."""
+        raise NotImplementedError
 
     @abstractmethod
     async def count_keys(self) -> int: ...

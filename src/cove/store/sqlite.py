@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cove.store.base import (
+    AuditEntry,
     KeyRecord,
     Page,
     SandboxRecord,
@@ -105,6 +106,20 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    object TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    sandbox TEXT,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_tenant_seq ON audit (tenant, seq);
+CREATE INDEX IF NOT EXISTS audit_sandbox ON audit (sandbox);
+CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -443,6 +458,74 @@ class SQLiteStore(Store):
         return bool(
             await self._call(lambda db: db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount)
         )
+
+    async def update_key_hash(self, key_id: str, key_hash: str) -> KeyRecord | None:
+        def q(db: sqlite3.Connection) -> KeyRecord | None:
+            db.execute("UPDATE api_keys SET hash = ? WHERE id = ?", (key_hash, key_id))
+            row = db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            return self._key(row) if row else None
+
+        return await self._call(q)
+
+    # -- audit ---------------------------------------------------------------------------
+    async def insert_audit(self, entries: list[AuditEntry]) -> None:
+        rows = [
+            (e.time, e.tenant, e.key_id, e.action, e.object, e.outcome, e.sandbox, json.dumps(e.detail))
+            for e in entries
+        ]
+        sql = (
+            "INSERT INTO audit (time, tenant, key_id, action, object, outcome, sandbox, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        await self._call(lambda db: db.executemany(sql, rows))
+
+    async def list_audit(
+        self,
+        tenant: str | None,
+        actions: list[str] | None = None,
+        sandbox: str | None = None,
+        obj: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        where, args = ["1=1"], []
+        for column, value in (("tenant", tenant), ("sandbox", sandbox), ("object", obj)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if actions:
+            where.append(f"action IN ({', '.join('?' for _ in actions)})")
+            args.extend(actions)
+        for cond, value in (("time >= ?", since), ("time < ?", until), ("seq < ?", before)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+
+        def q(db: sqlite3.Connection) -> list[AuditEntry]:
+            return [
+                AuditEntry(
+                    time=r["time"],
+                    tenant=r["tenant"],
+                    key_id=r["key_id"],
+                    action=r["action"],
+                    object=r["object"],
+                    outcome=r["outcome"],
+                    sandbox=r["sandbox"],
+                    detail=json.loads(r["detail"]),
+                    seq=r["seq"],
+                )
+                for r in db.execute(sql, args)
+            ]
+
+        return await self._call(q)
+
+    async def prune_audit(self, older_than: float) -> int:
+        sql = "DELETE FROM audit WHERE time < ?"
+        return int(await self._call(lambda db: db.execute(sql, (older_than,)).rowcount))
 
     async def count_keys(self) -> int:
         return int(await self._call(lambda db: db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]))

@@ -20,7 +20,8 @@ Who = Annotated[Caller, Depends(caller)]
 @router.post("", status_code=201, response_model=VolumeOut)
 async def create_volume(body: CreateVolume, who: Who, svc: Svc) -> VolumeOut:
     """A new empty volume; `size_mb` limits it (writes beyond fail with EDQUOT inside sandboxes)."""
-    return VolumeOut.of(await svc.volumes.create(who, body.name, body.size_mb))
+    async with svc.audit.action(who, "volume.create", f"volume/{body.name}", size_mb=body.size_mb):
+        return VolumeOut.of(await svc.volumes.create(who, body.name, body.size_mb))
 
 
 @router.get("", response_model=VolumeList)
@@ -38,5 +39,6 @@ async def get_volume(name: str, who: Who, svc: Svc) -> VolumeOut:
 @router.delete("/{name}", status_code=204)
 async def delete_volume(name: str, who: Who, svc: Svc) -> Response:
     """Delete a volume and its content; 409 (naming them) while sandboxes mount it."""
-    await svc.volumes.delete(who, name)
+    async with svc.audit.action(who, "volume.delete", f"volume/{name}"):
+        await svc.volumes.delete(who, name)
     return Response(status_code=204)
