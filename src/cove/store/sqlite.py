@@ -106,20 +106,6 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    tenant TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    action TEXT NOT NULL,
-    object TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    sandbox TEXT,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_tenant_seq ON audit (tenant, seq);
-CREATE INDEX IF NOT EXISTS audit_sandbox ON audit (sandbox);
-CREATE INDEX IF NOT EXISTS audit_time ON audit (time);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
