@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core
 import e2b_compat
 import egress
+import gvisor
 import interactive
 import ports
 import stateful
@@ -107,6 +108,7 @@ def main() -> None:
     exposed = ports.run(runs=50 if args.quick else 200)
     out = egress.run(runs=50 if args.quick else 200)
     vols = volumes.run(runs=3 if args.quick else 5)
+    gv = gvisor.run(runs=5 if args.quick else 15)
     extra = [
         *stateful.render(st),
         "",
@@ -121,6 +123,8 @@ def main() -> None:
         *egress.render(out),
         "",
         *volumes.render(vols),
+        "",
+        *gvisor.render(gv),
     ]
     text = render(result, args, extra)
     print(text)

@@ -215,6 +215,7 @@ def create_sandbox(
     idle_timeout: int | None = None,
     snapshot: str | None = None,
     network: Network | None = None,
+    runtime: str | None = None,
     volumes: list[dict[str, Any]] | None = None,
     mounts: list[dict[str, Any]] | None = None,
 ) -> Op[SandboxInfo]:
@@ -227,6 +228,7 @@ def create_sandbox(
         body["network"] = network_body(network)
     optional = {
         "snapshot": snapshot,
+        "runtime": runtime,
         "auto_resume": auto_resume,
         "idle_timeout": idle_timeout,
         "timeout": timeout,

@@ -323,6 +323,7 @@ class AsyncSandbox:
         idle_timeout: int | None = None,
         snapshot: str | None = None,
         network: _core.Network | None = None,
+        runtime: str | None = None,
         volumes: Sequence[VolumeMount | Mapping[str, Any]] | None = None,
         mounts: Sequence[BucketMount | Mapping[str, Any]] | None = None,
         url: str | None = None,
@@ -345,6 +346,7 @@ class AsyncSandbox:
             "idle_timeout": idle_timeout,
             "snapshot": snapshot,
             "network": network,
+            "runtime": runtime,
             "volumes": volume_bodies(volumes),
             "mounts": mount_bodies(mounts),
         }
