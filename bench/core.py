@@ -69,10 +69,10 @@ def run(runs: int = 50, exec_runs: int = 200, idle: int = 10) -> dict[str, Row]:
         "fork_exec": Row("fork+exec `true` (floor)"),
         "unshare": Row("`unshare` user+pid+mnt+net+uts+ipc, `true`"),
         "bwrap_py": Row("bubblewrap + `python3 -c pass`"),
-        "create": Row("cove: create → first exec output"),
+        "create": Row("cove: cold create (no pool) → first exec output"),
         "exec": Row("cove: exec round trip of `true` (HTTP)"),
     }
-    srv = Server("bench")
+    srv = Server("bench", extra_env={"COVE_POOLS": ""})  # cold creates; pools: bench/scale.py
     srv.start()
     try:
         with srv.client() as c:

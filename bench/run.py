@@ -23,6 +23,7 @@ import egress
 import gvisor
 import interactive
 import ports
+import scale
 import stateful
 import volumes
 
@@ -97,9 +98,21 @@ def main() -> None:
         "--quick", action="store_true", help="smaller sizes (snapshots up to 100 MB, forks up to 3)"
     )
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    for name, what in (
+        ("creates", "creates from the warm pool"),
+        ("concurrent", "concurrent creates"),
+        ("rate", "creates per second, sustained"),
+        ("duration", "seconds of the sustained rate"),
+        ("idle", "idle running sandboxes"),
+        ("hibernated", "hibernated sandboxes, each resumed"),
+    ):
+        ap.add_argument(
+            f"--{name}", type=float if name == "duration" else int, help=f"{what} (bench/scale.py)"
+        )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (it starts a cove server)")
+    print(f"Machine: {machine()}", flush=True)
     result = core.run(runs=args.runs, exec_runs=args.exec_runs)
     st = stateful.run(pause_runs=20, sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run()
     mem = stateful.run_memory(sizes_mb=(10, 100), forks=(1, 3)) if args.quick else stateful.run_memory()
@@ -109,7 +122,10 @@ def main() -> None:
     out = egress.run(runs=50 if args.quick else 200)
     vols = volumes.run(runs=3 if args.quick else 5)
     gv = gvisor.run(runs=5 if args.quick else 15)
+    big = scale.run(scale.sizes_from(args))
     extra = [
+        *scale.render(big, scale.plots(big)),
+        "",
         *stateful.render(st),
         "",
         *stateful.render_memory(mem),
