@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from cove.controlplane.auth import Caller
+from cove.controlplane.build_egress import build_policy
 from cove.controlplane.errors import ApiError, not_found
 from cove.network.egress import proxy_env
-from cove.network.egress_policy import Policy
 from cove.node.base import Limits, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
 from cove.storage import debian_base, oci
@@ -534,7 +534,7 @@ class _Build:
         self.handle: dict[str, Any] = {}
         self.handle = await self.t.node.create(spec)
         if egress:  # package registries: builds reach out through the sandbox's egress proxy
-            await self.t.svc.egress.attach(sid, self.handle, Policy.parse("open"))
+            await self.t.svc.egress.attach(sid, self.handle, await build_policy())
         return sid, self.handle, self.t.node.guest(sid)
 
     async def _kill_sandbox(self) -> None:
@@ -686,7 +686,7 @@ async def start_service(
             return
         procs = {p["id"]: p for p in await guest.processes()}
         info = procs.get(proc["id"], {})
-        if info.get("exited") or info.get("state") == "exited" or info.get("exit_code") is not None:
+        if info.get("running") is False:
             raise BuildFailed(f"the start command exited (code {info.get('exit_code')}) before it was ready")
         if time.monotonic() > deadline:
             raise BuildFailed(f"the start command was not ready after {timeout:.0f} s (ready check: {ready})")

@@ -21,7 +21,7 @@ from pathlib import Path
 SUITES = ("bookworm",)  # what cove has tested; others are refused by name
 VARIANT = "minbase"
 INCLUDE = ("ca-certificates",)
-VERSION = 1  # bump when the recipe below changes
+VERSION = 1  # bump when the debootstrap recipe below changes
 
 PASSWD_USER = "user:x:1000:1000:sandbox user:/home/user:/bin/bash\n"
 GROUP_USER = "user:x:1000:\n"
@@ -116,6 +116,23 @@ def cached_root(cache: Path, suite: str, log: Callable[[str], None]) -> Path:
     return out / "rootfs"
 
 
+def trust_host_cas(root: Path) -> None:
+    """Trust what the host trusts: the CAs it added itself (a company's, a registry proxy's) go into
+    the root's /usr/local/share/ca-certificates, where Debian's `update-ca-certificates` (run when
+    ca-certificates is upgraded) keeps them, and the host's bundle replaces the root's."""
+    local = Path("/usr/local/share/ca-certificates")
+    if local.is_dir():
+        dst = root / "usr/local/share/ca-certificates"
+        dst.mkdir(parents=True, exist_ok=True)
+        for crt in local.glob("*.crt"):
+            shutil.copy2(crt, dst / crt.name)
+    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    target = root / "etc/ssl/certs/ca-certificates.crt"
+    if bundle.is_file() and target.parent.is_dir():
+        target.unlink(missing_ok=True)
+        shutil.copy2(bundle, target)
+
+
 def fill(root: Path, tree: Path, uid_base: int) -> None:
     """Populate a layer with the cached tree, shifted into the sandbox's id range, plus cove's user
     `user` (uid 1000), mount points and a hosts file."""
@@ -131,6 +148,7 @@ def fill(root: Path, tree: Path, uid_base: int) -> None:
     (etc / "hostname").write_text("sandbox\n")
     (etc / "resolv.conf").unlink(missing_ok=True)
     (etc / "resolv.conf").write_text("")  # names are resolved by the egress proxy
+    trust_host_cas(root)
     for d in ("run/cove", HOST_USR.lstrip("/"), "home/user"):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "home/user", 0o750)
