@@ -460,14 +460,53 @@ def test_invalid_settings_are_422(api: httpx.Client, made: list[str]) -> None:
     assert api.put(f"/v1/sandboxes/{sid}/network", json={"mode": "open"}).status_code == 409
 
 
+def _socket_namespaces(pid: int) -> set[int]:
+    """The network namespaces (inodes) of every socket process `pid` holds: each fd is copied here
+    with pidfd_getfd and asked with SIOCGSKNS."""
+    import ctypes
+    import fcntl
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    found: set[int] = set()
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+            if fd < 0:
+                continue
+            try:
+                ns = fcntl.ioctl(fd, 0x894C)  # SIOCGSKNS
+                found.add(os.fstat(ns).st_ino)
+                os.close(ns)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def _init_netns(srv: Server, sandbox_id: str) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(srv.home / "cove.db")
+    try:
+        (node,) = con.execute("SELECT node FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+    finally:
+        con.close()
+    return os.stat(f"/proc/{json.loads(node)['pid']}/ns/net").st_ino
+
+
 def test_killing_a_sandbox_closes_its_proxy_and_connections(
     srv: Server, api: httpx.Client, made: list[str], upstream: int
 ) -> None:
     assert srv.proc is not None
-    fds = lambda: len(os.listdir(f"/proc/{srv.proc.pid}/fd"))  # noqa: E731
-    warm = create(api, made, {"mode": "open"})  # the server's lazily opened things are open now
-    get(api, warm, f"http://allowed.test:{upstream}/")
-    before = fds()
     hold = (
         "import socket, time\n"
         f"s = socket.create_connection(('127.0.0.1', {PROXY_PORT}))\n"
@@ -480,13 +519,15 @@ def test_killing_a_sandbox_closes_its_proxy_and_connections(
     deadline = time.monotonic() + 10
     while sum(network(api, sid)["allowed"] for sid in ids) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert fds() >= before + 3 * 3  # a listener and two sockets per held tunnel
+    namespaces = {_init_netns(srv, sid) for sid in ids}
+    held = _socket_namespaces(srv.proc.pid)
+    assert namespaces <= held  # the listener and the held tunnel's client side live in each
     for sid in ids:
         assert api.delete(f"/v1/sandboxes/{sid}").status_code == 204
     deadline = time.monotonic() + 10
-    while fds() > before and time.monotonic() < deadline:
+    while namespaces & _socket_namespaces(srv.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert fds() <= before
+    assert not namespaces & _socket_namespaces(srv.proc.pid)  # nothing pins their namespaces
 
 
 def test_the_proxy_refuses_what_it_cannot_serve(api: httpx.Client, made: list[str]) -> None:
