@@ -18,12 +18,22 @@ _ERRORS = {
     "NotFound",
     "SandboxNotFound",
 }
-_SDK = {"Sandbox", "AsyncSandbox", "Volume", "AsyncVolume", "VolumeMount", "BucketMount"}
+_SDK = {
+    "Sandbox",
+    "AsyncSandbox",
+    "Volume",
+    "AsyncVolume",
+    "VolumeMount",
+    "BucketMount",
+    "Template",
+    "BuildError",
+}
 __all__ = [
     "AsyncSandbox",
     "AsyncVolume",
     "AuthError",
     "BucketMount",
+    "BuildError",
     "CommandTimeout",
     "Conflict",
     "CoveError",
@@ -32,6 +42,7 @@ __all__ = [
     "NotFound",
     "Sandbox",
     "SandboxNotFound",
+    "Template",
     "Volume",
     "VolumeMount",
 ]
@@ -47,7 +58,16 @@ if TYPE_CHECKING:
         NotFound,
         SandboxNotFound,
     )
-    from cove.sdk import AsyncSandbox, AsyncVolume, BucketMount, Sandbox, Volume, VolumeMount
+    from cove.sdk import (
+        AsyncSandbox,
+        AsyncVolume,
+        BucketMount,
+        BuildError,
+        Sandbox,
+        Template,
+        Volume,
+        VolumeMount,
+    )
 
 
 def __getattr__(name: str) -> Any:

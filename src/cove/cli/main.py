@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cove.cli import pools as pools_cli
+from cove.cli import templates as templates_cli
 from cove.cli import volumes as volumes_cli
 from cove.cli.volumes import parse_volume
 from cove.errors import CommandTimeout, CoveError, FileNotFound, InvalidArgument
@@ -1359,6 +1360,7 @@ def mcp(
 
 volumes_cli.register(app)  # after the helpers it reuses are defined
 pools_cli.register(app)
+templates_cli.register(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -699,8 +699,8 @@ async def start_template_service(guest: GuestClient, rec: Any, start: dict[str, 
     """A cold template's start command, at create: started, and waited for when it has a ready check."""
     try:
         await start_service(guest, start, {"user": rec.user, "workdir": rec.workdir})
-    except BuildFailed as e:
-        raise NodeError(f"template {rec.template}: {e}") from e
+    except (BuildFailed, GuestError, GuestUnavailable) as e:
+        raise NodeError(f"template {rec.template}: its start command failed: {e}") from e
 
 
 # -- build contexts ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from cove.sdk._processes import ProcessEvent, ProcessInfo, WatchEvent
 from cove.sdk.aio import AsyncFiles, AsyncProcess, AsyncSandbox
 from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, Limits, SandboxInfo, SnapshotInfo
 from cove.sdk.sync import Files, Process, Sandbox
+from cove.sdk.templates import BuildError, Template, TemplateInfo
 from cove.sdk.volumes import AsyncVolume, BucketMount, Volume, VolumeInfo, VolumeMount
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncSandbox",
     "AsyncVolume",
     "BucketMount",
+    "BuildError",
     "EntryInfo",
     "ExecEvent",
     "ExecResult",
@@ -37,6 +39,8 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "SnapshotInfo",
+    "Template",
+    "TemplateInfo",
     "Volume",
     "VolumeInfo",
     "VolumeMount",

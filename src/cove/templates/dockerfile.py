@@ -1,7 +1,8 @@
 """A Dockerfile subset, turned into cove build steps.
 
 Supported: FROM (a cove template, `base`, or `debian:<suite>`), RUN, COPY/ADD of local files
-(`--chown` only), ENV, WORKDIR, USER, ARG (with `${VAR}`, `$VAR`, `${VAR:-default}` substitution),
+(`--chown` only), ENV, WORKDIR, USER, ARG (`${VAR}`, `$VAR`, `${VAR:-default}` are substituted in
+FROM, COPY/ADD, ENV, WORKDIR and USER; RUN and CMD are left to the shell, which sees ENV values),
 CMD/ENTRYPOINT (together: the template's start command). Every other instruction is refused with
 its name and line, rather than silently ignored.
 """
@@ -115,7 +116,8 @@ def parse(text: str, build_args: dict[str, str] | None = None) -> Parsed:
                 raise DockerfileError(line, f"ARG: bad name {k!r}")
             args[k.strip()] = build_args.get(k.strip(), v if sep else "")
             continue
-        rest = _subst(rest, {**args, **env})
+        if name not in ("RUN", "CMD", "ENTRYPOINT"):  # as Docker: the shell expands those itself
+            rest = _subst(rest, {**args, **env})
         if name == "FROM":
             if base is not None:
                 raise DockerfileError(line, "a second FROM (multi-stage build) is not supported")
@@ -171,7 +173,7 @@ def _copy(name: str, rest: str, line: int, workdir: str) -> list[dict[str, Any]]
         raise DockerfileError(line, f"{name} needs a source and a destination")
     *srcs, dst = words
     if not dst.startswith("/"):
-        dst = posixpath.join(workdir, dst) + ("/" if dst.endswith("/") else "")
+        dst = posixpath.normpath(posixpath.join(workdir, dst)) + ("/" if dst.endswith(("/", ".")) else "")
     if len(srcs) > 1 and not dst.endswith("/"):
         raise DockerfileError(line, f"{name} with several sources needs a destination ending in /")
     out = []

@@ -210,9 +210,13 @@ async def _find_snapshot(cove: Cove, who: Caller, ref: str) -> SnapshotRecord | 
 
 
 async def _source(cove: Cove, who: Caller, template_id: str) -> dict[str, str]:
-    """CreateSandbox's fields for an e2b template id: cove's base template, or a snapshot."""
+    """CreateSandbox's fields for an e2b template id: cove's base template, a cove template, or a
+    snapshot."""
     if any(r in BASE_ALIASES for r in _refs(template_id)):
         return {}
+    for ref in _refs(template_id):  # a template built with cove (docs/templates.md), or its tag
+        if await cove.store.get_template(who.tenant, ref) is not None:
+            return {"template": ref}
     snap = await _find_snapshot(cove, who, template_id)
     if snap is None:
         raise ApiError(404, "template_not_found", f"template '{template_id}' not found")
