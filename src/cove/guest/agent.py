@@ -126,6 +126,8 @@ def resolve_user(spec: object) -> User:
         raise OpError("invalid", "user must be a name or a uid")
     if isinstance(spec, int) or spec.isdigit():
         uid = int(spec)
+        if not 0 <= uid < 2**32 - 1:  # (uid_t)-1 means "unchanged" to the kernel
+            raise OpError("invalid", f"uid {uid} is out of range")
         try:
             pw = pwd.getpwuid(uid)
         except KeyError:

@@ -140,7 +140,7 @@ def decode_json(payload: bytes) -> dict:
     """Decode a ``J`` payload; it must be one JSON object."""
     try:
         obj = loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting beyond the stack: bad too
         raise ProtocolError(f"bad JSON frame: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON frame is not an object")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cove.controlplane import pools
 from cove.controlplane.auth import Caller, admin, caller
@@ -85,7 +85,11 @@ async def set_pool(name: str, body: SetPool, who: Admin, svc: Svc) -> PoolOut:
             raise ApiError(422, "validation_error", f"snapshot {name} carries volumes: it cannot be pooled")
     else:
         tenant = None
-        await svc._source(who, CreateSandbox(template=name))  # 404 for an unknown template
+        try:
+            source = CreateSandbox(template=name)
+        except ValidationError as e:  # not a template name at all
+            raise not_found("template", name) from e
+        await svc._source(who, source)  # 404 for an unknown template
     config = pools.PoolConfig(name, body.min, body.max, tenant)
     await pools.save(svc.store, config)
     return _out(svc, svc.pools.configure(config).status())
