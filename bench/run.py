@@ -25,6 +25,7 @@ import interactive
 import ports
 import scale
 import stateful
+import templates
 import volumes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +121,7 @@ def main() -> None:
     compat = e2b_compat.run(runs=10 if args.quick else 30)
     exposed = ports.run(runs=50 if args.quick else 200)
     out = egress.run(runs=50 if args.quick else 200)
+    tpl = templates.run(runs=10 if args.quick else 30)
     vols = volumes.run(runs=3 if args.quick else 5)
     gv = gvisor.run(runs=5 if args.quick else 15)
     big = scale.run(scale.sizes_from(args))
@@ -137,6 +139,8 @@ def main() -> None:
         *ports.render(exposed),
         "",
         *egress.render(out),
+        "",
+        *templates.render(tpl),
         "",
         *volumes.render(vols),
         "",
