@@ -230,7 +230,10 @@ def idle_density(srv: Server, c: httpx.Client, res: Result) -> None:
             "exec": lat,
             "floor": floor,
             "server_mib": last["server_mib"],
-            "server_per_sandbox_kib": (last["server_mib"] - base_rss) * 1024 / n,
+            # slope over the sandboxes created (the first sample holds start-up garbage)
+            "server_per_sandbox_kib": max(0.0, last["server_mib"] - res.growth[1]["server_mib"])
+            * 1024
+            / max(1, n - res.growth[1]["n"]),
             "cgroup_per_sandbox_mib": last["sandboxes_mib"] / n,
             "pss_per_sandbox_mib": pss / len(sample) / 1024,
         }
@@ -321,7 +324,7 @@ def plots(res: Result) -> list[str]:
         ("bubblewrap `true` (floor)", res.bwrap_true),
         ("cove: pool create → first output", res.pool_create),
         ("cove: cold create → first output", res.cold_create),
-        ("cove: 100 concurrent (each)", res.concurrent_lat),
+        (f"cove: {res.sizes.concurrent} concurrent (each)", res.concurrent_lat),
         ("cove: sustained rate (each)", res.sustained.get("lat", [])),
     ]
     for name, samples in series:
