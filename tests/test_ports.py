@@ -144,6 +144,18 @@ def test_websocket_by_path(server: Server, app_sandbox: Sandbox) -> None:
     assert refused.value.response.status_code == 401
 
 
+def test_websocket_by_host_name(server: Server, app_sandbox: Sandbox) -> None:
+    ws_url = server.url.replace("http://", "ws://") + "/live"
+    host = f"{PORT}-{app_sandbox.id}.localhost:{server.port}"
+    with ws_connect(ws_url, additional_headers={"Host": host, "X-API-Key": server.api_key}) as ws:
+        assert ws.recv() == "path=/live"
+        ws.send(b"\x00binary")
+        assert ws.recv() == b"\x00binary"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(ws_url, additional_headers={"Host": host}).close()
+    assert refused.value.response.status_code == 403
+
+
 def test_signed_url_bad_requests(server: Server, app_sandbox: Sandbox) -> None:
     with server.client() as api:
         path = f"/v1/sandboxes/{app_sandbox.id}/urls"
