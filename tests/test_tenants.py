@@ -390,3 +390,33 @@ def test_audit_log_records_lifecycle_actions(server: Server, api: httpx.Client) 
     assert {e["tenant"] for e in everyone} > {t.name}
     assert h.get("/v1/audit", params={"cursor": "nope"}).status_code == 422
     h.close()
+
+
+def test_cli_and_sdk_rotate_and_audit(server: Server, api: httpx.Client) -> None:
+    from typer.testing import CliRunner
+
+    from cove.cli.main import app
+    from cove.sdk.sync import audit_log, rotate_key
+
+    t = _tenant(server, api, "cli-aud")
+    sid = t.http.post("/v1/sandboxes", json={}).json()["id"]
+    t.http.delete(f"/v1/sandboxes/{sid}")
+    env = {"COVE_URL": server.url, "COVE_API_KEY": t.key, "COLUMNS": "200"}
+    runner = CliRunner()
+    shown = runner.invoke(app, ["audit", "--sandbox", sid], env=env, catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "sandbox.create" in shown.stdout and "sandbox.kill" in shown.stdout and t.key_id in shown.stdout
+    as_json = runner.invoke(app, ["audit", "--json", "-a", "sandbox.kill"], env=env, catch_exceptions=False)
+    assert '"object": "sandbox/' + sid in as_json.stdout.replace('":"', '": "')
+
+    admin_env = {**env, "COVE_API_KEY": server.api_key}
+    rotated = runner.invoke(app, ["keys", "rotate", t.key_id], env=admin_env, catch_exceptions=False)
+    assert rotated.exit_code == 0, rotated.output
+    new_secret = rotated.stdout.strip()
+    assert new_secret.startswith("cove_") and "rotated" in rotated.stderr
+    assert runner.invoke(app, ["audit"], env=env).exit_code == 1  # the old secret is gone
+    again = rotate_key(t.key_id, url=server.url, api_key=server.api_key)
+    assert again.key and again.key != new_secret
+    entries = audit_log(action="sandbox.kill", url=server.url, api_key=again.key)
+    assert [e.object for e in entries] == [f"sandbox/{sid}"] and entries[0].key_id == t.key_id
+    t.http.close()

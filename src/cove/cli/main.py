@@ -38,7 +38,7 @@ from cove.cli import volumes as volumes_cli
 from cove.cli.volumes import parse_volume
 from cove.errors import CommandTimeout, CoveError, FileNotFound, InvalidArgument
 from cove.sdk import Sandbox, SandboxInfo
-from cove.sdk.sync import create_key, delete_key, list_keys
+from cove.sdk.sync import audit_log, create_key, delete_key, list_keys, rotate_key
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -1097,6 +1097,71 @@ def keys_rm(
     conn = _conn(ctx)
     delete_key(key_id, url=conn.url, api_key=conn.api_key)
     out.print(f"revoked {escape(key_id)}")
+
+
+@keys_app.command("rotate")
+@_friendly
+def keys_rotate(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="Key id (not the secret).")],
+) -> None:
+    """Give a key a new secret and print it; the old secret stops working at once.
+
+    [bold]Example:[/]  [cyan]export COVE_API_KEY=$(cove keys rotate key_1234abcd)[/]
+    """
+    conn = _conn(ctx)
+    key = rotate_key(key_id, url=conn.url, api_key=conn.api_key)
+    out.print(key.key or "")
+    err.print(f"[green]rotated[/] {escape(key.id)} ({escape(key.name)}, tenant {escape(key.tenant)})")
+
+
+@app.command("audit")
+@_friendly
+def audit(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="One tenant's (admin keys).")] = None,
+    action: Annotated[
+        list[str] | None, typer.Option("--action", "-a", help="e.g. sandbox.kill (repeatable).")
+    ] = None,
+    sandbox: Annotated[
+        str | None, typer.Option("--sandbox", "-s", help="Entries about this sandbox.")
+    ] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO time or Unix seconds.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Show the audit log: who created, killed, paused, hibernated, snapshotted, forked... what.
+
+    [bold]Example:[/]  [cyan]cove audit --sandbox $ID[/], [cyan]cove audit -a key.rotate --tenant team-a[/]
+    """
+    conn = _conn(ctx)
+    entries = audit_log(
+        tenant=tenant,
+        action=action,
+        sandbox=sandbox,
+        since=since,
+        limit=limit,
+        url=conn.url,
+        api_key=conn.api_key,
+    )
+    if as_json:
+        for e in entries:
+            out.print_json(json.dumps({**asdict(e), "time": e.time.isoformat() if e.time else None}))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("TIME", "TENANT", "KEY", "ACTION", "OBJECT", "OUTCOME", "DETAIL"):
+        table.add_column(column, no_wrap=column != "DETAIL")
+    for e in entries:
+        table.add_row(
+            e.time.astimezone().strftime("%Y-%m-%d %H:%M:%S") if e.time else "",
+            escape(e.tenant),
+            escape(e.key_id or "(server)"),
+            escape(e.action),
+            escape(e.object),
+            escape(e.outcome) if e.outcome == "ok" else f"[red]{escape(e.outcome)}[/]",
+            escape(" ".join(f"{k}={v}" for k, v in e.detail.items())),
+        )
+    out.print(table)
 
 
 @app.command()

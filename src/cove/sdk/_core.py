@@ -31,7 +31,16 @@ from cove.errors import (
     error_from_response,
     status_for_code,
 )
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
+from cove.sdk.models import (
+    ApiKey,
+    AuditEntry,
+    EntryInfo,
+    ExecEvent,
+    ExecResult,
+    NetworkInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
 
 T = TypeVar("T")
 
@@ -641,3 +650,25 @@ def list_keys() -> Op[list[ApiKey]]:
 
 def delete_key(key_id: str) -> Op[None]:
     yield Call("DELETE", f"/v1/keys/{_q(key_id)}")
+
+
+def rotate_key(key_id: str) -> Op[ApiKey]:
+    data = yield Call("POST", f"/v1/keys/{_q(key_id)}/rotate")
+    return ApiKey.from_dict(data)
+
+
+def audit_log(
+    tenant: str | None = None,
+    action: str | list[str] | None = None,
+    sandbox: str | None = None,
+    since: str | float | None = None,
+    limit: int = 100,
+) -> Op[list[AuditEntry]]:
+    params = [("limit", str(limit))]
+    actions = [action] if isinstance(action, str) else action or []
+    params += [("action", a) for a in actions]
+    for name, value in (("tenant", tenant), ("sandbox", sandbox), ("since", since)):
+        if value is not None:
+            params.append((name, str(value)))
+    data = yield Call("GET", "/v1/audit", params=params)
+    return [AuditEntry.from_dict(e) for e in (data or {}).get("items") or []]

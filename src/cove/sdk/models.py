@@ -229,6 +229,35 @@ class EntryInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One lifecycle action from the audit log (``cove.audit_log``); ``key_id`` is "" for the server."""
+
+    seq: int
+    time: datetime | None
+    tenant: str
+    key_id: str
+    action: str
+    object: str
+    sandbox: str | None
+    outcome: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEntry:
+        return cls(
+            seq=int(data["seq"]),
+            time=_time(data.get("time")),
+            tenant=str(data.get("tenant") or ""),
+            key_id=str(data.get("key_id") or ""),
+            action=str(data["action"]),
+            object=str(data.get("object") or ""),
+            sandbox=data.get("sandbox"),
+            outcome=str(data.get("outcome") or ""),
+            detail=dict(data.get("detail") or {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKey:
     """An API key record. ``key`` (the secret) is only set right after creation."""
 

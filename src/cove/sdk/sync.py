@@ -13,10 +13,19 @@ import httpx
 from cove.errors import CoveError
 from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
+from cove.sdk.models import (
+    ApiKey,
+    AuditEntry,
+    EntryInfo,
+    ExecEvent,
+    ExecResult,
+    NetworkInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
 from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount, mount_bodies, volume_bodies
 
-__all__ = ["Files", "Sandbox", "create_key", "delete_key", "list_keys"]
+__all__ = ["Files", "Sandbox", "audit_log", "create_key", "delete_key", "list_keys", "rotate_key"]
 
 T = TypeVar("T")
 OutputCallback = Callable[[str], Any]
@@ -549,6 +558,28 @@ def delete_key(
 ) -> None:
     """Revoke an API key (needs an admin key)."""
     _once(_core.delete_key(key_id), url, api_key, transport)
+
+
+def rotate_key(
+    key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+) -> ApiKey:
+    """Give a key a new secret (needs an admin key); the old one stops working. ``.key`` is the new secret."""
+    return _once(_core.rotate_key(key_id), url, api_key, transport)
+
+
+def audit_log(
+    *,
+    tenant: str | None = None,
+    action: str | list[str] | None = None,
+    sandbox: str | None = None,
+    since: str | float | None = None,
+    limit: int = 100,
+    url: str | None = None,
+    api_key: str | None = None,
+    transport: Any = None,
+) -> list[AuditEntry]:
+    """The audit log, newest first: your tenant's entries (an admin key: every tenant's, or `tenant`'s)."""
+    return _once(_core.audit_log(tenant, action, sandbox, since, limit), url, api_key, transport)
 
 
 class Process:
