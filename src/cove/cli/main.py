@@ -1146,7 +1146,7 @@ def audit(
     )
     if as_json:
         for e in entries:
-            out.print_json(json.dumps({**asdict(e), "time": e.time.isoformat() if e.time else None}))
+            typer.echo(json.dumps({**asdict(e), "time": e.time.isoformat() if e.time else None}))
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("TIME", "TENANT", "KEY", "ACTION", "OBJECT", "OUTCOME", "DETAIL"):
