@@ -142,6 +142,10 @@ def test_debian_apt_pip_and_layer_cache(server: Server) -> None:
             assert out.startswith("tree v") and out.split("\n")[2] == "v2"
             assert "Debian GNU/Linux 12" in run(sb, "cat /etc/os-release")
             assert run(sb, "id -un").strip() == "user"
+            # Its own root survives hibernation (the agent runs from the host's /usr at /.cove/usr).
+            sb.exec("sleep 600 &")
+            sb.hibernate()
+            assert run(sb, "cat /etc/marker") == "v2\n"
     finally:
         Template.delete("deb", **conn(server))
 

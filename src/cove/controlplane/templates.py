@@ -334,8 +334,9 @@ class _Build:
         )  # fmt: skip
         await self.t.store.insert_template(rec)
         ok = False
+        done: Event | None = None
         try:
-            await self._build(rec, base_ref, steps, start, tags, ctx_dir, image)
+            done = await self._build(rec, base_ref, steps, start, tags, ctx_dir, image)
             ok = True
         except asyncio.CancelledError:
             raise
@@ -369,6 +370,8 @@ class _Build:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._cleanup(rec, ok))
+        if done is not None:  # after the cleanup: what the client sees next is settled
+            self.emit(done)
 
     async def _cleanup(self, rec: TemplateRecord, ok: bool) -> None:
         if self.sandbox:
@@ -378,7 +381,7 @@ class _Build:
             await self.t.node.drop_checkpoint(f"tplck-{rec.build_id}")
         pins = self.t.svc.layer_pins
         pins.subtract(self.pins)
-        for layer in self.pins:
+        for layer in set(self.pins):
             if pins[layer] <= 0:
                 del pins[layer]
         self.pins = []
@@ -393,7 +396,8 @@ class _Build:
         tags: list[str],
         ctx_dir: Path | None,
         image: Path | None,
-    ) -> None:
+    ) -> Event:
+        """Run the build; returns its `done` event (sent once the cleanup is over)."""
         storage = self.t.node.template_storage()
         self.emit({"type": "step", "step": None, "total": len(steps), "description": f"FROM {base_ref}"})
         if image is not None:
@@ -494,18 +498,16 @@ class _Build:
             await self.t._forget(old)
         for tag in tags:
             await self.t.tag(self.who, self.name, tag)
-        self.emit(
-            {
-                "type": "done",
-                "template": {
-                    "name": self.name,
-                    "layers": layers,
-                    "sizes": sizes,
-                    "warm": "checkpoint" in final_config,
-                },
-                "seconds": round(time.monotonic() - self.started, 3),
-            }
-        )
+        return {
+            "type": "done",
+            "template": {
+                "name": self.name,
+                "layers": layers,
+                "sizes": sizes,
+                "warm": "checkpoint" in final_config,
+            },
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
 
     # -- sandboxes ------------------------------------------------------------------------
     async def _start_sandbox(
