@@ -82,7 +82,7 @@ def test_dockerfile_build_tags_and_use(server: Server, tmp_path: Path) -> None:
     info = tpl.tag("v1").build(on_event=events.append)
     assert info.state == "ready" and info.tags == ["v1"] and info.user == "user"
     assert info.workdir == "/home/user/app" and info.env["APP_MODE"] == "test"
-    assert info.start and info.start["cmd"] == "python3 -m http.server 8123"
+    assert info.start and info.start["cmd"] == "python3 -m http.server 8123" and not info.warm
     assert next(e["description"] for e in events if e["type"] == "step") == "FROM base"
     assert all(layer["size"] >= 0 for layer in info.layers) and info.size > 0
     try:

@@ -103,7 +103,10 @@ async def build_template(body: BuildTemplate, who: Who, svc: Svc) -> StreamingRe
         except dockerfile.DockerfileError as e:
             raise ApiError(422, "invalid_dockerfile", str(e)) from e
         base, steps, start_cmd = parsed.base, parsed.steps, start_cmd or parsed.start_cmd
-    start = {"cmd": start_cmd, "ready": body.ready, "warm": body.warm} if start_cmd else None
+    # A Dockerfile's CMD is sealed running only with a ready check: without one, nothing says when
+    # it has finished starting.
+    warm = body.warm and (body.ready is not None or body.dockerfile is None or body.start_cmd is not None)
+    start = {"cmd": start_cmd, "ready": body.ready, "warm": warm} if start_cmd else None
     events = await svc.templates.build(
         who,
         body.name,
