@@ -261,11 +261,6 @@ def test_another_tenant_lists_and_references_nothing(
     b.http.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pool of a tenant's template is recorded as a global pool (api/pools.py set_pool: tenant "
-    "None for any template): every tenant sees it and another tenant's admin can delete it",
-)
 def test_a_pool_of_a_tenants_template_is_that_tenants(
     server: Server, api: httpx.Client, owner: tuple[Tenant, Objects]
 ) -> None:

@@ -41,10 +41,21 @@ class PoolConfig:
     name: str  # a template name, or a snapshot id
     min: int
     max: int
-    tenant: str | None = None  # a snapshot's owner (who may resolve it); None for templates
+    tenant: str | None = None  # the owner of the template or snapshot; None for the shared base template
+    kind: str = "template"  # template | snapshot
+
+    @property
+    def key(self) -> str:
+        return pool_key(self.tenant, self.name)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"min": self.min, "max": self.max, "tenant": self.tenant}
+        return {"name": self.name, "min": self.min, "max": self.max, "tenant": self.tenant, "kind": self.kind}
+
+
+def pool_key(tenant: str | None, name: str) -> str:
+    """Pools are found by owner and name: two tenants' templates may share a name, and neither may
+    claim the other's sandboxes."""
+    return name if tenant is None else f"{tenant}/{name}"
 
 
 @dataclass
@@ -127,9 +138,9 @@ class Pools:
     # -- configuration -----------------------------------------------------------------------
     def configure(self, config: PoolConfig) -> Pool:
         """Add a pool or change its bounds (members beyond the new max are dropped by the loop)."""
-        pool = self.pools.get(config.name)
+        pool = self.pools.get(config.key)
         if pool is None:
-            pool = self.pools[config.name] = Pool(config, target=config.min)
+            pool = self.pools[config.key] = Pool(config, target=config.min)
         else:
             pool.config = config
             pool.target = min(max(pool.target, config.min), config.max)
@@ -138,18 +149,18 @@ class Pools:
         self._wake.set()
         return pool
 
-    async def remove(self, name: str) -> bool:
-        pool = self.pools.pop(name, None)
+    async def remove(self, key: str) -> bool:
+        pool = self.pools.pop(key, None)
         if pool is None:
             return False
         await self._discard_all(pool)
         for gauge in (self.size, self.target):
             with contextlib.suppress(KeyError):
-                gauge.remove(name)
+                gauge.remove(key)
         return True
 
     def status(self) -> list[dict[str, Any]]:
-        return [p.status() for p in sorted(self.pools.values(), key=lambda p: p.config.name)]
+        return [p.status() for p in sorted(self.pools.values(), key=lambda p: p.config.key)]
 
     def layers(self) -> set[str]:
         """Layers under pooled sandboxes (ready or starting): they must not be collected."""
@@ -162,9 +173,10 @@ class Pools:
         return out
 
     # -- claims ------------------------------------------------------------------------------
-    def take(self, name: str) -> Member | None:
-        """A ready member of pool `name`, or None (a miss, which grows the pool's target)."""
-        pool = self.pools.get(name)
+    def take(self, key: str) -> Member | None:
+        """A ready member of the pool `key` (see pool_key), or None (a miss, which grows its target)."""
+        name = key
+        pool = self.pools.get(key)
         if pool is None:
             return None
         pool.last_claim = time.monotonic()
@@ -280,12 +292,12 @@ class Pools:
             pool.failures += 1
             pool.error = f"{type(e).__name__}: {e}"[:500]
             pool.retry_at = time.monotonic() + BACKOFF[min(pool.failures, len(BACKOFF)) - 1]
-            log.warning("pool fill failed", extra={"pool": pool.config.name, "error": pool.error})
+            log.warning("pool fill failed", extra={"pool": pool.config.key, "error": pool.error})
             return
         finally:
             pool.filling -= 1
             self._making.pop(sid, None)
-        if self.pools.get(pool.config.name) is not pool:  # removed meanwhile
+        if self.pools.get(pool.config.key) is not pool:  # removed meanwhile
             await self._kill(sid)
             return
         pool.error, pool.failures = None, 0
@@ -294,8 +306,8 @@ class Pools:
 
     # -- helpers -------------------------------------------------------------------------------
     def _gauges(self, pool: Pool) -> None:
-        self.size.labels(pool.config.name).set(len(pool.members))
-        self.target.labels(pool.config.name).set(pool.target)
+        self.size.labels(pool.config.key).set(len(pool.members))
+        self.target.labels(pool.config.key).set(pool.target)
 
     async def _kill(self, sid: str) -> None:
         with contextlib.suppress(Exception):
@@ -321,23 +333,27 @@ class Pools:
 
 async def load(store: Store, defaults: str) -> list[PoolConfig]:
     """The pools to run: `COVE_POOLS`, overridden per name by what the API stored."""
-    configs = {c.name: c for c in parse_pools(defaults)}
-    for key, value in (await store.list_settings("pool:")).items():
-        name = key.removeprefix("pool:")
+    configs = {c.key: c for c in parse_pools(defaults)}
+    for setting, value in (await store.list_settings("pool:")).items():
+        key = setting.removeprefix("pool:")
         if value.get("removed"):
-            configs.pop(name, None)
-        else:
-            configs[name] = PoolConfig(name, int(value["min"]), int(value["max"]), value.get("tenant"))
+            configs.pop(key, None)
+            continue
+        tenant = value.get("tenant")
+        # Stored before pools had a kind: a pool with a tenant was a snapshot's.
+        kind = value.get("kind") or ("snapshot" if tenant else "template")
+        name = value.get("name") or key
+        configs[key] = PoolConfig(name, int(value["min"]), int(value["max"]), tenant, kind)
     return list(configs.values())
 
 
 async def save(store: Store, config: PoolConfig) -> None:
-    await store.put_setting(f"pool:{config.name}", config.as_dict())
+    await store.put_setting(f"pool:{config.key}", config.as_dict())
 
 
-async def forget(store: Store, name: str) -> None:
+async def forget(store: Store, key: str) -> None:
     """Removed for good (also a pool that `COVE_POOLS` names)."""
-    await store.put_setting(f"pool:{name}", {"removed": True})
+    await store.put_setting(f"pool:{key}", {"removed": True})
 
 
 def parse_pools(text: str) -> list[PoolConfig]:

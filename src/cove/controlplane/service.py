@@ -27,7 +27,7 @@ from cove.controlplane.admission import Admission
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
-from cove.controlplane.pools import PoolConfig, Pools
+from cove.controlplane.pools import PoolConfig, Pools, pool_key
 from cove.controlplane.quotas import Quotas
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.templates import Templates, start_template_service
@@ -179,10 +179,11 @@ class SandboxService:
         return template, {**snap.config, "checkpoint": snap.id if snap.memory else None}
 
     async def _pool_source(self, pool: PoolConfig) -> tuple[TemplateSpec, dict[str, Any]]:
-        """What a pool's members start from: its snapshot (a pool with a tenant) or template."""
-        if pool.tenant is not None:
-            return await self._source(Caller("pool", pool.tenant, False), CreateSandbox(snapshot=pool.name))
-        return await self._source(Caller("pool", "", False), CreateSandbox(template=pool.name))
+        """What a pool's members start from: its snapshot or template, as its tenant sees them."""
+        who = Caller("pool", pool.tenant or "", False)
+        if pool.kind == "snapshot":
+            return await self._source(who, CreateSandbox(snapshot=pool.name))
+        return await self._source(who, CreateSandbox(template=pool.name))
 
     def _pool_spec(self, sid: str, template: TemplateSpec, defaults: dict[str, Any]) -> SandboxSpec:
         dl = defaults.get("limits") or {}
@@ -233,7 +234,10 @@ class SandboxService:
             poolable = runtime == "namespaces" and not (
                 req.volumes or req.mounts or defaults.get("volumes") or limits.disk_mb
             )
-            member = self.pools.take(req.snapshot or template.name) if poolable else None
+            # A tenant's snapshots and templates are its own: so are their pools (the base one is shared).
+            owned = req.snapshot is not None or template.name != (await self.node.base_template()).name
+            key = pool_key(who.tenant if owned else None, req.snapshot or template.name)
+            member = self.pools.take(key) if poolable else None
             now = time.time()
             rec = SandboxRecord(
                 id=member.id if member else new_sandbox_id(),

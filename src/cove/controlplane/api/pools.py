@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -49,57 +49,57 @@ class PoolList(BaseModel):
     items: list[PoolOut]
 
 
-def _out(svc: SandboxService, status: dict[str, Any]) -> PoolOut:
-    pool = svc.pools.pools[status["name"]]
-    return PoolOut(source="snapshot" if pool.config.tenant is not None else "template", **status)
+def _out(pool: pools.Pool) -> PoolOut:
+    return PoolOut(source=pool.config.kind, **pool.status())
 
 
-def _visible(who: Caller, svc: SandboxService, name: str) -> bool:
-    pool = svc.pools.pools.get(name)
-    return pool is not None and (pool.config.tenant is None or pool.config.tenant == who.tenant)
+def _find(who: Caller, svc: SandboxService, name: str) -> pools.Pool | None:
+    """The caller's pool of `name`: of its own template or snapshot, else the shared base one."""
+    return svc.pools.pools.get(pools.pool_key(who.tenant, name)) or svc.pools.pools.get(name)
 
 
 @router.get("", response_model=PoolList)
 async def list_pools(who: Who, svc: Svc) -> PoolList:
-    """The pools serving this tenant's creates: every template's, and its own snapshots'."""
-    return PoolList(items=[_out(svc, s) for s in svc.pools.status() if _visible(who, svc, s["name"])])
+    """The pools serving this tenant's creates: the base template's, and its own templates' and snapshots'."""
+    visible = [p for p in svc.pools.pools.values() if p.config.tenant in (None, who.tenant)]
+    return PoolList(items=[_out(p) for p in sorted(visible, key=lambda p: p.config.name)])
 
 
 @router.get("/{name}", response_model=PoolOut)
 async def get_pool(name: str, who: Who, svc: Svc) -> PoolOut:
-    if not _visible(who, svc, name):
+    pool = _find(who, svc, name)
+    if pool is None:
         raise not_found("pool", name)
-    return _out(svc, svc.pools.pools[name].status())
+    return _out(pool)
 
 
 @router.put("/{name}", response_model=PoolOut)
 async def set_pool(name: str, body: SetPool, who: Admin, svc: Svc) -> PoolOut:
-    """Keep between `min` and `max` sandboxes of a template (or of one of your snapshots) ready."""
-    current = svc.pools.pools.get(name)
-    if current is not None and current.config.tenant not in (None, who.tenant):
-        raise not_found("pool", name)
+    """Keep between `min` and `max` sandboxes of a template or snapshot of yours (or of the shared
+    base template) ready."""
     snap = await svc.store.get_snapshot(name)
     if snap is not None and snap.tenant == who.tenant and snap.state == "ready":
-        tenant: str | None = who.tenant
         if snap.config.get("volumes"):
             raise ApiError(422, "validation_error", f"snapshot {name} carries volumes: it cannot be pooled")
+        config = pools.PoolConfig(name, body.min, body.max, who.tenant, "snapshot")
     else:
-        tenant = None
         try:
             source = CreateSandbox(template=name)
         except ValidationError as e:  # not a template name at all
             raise not_found("template", name) from e
-        await svc._source(who, source)  # 404 for an unknown template
-    config = pools.PoolConfig(name, body.min, body.max, tenant)
+        await svc._source(who, source)  # 404 for an unknown template (or another tenant's)
+        shared = name == (await svc.node.base_template()).name
+        config = pools.PoolConfig(name, body.min, body.max, None if shared else who.tenant, "template")
     await pools.save(svc.store, config)
-    return _out(svc, svc.pools.configure(config).status())
+    return _out(svc.pools.configure(config))
 
 
 @router.delete("/{name}", status_code=204)
 async def delete_pool(name: str, who: Admin, svc: Svc) -> Response:
     """Stop pooling this source; its ready members are killed (claimed sandboxes are not touched)."""
-    if not _visible(who, svc, name):
+    pool = _find(who, svc, name)
+    if pool is None:
         raise not_found("pool", name)
-    await pools.forget(svc.store, name)
-    await svc.pools.remove(name)
+    await pools.forget(svc.store, pool.config.key)
+    await svc.pools.remove(pool.config.key)
     return Response(status_code=204)
