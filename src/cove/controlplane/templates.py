@@ -612,7 +612,8 @@ class _Build:
                 cmd += (
                     f" && (chown {shlex.quote(runtime_user)} {shlex.quote(step['path'])} 2>/dev/null || true)"
                 )
-            await self._exec(guest, index, cmd, as_user or build_user, cwd if kind != "workdir" else "/", env)
+            user = runtime_user if as_user == stepmod.RUNTIME_USER else as_user or build_user
+            await self._exec(guest, index, cmd, user, cwd if kind != "workdir" else "/", env)
         await self.t.svc.egress.detach(sid, forget=True)
         async with self.t.svc._layer_refs:
             layer = await self.t.node.commit(sid)

@@ -18,6 +18,7 @@ import shlex
 from typing import Any
 
 LAYER_STEPS = ("run", "apt", "pip", "npm", "copy", "workdir")
+RUNTIME_USER = "@runtime"  # run as the user the template's sandboxes will run as
 META_STEPS = ("env", "user")
 _PKG = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9@._+:/<>=!~,\[\]*^-]{0,200}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$|^[0-9]{1,10}$")
@@ -113,7 +114,8 @@ APT = (
 
 
 def command(step: dict[str, Any], full_root: bool) -> tuple[str, str | None]:
-    """The shell command a layer step runs and the user it runs as (None: the current build user)."""
+    """The shell command a layer step runs and the user it runs as (None: the current build user;
+    RUNTIME_USER: the template's own user)."""
     kind = step["type"]
     pkgs = " ".join(shlex.quote(p) for p in step.get("packages", ()))
     if kind == "run":
@@ -130,7 +132,7 @@ def command(step: dict[str, Any], full_root: bool) -> tuple[str, str | None]:
             )
         # The host's read-only /usr: into the build user's site-packages (~/.local), which its
         # python3 finds by itself.
-        return f"python3 -m pip install --no-cache-dir --user --break-system-packages {pkgs}", None
+        return f"python3 -m pip install --no-cache-dir --user --break-system-packages {pkgs}", RUNTIME_USER
     if kind == "npm":
         if step.get("global"):
             return f"npm install -g --no-fund --no-audit {pkgs}", "root"
