@@ -7,11 +7,14 @@ nothing (mounts, cgroups) was left behind.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -124,7 +127,8 @@ class Server:
 
 
 def leaks(server: Server) -> list[str]:
-    """Mounts under the server's home and cgroups under its parent that are still there."""
+    """What a closed server left: mounts under its home, cgroups under its parent, processes in
+    them or working on its files (CRIU, rclone), and loop devices backed by its storage image."""
     found = []
     with open("/proc/self/mountinfo") as f:
         found += [line.split()[4] for line in f if str(server.home) in line]
@@ -133,4 +137,164 @@ def leaks(server: Server) -> list[str]:
             found.append(os.path.join(root, server.cgroup_parent))
         if root.count("/") > 4:
             dirs[:] = []
+    found += [f"process {pid}: {what}" for pid, what in _processes(server)]
+    deadline = time.monotonic() + 3  # the kernel detaches an unmounted image's loop device lazily
+    while (loops := _loop_devices(server.home)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found + [f"loop device {name}" for name in loops]
+
+
+def _loop_devices(home: Path) -> list[str]:
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().strip().startswith(str(home)):
+                found.append(backing.parent.parent.name)
     return found
+
+
+def _processes(server: Server) -> list[tuple[int, str]]:
+    """Processes in the server's cgroups or whose command line names its home (not the server)."""
+    own = server.proc.pid if server.proc else None
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (own, os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as f:
+                cgroup = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv == [""]:  # a zombie (its parent reaps it): it holds nothing but its pid
+            continue
+        if f"/{server.cgroup_parent}/" in cgroup or any(str(server.home) in a for a in argv):
+            found.append((int(entry), " ".join(argv)[:200]))
+    return found
+
+
+def inconsistencies(server: Server) -> list[str]:
+    """Where the store and the host disagree, for a quiet server (no operation in flight; running
+    or stopped): every sandbox is what its record says, and nothing exists that no record explains.
+
+    Checks: running/paused sandboxes have their pid 1 alive in their cgroup, frozen exactly when
+    paused, their root mounted; hibernated ones have files but no processes, mounts or cgroups;
+    ended ones have nothing. No cgroup, sandbox dir, writable layer, checkpoint, snapshot layer or
+    scratch subvolume without a record; no half-made snapshot; no process outside live sandboxes."""
+    from cove.node.namespaces.cgroups import Cgroup
+
+    db = sqlite3.connect(f"file:{server.home / 'cove.db'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        sandboxes = {r["id"]: r for r in db.execute("SELECT * FROM sandboxes")}
+        snapshots = list(db.execute("SELECT * FROM snapshots"))
+        templates = list(db.execute("SELECT layers FROM templates"))
+    finally:
+        db.close()
+    storage = server.home / "storage"
+    sdir, active, layers = server.home / "sandboxes", storage / "active", storage / "layers"
+    ckpt = Path(server.env.get("COVE_CHECKPOINT_DIR") or server.home / "checkpoints")
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    cgroup_dirs: set[str] = set()
+    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if server.cgroup_parent in dirs:
+            cgroup_dirs |= {d.name for d in Path(root, server.cgroup_parent).iterdir() if d.is_dir()}
+        if root.count("/") > 4:
+            dirs[:] = []
+    found: list[str] = []
+    live: set[str] = set()
+    referenced: set[str] = set()
+    for sid, r in sandboxes.items():
+        state = r["state"]
+        has_files = active.joinpath(sid).is_dir()
+        if state in ("starting", "running", "paused", "hibernated"):
+            live.add(sid)
+            referenced.update(json.loads(r["layers"]))
+        if state in ("running", "paused"):
+            node = json.loads(r["node"])
+            cg = Cgroup(f"{server.cgroup_parent}/{sid}")
+            if not cg.exists() or node.get("pid") not in cg.pids():
+                found.append(f"sandbox {sid} is {state} but its pid 1 is not in its cgroup")
+            elif cg.frozen() != (state == "paused"):
+                found.append(
+                    f"sandbox {sid} is {state} but its cgroup is {'' if cg.frozen() else 'not '}frozen"
+                )
+            if str(sdir / sid / "rootfs") not in mounts:
+                found.append(f"sandbox {sid} is {state} but its root is not mounted")
+            if not has_files:
+                found.append(f"sandbox {sid} is {state} but has no writable layer")
+            if ckpt.joinpath(sid).exists():
+                found.append(f"sandbox {sid} is {state} but a checkpoint of it is left")
+        elif state == "hibernated":
+            if not has_files:
+                found.append(f"sandbox {sid} is hibernated but its files are gone")
+            if sid in cgroup_dirs or any(m.startswith(str(sdir / sid) + "/") for m in mounts):
+                found.append(f"sandbox {sid} is hibernated but still has a cgroup or mounts")
+            memory = json.loads(r["checkpoint"]).get("memory")
+            if memory and not ckpt.joinpath(sid, "inventory.img").exists():
+                found.append(f"sandbox {sid} is hibernated with memory but its checkpoint is gone")
+        elif state == "starting":
+            found.append(f"sandbox {sid} is still starting")
+        elif has_files or sdir.joinpath(sid).exists() or sid in cgroup_dirs or ckpt.joinpath(sid).exists():
+            found.append(f"sandbox {sid} is {state} but its files, cgroup or checkpoint remain")
+    memory_snaps = set()
+    for snap in snapshots:
+        if snap["state"] != "ready":
+            found.append(f"snapshot {snap['id']} is {snap['state']}")
+        referenced.update(json.loads(snap["layers"]))
+        if snap["memory"]:
+            memory_snaps.add(snap["id"])
+    for tpl in templates:
+        referenced.update(json.loads(tpl["layers"]))
+    for sid in sorted(cgroup_dirs - live):
+        found.append(f"cgroup of {sid} without a live sandbox")
+    for where in (sdir, active):
+        for p in sorted(where.iterdir()) if where.is_dir() else []:
+            if p.name not in live:
+                found.append(f"{p} without a live sandbox")
+    for p in sorted(ckpt.iterdir()) if ckpt.is_dir() else []:
+        ok = p.name in memory_snaps or (p.name in sandboxes and sandboxes[p.name]["state"] == "hibernated")
+        if not ok:
+            found.append(f"checkpoint {p.name} without a hibernated sandbox or memory snapshot")
+    for p in sorted(layers.iterdir()) if layers.is_dir() else []:
+        # content-addressed layers (the base, template steps) are shared caches; others need a record
+        if p.name.startswith(".") or (not p.name.startswith("sha256-") and p.name not in referenced):
+            found.append(f"layer {p.name} that nothing references")
+    for m in mounts:
+        if m.startswith(str(sdir) + "/") and m[len(str(sdir)) + 1 :].split("/")[0] not in live:
+            found.append(f"mount {m} of no live sandbox")
+        elif m.startswith(str(storage) + "/"):
+            found.append(f"mount {m} inside the storage")
+    own = server.proc.pid if server.proc and server.proc.poll() is None else None
+    for pid, what in _processes(server):
+        group = _cgroup_of(pid, server.cgroup_parent)
+        if group is not None:
+            ok = group in live
+        else:  # the server's helpers (its fork server), a live sandbox's rclone
+            ok = _parent_of(pid) == own or any(f"{sdir}/{sid}/" in what for sid in live)
+        if not ok:
+            found.append(f"process {pid} outside any live sandbox: {what}")
+    return found
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_of(pid: int, parent: str) -> str | None:
+    """The sandbox id of the cgroup (under `parent`) that `pid` is in, if any."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                path = line.rstrip("\n").split(":", 2)[2]
+                if f"/{parent}/" in path:
+                    return path.split(f"/{parent}/", 1)[1].split("/")[0]
+    except OSError:
+        pass
+    return None

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from cove import faults
 from cove.config import Settings
 from cove.controlplane import audit
 from cove.controlplane.admission import Admission
@@ -324,6 +325,7 @@ class SandboxService:
         made: Any,
     ) -> None:
         async with self._locks[rec.id]:
+            faults.point("create.recorded")
             try:
                 if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
                     handle = await self.node.restore(
@@ -345,6 +347,7 @@ class SandboxService:
                 with contextlib.suppress(Exception):
                     await self._transition(rec, "error", end_reason="creation interrupted")
                 raise
+            faults.point("create.launched")
             await self._transition(rec, "running", node=handle)
 
     def _runtime(self, runtime: str, network: dict[str, Any]) -> str:
@@ -438,6 +441,7 @@ class SandboxService:
                 return
             await self.egress.detach(fresh.id, forget=True)  # its connections pin the namespace
             await self.node.kill(fresh.id, fresh.node)
+            faults.point("kill.stopped")
             await self._transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
@@ -460,6 +464,7 @@ class SandboxService:
             rec = await self._fresh(rec)
             if rec.state == "running":
                 await self.node.pause(rec.id)
+                faults.point("pause.frozen")
                 await self._transition(rec, "paused")
             elif rec.state != "paused":
                 raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
@@ -476,6 +481,7 @@ class SandboxService:
             rec = await self._fresh(rec)
             if rec.state == "paused":
                 await self.node.resume(rec.id)
+                faults.point("resume.thawed")
                 await self._transition(rec, "running")
             elif rec.state == "hibernated":
                 await self.quotas.check(rec.tenant, Limits(**rec.limits))  # it will hold resources again
@@ -500,6 +506,7 @@ class SandboxService:
                         raise ApiError(
                             503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
                         ) from e
+                faults.point("resume.restored")
                 await self.node.drop_checkpoint(rec.id)
                 await self._attach_egress(rec, handle)
                 remounted = [m if m["type"] == "volume" else {**m, "status": "mounted"} for m in rec.mounts]
@@ -536,6 +543,7 @@ class SandboxService:
                     raise ApiError(
                         503, "hibernate_failed", f"hibernating {rec.id} failed, it is still {rec.state}: {e}"
                     ) from e
+                faults.point("hibernate.dumped")
                 info: dict[str, Any] = {"memory": True}
             else:
                 await self.node.stop(rec.id)
@@ -605,6 +613,7 @@ class SandboxService:
                 raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(rec.id))
             entries, seal = await self.volumes.for_snapshot(rec, snap.id, volumes)
             await self.store.insert_snapshot(snap)
+            faults.point("snapshot.recorded")
             # Until the record names the new layer, nothing else may collect layers (it would
             # see the layer as unused and delete it).
             async with self._layer_refs:
@@ -618,6 +627,7 @@ class SandboxService:
                     await self.store.delete_snapshot(snap.id)
                     await self.node.drop_checkpoint(snap.id)
                     raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
+                faults.point("snapshot.committed")
                 snap.layers = [*rec.layers, layer]
                 snap.config = {
                     "template": rec.template,
@@ -691,6 +701,7 @@ class SandboxService:
                 *(self.create(who, req, network=source.network) for _ in range(count)),
                 return_exceptions=True,
             )
+            faults.point("fork.created")
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
             await self.node.drop_checkpoint(snap.id)
@@ -737,20 +748,35 @@ class SandboxService:
         snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         keep: set[str] = set()
+        checkpoints = await self.node.checkpoint_keys()
         for rec in page.items:
-            if rec.state == "hibernated" or (rec.state in ACTIVE and await self.node.alive(rec.id, rec.node)):
+            if rec.state == "hibernated":
                 keep.add(rec.id)
-                if rec.state == "running":
-                    await self.node.resume(rec.id)  # a crash during a snapshot may have left it frozen
-                if rec.state in ACTIVE:
-                    await self._attach_egress(rec, rec.node)
-                continue
-            if rec.state in ACTIVE and await self.node.has_checkpoint(rec.id):
-                # The server died after the hibernation's dump completed but before recording it.
+                # A resume the crash interrupted may have started processes the store never heard of.
                 await self.node.stop(rec.id)
-                await self._transition(
-                    rec, "hibernated", node={}, checkpoint={"memory": True, "recovered": True}
-                )
+                if not rec.checkpoint.get("memory"):
+                    await self.node.drop_checkpoint(rec.id)
+                continue
+            if rec.state in ACTIVE and await self.node.alive(rec.id, rec.node):
+                keep.add(rec.id)
+                # Match the freezer to the record: a crash mid-snapshot or mid-pause/resume leaves
+                # it frozen or thawed against its state.
+                await (self.node.resume if rec.state == "running" else self.node.pause)(rec.id)
+                if rec.id in checkpoints:  # a hibernation that failed or was cut short: they run on
+                    await self.node.drop_checkpoint(rec.id)
+                await self._attach_egress(rec, rec.node)
+                continue
+            if rec.state in ACTIVE and rec.id in checkpoints:
+                # The server died during a hibernation, after its dump ended the processes: with a
+                # complete image they are restored on resume; without one their files still are.
+                memory = await self.node.has_checkpoint(rec.id)
+                await self.node.stop(rec.id)
+                if not memory:
+                    await self.node.drop_checkpoint(rec.id)
+                info: dict[str, Any] = {"memory": memory, "recovered": True}
+                if not memory:
+                    info["reason"] = "the server stopped during hibernation: processes restart on resume"
+                await self._transition(rec, "hibernated", node={}, checkpoint=info)
                 keep.add(rec.id)
                 continue
             await self.node.kill(rec.id, rec.node)
@@ -768,6 +794,12 @@ class SandboxService:
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         await self.templates.rollback()
         swept = await self.node.sweep(keep)
+        # Checkpoints nothing names any more (a fork or resume cut short between its steps).
+        named = {r.id for r in page.items if r.id in keep} | {
+            s.id for s in await self.store.list_snapshots(None) if s.memory
+        }
+        for key in await self.node.checkpoint_keys() - named:
+            await self.node.drop_checkpoint(key)
         await self.volumes.sweep()
         for rec in page.items:  # a bucket whose rclone died while the server was down is marked
             if rec.id in keep and rec.state in ACTIVE and _buckets(rec):

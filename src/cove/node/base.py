@@ -94,6 +94,10 @@ class NodeAgent(ABC):
     async def drop_checkpoint(self, key: str) -> None:
         """Delete the checkpoint stored under `key`."""
 
+    async def checkpoint_keys(self) -> set[str]:
+        """Keys of every checkpoint, complete or not, stored on this node."""
+        return set()
+
     @abstractmethod
     async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
         """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id.

@@ -12,12 +12,14 @@ The command lines follow the shape of a cove sandbox (docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CRIU = os.environ.get("COVE_CRIU") or (
@@ -59,13 +61,28 @@ def _errors(log: Path) -> str:
     return "; ".join(errs[-3:]) or (lines[-1].strip() if lines else "no output")
 
 
-def _run(argv: list[str], log: Path, what: str) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        raise CheckpointError(f"criu {what} timed out after {TIMEOUT:.0f} s") from e
-    if done.returncode != 0:
-        detail = _errors(log) if log.exists() else (done.stderr.strip().splitlines() or ["no output"])[-1]
+def _run(
+    argv: list[str], log: Path, what: str, images: Path, alive: Callable[[], bool] | None = None
+) -> None:
+    """Run CRIU; with `alive`, stop it as soon as the tree it works on is gone (a dump whose
+    sandbox was killed meanwhile waits on its dead tasks until the timeout otherwise)."""
+    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                proc.wait(0.1 if alive else TIMEOUT)
+                break
+            except subprocess.TimeoutExpired:
+                gone = alive is not None and not alive()
+                if gone or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    release(images)
+                    why = "the sandbox's processes exited" if gone else f"timed out after {TIMEOUT:.0f} s"
+                    raise CheckpointError(f"criu {what} stopped: {why}") from None
+        stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        detail = _errors(log) if log.exists() else (stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckpointError(f"criu {what} failed: {detail}")
 
 
@@ -75,10 +92,12 @@ def dump(
     freeze_cgroup: str,
     leave_running: bool,
     externals: Sequence[tuple[str, str]] = (),
+    alive: Callable[[], bool] | None = None,
 ) -> None:
     """Checkpoint the tree under `pid` into `images`; without `leave_running` the tree is killed.
 
-    `externals`: (mount path inside, key) of mounts a restore may bind from elsewhere (volumes)."""
+    `externals`: (mount path inside, key) of mounts a restore may bind from elsewhere (volumes);
+    `alive`: whether the tree is still there (the dump stops when it is not)."""
     images.mkdir(parents=True, exist_ok=True)
     argv = [
         CRIU, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
@@ -93,7 +112,7 @@ def dump(
         argv += ["--external", f"mnt[{path}]:{key}"]
     if leave_running:
         argv.append("--leave-running")
-    _run(argv, images / "dump.log", "dump")
+    _run(argv, images / "dump.log", "dump", images, alive)
     (images / DONE).write_text(str(pid))
 
 
@@ -104,13 +123,76 @@ def transient(error: Exception) -> bool:
 
 
 def complete(images: Path) -> bool:
-    return (images / DONE).exists()
+    """A finished dump: marked DONE, or CRIU logged success (the server died before marking it)."""
+    if (images / DONE).exists():
+        return True
+    try:
+        with open(images / "dump.log", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
+            return b"Dumping finished successfully" in f.read()
+    except OSError:
+        return False
+
+
+def stray(root: Path) -> list[int]:
+    """CRIU processes working on images under `root` (left running by a server that died)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if (
+            argv
+            and os.path.basename(argv[0]) == b"criu"
+            and any(a.startswith(os.fsencode(root) + b"/") for a in argv)
+        ):
+            found.append(int(entry))
+    return found
+
+
+def wait_stray(root: Path, timeout: float = 60.0) -> list[int]:
+    """Let dumps and restores a dead server started finish (a dump ends its sandbox's processes;
+    what it leaves is adopted), then kill any still running after `timeout`. Returns their pids."""
+    import signal
+
+    seen = stray(root)
+    deadline = time.monotonic() + timeout
+    while (left := stray(root)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if seen:
+        release(root)
+    return seen
+
+
+def release(images: Path) -> None:
+    """Unmount what a killed CRIU left mounted under `images` (its cgroup yard): deleting the
+    directory with a cgroup hierarchy mounted in it would walk into the host's cgroups."""
+    prefix = str(images).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def restore(
-    images: Path, root: str, run_dir: str, cgroup: str, log: Path, externals: Sequence[tuple[str, str]] = ()
+    images: Path,
+    root: str,
+    run_dir: str,
+    cgroup: str,
+    log: Path,
+    externals: Sequence[tuple[str, str]] = (),
+    alive: Callable[[], bool] | None = None,
 ) -> int:
-    """Restore an image into a prepared root (overlay mounted, cgroups made); returns pid 1's host pid."""
+    """Restore an image into a prepared root (overlay mounted, cgroups made); returns pid 1's host pid.
+
+    `alive`: whether the restored tree is still there (the restore stops when it is not)."""
     pidfile = log.with_suffix(".pid")
     pidfile.unlink(missing_ok=True)
     argv = [
@@ -122,7 +204,7 @@ def restore(
     ]  # fmt: skip
     for key, host_path in externals:  # (key, host dir): a volume, or its copy for a new sandbox
         argv += ["--external", f"mnt[{key}]:{host_path}"]
-    _run(argv, log, "restore")
+    _run(argv, log, "restore", images, alive)
     try:
         return int(pidfile.read_text().strip())
     finally:

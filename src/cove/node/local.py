@@ -38,6 +38,12 @@ class LocalNode(NodeAgent):
         s = self.settings
         self.layers = await asyncio.to_thread(open_storage, s.home, s.storage_backend, s.storage_image_size)
         self.runtime = NamespacesRuntime(s, self.layers)
+        # A server that died mid-operation (docs/faults.md): its CRIU runs finish before adoption
+        # looks at the sandboxes they work on, and its half-made layers go.
+        if stray := await asyncio.to_thread(checkpoint.wait_stray, self.runtime.checkpoint_dir("")):
+            log.warning("waited for checkpoints a previous server started", extra={"pids": stray})
+        if scratch := await asyncio.to_thread(self.layers.sweep_scratch):
+            log.warning("removed interrupted layer work", extra={"paths": scratch})
         self.gvisor = GvisorRuntime(s, self.layers)
         self.microvm = MicroVMRuntime()
         if await asyncio.to_thread(cgroups.favor_dynmods):
@@ -162,6 +168,10 @@ class LocalNode(NodeAgent):
 
     async def drop_checkpoint(self, key: str) -> None:
         await self.runtime.drop_checkpoint(key)
+
+    async def checkpoint_keys(self) -> set[str]:
+        root = self.runtime.checkpoint_dir("")
+        return await asyncio.to_thread(lambda: {p.name for p in root.iterdir()} if root.is_dir() else set())
 
     async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
         return await self._of(sandbox_id).commit(sandbox_id, seal)

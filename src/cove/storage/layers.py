@@ -169,6 +169,21 @@ class LayerStore:
         self.layers_dir.mkdir(parents=True, exist_ok=True)
         self.active_dir.mkdir(parents=True, exist_ok=True)
 
+    def sweep_scratch(self) -> list[str]:
+        """Remove what interrupted builds and flattens left (`.build-*`, `.flatten-*`, `.merge-*`
+        mounts, a copy's `.tmp`); only at start, when nothing of this store is in progress."""
+        found = []
+        for p in [*self.layers_dir.glob(".*"), *self.layers_dir.glob("*.tmp"), *self.root.glob(".merge-*")]:
+            found.append(p.name)
+            if os.path.ismount(p):
+                subprocess.run(["umount", "-l", str(p)], check=False, capture_output=True)
+            if p.name.startswith(".merge-"):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            else:
+                self.backend.delete(p)
+        return found
+
     def path(self, layer_id: str) -> Path:
         """The content of a committed layer (what overlayfs gets as a lowerdir)."""
         return self.layers_dir / layer_id / "upper"

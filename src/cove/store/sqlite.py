@@ -115,6 +115,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or is damaged."""
+
+
 _JSON_FIELDS = {
     "metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts", "template_config",
 }  # fmt: skip
@@ -161,15 +167,28 @@ class SQLiteStore(Store):
         def _open() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.executescript(SCHEMA)
-            for table, column, definition in _ADDED_COLUMNS:
-                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            try:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA busy_timeout=5000")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                # A damaged file must stop the server: started on it (or on an empty one), adoption
+                # would sweep every sandbox the store no longer knows (docs/faults.md).
+                problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("; ".join(problems))
+                db.executescript(SCHEMA)
+                for table, column, definition in _ADDED_COLUMNS:
+                    have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            except sqlite3.DatabaseError as e:
+                db.close()
+                raise StoreError(
+                    f"the database {self.path} cannot be used ({e}); cove will not start on it. "
+                    "Restore it from a backup, or move it and its -wal and -shm files aside to start "
+                    "empty (that forgets, and removes, every sandbox, snapshot and key of this server)"
+                ) from e
             self._db = db
 
         await asyncio.to_thread(_open)

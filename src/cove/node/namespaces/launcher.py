@@ -347,7 +347,12 @@ def serve(sock_path: str) -> None:
     sys.stdout.flush()
     while True:
         conn, _ = listener.accept()
+        me = os.getpid()
         if os.fork() == 0:
+            # A launch the dead server never hears of must not finish after its successor adopted.
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != me:
+                os._exit(1)
             listener.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             data = b""

@@ -45,6 +45,16 @@ def guest_loader() -> str:
     raise NodeError("cannot find the host's dynamic loader under /usr (needed for full-root templates)")
 
 
+def _running(pid: int, started: int | None = None) -> bool:
+    """Is `pid` a live process (not a zombie), and the one started at `started` if given?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X") and (started is None or int(fields[19]) == started)
+
+
 class NamespacesRuntime:
     name = "namespaces"
 
@@ -409,13 +419,18 @@ class NamespacesRuntime:
             for volume_id, _ in seal:
                 self.volumes.flush(volume_id)
         externals = [(v["dst"], v["key"]) for v in self._volume_externals(sandbox_id)]
+        started = process_start_time(pid)
+
+        def alive() -> bool:  # killed during the dump: CRIU would wait on its dead tasks
+            return _running(pid, started)
+
         was_frozen = cg.frozen()  # a paused sandbox stays paused
         cg.freeze(True)
         layer = None
         try:
             for attempt in range(3):
                 try:
-                    checkpoint.dump(pid, images, freezer, leave_running, externals)
+                    checkpoint.dump(pid, images, freezer, leave_running, externals, alive)
                     break
                 except checkpoint.CheckpointError as e:
                     if not checkpoint.transient(e) or attempt == 2 or was_frozen:
@@ -507,8 +522,16 @@ class NamespacesRuntime:
             syscalls.mount("overlay", launch["rootfs"], "overlay", 0, opts)
         log_path = self.sandbox_dir(spec.id) / "restore.log"
         externals = [(v["key"], v["src"]) for v in self._volume_externals(spec.id)]
+        seen = False
+
+        def alive() -> bool:  # its tasks killed mid-restore: CRIU would wait on them
+            nonlocal seen
+            if any(_running(p) for p in cg.pids()):
+                seen = True
+            return not seen or any(_running(p) for p in cg.pids())
+
         pid = checkpoint.restore(
-            images, launch["rootfs"], launch["run_dir"], launch["cgroup"], log_path, externals
+            images, launch["rootfs"], launch["run_dir"], launch["cgroup"], log_path, externals, alive
         )
         return {"pid": pid, "start_time": process_start_time(pid), "runtime": self.name}
 
@@ -524,7 +547,11 @@ class NamespacesRuntime:
             raise
 
     async def drop_checkpoint(self, key: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.checkpoint_dir(key), True)
+        def drop() -> None:
+            checkpoint.release(self.checkpoint_dir(key))
+            shutil.rmtree(self.checkpoint_dir(key), ignore_errors=True)
+
+        await asyncio.to_thread(drop)
 
     def _commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
         """Seal a copy of the writable layer (and of the volumes in `seal`: (volume id, sealed id))
