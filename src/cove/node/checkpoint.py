@@ -26,6 +26,7 @@ CRIU = os.environ.get("COVE_CRIU") or (
     "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else (shutil.which("criu") or "criu")
 )
 TIMEOUT = 300.0
+GONE_GRACE = 5.0  # seconds CRIU may run on after the tree is gone (see _run)
 DONE = "DONE"  # written into an image dir once the dump is complete
 
 
@@ -64,17 +65,22 @@ def _errors(log: Path) -> str:
 def _run(
     argv: list[str], log: Path, what: str, images: Path, alive: Callable[[], bool] | None = None
 ) -> None:
-    """Run CRIU; with `alive`, stop it as soon as the tree it works on is gone (a dump whose
-    sandbox was killed meanwhile waits on its dead tasks until the timeout otherwise)."""
+    """Run CRIU; with `alive`, stop it once the tree it works on has been gone for GONE_GRACE
+    seconds (a dump whose sandbox was killed meanwhile waits on its dead tasks until the timeout
+    otherwise). The grace matters: a successful dump kills the tree itself and then finishes."""
     with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.monotonic() + TIMEOUT
+        gone_since: float | None = None
         while True:
             try:
                 proc.wait(0.1 if alive else TIMEOUT)
                 break
             except subprocess.TimeoutExpired:
-                gone = alive is not None and not alive()
-                if gone or time.monotonic() > deadline:
+                now = time.monotonic()
+                if alive is not None and gone_since is None and not alive():
+                    gone_since = now
+                gone = gone_since is not None and now - gone_since > GONE_GRACE
+                if gone or now > deadline:
                     proc.kill()
                     proc.wait()
                     release(images)
