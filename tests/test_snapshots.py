@@ -20,6 +20,7 @@ def layers_on_disk(server: Server) -> set[str]:
 
 
 def test_snapshot_restore_and_layer_lifetime(server: Server, api: httpx.Client) -> None:
+    before = layers_on_disk(server)  # other tests' layers may be on this server too
     a = api.post("/v1/sandboxes", json={"env": {"ORIGIN": "a"}}).json()
     try:
         sh(api, a["id"], "echo before > /home/user/note")
@@ -41,9 +42,12 @@ def test_snapshot_restore_and_layer_lifetime(server: Server, api: httpx.Client) 
         assert api.delete(f"/v1/snapshots/{snap['id']}").status_code == 204
         assert api.get(f"/v1/snapshots/{snap['id']}").status_code == 404
         assert sh(api, b["id"], "cat /home/user/note")["stdout"] == "from-b\n"
-        snap_layers = {name for name in layers_on_disk(server) if name.startswith("snap-")}
+        snap_layers = {name for name in layers_on_disk(server) - before if name.startswith("snap-")}
         assert snap_layers, "B's snapshot layer must still exist"
         api.delete(f"/v1/sandboxes/{b['id']}")
+        deadline = time.monotonic() + 10  # collection runs after the kill returns
+        while snap_layers & layers_on_disk(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not (snap_layers & layers_on_disk(server)), "an unused layer must be collected"
     finally:
         api.delete(f"/v1/sandboxes/{a['id']}")

@@ -507,10 +507,12 @@ class SandboxService:
                             503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
                         ) from e
                 faults.point("resume.restored")
-                await self.node.drop_checkpoint(rec.id)
                 await self._attach_egress(rec, handle)
                 remounted = [m if m["type"] == "volume" else {**m, "status": "mounted"} for m in rec.mounts]
                 await self._transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
+                # Only once the record no longer needs it: a crash before this leaves an unreferenced
+                # checkpoint (collected at start), never a hibernated record without its image.
+                await self.node.drop_checkpoint(rec.id)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
