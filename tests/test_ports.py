@@ -108,9 +108,9 @@ def test_signed_url_by_path_then_its_cookie(server: Server, app_sandbox: Sandbox
 
 
 def test_a_signed_url_expires(server: Server, app_sandbox: Sandbox) -> None:
-    url = app_sandbox.get_url(PORT, path="/headers", by="path", expires_in=1)
-    assert httpx.get(url).status_code == 200
-    time.sleep(2.1)
+    url = app_sandbox.get_url(PORT, path="/headers", by="path", expires_in=3)
+    assert httpx.get(url).status_code == 200  # valid for at least 2 s (expiry is in whole seconds)
+    time.sleep(4.1)
     assert httpx.get(url).status_code == 403
 
 

@@ -82,6 +82,7 @@ class SandboxService:
         self._reaper: asyncio.Task[None] | None = None
         self.volumes = Volumes(settings, store, node)
         self.layer_pins: Counter[str] = Counter()  # layers a template build holds (not yet recorded)
+        self.layer_makers = 0  # builds making layers that are not pinned yet: collection waits
         self.templates = Templates(self)
         # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
         self.egress = Egress(
@@ -718,6 +719,8 @@ class SandboxService:
 
     async def collect_layers(self) -> None:
         """Delete committed layers that no template, snapshot or sandbox references any more."""
+        if self.layer_makers:
+            return  # a build is importing layers it has not pinned yet; the next collection runs later
         async with self._layer_refs:
             keep = set((await self.node.base_template()).layers) | self.pools.layers()
             for snap in await self.store.list_snapshots(None):

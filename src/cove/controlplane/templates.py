@@ -400,17 +400,23 @@ class _Build:
         """Run the build; returns its `done` event (sent once the cleanup is over)."""
         storage = self.t.node.template_storage()
         self.emit({"type": "step", "step": None, "total": len(steps), "description": f"FROM {base_ref}"})
-        if image is not None:
-            from cove.node.template_storage import image_config
+        # Layers made here (an import, a Debian base) are on disk before they are pinned: no
+        # collection meanwhile (see SandboxService.collect_layers).
+        self.t.svc.layer_makers += 1
+        try:
+            if image is not None:
+                from cove.node.template_storage import image_config
 
-            layers, img = await storage.import_image(image, self.log)
-            config = image_config(img)
-            if img.start_cmd and start is None:
-                start = {"cmd": img.start_cmd, "warm": False}  # an image's CMD: started on create
-        else:
-            layers, config = await self.t._base(self.who, base_ref, self.log)
-        async with self.t.svc._layer_refs:
-            self._pin(layers)
+                layers, img = await storage.import_image(image, self.log)
+                config = image_config(img)
+                if img.start_cmd and start is None:
+                    start = {"cmd": img.start_cmd, "warm": False}  # an image's CMD: started on create
+            else:
+                layers, config = await self.t._base(self.who, base_ref, self.log)
+            async with self.t.svc._layer_refs:
+                self._pin(layers)
+        finally:
+            self.t.svc.layer_makers -= 1
         full = config.get("rootfs") == "full"
         env: dict[str, str] = dict(config.get("env") or {})
         runtime_user = config.get("user") or "user"

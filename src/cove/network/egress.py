@@ -149,7 +149,7 @@ class Egress:
             task.cancel()
         await asyncio.gather(*conns, return_exceptions=True)
         for transport in list(box.clients):
-            transport.abort()
+            _abort(transport)
 
     def set_policy(self, sandbox_id: str, policy: Policy) -> None:
         """Applies to connections opened from now on."""
@@ -409,7 +409,7 @@ async def _relay(
             with contextlib.suppress(OSError):
                 uw.write_eof()
                 return
-        uw.transport.abort()  # the client is gone: stop waiting for the upstream
+        _abort(uw.transport)  # the client is gone: stop waiting for the upstream
 
     up = asyncio.create_task(client_to_upstream())
     done = False
@@ -423,12 +423,19 @@ async def _relay(
         _close(uw, abort=not done)
 
 
+def _abort(transport: asyncio.BaseTransport) -> None:
+    # A selector transport whose close() drained its buffer drops its loop without counting the
+    # connection as lost, so a later abort() raises AttributeError (CPython); it is closed already.
+    with contextlib.suppress(AttributeError):
+        transport.abort()  # type: ignore[attr-defined]
+
+
 def _close(writer: asyncio.StreamWriter, abort: bool) -> None:
     """Close after sending what is still buffered (abort: at once); a peer that never reads is cut
     off after LINGER seconds."""
     if abort:
-        writer.transport.abort()
+        _abort(writer.transport)
         return
     if not writer.transport.is_closing():
         writer.close()
-    asyncio.get_running_loop().call_later(LINGER, writer.transport.abort)
+    asyncio.get_running_loop().call_later(LINGER, _abort, writer.transport)
