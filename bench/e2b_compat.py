@@ -22,11 +22,12 @@ def _ms(fn: Callable[[], object]) -> float:
 
 
 def run(runs: int = 30) -> dict[str, tuple[Row, Row]]:
+    from e2b import Sandbox as E2BSandbox  # reads the variables below at each create
+
     srv = Server("bench-e2b")
     srv.start()
     os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
     os.environ.pop("E2B_DEBUG", None)
-    from e2b import Sandbox as E2BSandbox  # reads the variables above
 
     pairs: dict[str, tuple[Row, Row]] = {
         key: (Row(f"{label} (e2b SDK)"), Row(f"{label} (cove SDK)"))
