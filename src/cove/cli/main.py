@@ -1209,6 +1209,12 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
+# Shared by `cove worker` and `cove mcp`: how long the sandboxes they hibernate are kept.
+KeepHibernated = Annotated[
+    int, typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0)
+]
+
+
 class _SessionEnd(StrEnum):
     hibernate = "hibernate"
     kill = "kill"
@@ -1254,10 +1260,7 @@ def worker(
             "--timeout", help="Seconds a sandbox outlives a worker that stopped serving it.", min=60
         ),
     ] = 3600,
-    keep_hibernated: Annotated[
-        int,
-        typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0),
-    ] = 7 * 86400,
+    keep_hibernated: KeepHibernated = 7 * 86400,
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-n", help="Sessions served at once (one sandbox each).", min=1)
     ] = 1,
@@ -1378,10 +1381,7 @@ def mcp(
             "--timeout", help="Seconds a sandbox it made outlives a client that stopped using it.", min=60
         ),
     ] = 3600,
-    keep_hibernated: Annotated[
-        int,
-        typer.Option("--keep-hibernated", help="Seconds a hibernated sandbox is kept (0: forever).", min=0),
-    ] = 7 * 86400,
+    keep_hibernated: KeepHibernated = 7 * 86400,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request (to stderr).")] = False,
 ) -> None:
     """Serve an MCP server whose tools run in a cove sandbox.
