@@ -3,6 +3,7 @@ scaling, snapshot pools, the API and CLI; per-tenant quotas (docs/pools.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cove.cli.main import app as cli
+from cove.controlplane.pools import MOST_DEFERRED, QUIET_GAP, Traffic
 from cove.devserver import Server
 from cove.node.namespaces.cgroups import Cgroup
 
@@ -111,6 +113,46 @@ def test_claim_carries_env_limits_user_workdir(api: httpx.Client, pooled: Server
         assert not cg.frozen()
     finally:
         api.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+def _cpu_weight(cg: Cgroup) -> int:
+    """The cgroup's CPU weight in cgroup2 units (v1 shares scaled back), or -1 without a cpu controller."""
+    f = cg._controller_file("cpu", "cpu.shares", "cpu.weight")
+    if not f:
+        return -1
+    value = int(Path(f).read_text())
+    return value * 100 // 1024 if f.endswith("cpu.shares") else value
+
+
+def test_members_start_in_the_background_and_claims_get_normal_weight(
+    api: httpx.Client, pooled: Server
+) -> None:
+    ready(api, 2)
+    members = member_ids(pooled)
+    weights = {_cpu_weight(Cgroup(f"{pooled.cgroup_parent}/{sid}")) for sid in members}
+    if weights == {-1}:
+        pytest.skip("no cpu cgroup controller on this host: weights cannot be set")
+    assert weights == {0}, weights  # the lowest weight (v1 shares 2 = weight 0 when scaled back)
+    r = api.post("/v1/sandboxes", json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    try:
+        assert sid in members  # a claim
+        assert _cpu_weight(Cgroup(f"{pooled.cgroup_parent}/{sid}")) == 100
+    finally:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_refill_waits_for_a_pause_in_traffic() -> None:
+    traffic = Traffic()
+    traffic.begin()  # a request that never ends: the refill waits, but not for ever
+    started = time.monotonic()
+    asyncio.run(traffic.pause())
+    assert time.monotonic() - started >= MOST_DEFERRED
+    traffic.end()
+    assert not traffic.quiet()  # it just ended: a client's next request may follow at once
+    time.sleep(QUIET_GAP)
+    assert traffic.quiet()
 
 
 def test_claim_carries_nothing_of_a_previous_tenant(api: httpx.Client, pooled: Server) -> None:

@@ -34,6 +34,7 @@ from cove.controlplane.api import (
     volumes,
 )
 from cove.controlplane.metrics import Metrics
+from cove.controlplane.pools import Traffic
 from cove.controlplane.pools import load as load_pools
 from cove.controlplane.service import SandboxService
 from cove.controlplane.signing import Signer
@@ -76,10 +77,12 @@ async def _ensure_keys(cove: Cove) -> None:
 
 
 class AccessLog:
-    """One structured log line per request (pure ASGI: BaseHTTPMiddleware costs ~1 ms a request)."""
+    """One structured log line per request (pure ASGI: BaseHTTPMiddleware costs ~1 ms a request),
+    and the count of requests in flight that the pools' refill waits on (`traffic`)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, traffic: Traffic) -> None:
         self.app = app
+        self.traffic = traffic
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,9 +97,11 @@ class AccessLog:
                 status = message["status"]
             await send(message)
 
+        self.traffic.begin()
         try:
             await self.app(scope, receive, send_and_note)
         finally:
+            self.traffic.end()
             access.info(
                 "request",
                 extra={
@@ -176,5 +181,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
 
     e2b.install(app, cove)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, traffic=service.pools.traffic)
     return app

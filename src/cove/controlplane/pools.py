@@ -7,9 +7,14 @@ thaws it and records it as the caller's sandbox: about a millisecond instead of 
 Members are never reused: a killed sandbox is gone, and the pool refills with fresh ones, so a
 claim carries nothing of anyone before it.
 
+A refill must not slow the requests it exists to speed up: it starts a member only in a gap of the
+API's traffic (no request in flight for `QUIET_GAP`, or after `MOST_DEFERRED` of waiting, so steady
+traffic cannot starve it), and the member starts at the lowest CPU weight, which the claim raises
+to the normal one; foreground work on the host comes first.
+
 Pools are keyed by template name or snapshot id; how a name turns into layers is the service's
 business (`resolve`), so templates from any store work. A background task refills one member at a
-time, and only while no foreground create is in flight and the host admits new sandboxes. Each pool
+time, and only while the host admits new sandboxes. Each pool
 scales between `min` and `max`: a claim that finds it empty (a miss) doubles its target, and
 `COVE_POOL_IDLE` seconds without a claim halve it back toward `min`.
 """
@@ -22,7 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -34,6 +39,33 @@ log = logging.getLogger("cove.pools")
 
 MAX_SIZE = 1000
 BACKOFF = (1.0, 2.0, 5.0, 15.0, 30.0)  # seconds between failed fills of one pool
+QUIET_GAP = 0.02  # seconds without a request in flight before a refill starts a member
+MOST_DEFERRED = 0.5  # ...or this long after it first waited, if the traffic never pauses
+
+
+class Traffic:
+    """API requests in flight (counted by the server's outermost middleware): the refill waits
+    for a pause in them, since a client's create is usually followed at once by its first exec."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_end = 0.0
+
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        self.last_end = time.monotonic()
+
+    def quiet(self) -> bool:
+        return not self.in_flight and time.monotonic() - self.last_end >= QUIET_GAP
+
+    async def pause(self) -> None:
+        """Return at the next pause in the traffic, or after MOST_DEFERRED."""
+        deadline = time.monotonic() + MOST_DEFERRED
+        while not self.quiet() and time.monotonic() < deadline:
+            await asyncio.sleep(QUIET_GAP / 4)
 
 
 @dataclass(frozen=True)
@@ -123,7 +155,7 @@ class Pools:
         self.may_fill = may_fill
         self.idle_after = idle_after
         self.pools: dict[str, Pool] = {}
-        self.foreground = 0  # creates in flight that are not claims: the refill waits for them
+        self.traffic = Traffic()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._making: dict[str, tuple[str, ...]] = {}  # member id -> layers, while it starts
@@ -235,9 +267,7 @@ class Pools:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     continue
-                # Foreground creates first: a refill would compete with them for the CPU.
-                while self.foreground:
-                    await asyncio.sleep(0.005)
+                await self.traffic.pause()  # requests first: a refill competes with them for the CPU
                 if not await self.may_fill():
                     await asyncio.sleep(1.0)
                     continue
@@ -273,7 +303,7 @@ class Pools:
             template, defaults = await self.resolve(pool.config)
             if defaults.get("volumes"):
                 raise NodeError("a snapshot that carries volumes cannot be pooled")
-            spec = self.make_spec(sid, template, defaults)
+            spec = replace(self.make_spec(sid, template, defaults), background=True)
             self._making[sid] = spec.template.layers
             generation = self.node.generation
             if defaults.get("checkpoint"):

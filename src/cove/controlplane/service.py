@@ -297,11 +297,7 @@ class SandboxService:
                 except BaseException:
                     await self.volumes.drop(made)
                     raise
-        self.pools.foreground += 1  # the pools' refill waits for cold creates
-        try:
-            await self._create_cold(rec, template, defaults, node_mounts, made)
-        finally:
-            self.pools.foreground -= 1
+        await self._create_cold(rec, template, defaults, node_mounts, made)
         self.metrics.create_seconds.observe(time.perf_counter() - started)
         return rec
 

@@ -40,6 +40,9 @@ class SandboxSpec:
     # an s3 mount carries its credentials only when the sandbox is created.
     mounts: tuple[dict[str, Any], ...] = ()
     runtime: str = "namespaces"  # cove.node.runtimes.NAMES
+    # Started ahead of demand (a pool member): it starts at the lowest CPU weight, so that it
+    # yields to sandboxes in use, until `configure` (the claim) gives it the normal one.
+    background: bool = False
 
 
 class NodeError(Exception):

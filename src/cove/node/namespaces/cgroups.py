@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+NORMAL_WEIGHT = 100  # cgroup2's default cpu.weight
+BACKGROUND_WEIGHT = 1  # a pool member until it is claimed
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,14 @@ class Cgroup:
                 _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota))
             elif self.v2_dir and "cpu" in self.layout.v2_controllers:
                 _write(os.path.join(self.v2_dir, "cpu.max"), f"{quota} {period}")
+
+    def set_weight(self, weight: int) -> None:
+        """CPU weight against sibling sandboxes, in cgroup2 units (1–10000, normal 100); v1 shares
+        scale it to 1024 for normal. Without a cpu controller it is a no-op."""
+        f = self._controller_file("cpu", "cpu.shares", "cpu.weight")
+        if f:
+            is_v1 = f.endswith("cpu.shares")
+            _write(f, str(max(2, weight * 1024 // NORMAL_WEIGHT) if is_v1 else weight))
 
     def add(self, pid: int) -> None:
         for d in self.dirs():

@@ -229,6 +229,8 @@ def launch(spec: dict) -> dict:
     cg.create()
     limits = spec.get("limits", {})
     cg.set_limits(limits.get("memory_bytes"), limits.get("cpu"), limits.get("pids"))
+    if limits.get("cpu_weight"):
+        cg.set_weight(limits["cpu_weight"])
 
     root = spec["rootfs"]
     if not os.path.ismount(root):

@@ -190,6 +190,7 @@ class NamespacesRuntime:
                 "memory_bytes": limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
                 "cpu": limits.cpu,
                 "pids": limits.pids,
+                "cpu_weight": cgroups.BACKGROUND_WEIGHT if spec.background else None,
             },
             "uid_map": [0, base, 65536],
             "hostname": "sandbox",
@@ -227,6 +228,7 @@ class NamespacesRuntime:
         memory = limits.memory_mb * 1024 * 1024 if limits.memory_mb else None
         cg = self.cgroup(spec.id)
         cg.set_limits(memory, limits.cpu, limits.pids)
+        cg.set_weight(cgroups.NORMAL_WEIGHT)  # a pool member started in the background
         if thaw:
             cg.freeze(False)
 
@@ -517,6 +519,8 @@ class NamespacesRuntime:
         cg.create()
         limits = launch["limits"]
         cg.set_limits(limits["memory_bytes"], limits["cpu"], limits["pids"])
+        if limits["cpu_weight"]:
+            cg.set_weight(limits["cpu_weight"])
         if not os.path.ismount(launch["rootfs"]):
             opts = f"lowerdir={':'.join(launch['lowerdirs'])},upperdir={launch['upper']},workdir={launch['work']}"
             syscalls.mount("overlay", launch["rootfs"], "overlay", 0, opts)
