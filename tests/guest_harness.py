@@ -61,7 +61,7 @@ def descendants_of(pid: int) -> list[int]:
     return found
 
 
-def wait_gone(pid: int, timeout: float = 3.0) -> bool:
+def wait_gone(pid: int, timeout: float = 6.0) -> bool:
     """True once pid has exited and been reaped (a zombie still counts as there)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -233,7 +233,7 @@ def test_concurrent_execs(client: GuestClient) -> None:
 
 
 def test_orphans_are_reaped(agent: Agent, client: GuestClient) -> None:
-    out, _, end = sh(client, "for i in 1 2 3 4 5 6 7 8; do (sleep 0.3 &); done; echo started")
+    out, _, end = sh(client, "for i in 1 2 3 4 5 6 7 8; do (sleep 2 &); done; echo started")
     assert (out, end["exit_code"]) == (b"started\n", 0)
     # The orphaned sleeps were re-parented to the agent (pid 1 in a sandbox, subreaper here)...
     orphans = [pid for pid, comm, _ in children_of(agent.proc.pid) if comm == "sleep"]

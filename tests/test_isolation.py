@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 
 from conftest import Server
+from cove.node.guest_client import Idle
+from cove.node.namespaces.cgroups import Cgroup
 
 
 def run(api: httpx.Client, sid: str, cmd: str, **kw: object) -> dict:
@@ -183,6 +185,9 @@ def test_planted_symlink_cannot_redirect_the_server(
     try:
         cmd = f"mv /run/cove/sock/agent.sock /run/cove/sock/moved && ln -s {trap_path} /run/cove/sock/agent.sock"
         assert run(api, sb["id"], cmd, user="root")["exit_code"] == 0
+        # Connections the server keeps reach the real agent; once they expire, a new one must not
+        # follow the planted symlink.
+        time.sleep(Idle.EXPIRY + 0.5)
         r = api.post(f"/v1/sandboxes/{sb['id']}/exec", json={"cmd": "true"})
         assert r.status_code == 503 and "not a socket" in r.json()["error"]["message"]
         try:
@@ -193,3 +198,40 @@ def test_planted_symlink_cannot_redirect_the_server(
     finally:
         trap.close()
         assert api.delete(f"/v1/sandboxes/{sb['id']}").status_code == 204
+
+
+def _ids(status: str, field: str) -> list[str]:
+    return next(line.split()[1:] for line in status.splitlines() if line.startswith(field + ":"))
+
+
+def test_a_kept_connection_serves_each_user_with_only_that_users_rights(
+    server: Server, api: httpx.Client, sandbox: dict
+) -> None:
+    """The server keeps a connection (and its handler) between operations: the handler returns to
+    root after each one, and a command never inherits a way back to root."""
+    show = "echo $PPID; cat /proc/self/status"
+    turns = [run(api, sandbox["id"], show, user=u)["stdout"] for u in ("user", "root", "user")]
+    handlers = {out.split("\n", 1)[0] for out in turns}
+    assert len(handlers) == 1, f"consecutive operations were not served by one kept handler: {handlers}"
+    for out, uid in zip(turns, ("1000", "0", "1000"), strict=True):
+        status = out.split("\n", 1)[1]
+        assert _ids(status, "Uid") == [uid] * 4, status  # real, effective, saved, filesystem
+        assert _ids(status, "Gid") == [uid] * 4, status
+        if uid != "0":
+            assert _ids(status, "CapPrm") == ["0000000000000000"], status
+            assert _ids(status, "CapEff") == ["0000000000000000"], status
+    # While it serves the user, the handler (the probe's parent) acts as the user and keeps root
+    # only as its saved id, which the user's processes can neither use nor inspect it through.
+    handler = handlers.pop()
+    probe = run(api, sandbox["id"], f"grep Uid /proc/{handler}/status; cat /proc/{handler}/environ", user="user")
+    assert probe["stdout"].split()[1:5] == ["1000", "1000", "0", "1000"], probe
+    assert probe["exit_code"] != 0 and "Permission denied" in probe["stderr"], probe
+
+
+def test_kept_connections_expire(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    cg = Cgroup(f"{server.cgroup_parent}/{sandbox['id']}")
+    run(api, sandbox["id"], "true")
+    deadline = time.monotonic() + Idle.EXPIRY + 10
+    while len(cg.pids()) > 2 and time.monotonic() < deadline:  # pid 1 and its pre-forked handler
+        time.sleep(0.1)
+    assert len(cg.pids()) == 2, cg.pids()

@@ -150,6 +150,8 @@ def become(user: User) -> None:
         raise OpError(
             "permission_denied", f"cannot act as user {user.name!r}: the agent does not run as root"
         )
+    if not ROOT_GROUPS:
+        ROOT_GROUPS.append(os.getgroups())
     groups = os.getgrouplist(user.name, user.gid) if user.known else [user.gid]
     try:
         os.setgroups(groups)
@@ -158,8 +160,33 @@ def become(user: User) -> None:
         # we hold no other supplementary group.
         if set(os.getgroups()) - {user.gid}:
             raise
-    os.setgid(user.gid)
-    os.setuid(user.uid)
+    # The saved ids stay root, so a handler can return to root for its connection's next request
+    # (restore_root). The kernel clears the effective capabilities meanwhile, and a command the
+    # handler starts gets the user's ids as all three (execve copies the effective id to the saved).
+    os.setresgid(user.gid, user.gid, 0)
+    os.setresuid(user.uid, user.uid, 0)
+
+
+ROOT_GROUPS: list[list[int]] = []  # a handler's supplementary groups before its first switch
+
+
+def restore_root() -> bool:
+    """Undo become() after an operation, so the handler can serve the next one; False if it cannot."""
+    if ROOT_GROUPS:
+        try:
+            if os.geteuid() != 0:
+                os.setresuid(0, 0, 0)  # first: it restores the capabilities the rest needs
+            os.setresgid(0, 0, 0)
+            if os.getgroups() != ROOT_GROUPS[0]:
+                os.setgroups(ROOT_GROUPS[0])
+        except OSError:
+            return False
+    _OWNER.clear()
+    try:
+        os.chdir("/")
+    except OSError:
+        return False
+    return not ROOT_GROUPS or os.geteuid() == 0
 
 
 def norm_path(path: object, home: str) -> str:
@@ -1884,15 +1911,33 @@ def linger(sock: _socket.socket) -> None:
         pass
 
 
+# Operations after which a handler may serve the same connection's next request (see
+# "Connections" in docs/guest-protocol.md): each ends with its reply and leaves no state behind.
+REUSABLE = frozenset({"ping", "exec", "read", "write", "list", "stat", "mkdir", "remove", "rename"})
+IDLE_WAIT = 30.0  # seconds a handler waits for a kept connection's next request (the host's wait is shorter)
+
+
 def serve_connection(sock: _socket.socket) -> None:
+    """Serve the connection's requests: one, or more while each says `reuse` in its reply."""
+    while serve_request(sock):
+        try:
+            if not select.select([sock], [], [], IDLE_WAIT)[0]:
+                return
+        except OSError:
+            return
+
+
+def serve_request(sock: _socket.socket) -> bool:
+    """One request and its reply; True if the handler may serve the connection's next one."""
     c = Conn(sock)
     try:
         frame = protocol.recv_frame(sock)
     except (OSError, protocol.ProtocolError):
-        return
+        return False
     if frame is None:
-        return
+        return False
     kind, payload = frame
+    op = None
     try:
         if kind != KIND_JSON:
             raise OpError("invalid", "expected a J request frame")
@@ -1908,10 +1953,10 @@ def serve_connection(sock: _socket.socket) -> None:
         c.input_open = op in ("write", "input") or (op == "exec" and req.get("stdin") is True)
         result = handler(c, req)
         if result is None:
-            return
+            return False
         reply = {"ok": True, **result}
     except Disconnected:
-        return
+        return False
     except OpError as exc:
         reply = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
     except OSError as exc:
@@ -1922,12 +1967,16 @@ def serve_connection(sock: _socket.socket) -> None:
     except Exception as exc:
         _log_exception()
         reply = {"ok": False, "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+    reuse = op in REUSABLE and not c.input_open and restore_root()
+    if reuse:
+        reply["reuse"] = True
     try:
         sock.sendall(protocol.encode_json(reply))
     except OSError:
-        return
+        return False
     if c.input_open:
         linger(sock)
+    return reuse
 
 
 def _log_exception() -> None:

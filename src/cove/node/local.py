@@ -10,7 +10,7 @@ from typing import Any
 from cove.config import Settings
 from cove.node import bucket_mounts, checkpoint
 from cove.node.base import NodeAgent, NodeError, SandboxSpec, TemplateSpec
-from cove.node.guest_client import GuestClient
+from cove.node.guest_client import GuestClient, Idle
 from cove.node.gvisor.runtime import GvisorRuntime, runtime_of
 from cove.node.microvm.runtime import MicroVMRuntime
 from cove.node.namespaces import cgroups
@@ -33,6 +33,7 @@ class LocalNode(NodeAgent):
         self.kernel_status = "not started"
         self._kernel_task: asyncio.Task[None] | None = None
         self._templates: TemplateStorage | None = None
+        self.idle = Idle()  # guest connections kept between operations (docs/guest-protocol.md)
 
     async def start(self) -> None:
         s = self.settings
@@ -143,7 +144,13 @@ class LocalNode(NodeAgent):
     def generation(self) -> str:  # type: ignore[override]
         return f"kernel={self.runtime.kernel_env}"
 
+    def _forget_connections(self, sandbox_id: str) -> None:
+        """Before a sandbox is frozen, dumped, stopped or killed: a kept connection would hold a
+        handler (and CRIU cannot dump a socket whose peer is outside the sandbox)."""
+        self.idle.drop(self.runtime.socket_path(sandbox_id))
+
     async def stop(self, sandbox_id: str) -> None:
+        self._forget_connections(sandbox_id)
         await self._of(sandbox_id).stop(sandbox_id)
 
     async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
@@ -153,11 +160,13 @@ class LocalNode(NodeAgent):
         return runtime == "namespaces" and checkpoint.available()
 
     async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
+        self._forget_connections(sandbox_id)
         await self._of(sandbox_id).hibernate(sandbox_id, handle["pid"])
 
     async def snapshot_with_memory(
         self, sandbox_id: str, handle: dict[str, Any], key: str, seal: tuple[tuple[str, str], ...] = ()
     ) -> str:
+        self._forget_connections(sandbox_id)
         return await self._of(sandbox_id).snapshot_with_memory(sandbox_id, handle["pid"], key, seal)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
@@ -189,19 +198,21 @@ class LocalNode(NodeAgent):
         return await asyncio.to_thread(collect)
 
     async def kill(self, sandbox_id: str, handle: dict[str, Any] | None = None) -> None:
+        self._forget_connections(sandbox_id)
         await self._of(sandbox_id).kill(sandbox_id)
 
     async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         return await self._of(sandbox_id).alive(sandbox_id, handle)
 
     async def pause(self, sandbox_id: str) -> None:
+        self._forget_connections(sandbox_id)
         await asyncio.to_thread(self.runtime.cgroup(sandbox_id).freeze, True)
 
     async def resume(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self.runtime.cgroup(sandbox_id).freeze, False)
 
     def guest(self, sandbox_id: str) -> GuestClient:
-        return GuestClient(self.runtime.socket_path(sandbox_id))
+        return GuestClient(self.runtime.socket_path(sandbox_id), idle=self.idle)
 
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
         return await self.runtime.stats(sandbox_id)
