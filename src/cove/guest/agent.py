@@ -6,9 +6,10 @@ their Python wrappers, which would pull in ``enum``/``re`` and double the start-
 same reason it spells out try/except/pass: ``contextlib`` alone costs ~9 ms to import).
 
 Design: the main process only accepts connections, forks one handler child per connection and reaps
-every child and orphan (SIGCHLD + wakeup fd). A handler serves its one operation with plain blocking
-code and exits, so a slow or crashing operation never stalls the agent, and file operations can
-switch to the requested user without affecting anything else.
+every child and orphan (SIGCHLD + wakeup fd). A handler serves its connection's operations one at a
+time with plain blocking code and exits when the host closes it, so a slow or crashing operation
+never stalls the agent. It switches to the requested user for an operation and back to root after
+it (its saved ids stay root: see become and restore_root).
 
 Test mode (outside a sandbox): ``agent.py --socket PATH [--config FILE]``.
 """
