@@ -1,9 +1,16 @@
-"""Structured logs: one JSON object per line on stderr."""
+"""Structured logs: one JSON object per line on stderr.
+
+Records are formatted and written by a thread of their own: the server logs every request, and
+neither the formatting nor a write to a slow stderr (a full pipe) may hold up its event loop.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -38,13 +45,29 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _Handoff(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting happens there."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_listener: list[logging.handlers.QueueListener] = []
+
+
 def setup(level: str = "INFO", fmt: str | None = None, quiet_requests: bool = False) -> None:
     """JSON lines by default; text when stderr is a terminal (or COVE_LOG_FORMAT=text)."""
     fmt = fmt or ("text" if sys.stderr.isatty() else "json")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
+    for old in _listener:
+        old.stop()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener[:] = [logging.handlers.QueueListener(records, handler)]
+    _listener[0].start()
+    atexit.register(_listener[0].stop)  # writes what is queued before the process exits
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Handoff(records)]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
