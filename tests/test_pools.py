@@ -4,6 +4,9 @@ scaling, snapshot pools, the API and CLI; per-tenant quotas (docs/pools.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -153,6 +156,31 @@ def test_refill_waits_for_a_pause_in_traffic() -> None:
     assert not traffic.quiet()  # it just ended: a client's next request may follow at once
     time.sleep(QUIET_GAP)
     assert traffic.quiet()
+
+
+def test_a_claim_checks_that_the_member_answers(api: httpx.Client, pooled: Server) -> None:
+    """A member that died while it waited (here: its pid 1 killed) is discarded at the claim, and the
+    create starts a sandbox cold instead of returning a dead one."""
+    ready(api, 2)
+    dead = member_ids(pooled)
+    for sid in dead:
+        cg = Cgroup(f"{pooled.cgroup_parent}/{sid}")
+        for pid in cg.pids():
+            with contextlib.suppress(ProcessLookupError):  # pid 1's death ends the others
+                os.kill(pid, signal.SIGKILL)
+        cg.freeze(False)  # a frozen task dies only once thawed
+        wait_for(lambda cg=cg: not cg.pids(), f"member {sid}'s processes to die")
+    for _ in dead:  # each create meets one of them
+        r = api.post("/v1/sandboxes", json={})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        try:
+            assert sid not in dead
+            out = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": "echo alive"}).json()
+            assert out["stdout"] == "alive\n", out
+        finally:
+            api.delete(f"/v1/sandboxes/{sid}")
+    wait_for(lambda: not member_ids(pooled) & dead, "the dead members to be discarded", timeout=30)
 
 
 def test_claim_carries_nothing_of_a_previous_tenant(api: httpx.Client, pooled: Server) -> None:

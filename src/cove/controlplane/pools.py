@@ -33,6 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cove.node.base import NodeAgent, NodeError, SandboxSpec, TemplateSpec
+from cove.node.guest_client import GuestError, GuestUnavailable
 from cove.store.base import Store
 
 log = logging.getLogger("cove.pools")
@@ -232,11 +233,14 @@ class Pools:
         return None
 
     async def claim(self, member: Member, spec: SandboxSpec) -> dict[str, Any] | None:
-        """Give `member` the caller's env, user, workdir and limits and thaw it; returns its node
-        handle, or None if it could not be (it is then discarded)."""
+        """Give `member` the caller's env, user, workdir and limits, thaw it and check that its
+        agent answers; returns its node handle, or None if it could not be (it is then discarded).
+        The check also leaves a kept connection for the caller's first operation, which would
+        otherwise pay for a new one (docs/guest-protocol.md)."""
         try:
             await self.node.configure(spec, thaw=True)
-        except (NodeError, OSError) as e:
+            await self.node.guest(member.id).ping()
+        except (NodeError, OSError, GuestError, GuestUnavailable) as e:
             log.warning("pooled sandbox could not be claimed", extra={"sandbox": member.id, "error": str(e)})
             await self._discard(member)
             return None
