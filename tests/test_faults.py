@@ -522,3 +522,26 @@ def test_checkpoint_dir_full(small: Server) -> None:
         subprocess.run(["mount", "-o", "remount,size=2m", str(ckpt)], check=True)
         c.delete(f"/v1/sandboxes/{sid}")
     settled(small)
+
+
+def test_the_reaper_checks_every_sandbox_in_turn() -> None:
+    """With more active sandboxes than ALIVE_CHECKS, each tick checks the next ALIVE_CHECKS of
+    them, so every death is noticed within a few ticks (the real check is covered above)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cove.controlplane.service import ALIVE_CHECKS, SandboxService
+
+    n = ALIVE_CHECKS * 2 + 5
+    recs = [SimpleNamespace(id=f"sb{i}", node={"pid": i}) for i in range(n)]
+    asked: list[list[str]] = []
+
+    async def dead(items: list[tuple[str, dict]]) -> list[str]:
+        asked.append([sid for sid, _ in items])
+        return [sid for sid, _ in items if sid == "sb7"]
+
+    fake = SimpleNamespace(_alive_turn=0, node=SimpleNamespace(dead=dead))
+    found = [asyncio.run(SandboxService._dead_among(fake, recs)) for _ in range(3)]  # type: ignore[arg-type]
+    assert all(len(a) == ALIVE_CHECKS for a in asked)
+    assert {sid for a in asked for sid in a} == {r.id for r in recs}  # three ticks cover all
+    assert sum("sb7" in f for f in found) >= 1

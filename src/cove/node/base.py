@@ -122,6 +122,10 @@ class NodeAgent(ABC):
     async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
         """Is the sandbox started with `handle` still running (and answering)?"""
 
+    async def dead(self, sandboxes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """The ids among `(id, handle)` whose sandbox is no longer running."""
+        return [sid for sid, handle in sandboxes if not await self.alive(sid, handle)]
+
     @abstractmethod
     async def pause(self, sandbox_id: str) -> None:
         """Freeze every process (no CPU; memory kept)."""

@@ -34,6 +34,7 @@ from cove.guest.protocol import (
 SEND_CHUNK = 256 * 1024
 # StreamReader buffer: a 64 KiB frame should not pause the transport half-way.
 READ_LIMIT = 1024 * 1024
+DROP_WAIT = 1.0  # seconds to wait for a kept connection's handler to close its end
 
 ByteSource = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
 
@@ -98,10 +99,21 @@ class Idle:
         if self._timer is None:  # so idle sandboxes keep no handler
             self._timer = asyncio.get_running_loop().call_later(self.EXPIRY, self.expire)
 
-    def drop(self, path: str) -> None:
-        """Close a sandbox's kept connections (before it is frozen, dumped or killed): their
-        handlers then exit."""
-        for _, conn in self._conns.pop(path, []):
+    async def drop(self, path: str, wait: bool = True) -> None:
+        """Close a sandbox's kept connections (before it is frozen, dumped or killed); their
+        handlers then exit. `wait`: until each handler has closed its end, so that no frozen
+        handler holds a socket whose peer is gone (CRIU refuses to dump one)."""
+        conns = [conn for _, conn in self._conns.pop(path, [])]
+        if not wait:
+            for conn in conns:
+                conn.writer.close()
+            return
+        for conn in conns:
+            with contextlib.suppress(OSError, RuntimeError):
+                conn.writer.write_eof()
+        for conn in conns:
+            with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(conn.reader.read(), DROP_WAIT)
             conn.writer.close()
 
     def expire(self) -> None:
