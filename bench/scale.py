@@ -1,6 +1,7 @@
 """Scale: warm-pool creates, concurrency, sustained rate, idle density, hibernated sandboxes.
 
     sudo .venv/bin/python bench/scale.py [--quick] [--idle 500] [--hibernated 5000] [--rate 50 --duration 60]
+    sudo .venv/bin/python bench/scale.py --only sustained --rate 30 --duration 30   # one part alone
 
 Each figure is beside its floor measured in the same run (bubblewrap `true`, a raw exec), and the
 plots (latency distributions, cost growth with the number of sandboxes) go to docs/bench/.
@@ -15,6 +16,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from cove.node.namespaces.cgroups import Cgroup
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ROOT / "docs" / "bench"
+PARTS = ("pool", "concurrent", "sustained", "cold", "idle", "hibernated")
 
 
 @dataclass
@@ -157,14 +160,16 @@ def sustained(srv: Server, res: Result) -> None:
         async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=120, limits=limits) as ac:
             lat: list[float] = []
             errors: list[str] = []
+            kinds: Counter[str] = Counter()
 
             async def one() -> None:
                 try:
                     sid, ms = await _create_exec(ac)
                     lat.append(ms)
-                    await ac.delete(f"/v1/sandboxes/{sid}")
+                    (await ac.delete(f"/v1/sandboxes/{sid}")).raise_for_status()
                 except Exception as e:
                     errors.append(f"{type(e).__name__}: {e}"[:200])
+                    kinds[error_kind(e)] += 1
 
             tasks = []
             start = time.perf_counter()
@@ -180,11 +185,23 @@ def sustained(srv: Server, res: Result) -> None:
                 "count": len(tasks),
                 "errors": len(errors),
                 "first_error": errors[0] if errors else "",
+                "kinds": dict(kinds),
                 "lat": lat,
                 "wall": time.perf_counter() - start,
             }
 
     asyncio.run(go())
+
+
+def error_kind(e: Exception) -> str:
+    """`ReadError`, or an HTTP error by status and cove's error code (`503 server_busy`)."""
+    if isinstance(e, httpx.HTTPStatusError):
+        try:
+            code = e.response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = ""
+        return f"{e.response.status_code} {code}".strip()
+    return type(e).__name__
 
 
 def idle_density(srv: Server, c: httpx.Client, res: Result) -> None:
@@ -281,22 +298,25 @@ def hibernated(srv: Server, c: httpx.Client, res: Result) -> None:
     }
 
 
-def run(sizes: Sizes, skip: set[str] | None = None) -> Result:
+def run(sizes: Sizes, skip: set[str] | None = None, env: dict[str, str] | None = None) -> Result:
+    """Every part of PARTS not in `skip`, on one server (`env`: extra COVE_* settings for it)."""
     skip = skip or set()
     res = Result(sizes)
-    srv = Server("bench-scale", extra_env={"COVE_POOLS": "base=32:128", "COVE_KERNEL": "0"})
+    srv = Server("bench-scale", extra_env={"COVE_POOLS": "base=32:128", "COVE_KERNEL": "0", **(env or {})})
     srv.start()
     try:
         with srv.client() as c:
             wait_ready(c, 32)
-            pool_creates(srv, c, res)
-            wait_ready(c, 32)
+            if "pool" not in skip:
+                pool_creates(srv, c, res)
+                wait_ready(c, 32)
             if "concurrent" not in skip:
                 concurrent(srv, res)
             if "sustained" not in skip:
                 wait_ready(c, 32)
                 sustained(srv, res)
-            cold_creates(c, res)
+            if "cold" not in skip:
+                cold_creates(c, res)
             c.put("/v1/pools/base", json={"min": 2, "max": 16}).raise_for_status()
             if "idle" not in skip:
                 idle_density(srv, c, res)
@@ -377,7 +397,8 @@ def plots(res: Result) -> list[str]:
 def render(res: Result, images: list[str]) -> list[str]:
     s = res.sizes
     bw = statistics.median(res.bwrap_true) if res.bwrap_true else float("nan")
-    p50, p99 = statistics.median(res.pool_create), pct(res.pool_create, 0.99)
+    p50 = statistics.median(res.pool_create) if res.pool_create else float("nan")
+    p99 = pct(res.pool_create, 0.99)
     lines = [
         "## Warm pools and scale",
         "A server with a `base` pool of 32 (growing to 128 under demand). *Pool create* is `POST",
@@ -389,10 +410,13 @@ def render(res: Result, images: list[str]) -> list[str]:
         "",
         "| measurement | p50 ms | p99 ms | n | note |",
         "|---|---|---|---|---|",
-        f"| bubblewrap `true` (floor) | {bw:.2f} | {pct(res.bwrap_true, 0.99):.2f} | {len(res.bwrap_true)} | |",
-        f"| cove: create from the pool → first exec output | {p50:.2f} | {p99:.2f} | {len(res.pool_create)} | "
-        f"{p50 / bw:.1f}× bubblewrap; {res.pool_hits} hits, {res.pool_misses} misses |",
     ]
+    if res.pool_create:
+        lines += [
+            f"| bubblewrap `true` (floor) | {bw:.2f} | {pct(res.bwrap_true, 0.99):.2f} | {len(res.bwrap_true)} | |",
+            f"| cove: create from the pool → first exec output | {p50:.2f} | {p99:.2f} | {len(res.pool_create)} | "
+            f"{p50 / bw:.1f}× bubblewrap; {res.pool_hits} hits, {res.pool_misses} misses |",
+        ]
     if res.cold_create:
         lines.append(
             f"| cove: cold create (no pool) → first exec output | {statistics.median(res.cold_create):.2f} | "
@@ -406,10 +430,11 @@ def render(res: Result, images: list[str]) -> list[str]:
         )
     st = res.sustained
     if st:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(st["kinds"].items(), key=lambda kv: -kv[1]))
         lines.append(
             f"| cove: {st['rate']} creates/s for {st['duration']:g} s (create, exec, kill), each | "
             f"{statistics.median(st['lat']) if st['lat'] else float('nan'):.1f} | {pct(st['lat'], 0.99):.1f} | "
-            f"{st['count']} | **{st['errors']} errors**{' (' + st['first_error'] + ')' if st['errors'] else ''}; "
+            f"{len(st['lat'])} of {st['count']} | **{st['errors']} errors**{' (' + kinds + ')' if st['errors'] else ''}; "
             f"finished in {st['wall']:.1f} s |"
         )
     idle = res.idle
@@ -454,10 +479,14 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="seconds of the sustained run")
     ap.add_argument("--idle", type=int, help="idle running sandboxes")
     ap.add_argument("--hibernated", type=int, help="hibernated sandboxes (each resumed afterwards)")
+    ap.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/scale.py needs root (it starts a cove server)")
-    res = run(sizes_from(args))
+    only = set(args.only.split(",")) if args.only else set(PARTS)
+    if only - set(PARTS):
+        sys.exit(f"--only: unknown parts {sorted(only - set(PARTS))}; parts: {', '.join(PARTS)}")
+    res = run(sizes_from(args), skip=set(PARTS) - only)
     print("\n".join(render(res, plots(res))))
 
 

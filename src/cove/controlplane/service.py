@@ -24,7 +24,7 @@ from typing import Any
 from cove import faults
 from cove.config import Settings
 from cove.controlplane import audit
-from cove.controlplane.admission import Admission
+from cove.controlplane.admission import Admission, StartSlot
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.metrics import Metrics
@@ -206,6 +206,8 @@ class SandboxService:
         )
 
     async def _may_fill(self) -> bool:
+        if self.admission.starts.queued:  # creates wait for a start slot: they come first
+            return False
         return await self.admission.refusal(count=False) is None
 
     @audit.audited("sandbox.create", audit.created)
@@ -289,17 +291,26 @@ class SandboxService:
                     "a sandbox restored with its processes has its snapshot's mounts: volumes and mounts "
                     "cannot be added",
                 )
-            async with self.volumes.lock, self.quotas.admit(who.tenant, limits):
-                # its volumes cannot be deleted until it is recorded
-                rec.mounts, node_mounts, made = await self.volumes.resolve(
-                    who, rec, req, defaults.get("volumes", [])
-                )
-                try:
-                    await self.store.insert_sandbox(rec)
-                except BaseException:
-                    await self.volumes.drop(made)
-                    raise
-        await self._create_cold(rec, template, defaults, node_mounts, made)
+            # A cold start takes a start slot, or waits for one; 503 server_busy if too many wait.
+            slot = self.admission.start_slot()
+            try:
+                async with self.volumes.lock, self.quotas.admit(who.tenant, limits):
+                    # its volumes cannot be deleted until it is recorded
+                    rec.mounts, node_mounts, made = await self.volumes.resolve(
+                        who, rec, req, defaults.get("volumes", [])
+                    )
+                    try:
+                        await self.store.insert_sandbox(rec)
+                    except BaseException:
+                        await self.volumes.drop(made)
+                        raise
+            except BaseException:
+                slot.release()
+                raise
+        try:
+            await self._create_cold(rec, template, defaults, node_mounts, made, slot)
+        finally:
+            slot.release()
         self.metrics.create_seconds.observe(time.perf_counter() - started)
         return rec
 
@@ -322,10 +333,12 @@ class SandboxService:
         defaults: dict[str, Any],
         node_mounts: list[dict[str, Any]],
         made: Any,
+        slot: StartSlot,
     ) -> None:
         async with self._locks[rec.id]:
             faults.point("create.recorded")
             try:
+                await slot.wait()  # recorded as starting meanwhile: it counts against the tenant's quota
                 if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
                     handle = await self.node.restore(
                         self._node_spec(rec, template, node_mounts), defaults["checkpoint"], resume=False
