@@ -479,7 +479,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="seconds of the sustained run")
     ap.add_argument("--idle", type=int, help="idle running sandboxes")
     ap.add_argument("--hibernated", type=int, help="hibernated sandboxes (each resumed afterwards)")
-    ap.add_argument("--only", help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    ap.add_argument(
+        "--only", help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all; no plots)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/scale.py needs root (it starts a cove server)")
@@ -487,7 +489,8 @@ def main() -> None:
     if only - set(PARTS):
         sys.exit(f"--only: unknown parts {sorted(only - set(PARTS))}; parts: {', '.join(PARTS)}")
     res = run(sizes_from(args), skip=set(PARTS) - only)
-    print("\n".join(render(res, plots(res))))
+    # Part of a run would overwrite the plots in docs/bench/ with part of the data: print only.
+    print("\n".join(render(res, plots(res) if only == set(PARTS) else [])))
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
