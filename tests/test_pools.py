@@ -314,3 +314,14 @@ def test_quotas_per_tenant(api: httpx.Client, pooled: Server) -> None:
     assert api.delete("/v1/tenants/quota-team/quota").status_code == 204
     assert api.delete("/v1/tenants/quota-team/quota").status_code == 404
     assert api.put("/v1/tenants/bad tenant!/quota", json={}).status_code == 422
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.5, 0.9])
+def test_stopping_while_members_start_leaves_nothing(delay: float) -> None:
+    """A server stopped while its refill is starting members: the cancelled starts finish and are
+    undone (a cleanup that ran before the launcher had finished left cgroups and mounts behind)."""
+    srv = Server("pool-stop", extra_env={"COVE_POOLS": "base=6:6", "COVE_KERNEL": "0"})
+    srv.start()
+    time.sleep(delay)
+    srv.stop()  # the server's own shutdown, with starts in flight
+    srv.close()  # raises if anything leaked

@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cove.config import Settings
 from cove.node import bucket_mounts, checkpoint
@@ -29,6 +30,7 @@ from cove.storage import kernel_layer
 from cove.storage.layers import LayerStore
 from cove.storage.volumes import VolumeStore
 
+T = TypeVar("T")
 log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
@@ -43,6 +45,22 @@ def guest_loader() -> str:
         if os.path.exists(real) and real.startswith("/usr/"):
             return real
     raise NodeError("cannot find the host's dynamic loader under /usr (needed for full-root templates)")
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`; if the caller is cancelled meanwhile, let `work` finish first and then raise
+    the cancellation. A worker thread and the launcher go on making a sandbox regardless, so a
+    cleanup that ran before they finished would leave their cgroup and mounts behind."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise
 
 
 def _running(pid: int, started: int | None = None) -> bool:
@@ -277,18 +295,7 @@ class NamespacesRuntime:
         if not resume and (os.path.exists(self.sandbox_dir(spec.id)) or self.layers.has_active(spec.id)):
             raise NodeError(f"sandbox {spec.id} already exists on this node")
         try:
-            t0 = time.perf_counter()
-            launch_spec = await asyncio.to_thread(self._prepare, spec)
-            t1 = time.perf_counter()
-            result = await self._launch(launch_spec)
-            log.debug(
-                "sandbox launched",
-                extra={
-                    "sandbox": spec.id,
-                    "prepare_ms": round((t1 - t0) * 1000, 2),
-                    "launch_ms": round((time.perf_counter() - t1) * 1000, 2),
-                },
-            )
+            result = await _to_the_end(self._start(spec))
             if "pid" not in result:
                 raise NodeError(f"sandbox failed to start: {result['error']}")
             return {"pid": result["pid"], "start_time": result["start_time"], "runtime": self.name}
@@ -298,6 +305,21 @@ class NamespacesRuntime:
             else:
                 await self.kill(spec.id)
             raise
+
+    async def _start(self, spec: SandboxSpec) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        launch_spec = await asyncio.to_thread(self._prepare, spec)
+        t1 = time.perf_counter()
+        result = await self._launch(launch_spec)
+        log.debug(
+            "sandbox launched",
+            extra={
+                "sandbox": spec.id,
+                "prepare_ms": round((t1 - t0) * 1000, 2),
+                "launch_ms": round((time.perf_counter() - t1) * 1000, 2),
+            },
+        )
+        return result
 
     # -- inspect -------------------------------------------------------------------------
     def _alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
