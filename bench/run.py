@@ -103,12 +103,15 @@ def main() -> None:
         ("creates", "creates from the warm pool"),
         ("concurrent", "concurrent creates"),
         ("rate", "creates per second, sustained"),
+        ("safe_rate", "creates per second of a second sustained run (0: none)"),
         ("duration", "seconds of the sustained rate"),
         ("idle", "idle running sandboxes"),
         ("hibernated", "hibernated sandboxes, each resumed"),
     ):
         ap.add_argument(
-            f"--{name}", type=float if name == "duration" else int, help=f"{what} (bench/scale.py)"
+            f"--{name.replace('_', '-')}",
+            type=float if name == "duration" else int,
+            help=f"{what} (bench/scale.py)",
         )
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -38,13 +38,14 @@ class Sizes:
     creates: int = 200
     concurrent: int = 100
     rate: int = 50
+    safe_rate: int = 35  # a second sustained run, at a rate 2 cores serve (0: none)
     duration: float = 60
     idle: int = 500
     hibernated: int = 5000
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(creates=100, concurrent=50, rate=20, duration=10, idle=100, hibernated=50)
+        return cls(creates=100, concurrent=50, rate=20, safe_rate=0, duration=10, idle=100, hibernated=50)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Result:
     concurrent_s: float = 0.0
     concurrent_lat: list[float] = field(default_factory=list)
     sustained: dict = field(default_factory=dict)
+    sustained_safe: dict = field(default_factory=dict)
     idle: dict = field(default_factory=dict)
     growth: list[dict] = field(default_factory=list)
     hibernated: dict = field(default_factory=dict)
@@ -88,6 +90,16 @@ def wait_ready(c: httpx.Client, n: int, timeout: float = 120) -> None:
         if c.get("/v1/pools/base").json()["ready"] >= n:
             return
         time.sleep(0.1)
+
+
+def wait_settled(c: httpx.Client, timeout: float = 120) -> None:
+    """Until the base pool has its target and starts nothing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = c.get("/v1/pools/base").json()
+        if not p["starting"] and p["ready"] >= p["target"]:
+            return
+        time.sleep(0.2)
 
 
 def pool_creates(srv: Server, c: httpx.Client, res: Result) -> None:
@@ -150,9 +162,10 @@ def concurrent(srv: Server, res: Result) -> None:
     asyncio.run(go())
 
 
-def sustained(srv: Server, res: Result) -> None:
+def sustained(srv: Server, res: Result, rate: int) -> dict:
     """`rate` creates (each with an exec, then a kill) per second for `duration` seconds."""
-    rate, duration = res.sizes.rate, res.sizes.duration
+    duration = res.sizes.duration
+    out: dict = {}
 
     async def go() -> None:
         headers = {"Authorization": f"Bearer {srv.api_key}"}
@@ -179,18 +192,21 @@ def sustained(srv: Server, res: Result) -> None:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one()))
             await asyncio.gather(*tasks)
-            res.sustained = {
-                "rate": rate,
-                "duration": duration,
-                "count": len(tasks),
-                "errors": len(errors),
-                "first_error": errors[0] if errors else "",
-                "kinds": dict(kinds),
-                "lat": lat,
-                "wall": time.perf_counter() - start,
-            }
+            out.update(
+                {
+                    "rate": rate,
+                    "duration": duration,
+                    "count": len(tasks),
+                    "errors": len(errors),
+                    "first_error": errors[0] if errors else "",
+                    "kinds": dict(kinds),
+                    "lat": lat,
+                    "wall": time.perf_counter() - start,
+                }
+            )
 
     asyncio.run(go())
+    return out
 
 
 def error_kind(e: Exception) -> str:
@@ -224,6 +240,7 @@ def idle_density(srv: Server, c: httpx.Client, res: Result) -> None:
                     {"n": len(ids), "server_mib": server_rss_mib(srv), "sandboxes_mib": mem / 2**20}
                 )
         time.sleep(2)  # let them settle into idleness
+        wait_settled(c)  # and the pool's refill finish: measure the server with idle sandboxes only
         target = ids[len(ids) // 2]
         for _ in range(10):
             c.post(f"/v1/sandboxes/{target}/exec", json={"argv": ["true"]})
@@ -313,8 +330,11 @@ def run(sizes: Sizes, skip: set[str] | None = None, env: dict[str, str] | None =
             if "concurrent" not in skip:
                 concurrent(srv, res)
             if "sustained" not in skip:
+                if sizes.safe_rate:
+                    wait_ready(c, 32)
+                    res.sustained_safe = sustained(srv, res, sizes.safe_rate)
                 wait_ready(c, 32)
-                sustained(srv, res)
+                res.sustained = sustained(srv, res, sizes.rate)
             if "cold" not in skip:
                 cold_creates(c, res)
             c.put("/v1/pools/base", json={"min": 2, "max": 16}).raise_for_status()
@@ -428,8 +448,9 @@ def render(res: Result, images: list[str]) -> list[str]:
             f"{statistics.median(res.concurrent_lat):.1f} | {pct(res.concurrent_lat, 0.99):.1f} | "
             f"{s.concurrent} | all done in **{res.concurrent_s:.2f} s** |"
         )
-    st = res.sustained
-    if st:
+    for st in (res.sustained_safe, res.sustained):
+        if not st:
+            continue
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(st["kinds"].items(), key=lambda kv: -kv[1]))
         lines.append(
             f"| cove: {st['rate']} creates/s for {st['duration']:g} s (create, exec, kill), each | "
@@ -476,6 +497,7 @@ def main() -> None:
     ap.add_argument("--creates", type=int)
     ap.add_argument("--concurrent", type=int)
     ap.add_argument("--rate", type=int, help="creates per second for the sustained run")
+    ap.add_argument("--safe-rate", type=int, help="creates per second for a second sustained run (0: none)")
     ap.add_argument("--duration", type=float, help="seconds of the sustained run")
     ap.add_argument("--idle", type=int, help="idle running sandboxes")
     ap.add_argument("--hibernated", type=int, help="hibernated sandboxes (each resumed afterwards)")
@@ -495,7 +517,7 @@ def main() -> None:
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = Sizes.quick() if args.quick else Sizes()
-    for name in ("creates", "concurrent", "rate", "duration", "idle", "hibernated"):
+    for name in ("creates", "concurrent", "rate", "safe_rate", "duration", "idle", "hibernated"):
         if getattr(args, name, None) is not None:
             setattr(sizes, name, getattr(args, name))
     return sizes

@@ -223,7 +223,9 @@ def test_a_kept_connection_serves_each_user_with_only_that_users_rights(
     # While it serves the user, the handler (the probe's parent) acts as the user and keeps root
     # only as its saved id, which the user's processes can neither use nor inspect it through.
     handler = handlers.pop()
-    probe = run(api, sandbox["id"], f"grep Uid /proc/{handler}/status; cat /proc/{handler}/environ", user="user")
+    probe = run(
+        api, sandbox["id"], f"grep Uid /proc/{handler}/status; cat /proc/{handler}/environ", user="user"
+    )
     assert probe["stdout"].split()[1:5] == ["1000", "1000", "0", "1000"], probe
     assert probe["exit_code"] != 0 and "Permission denied" in probe["stderr"], probe
 

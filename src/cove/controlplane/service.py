@@ -828,7 +828,11 @@ class SandboxService:
         now, mono = time.time(), time.monotonic()
         page = await self.store.list_sandboxes(None, ["running", "paused", "hibernated"], limit=1_000_000)
         dead = await self._dead_among(
-            [r for r in page.items if r.state in ACTIVE and not (r.expires_at is not None and r.expires_at <= now)]
+            [
+                r
+                for r in page.items
+                if r.state in ACTIVE and not (r.expires_at is not None and r.expires_at <= now)
+            ]
         )
         for rec in page.items:
             try:
