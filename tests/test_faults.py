@@ -51,6 +51,15 @@ def crash(srv: Server) -> None:
     srv.proc.wait()
 
 
+def delete_all(c: httpx.Client, states: tuple[str, ...]) -> None:
+    """Delete the sandboxes in `states`, then every snapshot."""
+    for st in states:
+        for s in c.get("/v1/sandboxes", params={"state": st, "limit": 1000}).json()["items"]:
+            c.delete(f"/v1/sandboxes/{s['id']}")
+    for snap in c.get("/v1/snapshots").json()["items"]:
+        c.delete(f"/v1/snapshots/{snap['id']}")
+
+
 def settled(srv: Server, timeout: float = 8.0) -> None:
     """The store and the host agree (after the reaper had time to notice what died)."""
     deadline = time.monotonic() + timeout
@@ -363,12 +372,7 @@ def test_sandbox_sigkill_during_each_operation(srv: Server, op: str) -> None:
             got = state(c, sid)
             if got["state"] in ("running", "paused", "hibernated"):
                 assert sh(c, sid, "cat /home/user/ack") == f"{op}\n", "a live sandbox keeps its files"
-            for s in c.get("/v1/sandboxes", params={"state": "running", "limit": 1000}).json()["items"]:
-                c.delete(f"/v1/sandboxes/{s['id']}")
-            for s in c.get("/v1/sandboxes", params={"state": "hibernated", "limit": 1000}).json()["items"]:
-                c.delete(f"/v1/sandboxes/{s['id']}")
-            for snap in c.get("/v1/snapshots").json()["items"]:
-                c.delete(f"/v1/snapshots/{snap['id']}")
+            delete_all(c, ("running", "hibernated"))
     settled(srv)
 
 
@@ -496,10 +500,7 @@ def test_storage_full(small: Server) -> None:
         assert r.status_code == 201, r.text
         r = c.post(f"/v1/sandboxes/{keep}/snapshots", json={})
         assert r.status_code == 201, r.text
-        for s in c.get("/v1/sandboxes", params={"state": "running", "limit": 1000}).json()["items"]:
-            c.delete(f"/v1/sandboxes/{s['id']}")
-        for snap in c.get("/v1/snapshots").json()["items"]:
-            c.delete(f"/v1/snapshots/{snap['id']}")
+        delete_all(c, ("running",))
     settled(small)
 
 

@@ -87,15 +87,11 @@ class Idle:
 
     def give(self, path: str, conn: _Conn) -> None:
         kept = self._conns.setdefault(path, [])
-        now = time.monotonic()
-        for since, old in [k for k in kept if now - k[0] >= self.EXPIRY]:
-            kept.remove((since, old))
-            old.writer.close()
         if len(kept) >= self.MOST:
             conn.writer.close()
             return
-        conn.reuse = False
-        kept.append((now, conn))
+        conn.reuse = False  # until the next reply says so again
+        kept.append((time.monotonic(), conn))
         if self._timer is None:  # so idle sandboxes keep no handler
             self._timer = asyncio.get_running_loop().call_later(self.EXPIRY, self.expire)
 
