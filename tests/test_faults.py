@@ -140,7 +140,8 @@ def in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 # -- kill -9 of the server at each step ------------------------------------------------------------
 def _hibernated(c: httpx.Client, sid: str) -> None:
-    assert c.post(f"/v1/sandboxes/{sid}/hibernate").json()["state"] == "hibernated"
+    r = c.post(f"/v1/sandboxes/{sid}/hibernate")
+    assert r.status_code == 200 and r.json()["state"] == "hibernated", r.text
 
 
 def _paused(c: httpx.Client, sid: str) -> None:
@@ -359,6 +360,7 @@ OPS: dict[str, Callable[[httpx.Client, str], httpx.Response]] = {
 @pytest.mark.parametrize("op", list(OPS))
 def test_sandbox_sigkill_during_each_operation(srv: Server, op: str) -> None:
     """Every process of the sandbox is killed from the host at a few moments of an operation."""
+    tables = criu_tables()
     with srv.client() as c:
         for delay in (0.0, 0.03, 0.12):
             sid, _ = new_sandbox(c, op)
@@ -374,6 +376,13 @@ def test_sandbox_sigkill_during_each_operation(srv: Server, op: str) -> None:
                 assert sh(c, sid, "cat /home/user/ack") == f"{op}\n", "a live sandbox keeps its files"
             delete_all(c, ("running", "hibernated"))
     settled(srv)
+    assert criu_tables() <= tables, "a CRIU that was stopped left its nftables table in the host"
+
+
+def criu_tables() -> set[str]:
+    """The host's nftables tables that CRIU made (`--tcp-established` adds one per run)."""
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    return {line for line in out.splitlines() if "CRIU" in line}
 
 
 def _running(pid: int) -> bool:

@@ -25,6 +25,14 @@ from pathlib import Path
 CRIU = os.environ.get("COVE_CRIU") or (
     "/usr/local/sbin/criu" if os.path.exists("/usr/local/sbin/criu") else (shutil.which("criu") or "criu")
 )
+# A dump runs in a network namespace of its own: `--tcp-established` makes CRIU add an nftables table
+# ("CRIU-<run id>") to its own namespace for the run, and a CRIU that is killed (a timeout, a server
+# that died) leaves it behind, where every packet of the host would pass through it from then on.
+# Its loopback is brought up first: CRIU probes TCP repair over it.
+UNSHARE, IP = shutil.which("unshare"), shutil.which("ip")
+OWN_NETNS = (
+    [UNSHARE, "--net", "--", "sh", "-c", f'{IP} link set lo up && exec "$0" "$@"'] if UNSHARE and IP else []
+)
 TIMEOUT = 300.0
 GONE_GRACE = 5.0  # seconds CRIU may run on after the tree is gone (see _run)
 DONE = "DONE"  # written into an image dir once the dump is complete
@@ -106,7 +114,7 @@ def dump(
     `alive`: whether the tree is still there (the dump stops when it is not)."""
     images.mkdir(parents=True, exist_ok=True)
     argv = [
-        CRIU, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
+        *OWN_NETNS, CRIU, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log",
         "--network-lock", "nftables", "--tcp-established", "--file-locks",
         "--external", "mnt[]", "--external", "mnt[/run/cove]:run",
         "--cgroup-dump-controller", "memory", "--cgroup-dump-controller", "pids",

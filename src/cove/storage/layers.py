@@ -18,6 +18,7 @@ Layout: `layers/<id>/upper` is a committed layer's content; `active/<key>/{upper
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -50,6 +51,44 @@ def _run(*argv: str) -> None:
         raise OSError(f"{' '.join(argv[:3])} failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
+# btrfs ioctls (linux/btrfs.h): a subvolume operation costs one syscall instead of a `btrfs`
+# process (about 1.5 ms of CPU each, two per sandbox). Both argument structs are 4096 bytes.
+_IOW_4096 = (1 << 30) | (4096 << 16) | (0x94 << 8)
+BTRFS_IOC_SUBVOL_CREATE = _IOW_4096 | 14  # struct btrfs_ioctl_vol_args {s64 fd; char name[4088]}
+BTRFS_IOC_SNAP_DESTROY = _IOW_4096 | 15
+BTRFS_IOC_SNAP_CREATE_V2 = _IOW_4096 | 23  # struct btrfs_ioctl_vol_args_v2 (name at offset 56)
+BTRFS_SUBVOL_RDONLY = 1 << 1
+
+
+def _subvol_ioctl(path: Path, request: int, src_fd: int = 0, flags: int = 0) -> None:
+    """One subvolume ioctl on `path`'s parent directory, naming `path`'s last component."""
+    name = os.fsencode(path.name)
+    if not name or b"/" in name or len(name) > 4039:
+        raise OSError(f"bad subvolume name {path.name!r}")
+    args = bytearray(4096)
+    args[0:8] = src_fd.to_bytes(8, "little", signed=True)
+    if request == BTRFS_IOC_SNAP_CREATE_V2:
+        args[16:24] = flags.to_bytes(8, "little")
+        args[56 : 56 + len(name)] = name
+    else:
+        args[8 : 8 + len(name)] = name
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(parent, request, args)
+    except OSError as e:
+        raise OSError(e.errno, f"btrfs subvolume operation on {path} failed: {e.strerror}") from None
+    finally:
+        os.close(parent)
+
+
+def _snapshot(src: Path, dst: Path, flags: int) -> None:
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _subvol_ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, fd, flags)
+    finally:
+        os.close(fd)
+
+
 class Btrfs:
     name = "btrfs"
 
@@ -58,20 +97,20 @@ class Btrfs:
         self._quota = False
 
     def volume(self, path: Path) -> None:
-        _run("btrfs", "subvolume", "create", str(path))
+        _subvol_ioctl(path, BTRFS_IOC_SUBVOL_CREATE)
 
     def snapshot(self, src: Path, dst: Path) -> None:
-        _run("btrfs", "subvolume", "snapshot", "-r", str(src), str(dst))
+        _snapshot(src, dst, BTRFS_SUBVOL_RDONLY)
 
     def clone(self, src: Path, dst: Path) -> None:
         """A writable copy (a snapshot that shares every extent until written)."""
-        _run("btrfs", "subvolume", "snapshot", str(src), str(dst))
+        _snapshot(src, dst, 0)
 
     def delete(self, path: Path) -> None:
         if not path.exists():
             return
         if _is_subvolume(path):
-            _run("btrfs", "subvolume", "delete", str(path))
+            _subvol_ioctl(path, BTRFS_IOC_SNAP_DESTROY)
         else:
             shutil.rmtree(path, ignore_errors=True)
 
