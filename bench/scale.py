@@ -24,6 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import loadgen
 from core import BWRAP, _spawn, _time
 from cove.devserver import Server
 from cove.node.namespaces.cgroups import Cgroup
@@ -176,42 +177,44 @@ def sustained(srv: Server, res: Result, rate: int) -> dict:
     out: dict = {}
 
     async def go() -> None:
-        headers = {"Authorization": f"Bearer {srv.api_key}"}
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-        async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=120, limits=limits) as ac:
-            lat: list[float] = []
-            errors: list[str] = []
-            kinds: Counter[str] = Counter()
+        client = loadgen.Client(srv.url, srv.api_key, connections=256)
+        lat: list[float] = []
+        errors: list[str] = []
+        kinds: Counter[str] = Counter()
 
-            async def one() -> None:
-                try:
-                    sid, ms = await _create_exec(ac)
-                    lat.append(ms)
-                    (await ac.delete(f"/v1/sandboxes/{sid}")).raise_for_status()
-                except Exception as e:
-                    errors.append(f"{type(e).__name__}: {e}"[:200])
-                    kinds[error_kind(e)] += 1
+        async def one() -> None:
+            t = time.perf_counter()
+            try:
+                sid = (await client.request("POST", "/v1/sandboxes", {}))["id"]
+                out = await client.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": "echo hi"})
+                assert out["stdout"] == "hi\n", out
+                lat.append((time.perf_counter() - t) * 1000)
+                await client.request("DELETE", f"/v1/sandboxes/{sid}")
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+                kinds[error_kind(e)] += 1
 
-            tasks = []
-            start = time.perf_counter()
-            for i in range(int(rate * duration)):
-                delay = start + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one()))
-            await asyncio.gather(*tasks)
-            out.update(
-                {
-                    "rate": rate,
-                    "duration": duration,
-                    "count": len(tasks),
-                    "errors": len(errors),
-                    "first_error": errors[0] if errors else "",
-                    "kinds": dict(kinds),
-                    "lat": lat,
-                    "wall": time.perf_counter() - start,
-                }
-            )
+        tasks = []
+        start = time.perf_counter()
+        for i in range(int(rate * duration)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        await client.close()
+        out.update(
+            {
+                "rate": rate,
+                "duration": duration,
+                "count": len(tasks),
+                "errors": len(errors),
+                "first_error": errors[0] if errors else "",
+                "kinds": dict(kinds),
+                "lat": lat,
+                "wall": time.perf_counter() - start,
+            }
+        )
 
     asyncio.run(go())
     return out
@@ -219,6 +222,8 @@ def sustained(srv: Server, res: Result, rate: int) -> dict:
 
 def error_kind(e: Exception) -> str:
     """`ReadError`, or an HTTP error by status and cove's error code (`503 server_busy`)."""
+    if isinstance(e, loadgen.HTTPError):
+        return f"{e.status} {e.code}".strip()
     if isinstance(e, httpx.HTTPStatusError):
         try:
             code = e.response.json()["error"]["code"]

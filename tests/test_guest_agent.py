@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
+from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable, Idle
 from guest_harness import Agent, children_of, proc_stat, run, wait_gone
 
 
@@ -230,6 +230,21 @@ def test_concurrent_execs(client: GuestClient) -> None:
     assert time.monotonic() - started < 3  # 20 x 0.3 s would be 6 s if they ran one by one
     assert [r[0] for r in results] == [f"{i}\n".encode() for i in range(20)]
     assert all(r[2]["exit_code"] == 0 for r in results)
+
+
+def test_a_taken_spare_handler_is_replaced(agent: Agent, client: GuestClient) -> None:
+    """Pid 1 forks the next spare a little after one is taken (or at once for a waiting connection,
+    as above): the handler that served leaves, and a new process waits for the next connection."""
+    out, _, _ = sh(client, "echo $PPID")
+    handler = int(out)
+    assert proc_stat(handler) is not None
+    assert wait_gone(handler, timeout=Idle.EXPIRY + 6), "the handler exits once its kept connection expires"
+    deadline = time.monotonic() + 5
+    while len(spares := children_of(agent.proc.pid)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(spares) == 1 and spares[0][0] != handler, spares
+    out, _, _ = sh(client, "echo $PPID")
+    assert int(out) == spares[0][0], "the next connection is served by the spare that waited"
 
 
 def test_orphans_are_reaped(agent: Agent, client: GuestClient) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import _signal
 import _socket
 import errno
+import gc
 import grp
 import os
 import pwd
@@ -48,6 +49,7 @@ STDIN_HIGH_WATER = 4 * 1024 * 1024  # stop reading the host while this much stdi
 EXIT_IDLE = 0.1  # after the command exits: stop once its pipes are quiet this long...
 EXIT_GRACE = 1.0  # ...or after this long, if a background process keeps them open
 SPARES = 1  # pre-forked handler waiting for the next connection (each costs ~1 MB of private memory)
+SPARE_DELAY = 0.25  # a taken spare is replaced this much later (at once if a connection needs one)
 LINGER = 10.0  # how long to drain host input we will not use, before closing (see linger())
 
 CONFIG: dict = {"env": {}, "user": None, "workdir": None}
@@ -2040,7 +2042,10 @@ def reap() -> list[int]:
 
 
 def serve(listener: _socket.socket, ready_fd: int | None) -> None:
-    """Pid 1's loop: keep SPARES handlers waiting in accept(), reap every child and orphan."""
+    """Pid 1's loop: keep SPARES handlers waiting in accept(), reap every child and orphan.
+
+    A taken spare is replaced SPARE_DELAY later, or at once when a connection finds none: a fork
+    and its copy-on-write faults are most of what a short-lived sandbox's agent costs."""
     listener.setblocking(True)  # shared by the spares, which block in accept()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -2055,32 +2060,47 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
     poller.register(wake_r, select.POLLIN)
     poller.register(taken_r, select.POLLIN)
     watching_listener = False
+    due: float | None = 0.0  # when to fork the next spare; None while there are enough
 
-    def refill() -> bool:
-        while len(idle) < SPARES:
-            try:
-                pid = os.fork()
-            except OSError:
-                return False  # e.g. the sandbox's pid limit: retry soon, refuse meanwhile
-            if pid == 0:
-                _spare(listener, taken_w, (wake_r, wake_w))
-            idle.add(pid)
+    def fork_spare() -> bool:
+        gc.freeze()  # the collector in a handler then leaves pid 1's objects (and their pages) alone
+        try:
+            pid = os.fork()
+        except OSError:
+            gc.unfreeze()
+            return False  # e.g. the sandbox's pid limit: retry soon, refuse meanwhile
+        if pid == 0:
+            _spare(listener, taken_w, (wake_r, wake_w))
+        gc.unfreeze()  # pid 1 itself lives on: its garbage must stay collectable
+        idle.add(pid)
         return True
 
-    refill()
+    def short(delay: float) -> None:
+        nonlocal due
+        if len(idle) < SPARES and due is None:
+            due = time.monotonic() + delay
+
+    fork_spare()
     if ready_fd is not None:
         _signal_ready(ready_fd)
     while True:
         try:
-            full = refill()
-            # Without any spare (fork failing) pid 1 answers connections itself, with a refusal.
+            now = time.monotonic()
+            if due is not None and now >= due:
+                due = None
+                if len(idle) < SPARES and not fork_spare():
+                    due = now + 0.05
+                short(0.0)
+            # While no spare waits, pid 1 watches the listener: a connection gets one at once (or,
+            # with forks failing, a refusal).
             if not idle and not watching_listener:
                 poller.register(listener.fileno(), select.POLLIN)
                 watching_listener = True
             elif idle and watching_listener:
                 poller.unregister(listener.fileno())
                 watching_listener = False
-            for fd, _ in poller.poll(None if full else 50):
+            timeout = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+            for fd, _ in poller.poll(timeout):
                 if fd == wake_r:
                     try:
                         while os.read(wake_r, 512):
@@ -2089,6 +2109,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                         pass
                     for pid in reap():
                         idle.discard(pid)  # a spare that died before it was taken
+                    short(SPARE_DELAY)
                 elif fd == taken_r:
                     refresh_config()  # so the next spare forks with the current config
                     try:
@@ -2097,9 +2118,15 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                                 idle.discard(int.from_bytes(data[i : i + 4], "little"))
                     except BlockingIOError:
                         pass
+                    short(SPARE_DELAY)
                 elif not idle:
-                    conn_fd, _ = listener._accept()
-                    _refuse(conn_fd, OSError(errno.EAGAIN, "no process can be started (pid limit reached?)"))
+                    refresh_config()
+                    if not fork_spare():
+                        conn_fd, _ = listener._accept()
+                        _refuse(
+                            conn_fd, OSError(errno.EAGAIN, "no process can be started (pid limit reached?)")
+                        )
+                        short(0.05)
         except Exception:
             # As pid 1 our exit would end the sandbox: log, and serve on.
             _log_exception()
