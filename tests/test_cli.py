@@ -238,8 +238,26 @@ def test_doctor_reports_host_support() -> None:
         [sys.executable, "-m", "cove", "doctor"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in ("user namespaces", "overlayfs", "cgroups", "seccomp"):
+    for name in ("user namespaces", "overlayfs", "cgroups", "seccomp", "host nftables"):
         assert name in done.stdout
+
+
+def test_doctor_reports_tables_a_killed_criu_left() -> None:
+    """In a network namespace of the test's own, with a table shaped like the one a killed CRIU leaves."""
+    import subprocess
+    import sys
+
+    script = f"nft add table inet CRIU-0123abcd-test && {sys.executable} -m cove doctor"
+    done = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if "host nftables" in ln)
+    assert "1 left by killed CRIU dumps" in line and "CRIU-0123abcd-test" in line, line
 
 
 def test_pause_and_resume(runner: CliRunner, cli_env: dict[str, str], sandbox_id: str) -> None:

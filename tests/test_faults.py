@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from cove.devserver import Server, inconsistencies
+from cove.node.checkpoint import stray_tables
 from cove.node.namespaces.cgroups import Cgroup
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -360,7 +361,7 @@ OPS: dict[str, Callable[[httpx.Client, str], httpx.Response]] = {
 @pytest.mark.parametrize("op", list(OPS))
 def test_sandbox_sigkill_during_each_operation(srv: Server, op: str) -> None:
     """Every process of the sandbox is killed from the host at a few moments of an operation."""
-    tables = criu_tables()
+    tables = set(stray_tables())
     with srv.client() as c:
         for delay in (0.0, 0.03, 0.12):
             sid, _ = new_sandbox(c, op)
@@ -376,13 +377,7 @@ def test_sandbox_sigkill_during_each_operation(srv: Server, op: str) -> None:
                 assert sh(c, sid, "cat /home/user/ack") == f"{op}\n", "a live sandbox keeps its files"
             delete_all(c, ("running", "hibernated"))
     settled(srv)
-    assert criu_tables() <= tables, "a CRIU that was stopped left its nftables table in the host"
-
-
-def criu_tables() -> set[str]:
-    """The host's nftables tables that CRIU made (`--tcp-established` adds one per run)."""
-    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
-    return {line for line in out.splitlines() if "CRIU" in line}
+    assert set(stray_tables()) <= tables, "a CRIU that was stopped left its nftables table in the host"
 
 
 def _running(pid: int) -> bool:

@@ -7,7 +7,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 
-from cove.node.checkpoint import CRIU, criu_version
+from cove.node.checkpoint import CRIU, criu_version, stray_tables
 from cove.node.namespaces import cgroups, seccomp
 
 
@@ -109,6 +109,18 @@ def checks() -> list[Check]:
             f"criu {'.'.join(map(str, criu))} at {CRIU}: hibernate and fork keep memory"
             if criu and criu >= (4, 1)
             else "missing or too old: hibernate and fork restart processes instead (scripts/install-criu.sh)",
+            False,
+        )
+    )
+    left = stray_tables()
+    out.append(
+        Check(
+            "host nftables",
+            not left,
+            "no tables left by CRIU"
+            if not left
+            else f"{len(left)} left by killed CRIU dumps (of older cove), on every host packet's path: "
+            f"`nft delete table inet NAME` for {', '.join(left[:3])}{' …' if len(left) > 3 else ''}",
             False,
         )
     )

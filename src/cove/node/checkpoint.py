@@ -130,6 +130,16 @@ def dump(
     (images / DONE).write_text(str(pid))
 
 
+def stray_tables() -> list[str]:
+    """nftables tables CRIU made in the host's network namespace (`inet CRIU-…`): only a CRIU that was
+    killed mid-run leaves one, and cove's dumps no longer run here (see OWN_NETNS)."""
+    nft = shutil.which("nft")
+    if not nft:
+        return []
+    out = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.startswith("table inet CRIU")]
+
+
 def transient(error: Exception) -> bool:
     """A dump that failed on a handler just finishing a request: its socket's host-side peer is
     already gone ("Unix socket … not found"). Let it finish (thaw) and dump again."""
