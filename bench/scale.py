@@ -508,8 +508,8 @@ def render(res: Result, images: list[str]) -> list[str]:
         ]
     for st in (res.sustained_safe, res.sustained):
         cpu = st.get("cpu") if st else None
-        if not cpu:
-            continue
+        if not cpu or st["errors"]:
+            continue  # refused creates cost a little and count as cycles: only a clean run splits right
         other = cpu["machine"] - cpu["server"] - cpu["sandboxes"] - cpu["client"]
         lines += [
             "",
