@@ -335,42 +335,29 @@ class _Build:
         await self.t.store.insert_template(rec)
         ok = False
         done: Event | None = None
+        error: Event | None = None
         try:
             done = await self._build(rec, base_ref, steps, start, tags, ctx_dir, image)
             ok = True
         except asyncio.CancelledError:
             raise
         except BuildFailed as e:
-            self.emit(
-                {
-                    "type": "error",
-                    "code": "build_failed",
-                    "message": str(e),
-                    "step": e.step,
-                    "output": e.output,
-                }
-            )
+            error = {"code": "build_failed", "message": str(e), "step": e.step, "output": e.output}
         except ApiError as e:
-            self.emit({"type": "error", "code": e.code, "message": e.message, "step": None, "output": ""})
+            error = {"code": e.code, "message": e.message, "step": None, "output": ""}
         except (oci.ImageError, NodeError, OSError, GuestError, GuestUnavailable) as e:
-            self.emit(
-                {"type": "error", "code": "build_failed", "message": str(e), "step": None, "output": ""}
-            )
+            error = {"code": "build_failed", "message": str(e), "step": None, "output": ""}
         except Exception as e:
             log.exception("template build failed")
-            self.emit(
-                {
-                    "type": "error",
-                    "code": "internal",
-                    "message": f"{type(e).__name__}: {e}",
-                    "step": None,
-                    "output": "",
-                }
-            )
+            error = {"code": "internal", "message": f"{type(e).__name__}: {e}", "step": None, "output": ""}
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._cleanup(rec, ok))
-        if done is not None:  # after the cleanup: what the client sees next is settled
+        # After the cleanup: what the client sees next (a failed build's record gone, or the
+        # finished template) is settled.
+        if error is not None:
+            self.emit({"type": "error", **error})
+        if done is not None:
             self.emit(done)
 
     async def _cleanup(self, rec: TemplateRecord, ok: bool) -> None:
