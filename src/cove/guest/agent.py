@@ -2075,7 +2075,8 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
         idle.add(pid)
         return True
 
-    def short(delay: float) -> None:
+    def replace_after(delay: float) -> None:
+        """Fork the missing spare `delay` from now, unless one is due sooner."""
         nonlocal due
         if len(idle) < SPARES and due is None:
             due = time.monotonic() + delay
@@ -2090,7 +2091,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                 due = None
                 if len(idle) < SPARES and not fork_spare():
                     due = now + 0.05
-                short(0.0)
+                replace_after(0.0)
             # While no spare waits, pid 1 watches the listener: a connection gets one at once (or,
             # with forks failing, a refusal).
             if not idle and not watching_listener:
@@ -2109,7 +2110,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                         pass
                     for pid in reap():
                         idle.discard(pid)  # a spare that died before it was taken
-                    short(SPARE_DELAY)
+                    replace_after(SPARE_DELAY)
                 elif fd == taken_r:
                     refresh_config()  # so the next spare forks with the current config
                     try:
@@ -2118,7 +2119,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                                 idle.discard(int.from_bytes(data[i : i + 4], "little"))
                     except BlockingIOError:
                         pass
-                    short(SPARE_DELAY)
+                    replace_after(SPARE_DELAY)
                 elif not idle:
                     refresh_config()
                     if not fork_spare():
@@ -2126,7 +2127,7 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                         _refuse(
                             conn_fd, OSError(errno.EAGAIN, "no process can be started (pid limit reached?)")
                         )
-                        short(0.05)
+                        replace_after(0.05)
         except Exception:
             # As pid 1 our exit would end the sandbox: log, and serve on.
             _log_exception()
