@@ -269,3 +269,15 @@ def test_background_processes_survive_hibernate_and_fork(api: httpx.Client) -> N
         api.delete(f"/v1/sandboxes/{children[0]['id']}")
     finally:
         api.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_passing_dump_failures_are_retried_and_others_not() -> None:
+    """The runtime thaws and dumps again only for failures that a moment of running resolves."""
+    seen = [
+        "criu dump failed: Error (criu/sk-unix.c:1021): sk unix: Unix socket 0x1 not found",
+        "criu dump failed: Error (compel/src/lib/infect.c:263): Unseizable non-zombie 12807 found, state D",
+        "criu dump failed: Error (criu/sk-inet.c:177): inet: In-flight connections can be ignored with ...",
+    ]
+    assert all(checkpoint.transient(checkpoint.CheckpointError(m)) for m in seen)
+    lasting = ["criu dump failed: Error (criu/cr-dump.c:1): No space left on device", "criu dump stopped"]
+    assert not any(checkpoint.transient(checkpoint.CheckpointError(m)) for m in lasting)

@@ -140,10 +140,15 @@ def stray_tables() -> list[str]:
     return [line.split()[-1] for line in out.splitlines() if line.startswith("table inet CRIU")]
 
 
+# Dump failures that a moment of running resolves: a handler just finishing a request (its socket's
+# host-side peer is already gone, "Unix socket … not found"), a task caught in uninterruptible I/O
+# ("Unseizable non-zombie … state D"), a TCP connection mid-handshake ("In-flight connections").
+TRANSIENT = ("sk-unix", "Unseizable non-zombie", "In-flight connections")
+
+
 def transient(error: Exception) -> bool:
-    """A dump that failed on a handler just finishing a request: its socket's host-side peer is
-    already gone ("Unix socket … not found"). Let it finish (thaw) and dump again."""
-    return "sk-unix" in str(error)
+    """A dump that failed on a passing state of the sandbox: let it run (thaw) and dump again."""
+    return any(mark in str(error) for mark in TRANSIENT)
 
 
 def complete(images: Path) -> bool:
