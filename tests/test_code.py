@@ -91,6 +91,14 @@ def test_contexts_are_separate_and_bash_keeps_its_shell(
     assert api.post(f"/v1/sandboxes/{sid}/code", json={"code": "1", "context": "nothere"}).status_code == 404
 
 
+def test_a_context_with_a_bad_environment_name_is_refused(api: httpx.Client, sandbox: dict) -> None:
+    """Found by the API fuzzer: an empty name was a 500 (the check ran outside the validation)."""
+    for name in ("", "A=B", "NUL\x00"):
+        r = api.post(f"/v1/sandboxes/{sandbox['id']}/contexts", json={"env": {name: "x"}})
+        assert r.status_code == 422, r.text
+        assert "invalid environment variable name" in r.text, r.text
+
+
 @pytest.mark.skipif(not checkpoint.available(), reason="needs CRIU >= 4.1")
 def test_a_context_survives_hibernate_and_fork(api: httpx.Client, kernel_ready: None) -> None:
     sb = api.post("/v1/sandboxes", json={}).json()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from cove.controlplane import code
 from cove.controlplane.auth import Caller, caller
@@ -34,6 +34,8 @@ class CreateContext(Strict):
     cwd: SandboxPath | None = None
     env: dict[str, str] = Field(default_factory=dict)
     user: UserName | None = None
+
+    _env = field_validator("env")(_check_env)  # a bad name is a 422, as everywhere else
 
 
 class ContextOut(BaseModel):
@@ -70,8 +72,6 @@ async def create_context(
     working directory and environment."""
     body = body or CreateContext()
     rec = await svc.running(who, sandbox_id)
-    for key in body.env:
-        _check_env({key: body.env[key]})
     return _out(
         await code.start(svc, rec, secrets.token_hex(6), body.language, body.cwd, body.env, body.user)
     )
