@@ -28,6 +28,23 @@ def test_sees_only_its_own_processes(api: httpx.Client, sandbox: dict) -> None:
     assert "agent.py" in cmdline, "pid 1 must be the guest agent"
 
 
+def test_pid_1_shows_nothing_of_the_host(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    """Pid 1 is a fork of the host's launcher: its command line, environment and memory map must
+    not carry the launcher's (host paths, or the server's environment with its secrets)."""
+    out = run(api, sandbox["id"], "cat /proc/1/cmdline /proc/1/environ /proc/1/maps", user="root")
+    assert out["exit_code"] == 0, out
+    seen = out["stdout"]
+    assert "agent.pyc" in seen
+    for host_thing in (
+        server.api_key,
+        str(server.home),
+        str(Path(__file__).parent.parent),
+        "COVE_",
+        "launcher",
+    ):
+        assert host_thing not in seen, f"{host_thing!r} is visible in pid 1's /proc files"
+
+
 def test_root_inside_is_unprivileged_outside(api: httpx.Client, sandbox: dict) -> None:
     sid = sandbox["id"]
     assert run(api, sid, "cat /proc/self/uid_map", user="root")["stdout"].split() == ["0", "100000", "65536"]

@@ -2248,6 +2248,8 @@ def main(args: list[str]) -> None:
             os.fstat(fd)
         except OSError:
             os.open("/dev/null", os.O_RDWR)
+    global MAIN_PID
+    MAIN_PID = os.getpid()  # the module may have been imported by the launcher, before its forks
     os.umask(UMASK)
     load_config(config_path or CONFIG_PATH, required=config_path is not None)
     ensure_workdir()

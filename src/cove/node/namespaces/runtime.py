@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -127,10 +126,18 @@ class NamespacesRuntime:
         async with self._forkserver_lock:
             if self._forkserver and self._forkserver.returncode is None:
                 return
+            # The guest's interpreter: each sandbox's agent is a fork of this process (launcher.py).
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", str(LAUNCHER), "--serve", self.forkserver_socket,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            )  # fmt: skip
+                self.settings.guest_python,
+                "-I",
+                "-S",
+                str(LAUNCHER),
+                "--serve",
+                self.forkserver_socket,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )  # fmt: skip  (none of the server's environment: every sandbox's pid 1 has a copy)
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             if line.strip() != b"ready":

@@ -42,6 +42,7 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 SECCOMP_MODE_FILTER = 2
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -104,6 +105,16 @@ def drop_bounding_caps(keep: set[int]) -> None:
             prctl(PR_CAPBSET_DROP, cap)
 
 
+def limit_caps(keep: set[int]) -> None:
+    """Permitted and effective capabilities to `keep`, inheritable to none: what an exec as root
+    under that bounding set gives, for a process that runs on without one."""
+    mask = sum(1 << cap for cap in keep)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    # Two {effective, permitted, inheritable} triples: capabilities 0-31, then 32-63.
+    data = (ctypes.c_uint32 * 6)(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0, mask >> 32, mask >> 32, 0)
+    _check(_libc.capset(header, data), "capset")
+
+
 def set_loopback_up() -> None:
     """`ip link set lo up` without the ip binary: SIOCGIFFLAGS / SIOCSIFFLAGS on lo."""
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
@@ -128,3 +139,20 @@ def mount_flags_of(path: str) -> int:
         if st & st_flag:
             flags |= ms_flag
     return flags
+
+
+def set_cmdline(title: str) -> None:
+    """Show `title` as this process's command line and an empty environment, as an exec would.
+
+    A process that runs on without exec keeps its parent's argv and environ memory, which
+    /proc/PID/cmdline and /proc/PID/environ read. setproctitle's way: with the argv area's last
+    byte not NUL, the kernel reads it up to the first NUL instead.
+    """
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end, env_start, env_end = (int(fields[i]) for i in range(45, 49))  # fields 48-51
+    size = arg_end - arg_start
+    raw = title.encode()[: size - 2] + b"\0"
+    ctypes.memmove(arg_start, raw + b" " * (size - len(raw)), size)
+    if env_end > env_start:
+        ctypes.memset(env_start, 0, env_end - env_start)
