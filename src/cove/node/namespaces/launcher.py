@@ -1,18 +1,18 @@
-"""Start one sandbox: cgroup, overlay root, namespaces, then exec the guest agent as its pid 1.
+"""Start sandboxes: cgroup, overlay root, namespaces, then the guest agent as each one's pid 1.
 
-Run as `python3 -I -S launcher.py` with the launch spec (JSON) on stdin; prints `{"pid": …}` and exits
-once the guest agent serves. The sandbox does not stay our child: the process that creates the
-namespaces exits, so pid 1 is re-parented away from the server and survives server restarts (the
-agent itself is the per-sandbox supervisor that owns every process in the sandbox).
+Run as `python3 -I -S launcher.py --serve SOCKET` by the runtime: a fork server (see serve()).
 
 Process shape (see docs/architecture.md):
-    launcher ──fork──> A: join cgroup, unshare(user|mnt|pid|net|uts|ipc), wait for the id maps
-                          └─fork──> B (pid 1): mounts, pivot_root, drop privileges, become the agent
-B becomes the agent without an exec: the fork server runs the guest's interpreter and has the agent
-imported, so a sandbox costs no interpreter start (about 9 ms of CPU here, a fifth of a whole
-create, exec and kill). Only a root with its own /usr (`rootfs: full`) execs the host's interpreter
-through its loader: there the host's files are not at their own paths, which the agent's lazy
-imports and CRIU's restore of its mapped files both need. Standard library only.
+    fork server ──clone(new user, mnt, pid, net, uts, ipc namespaces)──> pid 1: waits for its
+        cgroup and id maps, then mounts, pivot_root, drops privileges and becomes the agent
+One clone per sandbox, and no exec: the fork server runs the guest's interpreter with the agent
+imported, so a sandbox costs neither an interpreter start (about 9 ms of CPU here) nor the
+intermediate processes a fork + unshare + fork would (about 10 ms of copy-on-write faults and
+exits). Only a root with its own /usr (`rootfs: full`) execs the host's interpreter through its
+loader: there the host's files are not at their own paths, which the agent's lazy imports and
+CRIU's restore of its mapped files both need. Pid 1 outlives the fork server (which dies with the
+cove server): re-parented, it survives server restarts, and the agent in it supervises every
+process of its sandbox. Standard library only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import gc
 import json
 import os
 import resource
+import select
+import signal
 import socket
 import sys
 import time
@@ -243,7 +245,35 @@ def _host_binds(root: str, binds: list, owner: int) -> None:
             os.close(fd)
 
 
-def launch(spec: dict) -> dict:
+NAMESPACES = (
+    syscalls.CLONE_NEWUSER
+    | syscalls.CLONE_NEWNS
+    | syscalls.CLONE_NEWPID
+    | syscalls.CLONE_NEWNET
+    | syscalls.CLONE_NEWUTS
+    | syscalls.CLONE_NEWIPC
+)
+
+
+class Launch:
+    """A sandbox whose pid 1 runs; the fork server waits for its agent's `ok` on `ready`."""
+
+    __slots__ = ("cgroup", "deadline", "pid", "ready", "said")
+
+    def __init__(self, cgroup: cgroups.Cgroup, pid: int, ready: int, timeout: float) -> None:
+        self.cgroup = cgroup
+        self.pid = pid
+        self.ready = ready
+        self.deadline = time.monotonic() + timeout
+        self.said = b""
+
+
+def start(spec: dict) -> Launch:
+    """The host's part of a launch: the cgroup, the root, then pid 1 in new namespaces.
+
+    Pid 1 is a clone of this process straight into the new namespaces; it waits until we have put
+    it in its cgroup and written its id maps, then sets the sandbox up (_sandbox_init).
+    """
     cg = cgroups.Cgroup(spec["cgroup"])
     cg.create()
     limits = spec.get("limits", {})
@@ -258,80 +288,61 @@ def launch(spec: dict) -> dict:
     _host_binds(root, spec.get("host_binds", []), spec["uid_map"][1])
 
     ready_r, ready_w = os.pipe()
-    to_a_r, to_a_w = os.pipe()
-    from_a_r, from_a_w = os.pipe()
-    a = os.fork()
-    if a == 0:  # process A
-        try:
-            os.close(ready_r)
-            os.close(to_a_w)
-            os.close(from_a_r)
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, 9)
-            cg.add(os.getpid())
-            syscalls.unshare(
-                syscalls.CLONE_NEWUSER
-                | syscalls.CLONE_NEWNS
-                | syscalls.CLONE_NEWPID
-                | syscalls.CLONE_NEWNET
-                | syscalls.CLONE_NEWUTS
-                | syscalls.CLONE_NEWIPC
-            )
-            os.write(from_a_w, b"u")
-            if os.read(to_a_r, 1) != b"g":
-                os._exit(1)
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
-            os.setgroups([])
-            b = os.fork()
-            if b == 0:
-                os.close(from_a_w)
-                _sandbox_init(spec, ready_w)
-            os.write(from_a_w, str(b).encode())
-            os._exit(0)
-        except BaseException as e:
-            os.write(ready_w, f"error: {e}".encode())
-            os._exit(1)
-
+    go_r, go_w = os.pipe()
+    try:
+        pid = syscalls.fork_into(NAMESPACES)
+    except BaseException:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        raise
+    if pid == 0:
+        _pid_1(spec, (ready_r, ready_w), (go_r, go_w))
     os.close(ready_w)
-    os.close(to_a_r)
-    os.close(from_a_w)
-    if os.read(from_a_r, 1) != b"u":
-        os.waitpid(a, 0)
-        return {"error": os.read(ready_r, 4000).decode(errors="replace") or "namespace setup failed"}
-    uid = spec["uid_map"]  # [inside, outside, count]
-    for name in ("uid_map", "gid_map"):
-        with open(f"/proc/{a}/{name}", "w") as f:
-            f.write(f"{uid[0]} {uid[1]} {uid[2]}\n")
-    os.write(to_a_w, b"g")
-    raw = os.read(from_a_r, 32)
-    os.waitpid(a, 0)
-    if not raw:
-        return {"error": os.read(ready_r, 4000).decode(errors="replace") or "sandbox init failed"}
-    pid = int(raw)
-    msg = _read_all(ready_r, timeout=spec.get("ready_timeout", 20))
-    if msg != b"ok":
-        cg.kill()
-        return {"error": msg.decode(errors="replace") or "guest agent exited before it was ready"}
-    return {"pid": pid, "start_time": process_start_time(pid)}
+    os.close(go_r)
+    try:
+        cg.add(pid)
+        uid = spec["uid_map"]  # [inside, outside, count]
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"{uid[0]} {uid[1]} {uid[2]}\n")
+        os.write(go_w, b"g")
+    except BaseException:
+        os.kill(pid, 9)
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(go_w)
+    return Launch(cg, pid, ready_r, spec.get("ready_timeout", 20))
 
 
-def _read_all(fd: int, timeout: float) -> bytes:
-    import selectors
+def _pid_1(spec: dict, ready: tuple[int, int], go: tuple[int, int]) -> None:
+    """The clone: wait for the launcher's go (cgroup joined, id maps written), become root of the
+    new user namespace, set the sandbox up. Never returns."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork server ignores it; an exec keeps that
+        os.close(ready[0])
+        os.close(go[1])
+        if os.read(go[0], 1) != b"g":  # the launcher failed, or died
+            os._exit(1)
+        os.close(go[0])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        os.setgroups([])
+    except BaseException as e:
+        try:
+            os.write(ready[1], f"error: {e}".encode()[:4000])
+        finally:
+            os._exit(1)
+    _sandbox_init(spec, ready[1])
 
-    sel = selectors.DefaultSelector()
-    sel.register(fd, selectors.EVENT_READ)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not sel.select(left):
-            return out or b"error: guest agent did not become ready in time"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return out
-        out += chunk
-        if out == b"ok":
-            return out
+
+def finish(launch: Launch) -> dict:
+    """The launch's result once its agent said `ok`, failed (its message) or timed out."""
+    os.close(launch.ready)
+    if launch.said != b"ok":
+        launch.cgroup.kill()
+        return {"error": launch.said.decode(errors="replace") or "guest agent exited before it was ready"}
+    return {"pid": launch.pid, "start_time": process_start_time(launch.pid)}
 
 
 def process_start_time(pid: int) -> int:
@@ -340,60 +351,84 @@ def process_start_time(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def launch_safely(spec: dict) -> dict:
+def _begin(conn: socket.socket) -> Launch | dict:
     try:
-        return launch(spec)
+        conn.settimeout(10)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        return start(json.loads(data))
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _answer(conn: socket.socket, result: dict) -> None:
+    try:
+        conn.sendall(json.dumps(result).encode() + b"\n")
+    except OSError:  # the server went away; the next one adopts or sweeps the sandbox
+        return
+    finally:
+        conn.close()
+
+
 def serve(sock_path: str) -> None:
-    """Fork server: launch sandboxes on request without paying an interpreter start each time.
+    """Fork server: start sandboxes on request, without an interpreter start for any of them.
 
-    Protocol: the client sends the spec as JSON and shuts down its write side; the reply is one
-    JSON line. Each request is handled in a forked child, so a failure never takes the server down.
-    The server dies with its parent (the cove server), which restarts it; sandboxes are unaffected.
+    Protocol: the client sends the spec as JSON and shuts down its write side; the reply, once the
+    agent is ready (or has failed), is one JSON line. Single-threaded: the host's part of each
+    launch (a few syscalls: cgroup, mounts, clone, id maps) runs here one at a time, and the waits
+    for the agents run side by side in the poll loop. The server dies with its parent (the cove
+    server), which starts a new one; sandboxes are unaffected.
     """
-    import signal
-
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # pid 1s are reaped by the kernel
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     os.chmod(sock_path, 0o600)
-    listener.listen(64)
+    listener.listen(128)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    gc.freeze()  # a launch's (and an agent's) collector then leaves our objects' pages alone
+    gc.freeze()  # a sandbox's collector then leaves our objects' pages alone (fewer copy-on-write faults)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    waiting: dict[int, tuple[Launch, socket.socket]] = {}
     while True:
-        conn, _ = listener.accept()
-        me = os.getpid()
-        if os.fork() == 0:
-            # A launch the dead server never hears of must not finish after its successor adopted.
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != me:
-                os._exit(1)
-            listener.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-            result = launch_safely(json.loads(data))
-            conn.sendall(json.dumps(result).encode() + b"\n")
-            os._exit(0)
-        conn.close()
+        soonest = min((launch.deadline for launch, _ in waiting.values()), default=None)
+        timeout = None if soonest is None else max(0, int((soonest - time.monotonic()) * 1000) + 1)
+        for fd, _ in poller.poll(timeout):
+            if fd == listener.fileno():
+                conn, _ = listener.accept()
+                begun = _begin(conn)
+                if isinstance(begun, dict):
+                    _answer(conn, begun)
+                else:
+                    waiting[begun.ready] = (begun, conn)
+                    poller.register(begun.ready, select.POLLIN)
+                continue
+            launch, conn = waiting[fd]
+            chunk = os.read(fd, 4096)
+            launch.said += chunk
+            if chunk and launch.said != b"ok":
+                continue
+            del waiting[fd]
+            poller.unregister(fd)
+            _answer(conn, finish(launch))
+        now = time.monotonic()
+        for fd, (launch, conn) in list(waiting.items()):
+            if now >= launch.deadline:
+                launch.said = launch.said or b"error: guest agent did not become ready in time"
+                del waiting[fd]
+                poller.unregister(fd)
+                _answer(conn, finish(launch))
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
-        serve(sys.argv[2])
-        return
-    result = launch_safely(json.loads(sys.stdin.read()))
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
-    os._exit(0 if "pid" in result else 1)
+    if len(sys.argv) != 3 or sys.argv[1] != "--serve":
+        sys.stderr.write("usage: launcher.py --serve SOCKET\n")
+        sys.exit(2)
+    serve(sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Standard library only: the sandbox launcher imports this on every create.
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import ctypes.util
 import fcntl
@@ -46,6 +47,9 @@ PR_SET_DUMPABLE = 4
 SECCOMP_MODE_FILTER = 2
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+# Calls that must keep the GIL: the interpreter's own fork hooks, and a clone whose child runs on.
+_pyapi = ctypes.PyDLL(None, use_errno=True)
 
 
 def _check(ret: int, what: str) -> int:
@@ -57,6 +61,31 @@ def _check(ret: int, what: str) -> int:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def fork_into(namespaces: int) -> int:
+    """os.fork() whose child starts in new namespaces (CLONE_NEW* flags): one clone(2) instead of a
+    fork, an unshare and, for a new pid namespace, a second fork. Returns 0 in the child.
+
+    The interpreter's fork hooks run around it exactly as os.fork runs them (import lock,
+    os.register_at_fork callbacks, thread state); the caller must be single-threaded.
+    """
+    nr = _SYS_CLONE.get(platform.machine())
+    if nr is None:
+        raise OSError(f"clone: unsupported architecture {platform.machine()}")
+    _pyapi.PyOS_BeforeFork()
+    # clone(flags, stack=NULL: the child runs on a copy of ours, parent_tid, child_tid, tls)
+    pid = _pyapi.syscall(
+        ctypes.c_long(nr), ctypes.c_ulong(namespaces | _signal.SIGCHLD), None, None, None, ctypes.c_ulong(0)
+    )
+    if pid == 0:
+        _pyapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    _pyapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid
 
 
 def setns(fd: int, nstype: int) -> None:
