@@ -8,23 +8,31 @@ tree atomically. Standard library only (the launcher imports it).
 
 from __future__ import annotations
 
-import contextlib
+import _signal
 import errno
 import os
-import signal
 import time
-from dataclasses import dataclass, field
 
 CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 NORMAL_WEIGHT = 100  # cgroup2's default cpu.weight
 BACKGROUND_WEIGHT = 1  # a pool member until it is claimed
 
 
-@dataclass(frozen=True)
 class Layout:
-    v1: dict[str, str] = field(default_factory=dict)  # controller -> mount point
-    v2: str | None = None  # cgroup2 mount point
-    v2_controllers: frozenset[str] = frozenset()
+    """Where each controller lives (a plain class: dataclasses would import inspect and re into the
+    launcher, and so into every sandbox's pid 1)."""
+
+    __slots__ = ("v1", "v2", "v2_controllers")
+
+    def __init__(
+        self,
+        v1: dict[str, str] | None = None,
+        v2: str | None = None,
+        v2_controllers: frozenset[str] = frozenset(),
+    ) -> None:
+        self.v1 = v1 or {}  # controller -> mount point
+        self.v2 = v2  # cgroup2 mount point
+        self.v2_controllers = v2_controllers
 
     @property
     def kind(self) -> str:
@@ -140,8 +148,10 @@ class Cgroup:
         parts = self.name.split("/")
         path = self.layout.v2
         for part in parts:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib would be one more import in every sandbox's pid 1)
                 _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+            except OSError:
+                pass
             path = os.path.join(path, part)
 
     def set_limits(self, memory_bytes: int | None, cpu: float | None, pids: int | None) -> None:
@@ -268,17 +278,13 @@ class Cgroup:
                 frozen = True
             except (OSError, TimeoutError):
                 frozen = False
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _kill_all(self.pids())
             if frozen:
                 self.freeze(False, timeout=2)
         while self.pids():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"processes of cgroup {self.name} survived SIGKILL")
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _kill_all(self.pids())
             time.sleep(0.002)
 
     def remove(self, timeout: float = 5.0) -> None:
@@ -300,14 +306,24 @@ class Cgroup:
         return any(os.path.isdir(d) for d in self.dirs())
 
 
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:  # noqa: SIM105
+            os.kill(pid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def remove_parent_if_empty(parent: str, lay: Layout | None = None) -> None:
     """Remove the shared parent cgroup (e.g. `cove`) when no sandbox is left under it."""
     lay = lay or layout()
     mounts = list(lay.v1.values()) + ([lay.v2] if lay.v2 else [])
     for mnt in set(mounts):
         d = os.path.join(mnt, parent.strip("/"))
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105
             os.rmdir(d)
+        except OSError:
+            pass
 
 
 def favor_dynmods(lay: Layout | None = None) -> bool:

@@ -17,13 +17,12 @@ process of its sandbox. Standard library only.
 
 from __future__ import annotations
 
+import _signal
+import _socket
 import gc
-import json
 import os
 import resource
 import select
-import signal
-import socket
 import sys
 import time
 
@@ -32,7 +31,7 @@ if __package__ in (None, ""):  # run by path: make `cove` importable without the
         0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     )
 
-from cove.guest import agent
+from cove.guest import agent, protocol
 from cove.node.namespaces import cgroups, seccomp, syscalls
 from cove.node.namespaces.syscalls import (
     MNT_DETACH,
@@ -68,12 +67,6 @@ PROC_READONLY = ("sys", "bus", "fs", "irq")
 AGENT_SOCKET = "/run/cove/sock/agent.sock"
 AGENT_FD = 3
 READY_FD = 4
-
-
-def _fail(msg: str) -> None:
-    sys.stdout.write(json.dumps({"error": msg}) + "\n")
-    sys.stdout.flush()
-    os._exit(1)
 
 
 def _setup_mounts(spec: dict) -> None:
@@ -141,13 +134,13 @@ def _mask_proc(proc: str) -> None:
             syscalls.mount(None, path, None, flags | syscalls.mount_flags_of(path))
 
 
-def _listen() -> socket.socket:
+def _listen() -> _socket.socket:
     """The agent's socket, bound inside the sandbox (so CRIU checkpoints it like any other file).
 
     Its directory belongs to the sandbox's root; mode 0600 keeps the sandbox's other users out. The
     host connects through an O_PATH handle, never following a symlink the sandbox may plant there.
     """
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     listener.bind(AGENT_SOCKET)
     os.chmod(AGENT_SOCKET, 0o600)
     listener.listen(128)
@@ -319,7 +312,7 @@ def _pid_1(spec: dict, ready: tuple[int, int], go: tuple[int, int]) -> None:
     """The clone: wait for the launcher's go (cgroup joined, id maps written), become root of the
     new user namespace, set the sandbox up. Never returns."""
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the fork server ignores it; an exec keeps that
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)  # the fork server ignores it; an exec keeps that
         os.close(ready[0])
         os.close(go[1])
         if os.read(go[0], 1) != b"g":  # the launcher failed, or died
@@ -351,20 +344,20 @@ def process_start_time(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-def _begin(conn: socket.socket) -> Launch | dict:
+def _begin(conn: _socket.socket) -> Launch | dict:
     try:
         conn.settimeout(10)
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
-        return start(json.loads(data))
+        return start(protocol.decode_json(data))
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def _answer(conn: socket.socket, result: dict) -> None:
+def _answer(conn: _socket.socket, result: dict) -> None:
     try:
-        conn.sendall(json.dumps(result).encode() + b"\n")
+        conn.sendall(protocol.dumps(result).encode() + b"\n")
     except OSError:  # the server went away; the next one adopts or sweeps the sandbox
         return
     finally:
@@ -380,11 +373,11 @@ def serve(sock_path: str) -> None:
     for the agents run side by side in the poll loop. The server dies with its parent (the cove
     server), which starts a new one; sandboxes are unaffected.
     """
-    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # pid 1s are reaped by the kernel
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, _signal.SIGKILL)
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_IGN)  # pid 1s are reaped by the kernel
     if os.path.exists(sock_path):
         os.unlink(sock_path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     listener.bind(sock_path)
     os.chmod(sock_path, 0o600)
     listener.listen(128)
@@ -393,13 +386,13 @@ def serve(sock_path: str) -> None:
     gc.freeze()  # a sandbox's collector then leaves our objects' pages alone (fewer copy-on-write faults)
     poller = select.poll()
     poller.register(listener.fileno(), select.POLLIN)
-    waiting: dict[int, tuple[Launch, socket.socket]] = {}
+    waiting: dict[int, tuple[Launch, _socket.socket]] = {}
     while True:
         soonest = min((launch.deadline for launch, _ in waiting.values()), default=None)
         timeout = None if soonest is None else max(0, int((soonest - time.monotonic()) * 1000) + 1)
         for fd, _ in poller.poll(timeout):
             if fd == listener.fileno():
-                conn, _ = listener.accept()
+                conn = _socket.socket(fileno=listener._accept()[0])
                 begun = _begin(conn)
                 if isinstance(begun, dict):
                     _answer(conn, begun)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import platform
 import struct
 
 from cove.node.namespaces import syscalls
@@ -64,12 +63,12 @@ _X32_BIT = 0x40000000
 
 
 def supported() -> bool:
-    return platform.machine() in _ARCH
+    return syscalls.MACHINE in _ARCH
 
 
 def build_program(machine: str | None = None) -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) instructions."""
-    arch, table = _ARCH[machine or platform.machine()]
+    arch, table = _ARCH[machine or syscalls.MACHINE]
     eperm = _RET_ERRNO | errno.EPERM
     prog: list[tuple[int, int, int, int]] = [
         (_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch

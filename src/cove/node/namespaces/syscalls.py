@@ -6,15 +6,16 @@ Standard library only: the sandbox launcher imports this on every create.
 from __future__ import annotations
 
 import _signal
+import _socket
 import ctypes
-import ctypes.util
 import fcntl
 import os
-import platform
-import socket
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library this interpreter runs on (its symbols are global): no ctypes.util, which imports
+# re, subprocess and shutil into every sandbox's pid 1.
+_libc = ctypes.CDLL(None, use_errno=True)
+MACHINE = os.uname().machine
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -70,9 +71,9 @@ def fork_into(namespaces: int) -> int:
     The interpreter's fork hooks run around it exactly as os.fork runs them (import lock,
     os.register_at_fork callbacks, thread state); the caller must be single-threaded.
     """
-    nr = _SYS_CLONE.get(platform.machine())
+    nr = _SYS_CLONE.get(MACHINE)
     if nr is None:
-        raise OSError(f"clone: unsupported architecture {platform.machine()}")
+        raise OSError(f"clone: unsupported architecture {MACHINE}")
     _pyapi.PyOS_BeforeFork()
     # clone(flags, stack=NULL: the child runs on a copy of ours, parent_tid, child_tid, tls)
     pid = _pyapi.syscall(
@@ -108,7 +109,7 @@ def umount(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT[platform.machine()]
+    nr = _SYS_PIVOT_ROOT[MACHINE]
     _check(_libc.syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()), "pivot_root")
 
 
@@ -147,10 +148,13 @@ def limit_caps(keep: set[int]) -> None:
 def set_loopback_up() -> None:
     """`ip link set lo up` without the ip binary: SIOCGIFFLAGS / SIOCSIFFLAGS on lo."""
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         ifreq = struct.pack("16sh14x", b"lo", 0)
         flags = struct.unpack("16sh14x", fcntl.ioctl(s.fileno(), siocgifflags, ifreq))[1]
         fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sh14x", b"lo", flags | iff_up))
+    finally:
+        s.close()
 
 
 def mount_flags_of(path: str) -> int:
