@@ -66,6 +66,10 @@ def setup(level: str = "INFO", fmt: str | None = None, quiet_requests: bool = Fa
     _listener[:] = [logging.handlers.QueueListener(records, handler)]
     _listener[0].start()
     atexit.register(_listener[0].stop)  # writes what is queued before the process exits
+    # Fields no formatter here writes, which logging would otherwise gather for every record (the
+    # caller's file and line is a stack walk; a request logs at least one record).
+    logging._srcfile = None  # documented in logging's source as the switch for the stack walk
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [_Handoff(records)]
     root.setLevel(level)
