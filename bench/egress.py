@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -138,6 +139,7 @@ def run(runs: int = 200) -> dict:
     finally:
         upstream.kill()
         srv.close()
+        shutil.rmtree(served, ignore_errors=True)
 
 
 def _init_pid(srv: Server, sandbox_id: str) -> tuple[int, int] | None:

@@ -4,6 +4,7 @@ on host loopback (the floor), measured interleaved in one run."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def run(runs: int = 200) -> dict:
         if local is not None:
             local.kill()
         srv.close()
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def render(res: dict) -> list[str]:

@@ -61,7 +61,7 @@ def render(result: dict, args: argparse.Namespace, extra: list[str]) -> str:
     mem = [
         "| idle sandboxes | RSS per sandbox | PSS per sandbox | cgroup memory per sandbox | target |",
         "|---|---|---|---|---|",
-        f"| {m['sandboxes']} | {m['rss_mib']:.1f} MiB | {m['pss_mib']:.1f} MiB | {m['cgroup_mib']:.1f} MiB | ≤ 15 MB RSS |",
+        f"| {m['sandboxes']} | {m['rss_mib']:.1f} MiB | {m['pss_mib']:.1f} MiB | {m['cgroup_mib']:.1f} MiB | ≤ 15 MB (cgroup memory) |",
     ]
     return "\n".join(
         [
@@ -80,8 +80,9 @@ def render(result: dict, args: argparse.Namespace, extra: list[str]) -> str:
             "",
             "## Idle memory",
             "Processes of idle sandboxes (the guest agent as pid 1 and its one pre-forked handler): summed",
-            "resident set (which counts the pages the two share twice), proportional set (shared pages split",
-            "among their users) and the sandbox cgroup's own accounting, which is what a sandbox really costs.",
+            "resident set (which counts every shared page in full: the two share theirs with each other and",
+            "with the launcher they were forked from), proportional set (shared pages split among their",
+            "users) and the sandbox cgroup's own accounting, which is what a sandbox really costs.",
             "",
             *mem,
             "",
