@@ -264,6 +264,20 @@ def test_wait_returns_at_its_timeout(client: GuestClient, spawn: Spawner) -> Non
     assert run(client.wait(proc["id"], 0)) == {"running": True, "exit_code": None}
 
 
+def test_wait_returns_once_the_output_is_all_in(client: GuestClient, spawn: Spawner) -> None:
+    """A process that exits while one it started still writes to its output: `wait` answers after
+    that output arrived (within the agent's grace for such writers), so what a reader attaches to
+    next is final. It used to answer at the exit, and a reader then raced the last writes."""
+    proc = spawn(cmd="(sleep 0.3; date +%s.%N) & echo early")
+    assert run(client.wait(proc["id"], 30)) == {"running": False, "exit_code": 0}
+    answered = time.time()
+    _, stdout, _, end = run(attach_all(client, proc["id"]))
+    early, written = stdout.decode().split()
+    assert early == "early"
+    assert float(written) <= answered, "wait answered before the process's last output was written"
+    assert end == {"exit_code": 0, "end_offset": len(stdout)}
+
+
 def test_spawn_errors(agent: Agent, client: GuestClient) -> None:
     assert error_of(client.spawn(cmd="true", cwd=str(agent.root / "missing"))).code == "not_found"
     assert error_of(client.spawn(cmd="true", user="no-such-user")).code == "invalid"

@@ -1613,8 +1613,8 @@ class Supervisor:
             for cl in list(self.clients):
                 if cl.state == "attach" and not cl.out:
                     self.fill(cl)
-                elif cl.state == "wait" and (
-                    self.status is not None or (cl.deadline is not None and now >= cl.deadline)
+                elif cl.state == "wait" and (  # done: exited, and its output is all in (or given up on)
+                    self.done or (cl.deadline is not None and now >= cl.deadline)
                 ):
                     self.reply(cl, {"ok": True, "running": self.status is None, "exit_code": self.exit_code})
                 if cl.state == "closing" and not cl.out:
