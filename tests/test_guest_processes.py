@@ -69,7 +69,7 @@ def spawn(client: GuestClient) -> Iterator[Spawner]:
 
 
 async def attach_all(
-    client: GuestClient, proc_id: str, offset: int | None = None, timeout: float = 15.0
+    client: GuestClient, proc_id: str, offset: int | None = None, timeout: float = 15.0, block: bool = False
 ) -> tuple[dict[str, Any], bytes, bytes, dict[str, Any]]:
     """Attach until the process ends: (attached event, stdout, stderr, exit)."""
     attached: dict[str, Any] = {}
@@ -78,7 +78,7 @@ async def attach_all(
 
     async def go() -> None:
         nonlocal attached, end
-        async for kind, data in client.attach(proc_id, offset):
+        async for kind, data in client.attach(proc_id, offset, block=block):
             if kind == "attached":
                 attached = data  # type: ignore[assignment]
             elif kind == "stdout":
@@ -276,6 +276,21 @@ def test_wait_returns_once_the_output_is_all_in(client: GuestClient, spawn: Spaw
     assert early == "early"
     assert float(written) <= answered, "wait answered before the process's last output was written"
     assert end == {"exit_code": 0, "end_offset": len(stdout)}
+
+
+def test_held_spawn_waits_for_its_blocking_reader(client: GuestClient, spawn: Spawner) -> None:
+    """`hold`: a reader that attaches (blocking) well after the spawn still gets every byte of an
+    output larger than the agent keeps; without it, the front is gone by then."""
+    cmd = "head -c 12000000 /dev/zero | tr '\\0' y; echo end"
+    for hold in (True, False):
+        proc = spawn(cmd=cmd, hold=hold)
+        time.sleep(1.0)  # the reader is late
+        attached, stdout, _, end = run(attach_all(client, proc["id"], 0, block=True))
+        if hold:
+            assert attached["truncated"] is False and len(stdout) == 12_000_004, attached
+            assert end == {"exit_code": 0, "end_offset": 12_000_004}
+        else:
+            assert attached["truncated"] is True, "the unheld process should have outrun the buffer"
 
 
 def test_spawn_errors(agent: Agent, client: GuestClient) -> None:

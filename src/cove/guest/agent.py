@@ -888,6 +888,7 @@ def run_command(
 PROCS_DIR = "/run/cove/sock/procs"  # test mode: a procs/ directory beside the agent's socket
 OUTPUT_LIMIT = 8 * 1024 * 1024  # output kept per process; older bytes are dropped
 PROCS_KEEP = 100  # exited processes kept listed (older ones are forgotten on the next spawn)
+HOLD_LIMIT = 10.0  # how long a spawn with `hold` waits for its blocking reader before reading on
 PROC_RETAIN = 600.0  # a supervisor keeps an exited process's output this long, then only its metadata
 PROC_OPS = ("attach", "input", "close_stdin", "signal", "kill", "resize", "wait")
 SIGNAL_NAMES = (
@@ -1028,6 +1029,7 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
 def op_spawn(c: Conn, req: dict) -> dict:
     argv, shell = _command_argv(req)
     want_stdin = _field_bool(req, "stdin")
+    hold = _field_bool(req, "hold")
     size = _pty_size(req.get("pty"))
     tag = req.get("tag")
     if tag is not None and (not isinstance(tag, str) or len(tag) > 1024):
@@ -1066,7 +1068,7 @@ def op_spawn(c: Conn, req: dict) -> dict:
             os.close(report_r)
             c.sock.close()
             os.setsid()
-            Supervisor(meta, shell, user, cwd, env, size).run(report_w)
+            Supervisor(meta, shell, user, cwd, env, size, hold).run(report_w)
         except BaseException:
             _log_exception()
         finally:
@@ -1180,8 +1182,12 @@ class Supervisor:
         cwd: str,
         env: dict[str, str],
         size: tuple[int, int] | None,
+        hold: bool = False,
     ) -> None:
         self.meta = meta
+        # Until the first blocking reader attaches (at most HOLD_LIMIT): output is not read, so a
+        # reader that attaches right after the spawn misses none of it.
+        self.hold_until = time.monotonic() + HOLD_LIMIT if hold else 0.0
         self.id: str = meta["id"]
         self.shell = shell
         self.user = user
@@ -1486,6 +1492,8 @@ class Supervisor:
             cl.out += protocol.encode_json({"event": "attached", "offset": offset, "truncated": truncated})
             cl.pos = offset
             cl.block = req.get("block") is True
+            if cl.block:
+                self.hold_until = 0.0  # the reader the spawn waited for
             cl.state = "attach"
         elif op == "input":
             if self.status is not None:
@@ -1587,7 +1595,7 @@ class Supervisor:
             self.check_exit(now)
             # A blocking reader half the kept window behind: stop reading output (the process's writes
             # block) until it catches up, so it misses nothing.
-            held = any(
+            held = now < self.hold_until or any(
                 cl.block and cl.state == "attach" and self.end - cl.pos >= OUTPUT_LIMIT // 2
                 for cl in self.clients
             )
@@ -1604,6 +1612,8 @@ class Supervisor:
                 timeout = max(0.0, self.exited_at + EXIT_GRACE - now)
             elif self.done:
                 timeout = max(0.0, self.done_at + PROC_RETAIN - now)
+            if now < self.hold_until:  # read on at its end even if no reader came
+                timeout = self.hold_until - now if timeout is None else min(timeout, self.hold_until - now)
             masks: dict[int, int] = {listen_fd: select.POLLIN, wake_r: select.POLLIN}
             for fd in () if held else self.outputs:
                 masks[fd] = select.POLLIN

@@ -430,7 +430,9 @@ class GuestClient:
 
     async def spawn(self, **fields: Any) -> dict[str, Any]:
         """Start a background process: `cmd` or `argv`, `cwd`, `env`, `user`, `stdin` (bool),
-        `pty` ({rows, cols} or None), `tag`. Returns {"id", "pid"} as soon as it runs."""
+        `pty` ({rows, cols} or None), `tag`, `hold` (bool: read no output until the first blocking
+        attach, for a caller that attaches next and must miss nothing). Returns {"id", "pid"} as
+        soon as it runs."""
         reply = await self.call("spawn", **fields)
         return {"id": reply["id"], "pid": reply["pid"]}
 

@@ -191,6 +191,7 @@ class Service:
             "stdin": req.stdin if req.HasField("stdin") else True,
             "pty": None if size is None else {"rows": size.rows or 24, "cols": size.cols or 80},
             "tag": req.tag if req.HasField("tag") else None,
+            "hold": True,  # until _events attaches (blocking): envd streams from the first byte
         }
         session = await self._open(ctx)
         try:
