@@ -173,7 +173,7 @@ def _sandbox_init(spec: dict, ready_w: int) -> None:
             os.set_inheritable(fd, True)
         env = {"COVE_AGENT_FD": str(AGENT_FD), "COVE_READY_FD": str(READY_FD), "PATH": "/usr/bin:/bin"}
         if spec.get("loader"):  # a root with its own /usr: the host's interpreter through its loader
-            argv = [*spec["loader"], spec["python"], "-I", "-S", spec.get("agent", "/run/cove/agent.pyc")]
+            argv = [*spec["loader"], spec["python"], "-I", "-S", spec["agent"]]
             os.execve(argv[0], argv, env)
         # What an exec would have reset: dumpable (CRIU and /proc need it after our id change), the
         # search path (our source dir is not the sandbox's, which may create it) and what /proc
