@@ -1,7 +1,9 @@
 """cove guest agent: serves docs/guest-protocol.md inside a sandbox, as its pid 1.
 
-Runs as ``/usr/bin/python3 -I -S /run/cove/agent.py`` with ``protocol.py`` beside it, standard
-library only. The start path imports C modules (``_socket``, ``_signal``, ``select``) instead of
+In a sandbox it is entered without an exec: the launcher, which has this module imported, clones
+itself into the sandbox's namespaces and calls main() (launcher.py). A root with its own /usr runs it
+as ``python3 -I -S /run/cove/agent.pyc`` with ``protocol.pyc`` beside it. Standard library only. The
+start path imports C modules (``_socket``, ``_signal``, ``select``) instead of
 their Python wrappers, which would pull in ``enum``/``re`` and double the start-up time (for the
 same reason it spells out try/except/pass: ``contextlib`` alone costs ~9 ms to import).
 

@@ -136,8 +136,9 @@ class NamespacesRuntime:
                 self.forkserver_socket,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
+                # None of the server's environment: every sandbox's pid 1 has a copy of this one.
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            )  # fmt: skip  (none of the server's environment: every sandbox's pid 1 has a copy)
+            )
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             if line.strip() != b"ready":

@@ -60,10 +60,6 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
 def fork_into(namespaces: int) -> int:
     """os.fork() whose child starts in new namespaces (CLONE_NEW* flags): one clone(2) instead of a
     fork, an unshare and, for a new pid namespace, a second fork. Returns 0 in the child.
