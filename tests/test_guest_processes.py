@@ -579,4 +579,7 @@ def test_a_reader_that_falls_behind_is_told_what_it_missed(client: GuestClient, 
         assert pos == len(expected)
         return kinds
 
-    assert run(asyncio.wait_for(go(), 20)).count("truncated") == 1
+    # At least one gap, each reported exactly (checked above). More than one is right too: while the
+    # test awaits `wait`, its event loop keeps draining the attach socket into the stream's buffer,
+    # and each time the agent refills it the reader may have fallen behind again.
+    assert run(asyncio.wait_for(go(), 20)).count("truncated") >= 1
