@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from pathlib import Path
@@ -42,7 +41,7 @@ def serve(host: str = "127.0.0.1", port: int = 7770, home: str | None = None, de
     server = uvicorn.Server(config)
     if demo:
         threading.Thread(target=_demo_when_ready, args=(server, app, host, port), daemon=True).start()
-    asyncio.run(server.serve())
+    server.run()  # on uvloop (uvicorn's loop 'auto', installed with uvicorn[standard])
 
 
 def _demo_when_ready(server: uvicorn.Server, app: object, host: str, port: int) -> None:
