@@ -207,9 +207,13 @@ class SQLiteStore(Store):
         if self._thread is None:
             return
         thread, self._thread = self._thread, None
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.get_running_loop().run_in_executor(thread, db.close)  # after the calls queued
+
+        def _close() -> None:  # on the store's thread: after the calls queued before it
+            if self._db is not None:
+                db, self._db = self._db, None
+                db.close()
+
+        await asyncio.get_running_loop().run_in_executor(thread, _close)
         thread.shutdown(wait=False)
 
     # -- sandboxes -----------------------------------------------------------------------
