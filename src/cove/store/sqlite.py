@@ -154,7 +154,7 @@ class SQLiteStore(Store):
         self._db: sqlite3.Connection | None = None
         # The store's own thread: its calls are serialized anyway, and in the event loop's shared
         # pool a claim's insert could wait behind slow kernel work (a teardown's unmount syncs the
-        # filesystem): that was the pool benchmark's p99 of 80+ ms.
+        # filesystem, CRIU dumps).
         self._thread: ThreadPoolExecutor | None = None
 
     def _run(self, fn: Any, *args: Any) -> Any:
