@@ -535,7 +535,7 @@ def test_the_reaper_checks_every_sandbox_in_turn() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from cove.controlplane.service import ALIVE_CHECKS, SandboxService
+    from cove.controlplane.reaper import ALIVE_CHECKS, Reaper
 
     n = ALIVE_CHECKS * 2 + 5
     recs = [SimpleNamespace(id=f"sb{i}", node={"pid": i}) for i in range(n)]
@@ -546,7 +546,7 @@ def test_the_reaper_checks_every_sandbox_in_turn() -> None:
         return [sid for sid, _ in items if sid == "sb7"]
 
     fake = SimpleNamespace(_alive_turn=0, node=SimpleNamespace(dead=dead))
-    found = [asyncio.run(SandboxService._dead_among(fake, recs)) for _ in range(3)]  # type: ignore[arg-type]
+    found = [asyncio.run(Reaper._dead_among(fake, recs)) for _ in range(3)]  # type: ignore[arg-type]
     assert all(len(a) == ALIVE_CHECKS for a in asked)
     assert {sid for a in asked for sid in a} == {r.id for r in recs}  # three ticks cover all
     assert sum("sb7" in f for f in found) >= 1

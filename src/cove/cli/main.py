@@ -1183,7 +1183,7 @@ def serve(
 
     [bold]Example:[/]  [cyan]sudo COVE_HOME=/var/lib/cove cove serve --port 7770[/]
     """
-    from cove.controlplane.server import serve as run_server
+    from cove.server import serve as run_server
 
     run_server(host=host, port=port, home=home, demo=demo)
 

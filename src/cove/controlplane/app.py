@@ -1,21 +1,20 @@
-"""The FastAPI application: wiring of store, node, service and routers."""
+"""The control plane assembled: its parts wired to one store and one node (`assemble`), started
+and stopped in order (`start`, `stop`), and cove's own API routes (`install`). The composition
+root (`cove.server`) puts this and the front ends (e2b's API) into one application."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cove import __version__
-from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import auth, errors
+from cove.controlplane.admission import Admission
 from cove.controlplane.api import (
     audit,
     commands,
@@ -34,11 +33,21 @@ from cove.controlplane.api import (
     urls,
     volumes,
 )
+from cove.controlplane.audit import AuditLog
+from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.metrics import Metrics
-from cove.controlplane.pools import Traffic
+from cove.controlplane.pools import Pools, Traffic
 from cove.controlplane.pools import load as load_pools
+from cove.controlplane.quotas import Quotas
+from cove.controlplane.reaper import Reaper
 from cove.controlplane.service import SandboxService
 from cove.controlplane.signing import Signer
+from cove.controlplane.snapshots import Snapshots
+from cove.controlplane.sources import Sources
+from cove.controlplane.starter import Starter
+from cove.controlplane.templates import Templates
+from cove.controlplane.volumes import Volumes
+from cove.network.egress import Egress, parse_hosts
 from cove.node.base import NodeAgent
 from cove.node.local import LocalNode
 from cove.store.base import Store
@@ -54,7 +63,13 @@ class Cove:
     store: Store
     node: NodeAgent
     metrics: Metrics
-    service: SandboxService
+    service: SandboxService  # the sandbox lifecycle
+    snapshots: Snapshots
+    templates: Templates
+    pools: Pools
+    volumes: Volumes
+    refs: LayerRefs
+    reaper: Reaper
     keys: auth.KeyCache
     signer: Signer  # access tokens and signed URLs, from $COVE_HOME/secret
     # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
@@ -114,55 +129,79 @@ class AccessLog:
             )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def assemble(settings: Settings) -> Cove:
+    """Every part of the control plane, each given the parts it works with (no part builds another)."""
     store = SQLiteStore(settings.db_path)
     node = LocalNode(settings)
     metrics = Metrics()
-    service = SandboxService(settings, store, node, metrics)
-    cove = Cove(
-        settings, store, node, metrics, service, auth.KeyCache(store), Signer(settings.home / "secret")
+    # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
+    egress = Egress(
+        settings.egress_port,
+        parse_hosts(settings.egress_hosts),
+        settings.port,
+        lambda result: metrics.egress.labels(result).inc(),
+    )
+    admission = Admission(settings, metrics.registry)
+    volumes = Volumes(settings, store, node)
+    refs = LayerRefs(store, node)
+    starter = Starter(settings, node, egress, admission)
+    sources = Sources(store, node)
+    pools = Pools(starter, sources, refs, settings.pool_idle, metrics.registry)  # docs/pools.md
+    templates = Templates(store, node, starter, sources, refs)
+    service = SandboxService(
+        settings, store, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,
+        AuditLog(store, settings.audit_retention_days),
+    )  # fmt: skip
+    return Cove(
+        settings=settings,
+        store=store,
+        node=node,
+        metrics=metrics,
+        service=service,
+        snapshots=Snapshots(settings, service, sources, refs, volumes),
+        templates=templates,
+        pools=pools,
+        volumes=volumes,
+        refs=refs,
+        reaper=Reaper(settings, service, templates, volumes, refs),
+        keys=auth.KeyCache(store),
+        signer=Signer(settings.home / "secret"),  # access tokens and signed URLs
     )
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        # Sandbox roots live below the data dir; their (unprivileged) init must be able to traverse it.
-        settings.home.chmod(settings.home.stat().st_mode | 0o111)
-        await store.open()
-        await node.start()
-        await _ensure_keys(cove)
-        await cove.service.adopt()
-        cove.service.start_reaper()
-        for config in await load_pools(store, settings.pools):
-            cove.service.pools.configure(config)
-        cove.service.pools.start()
-        log.info("cove ready", extra={"home": str(settings.home), "version": __version__})
-        # What startup built (modules, routes, schemas: most of the heap) is never garbage, and
-        # each full collection walked all of it, stalling every request for 30-80 ms.
-        gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            await cove.service.stop_reaper()
-            await cove.service.audit.close()  # entries still queued are written
-            await cove.service.pools.close()  # pooled sandboxes are not anyone's: they go
-            await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
-            if cove.demo_key:
-                rec = await store.key_by_hash(auth.hash_key(cove.demo_key))
-                if rec:
-                    await store.delete_key(rec.id)
-                    cove.keys.forget(rec.id)
-            await node.close()
-            await store.close()
 
-    app = FastAPI(
-        title="cove",
-        version=__version__,
-        description="Self-hosted sandboxes for AI agents. Authenticate with `Authorization: Bearer KEY`.",
-        lifespan=lifespan,
-    )
+async def start(cove: Cove) -> None:
+    s = cove.settings
+    s.home.mkdir(parents=True, exist_ok=True)
+    # Sandbox roots live below the data dir; their (unprivileged) init must be able to traverse it.
+    s.home.chmod(s.home.stat().st_mode | 0o111)
+    await cove.store.open()
+    await cove.node.start()
+    await _ensure_keys(cove)
+    await cove.reaper.adopt()
+    cove.reaper.start()
+    for config in await load_pools(cove.store, s.pools):
+        cove.pools.configure(config)
+    cove.pools.start()
+    log.info("cove ready", extra={"home": str(s.home), "version": __version__})
+
+
+async def stop(cove: Cove) -> None:
+    await cove.reaper.stop()
+    await cove.refs.close()
+    await cove.service.audit.close()  # entries still queued are written
+    await cove.pools.close()  # pooled sandboxes are not anyone's: they go
+    await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
+    if cove.demo_key:
+        rec = await cove.store.key_by_hash(auth.hash_key(cove.demo_key))
+        if rec:
+            await cove.store.delete_key(rec.id)
+            cove.keys.forget(rec.id)
+    await cove.node.close()
+    await cove.store.close()
+
+
+def install(app: FastAPI, cove: Cove) -> None:
+    """cove's own API (/v1) and its error handlers."""
     app.state.cove = cove
     errors.install_handlers(app)
     for module in (
@@ -184,7 +223,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
-
-    e2b.install(app, cove)
-    app.add_middleware(AccessLog, traffic=service.pools.traffic)
-    return app

@@ -12,8 +12,8 @@ API's traffic (no request in flight for `QUIET_GAP`, or after `MOST_DEFERRED` of
 traffic cannot starve it), and the member starts at the lowest CPU weight, which the claim raises
 to the normal one; foreground work on the host comes first.
 
-Pools are keyed by template name or snapshot id; how a name turns into layers is the service's
-business (`resolve`), so templates from any store work. A background task refills one member at a
+Pools are keyed by template name or snapshot id, resolved to layers as a create resolves them
+(`Sources`), so templates from any store work. A background task refills one member at a
 time, and only while the host admits new sandboxes. Each pool
 scales between `min` and `max`: a claim that finds it empty (a miss) doubles its target, and
 `COVE_POOL_IDLE` seconds without a claim halve it back toward `min`.
@@ -26,13 +26,18 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from cove.node.base import NodeAgent, NodeError, SandboxSpec, TemplateSpec
+from cove.controlplane.auth import Caller
+from cove.controlplane.layer_refs import LayerRefs
+from cove.controlplane.sources import Source, Sources
+from cove.controlplane.starter import Starter, new_sandbox_id
+from cove.network.egress_policy import Policy
+from cove.node.base import Limits, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestError, GuestUnavailable
 from cove.store.base import Store
 
@@ -128,38 +133,28 @@ class Pool:
         }
 
 
-# a pool's source -> (template, defaults: env, user, workdir, limits, checkpoint)
-Resolve = Callable[[PoolConfig], Awaitable[tuple[TemplateSpec, dict[str, Any]]]]
-
-
 class Pools:
-    """The pools of one server; `service` supplies ids, specs, egress and what counts as busy."""
+    """The pools of one server. Members start the way every sandbox does (`Starter`), from what
+    `Sources` resolves a pool's template or snapshot to; their layers are pinned in `LayerRefs`
+    until a claim records them in a sandbox, or the member goes."""
 
     def __init__(
         self,
-        node: NodeAgent,
-        resolve: Resolve,
-        make_spec: Callable[[str, TemplateSpec, dict[str, Any]], SandboxSpec],
-        open_egress: Callable[[str, dict[str, Any]], Awaitable[None]],
-        close_egress: Callable[[str], Awaitable[None]],
-        new_id: Callable[[], str],
-        may_fill: Callable[[], Awaitable[bool]],
+        starter: Starter,
+        sources: Sources,
+        refs: LayerRefs,
         idle_after: float,
         registry: CollectorRegistry,
     ) -> None:
-        self.node = node
-        self.resolve = resolve
-        self.make_spec = make_spec
-        self.open_egress = open_egress
-        self.close_egress = close_egress
-        self.new_id = new_id
-        self.may_fill = may_fill
+        self.starter = starter
+        self.node = starter.node
+        self.sources = sources
+        self.refs = refs
         self.idle_after = idle_after
         self.pools: dict[str, Pool] = {}
         self.traffic = Traffic()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._making: dict[str, tuple[str, ...]] = {}  # member id -> layers, while it starts
         self._tasks: set[asyncio.Future[None]] = set()
         self.size = Gauge("cove_pool_ready", "Pooled sandboxes ready to claim", ["pool"], registry=registry)
         self.target = Gauge("cove_pool_target", "Pool sizes the refill aims for", ["pool"], registry=registry)
@@ -194,16 +189,6 @@ class Pools:
 
     def status(self) -> list[dict[str, Any]]:
         return [p.status() for p in sorted(self.pools.values(), key=lambda p: p.config.key)]
-
-    def layers(self) -> set[str]:
-        """Layers under pooled sandboxes (ready or starting): they must not be collected."""
-        out: set[str] = set()
-        for pool in self.pools.values():
-            for m in pool.members:
-                out.update(m.layers)
-        for layers in self._making.values():
-            out.update(layers)
-        return out
 
     # -- claims ------------------------------------------------------------------------------
     def take(self, key: str) -> Member | None:
@@ -246,6 +231,10 @@ class Pools:
             return None
         return member.handle
 
+    def handed_over(self, member: Member) -> None:
+        """A claimed member is recorded as a sandbox: the record references its layers now."""
+        self.refs.unpin(member.layers)
+
     async def discard(self, member: Member) -> None:
         await self._discard(member)
 
@@ -272,7 +261,7 @@ class Pools:
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     continue
                 await self.traffic.pause()  # requests first: a refill competes with them for the CPU
-                if not await self.may_fill():
+                if not await self.starter.may_start_background():
                     await asyncio.sleep(1.0)
                     continue
                 await self._fill_one(pool)
@@ -300,29 +289,56 @@ class Pools:
                 best, deficit = pool, short
         return best
 
+    async def _source(self, config: PoolConfig) -> Source:
+        """What a pool's members start from: its snapshot or template, as its tenant sees them."""
+        who = Caller("pool", config.tenant or "", False)
+        if config.kind == "snapshot":
+            return await self.sources.of(who, "", snapshot=config.name)
+        return await self.sources.of(who, config.name)
+
+    def _spec(self, sid: str, template: TemplateSpec, defaults: dict[str, Any]) -> SandboxSpec:
+        """A member's spec: its source's defaults; a claim gives it the caller's (`configure`)."""
+        dl = defaults.get("limits") or {}
+        s = self.starter.settings
+        limits = Limits(
+            memory_mb=dl.get("memory_mb") or s.default_memory_mb, pids=dl.get("pids") or s.default_pids
+        )
+        spec = self.starter.spec(
+            sid,
+            template,
+            defaults.get("env") or {},
+            defaults.get("user") or "user",
+            defaults.get("workdir") or "/home/user",
+            limits,
+        )
+        return replace(spec, background=True)
+
     async def _fill_one(self, pool: Pool) -> None:
-        sid = self.new_id()
+        sid = new_sandbox_id()
         pool.filling += 1
+        layers: tuple[str, ...] = ()
         try:
-            template, defaults = await self.resolve(pool.config)
+            template, defaults = await self._source(pool.config)
             if defaults.get("volumes"):
                 raise NodeError("a snapshot that carries volumes cannot be pooled")
-            spec = replace(self.make_spec(sid, template, defaults), background=True)
-            self._making[sid] = spec.template.layers
+            spec = self._spec(sid, template, defaults)
+            layers = spec.template.layers
+            self.refs.pin(layers)
             generation = self.node.generation
-            if defaults.get("checkpoint"):
-                handle = await self.node.restore(spec, defaults["checkpoint"], resume=False)
-            else:
-                handle = await self.node.create(spec)
+            # The egress listener opens now; its policy comes with the claim.
+            handle = await self.starter.start(
+                spec, Policy.of_record({}), checkpoint=defaults.get("checkpoint")
+            )
             try:
-                await self.open_egress(sid, handle)  # the listener; its policy comes with the claim
                 await self.node.pause(sid)
             except BaseException:
                 await self._kill(sid)
                 raise
         except asyncio.CancelledError:
+            self.refs.unpin(layers)
             raise
         except Exception as e:
+            self.refs.unpin(layers)
             pool.failures += 1
             pool.error = f"{type(e).__name__}: {e}"[:500]
             pool.retry_at = time.monotonic() + BACKOFF[min(pool.failures, len(BACKOFF)) - 1]
@@ -330,12 +346,12 @@ class Pools:
             return
         finally:
             pool.filling -= 1
-            self._making.pop(sid, None)
+        member = Member(sid, handle, layers, generation, time.time())
         if self.pools.get(pool.config.key) is not pool:  # removed meanwhile
-            await self._kill(sid)
+            await self._discard(member)
             return
         pool.error, pool.failures = None, 0
-        pool.members.append(Member(sid, handle, spec.template.layers, generation, time.time()))
+        pool.members.append(member)
         self._gauges(pool)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -344,15 +360,14 @@ class Pools:
         self.target.labels(pool.config.key).set(pool.target)
 
     async def _kill(self, sid: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.close_egress(sid)
         try:
-            await self.node.kill(sid, None)
+            await self.starter.stop(sid, None)
         except Exception:
             log.exception("killing pooled sandbox %s failed", sid)
 
     async def _discard(self, member: Member) -> None:
         await self._kill(member.id)
+        self.refs.unpin(member.layers)
 
     async def _discard_all(self, pool: Pool) -> None:
         while pool.members:

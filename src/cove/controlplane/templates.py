@@ -27,7 +27,6 @@ import shlex
 import tarfile
 import tempfile
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -35,18 +34,19 @@ from typing import Any
 from cove.controlplane.auth import Caller
 from cove.controlplane.build_egress import build_policy
 from cove.controlplane.errors import ApiError, not_found
-from cove.network.egress import proxy_env
-from cove.node.base import Limits, NodeError, SandboxSpec, TemplateSpec
+from cove.controlplane.layer_refs import LayerRefs
+from cove.controlplane.sources import Sources, runtime_config
+from cove.controlplane.starter import Starter, new_sandbox_id
+from cove.node.base import Limits, NodeAgent, NodeError, TemplateSpec
 from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
 from cove.storage import debian_base, oci
-from cove.store.base import TemplateRecord
+from cove.store.base import Store, TemplateRecord
 from cove.templates import steps as stepmod
 
 log = logging.getLogger("cove.templates")
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-RUNTIME_KEYS = ("binds", "rootfs", "host_usr")  # what the node needs to mount a template's root
 BUILD_LIMITS = Limits(memory_mb=2048, pids=4096)
 OUTPUT_TAIL = 8000  # characters of a failing step's output kept in its error
 Event = dict[str, Any]
@@ -58,10 +58,6 @@ class BuildFailed(Exception):
         self.step, self.output = step, output
 
 
-def runtime_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in RUNTIME_KEYS if k in config}
-
-
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -69,10 +65,14 @@ def _digest(*parts: Any) -> str:
 class Templates:
     """Builds and records templates; one per server, beside the sandbox service."""
 
-    def __init__(self, service: Any) -> None:
-        self.svc = service
-        self.store = service.store
-        self.node = service.node
+    def __init__(
+        self, store: Store, node: NodeAgent, starter: Starter, sources: Sources, refs: LayerRefs
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.starter = starter
+        self.sources = sources
+        self.refs = refs
         self._building: set[tuple[str, str]] = set()
 
     # -- lookups ---------------------------------------------------------------------------
@@ -84,23 +84,6 @@ class Templates:
 
     async def list(self, who: Caller) -> list[TemplateRecord]:
         return await self.store.list_templates(who.tenant)
-
-    async def source(self, who: Caller, name: str) -> tuple[TemplateSpec, dict[str, Any]] | None:
-        """A new sandbox's layers and defaults for the template `name` (None: no such template)."""
-        rec = await self.store.get_template(who.tenant, name)
-        if rec is None:
-            return None
-        rc = runtime_config(rec.config)
-        spec = TemplateSpec(name=name, layers=tuple(rec.layers), config=rc)
-        defaults = {
-            "env": rec.config.get("env", {}),
-            "user": rec.config.get("user"),
-            "workdir": rec.config.get("workdir"),
-            "template_config": rc,
-            "checkpoint": rec.config.get("checkpoint"),
-            "start": None if rec.config.get("checkpoint") else rec.config.get("start"),
-        }
-        return spec, defaults
 
     # -- bases -----------------------------------------------------------------------------
     async def _base(
@@ -123,7 +106,7 @@ class Templates:
         rec = await self.store.get_template(who.tenant, ref)
         if rec is not None:
             return list(rec.layers), {k: v for k, v in rec.config.items() if k not in ("checkpoint", "start")}
-        snaps = [s for s in await self.svc.list_snapshots(who) if ref in (s.id, s.name)]
+        snaps = [s for s in await self.sources.snapshots(who) if ref in (s.id, s.name)]
         if snaps:
             snap = max(snaps, key=lambda s: s.created_at)
             cfg = {
@@ -257,7 +240,7 @@ class Templates:
 
     async def delete(self, who: Caller, name: str) -> None:
         rec = await self.get(who, name)
-        users = await self.svc.store.list_sandboxes(
+        users = await self.store.list_sandboxes(
             who.tenant, ["starting", "running", "paused", "hibernated"], limit=1_000_000
         )
         using = [s.id for s in users.items if s.template == name]
@@ -268,7 +251,7 @@ class Templates:
                 f"template {name!r} is used by {len(using)} sandbox(es) ({', '.join(using[:5])}): kill them first",
             )
         await self._forget(rec)
-        await self.svc.collect_layers()
+        await self.refs.collect()
 
     async def _forget(self, rec: TemplateRecord) -> None:
         """Drop a record, and its memory checkpoint once no alias shares it."""
@@ -297,9 +280,6 @@ class Templates:
                 await self.store.delete_template(rec.id)
                 log.warning("removed an interrupted template build", extra={"template": rec.name})
 
-    def keep_layers(self) -> Counter[str]:
-        return self.svc.layer_pins
-
 
 class _Build:
     def __init__(
@@ -315,7 +295,7 @@ class _Build:
         self.emit({"type": "log", "step": index, "data": line if line.endswith("\n") else line + "\n"})
 
     def _pin(self, layers: list[str]) -> None:
-        self.t.svc.layer_pins.update(layers)
+        self.t.refs.pin(layers)
         self.pins.extend(layers)
 
     async def run(
@@ -366,13 +346,9 @@ class _Build:
         if not ok:
             await self.t.store.delete_template(rec.id)
             await self.t.node.drop_checkpoint(f"tplck-{rec.build_id}")
-        pins = self.t.svc.layer_pins
-        pins.subtract(self.pins)
-        for layer in set(self.pins):
-            if pins[layer] <= 0:
-                del pins[layer]
+        self.t.refs.unpin(self.pins)
         self.pins = []
-        await self.t.svc.collect_layers()
+        await self.t.refs.collect()
 
     async def _build(
         self,
@@ -388,9 +364,8 @@ class _Build:
         storage = self.t.node.template_storage()
         self.emit({"type": "step", "step": None, "total": len(steps), "description": f"FROM {base_ref}"})
         # Layers made here (an import, a Debian base) are on disk before they are pinned: no
-        # collection meanwhile (see SandboxService.collect_layers).
-        self.t.svc.layer_makers += 1
-        try:
+        # collection meanwhile (see LayerRefs.making).
+        with self.t.refs.making():
             if image is not None:
                 from cove.node.template_storage import image_config
 
@@ -400,10 +375,8 @@ class _Build:
                     start = {"cmd": img.start_cmd, "warm": False}  # an image's CMD: started on create
             else:
                 layers, config = await self.t._base(self.who, base_ref, self.log)
-            async with self.t.svc._layer_refs:
+            async with self.t.refs.held():
                 self._pin(layers)
-        finally:
-            self.t.svc.layer_makers -= 1
         full = config.get("rootfs") == "full"
         env: dict[str, str] = dict(config.get("env") or {})
         runtime_user = config.get("user") or "user"
@@ -434,7 +407,7 @@ class _Build:
             chain_key = _digest(chain_key, step_digest)
             layer_id = "tpl-" + chain_key[:40]
             t0 = time.monotonic()
-            async with self.t.svc._layer_refs:
+            async with self.t.refs.held():
                 cached = await storage.has_layer(layer_id)
                 if cached:
                     self._pin([layer_id])
@@ -482,7 +455,7 @@ class _Build:
             if r.state == "ready" and r.name in (self.name, *(f"{self.name}:{t}" for t in tags))
         ]  # fmt: skip
         rec.layers, rec.config, rec.sizes, rec.steps = layers, final_config, sizes, done_steps
-        async with self.t.svc._layer_refs:
+        async with self.t.refs.held():
             await self.t.store.update_template(
                 rec.id, state="ready", layers=layers, config=final_config, sizes=sizes, steps=done_steps,
                 updated_at=time.time(),
@@ -512,33 +485,22 @@ class _Build:
         workdir: str,
         egress: bool,
     ) -> tuple[str, dict[str, Any], GuestClient]:
-        from cove.controlplane.service import new_sandbox_id
-
         sid = new_sandbox_id()
-        spec = SandboxSpec(
-            id=sid,
-            template=TemplateSpec(
-                name=f"build:{self.name}", layers=tuple(layers), config=runtime_config(config)
-            ),
-            env={**(proxy_env(self.t.svc.settings.egress_port) if egress else {}), **env},
-            user=user,
-            workdir=workdir,
-            limits=BUILD_LIMITS,
+        template = TemplateSpec(
+            name=f"build:{self.name}", layers=tuple(layers), config=runtime_config(config)
         )
+        spec = self.t.starter.spec(sid, template, env, user, workdir, BUILD_LIMITS, egress=egress)
         self.sandbox = sid
         self.handle: dict[str, Any] = {}
-        self.handle = await self.t.node.create(spec)
-        if egress:  # package registries: builds reach out through the sandbox's egress proxy
-            await self.t.svc.egress.attach(sid, self.handle, await build_policy())
+        # package registries: builds reach out through the sandbox's egress proxy
+        self.handle = await self.t.starter.start(spec, await build_policy() if egress else None)
         return sid, self.handle, self.t.node.guest(sid)
 
     async def _kill_sandbox(self) -> None:
         sid, self.sandbox = self.sandbox, None
         if sid is None:
             return
-        with contextlib.suppress(Exception):
-            await self.t.svc.egress.detach(sid, forget=True)
-        await self.t.node.kill(sid, getattr(self, "handle", None))
+        await self.t.starter.stop(sid, getattr(self, "handle", None))
 
     async def _exec(
         self, guest: GuestClient, index: int, cmd: str, user: str, workdir: str, env: dict[str, str]
@@ -607,8 +569,8 @@ class _Build:
                 )
             user = runtime_user if as_user == stepmod.RUNTIME_USER else as_user or build_user
             await self._exec(guest, index, cmd, user, cwd if kind != "workdir" else "/", env)
-        await self.t.svc.egress.detach(sid, forget=True)
-        async with self.t.svc._layer_refs:
+        await self.t.starter.close_egress(sid)
+        async with self.t.refs.held():
             layer = await self.t.node.commit(sid)
             await self.t.node.template_storage().name_layer(layer, layer_id)
             self._pin([layer_id])
@@ -638,7 +600,7 @@ class _Build:
             raise BuildFailed(f"the start sandbox did not start: {e}") from e
         await start_service(guest, start, config, on_log=self.log)
         key = f"tplck-{rec.build_id}"
-        async with self.t.svc._layer_refs:
+        async with self.t.refs.held():
             try:
                 layer = await self.t.node.snapshot_with_memory(sid, handle, key)
             except (NodeError, OSError) as e:

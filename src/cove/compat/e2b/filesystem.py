@@ -257,7 +257,7 @@ class Watchers:
                 await self._stop(w)
 
     async def _live(self, sandbox_id: str) -> bool:
-        rec = await self.cove.store.get_sandbox(sandbox_id)
+        rec = await self.cove.service.lookup(sandbox_id)
         return rec is not None and rec.state in ("running", "paused", "hibernated")
 
     async def _sweep_forever(self) -> None:

@@ -62,11 +62,16 @@ def not_found_message(sandbox_id: str) -> str:
 
 
 def from_guest(err: GuestError) -> EnvdError:
-    if err.code == "invalid" and err.message.startswith("unknown user"):
+    return _envd(err.code, err.message)
+
+
+def _envd(code: str, message: str) -> EnvdError:
+    """A guest error code (see `SandboxService.guest_failure`) as envd words it."""
+    if code == "invalid" and message.startswith("unknown user"):
         # envd answers an unknown user as "invalid user" (401 / unauthenticated).
-        return EnvdError(401, "unauthenticated", err.message)
-    status, code = _CODES.get(err.code, (500, "internal"))
-    return EnvdError(status, code, err.message)
+        return EnvdError(401, "unauthenticated", message)
+    status, envd_code = _CODES.get(code, (500, "internal"))
+    return EnvdError(status, envd_code, message)
 
 
 @dataclass
@@ -79,13 +84,14 @@ class Session:
 
     async def failed(self, exc: BaseException) -> EnvdError:
         """What a guest failure means to the caller (marks a sandbox that died as such)."""
-        if isinstance(exc, GuestError):
-            return from_guest(exc)
-        if isinstance(exc, GuestUnavailable):
-            if not await self.cove.service.check_alive(self.rec):
-                return EnvdError(502, "unavailable", not_found_message(self.rec.id))
-            return EnvdError(502, "unavailable", f"the sandbox's guest agent did not answer: {exc}")
-        raise exc
+        if not isinstance(exc, GuestError | GuestUnavailable):
+            raise exc
+        err = await self.cove.service.guest_failure(self.rec, exc)
+        if err.code == "not_running":  # it died: the SDK tells that from its "was not found"
+            return EnvdError(502, "unavailable", not_found_message(self.rec.id))
+        if err.code == "guest_unavailable":
+            return EnvdError(502, "unavailable", err.message)
+        return _envd(err.code, err.message)
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
         try:

@@ -198,7 +198,7 @@ def _refs(ref: str) -> list[str]:
 
 async def _find_snapshot(cove: Cove, who: Caller, ref: str) -> SnapshotRecord | None:
     """A snapshot by id, else the newest one with that name."""
-    snaps = await cove.service.list_snapshots(who)
+    snaps = await cove.snapshots.list(who)
     for candidate in _refs(ref):
         for snap in snaps:
             if snap.id == candidate:
@@ -215,7 +215,7 @@ async def _source(cove: Cove, who: Caller, template_id: str) -> dict[str, str]:
     if any(r in BASE_ALIASES for r in _refs(template_id)):
         return {}
     for ref in _refs(template_id):  # a template built with cove (docs/templates.md), or its tag
-        if await cove.store.get_template(who.tenant, ref) is not None:
+        if await cove.service.sources.template(who, ref) is not None:
             return {"template": ref}
     snap = await _find_snapshot(cove, who, template_id)
     if snap is None:
@@ -233,12 +233,6 @@ async def _extend(cove: Cove, who: Caller, rec: SandboxRecord, timeout: int) -> 
     if rec.expires_at is not None and time.time() + timeout > rec.expires_at:
         return await cove.service.set_timeout(who, rec.id, _seconds(timeout))
     return rec
-
-
-async def _forget_memory(cove: Cove, rec: SandboxRecord, why: str) -> None:
-    """Make a hibernated sandbox start afresh on its files when resumed (e2b's filesystem mode)."""
-    await cove.store.update_sandbox(rec.id, checkpoint={"memory": False, "reason": why})
-    await cove.node.drop_checkpoint(rec.id)
 
 
 def _running_only(rec: SandboxRecord) -> None:
@@ -332,9 +326,7 @@ async def list_sandboxes(
     cove = _cove(request)
     if order not in (None, "asc", "desc"):
         raise ApiError(400, "invalid", f"order: expected asc or desc, got {order!r}")
-    found = await cove.store.list_sandboxes(
-        who.tenant, _parse_states(state), _parse_metadata(metadata), limit=1_000_000
-    )
+    found = await cove.service.list(who, _parse_states(state), _parse_metadata(metadata), 1_000_000, None)
     items = found.items
     if template:
         items = [r for r in items if r.template in _refs(template)]
@@ -349,8 +341,8 @@ async def list_sandboxes(
 async def list_running_sandboxes(request: Request, who: Who, metadata: str | None = None) -> JSONResponse:
     """The v1 list: running sandboxes only, one page."""
     cove = _cove(request)
-    found = await cove.store.list_sandboxes(
-        who.tenant, list(_E2B_STATES["running"]), _parse_metadata(metadata), limit=1_000_000
+    found = await cove.service.list(
+        who, list(_E2B_STATES["running"]), _parse_metadata(metadata), 1_000_000, None
     )
     return JSONResponse([_listed(cove, r) for r in sorted(found.items, key=lambda r: r.created_at)])
 
@@ -363,7 +355,7 @@ async def _metric(cove: Cove, rec: SandboxRecord) -> dict[str, Any] | None:
     """One sample from the sandbox's cgroup; None while it has no processes (hibernated)."""
     if rec.state not in ("running", "paused"):
         return None
-    stats = await cove.node.stats(rec.id)
+    stats = await cove.service.stats(rec)
     cpus = _cpus(rec)
     usage, now = stats.get("cpu_usec"), time.monotonic()
     pct = 0.0
@@ -373,7 +365,7 @@ async def _metric(cove: Cove, rec: SandboxRecord) -> dict[str, Any] | None:
             # No recent sample to compare with: measure over a short window.
             await asyncio.sleep(0.2)
             prev, now = (now, usage), time.monotonic()
-            usage = (await cove.node.stats(rec.id)).get("cpu_usec") or usage
+            usage = (await cove.service.stats(rec)).get("cpu_usec") or usage
         pct = max(0.0, min(100.0, (usage - prev[1]) / 1e6 / (now - prev[0]) / cpus * 100))
         if len(_cpu_samples) > 10_000:
             _cpu_samples.clear()
@@ -403,9 +395,10 @@ async def many_metrics(
         raise ApiError(400, "invalid", "sandbox_ids: at most 100 sandboxes at a time")
     out: dict[str, Any] = {}
     for sandbox_id in ids:
-        rec = await cove.store.get_sandbox(sandbox_id)
-        if rec is None or rec.tenant != who.tenant:
-            continue  # unknown ids are left out, as e2b does
+        try:
+            rec = await cove.service.get(who, sandbox_id)
+        except ApiError:
+            continue  # unknown ids (and other tenants') are left out, as e2b does
         sample = await _metric(cove, rec)
         if sample is not None:
             out[sandbox_id] = sample
@@ -481,11 +474,10 @@ async def pause(sandbox_id: str, request: Request, who: Who, body: m.PauseReques
         raise ApiError(
             409, "conflict", f"Sandbox '{sandbox_id}' cannot be paused while in '{rec.state}' state"
         )
-    rec = await cove.service.hibernate(who, sandbox_id)
-    # Paused e2b sandboxes wait for connect; the reaper must not end them when their time runs out.
-    await cove.store.update_sandbox(rec.id, expires_at=None)
-    if body is not None and body.memory is False:
-        await _forget_memory(cove, rec, "paused with mode=filesystem: processes start afresh")
+    # Paused e2b sandboxes wait for connect: no timeout runs while they sleep. mode=filesystem
+    # keeps only the files.
+    memory = body is None or body.memory is not False
+    await cove.service.hibernate(who, sandbox_id, memory=memory, stop_clock=True)
     _cpu_samples.pop(sandbox_id, None)
     return Response(status_code=204)
 
@@ -499,9 +491,7 @@ async def _connect(
         if timeout is not None:
             rec = await _extend(cove, who, rec, timeout)
         return JSONResponse(_created(cove, rec), 200)
-    if memory is False and rec.state == "hibernated":
-        await _forget_memory(cove, rec, "resumed with on_resume=reboot: processes started afresh")
-    rec = await cove.service.resume(who, sandbox_id)
+    rec = await cove.service.resume(who, sandbox_id, memory=memory is not False)  # False: on_resume=reboot
     seconds = timeout if timeout is not None else rec.timeout or cove.settings.default_timeout
     rec = await cove.service.set_timeout(who, rec.id, _seconds(seconds))
     return JSONResponse(_created(cove, rec), 201)
@@ -534,7 +524,7 @@ async def resume(
     if rec.state not in _E2B_STATES["paused"]:
         raise ApiError(409, "conflict", f"sandbox {sandbox_id} is already running")
     if body.auto_pause is not None:
-        await cove.store.update_sandbox(rec.id, on_timeout="hibernate" if body.auto_pause else "kill")
+        await cove.service.set_timeout(who, rec.id, None, "hibernate" if body.auto_pause else "kill")
     return await _connect(cove, who, sandbox_id, body.timeout, None)
 
 
@@ -546,13 +536,11 @@ async def fork(
     """`count` sandboxes that continue from this instant of the source (its memory too, with CRIU)."""
     cove = _cove(request)
     body = body or m.ForkRequest()
-    source = await _live(cove, who, sandbox_id)
-    children, _memory = await cove.service.fork(who, sandbox_id, body.count, {})
+    await _live(cove, who, sandbox_id)
+    # Children keep the source's network settings and timeout behaviour, as e2b's do.
+    children, _memory = await cove.snapshots.fork(who, sandbox_id, body.count, {})
     out = []
     for child in children:
-        # Children keep the source's network settings and timeout behaviour, as e2b's do.
-        await cove.store.update_sandbox(child.id, network=source.network, on_timeout=source.on_timeout)
-        child.network, child.on_timeout = source.network, source.on_timeout
         if body.timeout is not None:
             child = await cove.service.set_timeout(who, child.id, _seconds(body.timeout))
         out.append({"sandbox": _created(cove, child)})
@@ -572,14 +560,14 @@ async def create_snapshot(
     cove = _cove(request)
     body = body or m.SnapshotRequest()
     rec = await _live(cove, who, sandbox_id)
-    if body.memory and not cove.node.can_checkpoint():
+    if body.memory and not cove.service.can_checkpoint():
         raise ApiError(
             400, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node; use mode='filesystem'"
         )
     memory = body.memory
     if memory is None:
-        memory = cove.node.can_checkpoint() and rec.state in ("running", "paused")
-    snap = await cove.service.snapshot(who, sandbox_id, body.name, memory)
+        memory = cove.service.can_checkpoint() and rec.state in ("running", "paused")
+    snap = await cove.snapshots.take(who, sandbox_id, body.name, memory)
     return JSONResponse(_snapshot_info(snap), 201)
 
 
@@ -595,7 +583,7 @@ async def list_snapshots(
     cove = _cove(request)
     if sandbox_id and name:
         raise ApiError(400, "invalid", "filter by sandboxID or by name, not both")
-    snaps = await cove.service.list_snapshots(who)
+    snaps = await cove.snapshots.list(who)
     if sandbox_id:
         snaps = [s for s in snaps if s.sandbox_id == sandbox_id]
     if name:
@@ -614,7 +602,7 @@ async def delete_template(template_id: str, request: Request, who: Who) -> Respo
     snap = await _find_snapshot(cove, who, template_id)
     if snap is None:
         raise ApiError(404, "template_not_found", f"template '{template_id}' not found")
-    await cove.service.delete_snapshot(who, snap.id)
+    await cove.snapshots.delete(who, snap.id)
     return Response(status_code=204)
 
 

@@ -110,7 +110,7 @@ class SandboxRouter:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             await send_error(send, 400, f"invalid sandbox port {port_text!r}", sandbox_id)
             return
-        rec = await self.cove.store.get_sandbox(sandbox_id)
+        rec = await self.cove.service.lookup(sandbox_id)
         if rec is None or rec.state not in _LIVE:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from cove.controlplane.errors import GUEST_STATUS, ApiError
 from cove.controlplane.service import SandboxService
+from cove.controlplane.snapshots import Snapshots
+from cove.controlplane.templates import Templates
 from cove.node.guest_client import GuestError, GuestUnavailable
 from cove.store.base import SandboxRecord
 
@@ -18,15 +19,18 @@ async def service(request: Request) -> SandboxService:
     return request.app.state.cove.service
 
 
+async def snapshots(request: Request) -> Snapshots:
+    return request.app.state.cove.snapshots
+
+
+async def templates(request: Request) -> Templates:
+    return request.app.state.cove.templates
+
+
 @contextlib.asynccontextmanager
 async def guest_errors(svc: SandboxService, rec: SandboxRecord) -> AsyncIterator[None]:
     """Map what the guest agent says to HTTP: its error codes to 4xx, silence to 409/503."""
     try:
         yield
-    except GuestError as e:
-        status = GUEST_STATUS.get(e.code, 500)
-        raise ApiError(status, e.code, e.message) from e
-    except GuestUnavailable as e:
-        if not await svc.check_alive(rec):
-            raise ApiError(409, "not_running", f"sandbox {rec.id} stopped while the call ran") from e
-        raise ApiError(503, "guest_unavailable", f"the sandbox's guest agent did not answer: {e}") from e
+    except (GuestError, GuestUnavailable) as e:
+        raise await svc.guest_failure(rec, e) from e

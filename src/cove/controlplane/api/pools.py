@@ -87,7 +87,7 @@ async def set_pool(name: str, body: SetPool, who: Admin, svc: Svc) -> PoolOut:
             source = CreateSandbox(template=name)
         except ValidationError as e:  # not a template name at all
             raise not_found("template", name) from e
-        await svc._source(who, source)  # 404 for an unknown template (or another tenant's)
+        await svc.sources.of(who, source.template)  # 404 for an unknown template (or another tenant's)
         shared = name == (await svc.node.base_template()).name
         config = pools.PoolConfig(name, body.min, body.max, None if shared else who.tenant, "template")
     await pools.save(svc.store, config)

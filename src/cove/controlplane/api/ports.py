@@ -32,7 +32,7 @@ class _PortProxy:
         if "path" not in params:  # `.../ports/8000`: relative links need the trailing slash
             await _redirect(scope, send, prefix + "/")
             return
-        rec = await cove.store.get_sandbox(sandbox_id)
+        rec = await cove.service.lookup(sandbox_id)
         live = rec is not None and rec.state in ("running", "paused", "hibernated")
         grant = await port_access.authorize(cove, rec, port, scope, prefix + "/") if live else None
         if grant is None:

@@ -20,11 +20,13 @@ from cove.controlplane.schemas import (
     State,
 )
 from cove.controlplane.service import SandboxService
+from cove.controlplane.snapshots import Snapshots
 
-from .deps import service
+from .deps import service, snapshots
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 Svc = Annotated[SandboxService, Depends(service)]
+Snaps = Annotated[Snapshots, Depends(snapshots)]
 Who = Annotated[Caller, Depends(caller)]
 
 
@@ -96,16 +98,18 @@ async def hibernate(sandbox_id: str, who: Who, svc: Svc) -> SandboxOut:
 
 
 @router.post("/{sandbox_id}/snapshots", status_code=201, response_model=SnapshotOut)
-async def snapshot(sandbox_id: str, who: Who, svc: Svc, body: CreateSnapshot | None = None) -> SnapshotOut:
+async def snapshot(
+    sandbox_id: str, who: Who, snaps: Snaps, body: CreateSnapshot | None = None
+) -> SnapshotOut:
     """Seal the sandbox's files as they are now; start new sandboxes from it with `snapshot`."""
     body = body or CreateSnapshot()
-    return SnapshotOut.of(await svc.snapshot(who, sandbox_id, body.name, body.memory, volumes=body.volumes))
+    return SnapshotOut.of(await snaps.take(who, sandbox_id, body.name, body.memory, volumes=body.volumes))
 
 
 @router.post("/{sandbox_id}/fork", status_code=201, response_model=ForkResult)
-async def fork(sandbox_id: str, who: Who, svc: Svc, body: ForkRequest | None = None) -> ForkResult:
+async def fork(sandbox_id: str, who: Who, snaps: Snaps, body: ForkRequest | None = None) -> ForkResult:
     """`count` new sandboxes that continue from this instant (files, and processes where the node
     can checkpoint them: `memory`); the source keeps running."""
     body = body or ForkRequest()
-    children, memory = await svc.fork(who, sandbox_id, body.count, body.metadata, body.volumes)
+    children, memory = await snaps.fork(who, sandbox_id, body.count, body.metadata, body.volumes)
     return ForkResult(items=[SandboxOut.of(c) for c in children], memory=memory)

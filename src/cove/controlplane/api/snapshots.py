@@ -8,27 +8,27 @@ from fastapi import APIRouter, Depends, Response
 
 from cove.controlplane.auth import Caller, caller
 from cove.controlplane.schemas import SnapshotList, SnapshotOut
-from cove.controlplane.service import SandboxService
+from cove.controlplane.snapshots import Snapshots
 
-from .deps import service
+from .deps import snapshots
 
 router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
-Svc = Annotated[SandboxService, Depends(service)]
+Snaps = Annotated[Snapshots, Depends(snapshots)]
 Who = Annotated[Caller, Depends(caller)]
 
 
 @router.get("", response_model=SnapshotList)
-async def list_snapshots(who: Who, svc: Svc) -> SnapshotList:
-    return SnapshotList(items=[SnapshotOut.of(s) for s in await svc.list_snapshots(who)])
+async def list_snapshots(who: Who, snaps: Snaps) -> SnapshotList:
+    return SnapshotList(items=[SnapshotOut.of(s) for s in await snaps.list(who)])
 
 
 @router.get("/{snapshot_id}", response_model=SnapshotOut)
-async def get_snapshot(snapshot_id: str, who: Who, svc: Svc) -> SnapshotOut:
-    return SnapshotOut.of(await svc.get_snapshot(who, snapshot_id))
+async def get_snapshot(snapshot_id: str, who: Who, snaps: Snaps) -> SnapshotOut:
+    return SnapshotOut.of(await snaps.get(who, snapshot_id))
 
 
 @router.delete("/{snapshot_id}", status_code=204)
-async def delete_snapshot(snapshot_id: str, who: Who, svc: Svc) -> Response:
+async def delete_snapshot(snapshot_id: str, who: Who, snaps: Snaps) -> Response:
     """Delete a snapshot. Sandboxes started from it keep working: its layers stay while they use them."""
-    await svc.delete_snapshot(who, snapshot_id)
+    await snaps.delete(who, snapshot_id)
     return Response(status_code=204)

@@ -17,14 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from cove.controlplane.auth import Caller, caller
 from cove.controlplane.errors import ApiError
 from cove.controlplane.service import SandboxService
-from cove.controlplane.templates import decode_context
+from cove.controlplane.templates import Templates, decode_context
 from cove.store.base import TemplateRecord
 from cove.templates import dockerfile
 
-from .deps import service
+from .deps import service, templates
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 Svc = Annotated[SandboxService, Depends(service)]
+Tpl = Annotated[Templates, Depends(templates)]
 Who = Annotated[Caller, Depends(caller)]
 
 
@@ -55,7 +56,7 @@ class TagBody(BaseModel):
     tag: str
 
 
-async def template_out(svc: SandboxService, who: Caller, rec: TemplateRecord) -> dict[str, Any]:
+async def template_out(tpl: Templates, who: Caller, rec: TemplateRecord) -> dict[str, Any]:
     cfg = rec.config
     return {
         "name": rec.name,
@@ -69,7 +70,7 @@ async def template_out(svc: SandboxService, who: Caller, rec: TemplateRecord) ->
         "start": cfg.get("start"),
         "warm": bool(cfg.get("checkpoint")),
         "root": "own /usr" if cfg.get("rootfs") == "full" else "host /usr (read-only)",
-        "tags": await svc.templates.tags_of(who, rec),
+        "tags": await tpl.tags_of(who, rec),
         "steps": rec.steps,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
@@ -85,7 +86,7 @@ def _ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 @router.post("", responses={200: {"content": {"application/x-ndjson": {}}}})
-async def build_template(body: BuildTemplate, who: Who, svc: Svc) -> StreamingResponse:
+async def build_template(body: BuildTemplate, who: Who, tpl: Tpl) -> StreamingResponse:
     """Build a template; the response streams the build log as NDJSON while it runs.
 
     Events: `{"type": "step", "step", "total", "description", "cached"}`, `{"type": "log", "step",
@@ -107,7 +108,7 @@ async def build_template(body: BuildTemplate, who: Who, svc: Svc) -> StreamingRe
     # it has finished starting.
     warm = body.warm and (body.ready is not None or body.dockerfile is None or body.start_cmd is not None)
     start = {"cmd": start_cmd, "ready": body.ready, "warm": warm} if start_cmd else None
-    events = await svc.templates.build(
+    events = await tpl.build(
         who,
         body.name,
         base,
@@ -125,6 +126,7 @@ async def import_image(
     request: Request,
     who: Who,
     svc: Svc,
+    tpl: Tpl,
     name: Annotated[str, Query(description="template name")],
     tags: Annotated[list[str] | None, Query()] = None,
     start_cmd: Annotated[str | None, Query()] = None,
@@ -149,9 +151,7 @@ async def import_image(
         if size == 0:
             raise ApiError(422, "validation_error", "the request body (the image tarball) is empty")
         start = {"cmd": start_cmd, "ready": ready, "warm": True} if start_cmd else None
-        events = await svc.templates.build(
-            who, name, f"image:{name}", [], start, tags or [], None, image=path
-        )
+        events = await tpl.build(who, name, f"image:{name}", [], start, tags or [], None, image=path)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -168,25 +168,25 @@ async def import_image(
 
 
 @router.get("")
-async def list_templates(who: Who, svc: Svc) -> dict[str, Any]:
+async def list_templates(who: Who, tpl: Tpl) -> dict[str, Any]:
     """Your templates (ready ones, and builds in progress as `building`), besides the built-in `base`."""
-    return {"items": [await template_out(svc, who, t) for t in await svc.templates.list(who)]}
+    return {"items": [await template_out(tpl, who, t) for t in await tpl.list(who)]}
 
 
 @router.get("/{name}")
-async def get_template(name: str, who: Who, svc: Svc) -> dict[str, Any]:
+async def get_template(name: str, who: Who, tpl: Tpl) -> dict[str, Any]:
     """One template: its layers with their sizes, defaults, start command, tags and build steps."""
-    return await template_out(svc, who, await svc.templates.get(who, name))
+    return await template_out(tpl, who, await tpl.get(who, name))
 
 
 @router.post("/{name}/tags", status_code=201)
-async def tag_template(name: str, body: TagBody, who: Who, svc: Svc) -> dict[str, Any]:
+async def tag_template(name: str, body: TagBody, who: Who, tpl: Tpl) -> dict[str, Any]:
     """Give the template another name, `name:tag`, that stays on this build when `name` is rebuilt."""
-    return await template_out(svc, who, await svc.templates.tag(who, name, body.tag))
+    return await template_out(tpl, who, await tpl.tag(who, name, body.tag))
 
 
 @router.delete("/{name}", status_code=204)
-async def delete_template(name: str, who: Who, svc: Svc) -> Response:
+async def delete_template(name: str, who: Who, tpl: Tpl) -> Response:
     """Delete a template (or one tag of it); 409 while sandboxes made from it are alive."""
-    await svc.templates.delete(who, name)
+    await tpl.delete(who, name)
     return Response(status_code=204)

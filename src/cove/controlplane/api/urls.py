@@ -92,7 +92,7 @@ async def file_caller(request: Request, sandbox_id: str) -> Caller:
     subject = _file_subject(sandbox_id, request.method, query.get("path", ""), query.get("user"))
     if not expires.isdigit() or not cove.signer.verify(_FILE, subject, token, int(expires)):
         raise ApiError(403, "forbidden", "the signed URL is invalid or has expired")
-    rec = await cove.store.get_sandbox(sandbox_id)
+    rec = await cove.service.lookup(sandbox_id)
     if rec is None:
         raise not_found("sandbox", sandbox_id)
     return Caller(key_id=f"signed:{sandbox_id}", tenant=rec.tenant, admin=False)

@@ -1,16 +1,26 @@
-"""`cove serve`: run the API server (and optionally a demo against it)."""
+"""The composition root: one application with the control plane and both front ends (cove's API
+and e2b's), and `cove serve`, which runs it (optionally with a demo against it).
+
+Only this module knows every part: the control plane never imports a front end, and the node
+never imports the control plane (the import contracts in pyproject.toml hold them to that)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
+from cove import __version__
+from cove.compat import e2b
 from cove.config import Settings
+from cove.controlplane import app as controlplane
 from cove.controlplane import logs
-from cove.controlplane.app import create_app
 
 # Seconds an idle keep-alive connection stays open. uvicorn's default (5 s) equals httpx's
 # keepalive_expiry (5 s): a client reusing a connection just before its own expiry could send on it
@@ -18,6 +28,33 @@ from cove.controlplane.app import create_app
 # both event loops lag. Like load balancers, keep idle connections longer than clients do (httpx 5,
 # aiohttp 15, Go 90 s), so the client is always the one that closes them.
 KEEP_ALIVE_S = 120
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    cove = controlplane.assemble(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await controlplane.start(cove)
+        # What startup built (modules, routes, schemas: most of the heap) is never garbage, and
+        # each full collection walked all of it, stalling every request for 30-80 ms.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await controlplane.stop(cove)
+
+    app = FastAPI(
+        title="cove",
+        version=__version__,
+        description="Self-hosted sandboxes for AI agents. Authenticate with `Authorization: Bearer KEY`.",
+        lifespan=lifespan,
+    )
+    controlplane.install(app, cove)
+    e2b.install(app, cove)
+    app.add_middleware(controlplane.AccessLog, traffic=cove.pools.traffic)
+    return app
 
 
 def serve(host: str = "127.0.0.1", port: int = 7770, home: str | None = None, demo: bool = False) -> None:

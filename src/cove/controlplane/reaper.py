@@ -1,0 +1,201 @@
+"""Adoption and the reaper: the background work that keeps the store and the node agreeing.
+
+At start (`adopt`) sandboxes that survived a restart are kept, the others marked, half-made
+snapshots rolled back and whatever the store does not know about swept. While the server runs,
+the reaper enforces timeouts and idle policies and notices sandboxes that died on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from cove.config import Settings
+from cove.controlplane.layer_refs import LayerRefs
+from cove.controlplane.service import SandboxService, bucket_mounts
+from cove.controlplane.states import ACTIVE, LIVE
+from cove.controlplane.templates import Templates
+from cove.controlplane.volumes import Volumes
+from cove.store.base import SandboxRecord
+
+log = logging.getLogger("cove.reaper")
+
+ALIVE_CHECKS = 64  # sandboxes the reaper checks for a death of their own per tick (in turn)
+
+
+class Reaper:
+    def __init__(
+        self,
+        settings: Settings,
+        sandboxes: SandboxService,
+        templates: Templates,
+        volumes: Volumes,
+        refs: LayerRefs,
+    ) -> None:
+        self.settings = settings
+        self.sandboxes = sandboxes
+        self.store = sandboxes.store
+        self.node = sandboxes.node
+        self.templates = templates
+        self.volumes = volumes
+        self.refs = refs
+        self._alive_turn = 0  # where the next liveness checks start (see _dead_among)
+        self._task: asyncio.Task[None] | None = None
+
+    async def adopt(self) -> None:
+        """At start: keep sandboxes that survived the restart, mark the others, roll back half-made
+        snapshots and sweep whatever the store does not know about."""
+        page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
+        keep: set[str] = set()
+        checkpoints = await self.node.checkpoint_keys()
+        for rec in page.items:
+            if rec.state == "hibernated":
+                keep.add(rec.id)
+                # A resume the crash interrupted may have started processes the store never heard of.
+                await self.node.stop(rec.id)
+                if not rec.checkpoint.get("memory"):
+                    await self.node.drop_checkpoint(rec.id)
+                continue
+            if rec.state in ACTIVE and await self.node.alive(rec.id, rec.node):
+                keep.add(rec.id)
+                # Match the freezer to the record: a crash mid-snapshot or mid-pause/resume leaves
+                # it frozen or thawed against its state.
+                await (self.node.resume if rec.state == "running" else self.node.pause)(rec.id)
+                if rec.id in checkpoints:  # a hibernation that failed or was cut short: they run on
+                    await self.node.drop_checkpoint(rec.id)
+                await self.sandboxes.open_egress(rec, rec.node)
+                continue
+            if rec.state in ACTIVE and rec.id in checkpoints:
+                # The server died during a hibernation, after its dump ended the processes: with a
+                # complete image they are restored on resume; without one their files still are.
+                memory = await self.node.has_checkpoint(rec.id)
+                await self.node.stop(rec.id)
+                if not memory:
+                    await self.node.drop_checkpoint(rec.id)
+                info: dict[str, Any] = {"memory": memory, "recovered": True}
+                if not memory:
+                    info["reason"] = "the server stopped during hibernation: processes restart on resume"
+                await self.sandboxes.transition(rec, "hibernated", node={}, checkpoint=info)
+                keep.add(rec.id)
+                continue
+            await self.node.kill(rec.id, rec.node)
+            reason = (
+                "creation interrupted by restart"
+                if rec.state == "starting"
+                else "lost while the server was down"
+            )
+            await self.sandboxes.transition(rec, "error", end_reason=reason)
+        for snap in await self.store.list_snapshots(None):
+            if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
+                await self.store.delete_snapshot(snap.id)
+                await self.node.drop_checkpoint(snap.id)
+                await self.volumes.drop_sealed(snap)
+                log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
+        await self.templates.rollback()
+        swept = await self.node.sweep(keep)
+        # Checkpoints nothing names any more (a fork or resume cut short between its steps).
+        named = {r.id for r in page.items if r.id in keep} | {
+            s.id for s in await self.store.list_snapshots(None) if s.memory
+        }
+        for key in await self.node.checkpoint_keys() - named:
+            await self.node.drop_checkpoint(key)
+        await self.volumes.sweep()
+        for rec in page.items:  # a bucket whose rclone died while the server was down is marked
+            if rec.id in keep and rec.state in ACTIVE and bucket_mounts(rec):
+                await self._check_buckets(rec)
+        await self.refs.collect()
+        log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
+
+    async def reap_once(self) -> None:
+        """Enforce timeouts and idle policies; notice sandboxes that died on their own."""
+        now, mono = time.time(), time.monotonic()
+        page = await self.store.list_sandboxes(None, ["running", "paused", "hibernated"], limit=1_000_000)
+        dead = await self._dead_among(
+            [
+                r
+                for r in page.items
+                if r.state in ACTIVE and not (r.expires_at is not None and r.expires_at <= now)
+            ]
+        )
+        for rec in page.items:
+            try:
+                if rec.expires_at is not None and rec.expires_at <= now:
+                    if rec.on_timeout == "hibernate" and rec.state in ACTIVE:
+                        await self.sandboxes.hibernate_record(rec, stop_clock=True)
+                    else:
+                        await self.sandboxes.end(rec, "killed", "timeout", check="expired")
+                elif rec.state == "hibernated":
+                    continue
+                elif rec.id in dead:
+                    await self.sandboxes.end(
+                        rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
+                    )
+                elif rec.state == "running" and rec.idle_timeout:
+                    last = self.sandboxes.last_activity(rec.id, mono)
+                    if mono - last >= rec.idle_timeout:
+                        await self._idle(rec)
+                if rec.state in ACTIVE and bucket_mounts(rec):
+                    await self._check_buckets(rec)
+            except Exception:
+                log.exception("reaper failed on sandbox %s", rec.id)
+
+    async def _dead_among(self, active: list[SandboxRecord]) -> set[str]:
+        """Which of the active sandboxes died on their own. At most ALIVE_CHECKS of them are
+        checked per tick, in turn, in one pass off the event loop: with hundreds idle, checking
+        every one each second cost the server more than their requests did."""
+        if not active:
+            return set()
+        start = self._alive_turn % len(active)
+        turn = (active[start:] + active[:start])[:ALIVE_CHECKS]
+        self._alive_turn = start + len(turn)
+        return set(await self.node.dead([(r.id, r.node) for r in turn]))
+
+    async def _check_buckets(self, rec: SandboxRecord) -> None:
+        """Mark bucket mounts whose rclone is gone as `lost` (the sandbox sees ENOTCONN there);
+        hibernate and resume, or a new sandbox, mounts them again."""
+        served = [i for i, m in enumerate(rec.mounts) if m["type"] != "volume" and m.get("status") != "lost"]
+        if not served or all(await self.node.bucket_mounts_healthy(rec.id, served)):
+            return
+        async with self.sandboxes.lock(rec.id):  # checked again: a hibernation may have stopped it meanwhile
+            fresh = await self.sandboxes.fresh(rec)
+            if fresh.state not in ACTIVE:
+                return
+            healthy = await self.node.bucket_mounts_healthy(rec.id, served)
+            lost = [i for i, ok in zip(served, healthy, strict=True) if not ok]
+            if not lost:
+                return
+            mounts = [dict(m) for m in fresh.mounts]
+            for i in lost:
+                mounts[i]["status"] = "lost"
+            await self.store.update_sandbox(rec.id, mounts=mounts)
+            rec.mounts = mounts
+        log.warning("bucket mount lost (its rclone exited)", extra={"sandbox": rec.id, "mounts": lost})
+
+    async def _idle(self, rec: SandboxRecord) -> None:
+        if rec.on_idle == "hibernate":
+            await self.sandboxes.hibernate_record(rec)
+            log.info("hibernated idle sandbox", extra={"sandbox": rec.id, "idle_timeout": rec.idle_timeout})
+            return
+        async with self.sandboxes.lock(rec.id):
+            rec = await self.sandboxes.fresh(rec)
+            if rec.state == "running":
+                await self.node.pause(rec.id)
+                await self.sandboxes.transition(rec, "paused", end_reason=None)
+                log.info("paused idle sandbox", extra={"sandbox": rec.id, "idle_timeout": rec.idle_timeout})
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval)
+            await self.reap_once()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._forever(), name="cove-reaper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

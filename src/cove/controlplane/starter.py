@@ -1,0 +1,103 @@
+"""The one way a sandbox starts: cold creates, pool refills and template builds all come here.
+
+Starting is: build the node's spec (with the sandbox's way out, its egress proxy, in its env),
+have the node create it (or restore it from a memory checkpoint, or start it again over its kept
+files), then open its egress listener in the new network namespace. A start that fails after the
+node made the sandbox kills it: nothing half-started is left behind.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from cove.config import Settings
+from cove.controlplane.admission import Admission
+from cove.network.egress import Egress, proxy_env
+from cove.network.egress_policy import Policy
+from cove.node.base import Limits, NodeAgent, SandboxSpec, TemplateSpec
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def new_sandbox_id() -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(16))
+
+
+class Starter:
+    def __init__(self, settings: Settings, node: NodeAgent, egress: Egress, admission: Admission) -> None:
+        self.settings = settings
+        self.node = node
+        self.egress = egress
+        self.admission = admission
+
+    def spec(
+        self,
+        sid: str,
+        template: TemplateSpec,
+        env: Mapping[str, str],
+        user: str,
+        workdir: str,
+        limits: Limits,
+        runtime: str = "namespaces",
+        egress: bool = True,
+    ) -> SandboxSpec:
+        """The node's spec; `egress`: the sandbox reaches out through its proxy (its env says where)."""
+        return SandboxSpec(
+            id=sid,
+            template=template,
+            env={**(proxy_env(self.settings.egress_port) if egress else {}), **env},
+            user=user,
+            workdir=workdir,
+            limits=limits,
+            runtime=runtime,
+        )
+
+    async def start(
+        self,
+        spec: SandboxSpec,
+        policy: Policy | None,
+        checkpoint: str | None = None,
+        resume: bool = False,
+        kept_files: bool = False,
+    ) -> dict[str, Any]:
+        """Start `spec` and open its egress under `policy` (None: no way out); returns the node's
+        handle. `checkpoint`: restore the processes saved under that key (`resume`: a hibernated
+        sandbox's own); `kept_files`: start fresh processes over the files a stop kept."""
+        if checkpoint:
+            handle = await self.node.restore(spec, checkpoint, resume=resume)
+        elif kept_files:
+            handle = await self.node.restart(spec)
+        else:
+            handle = await self.node.create(spec)
+        try:
+            await self.open_egress(spec.id, spec.runtime, handle, policy)
+        except BaseException:
+            await self.node.kill(spec.id, handle)
+            raise
+        return handle
+
+    async def open_egress(
+        self, sid: str, runtime: str, handle: dict[str, Any], policy: Policy | None
+    ) -> None:
+        """The egress listener in the namespace of the processes started with `handle` (after a
+        start, and at adoption: a restored namespace is a new one, without the listener)."""
+        if policy is None or runtime not in ("namespaces", ""):  # gVisor's network is its own
+            return
+        await self.egress.attach(sid, handle, policy)
+
+    async def close_egress(self, sid: str) -> None:
+        """Close the sandbox's way out (before a commit, a kill: its connections pin the namespace)."""
+        await self.egress.detach(sid, forget=True)
+
+    async def stop(self, sid: str, handle: dict[str, Any] | None) -> None:
+        """Kill a sandbox and close its egress."""
+        await self.close_egress(sid)
+        await self.node.kill(sid, handle)
+
+    async def may_start_background(self) -> bool:
+        """May work nobody waits for (a pool refill) start a sandbox now?"""
+        if self.admission.starts.queued:  # creates wait for a start slot: they come first
+            return False
+        return await self.admission.refusal(count=False) is None
