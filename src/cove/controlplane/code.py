@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cove.controlplane.api.deps import guest_errors
 from cove.controlplane.errors import ApiError
 from cove.controlplane.service import SandboxService
 from cove.node.guest_client import GuestError, GuestUnavailable
@@ -52,7 +51,7 @@ def _argument(argv: list[str], name: str) -> str | None:
 
 
 async def list_contexts(svc: SandboxService, rec: SandboxRecord) -> list[Context]:
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         procs = await svc.guest(rec).processes()
     out = []
     for p in procs:
@@ -91,7 +90,7 @@ async def start(
         raise ApiError(400, "invalid", f"cannot prepare a context for user {user!r}: {e}") from e
     argv = [PYTHON, "/run/cove/kernel_bridge.py", "--socket", sock, "--cwd", cwd]
     argv += ["--env-json", json.dumps(env), "--language", language]
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         proc = await svc.guest(rec).spawn(argv=argv, user=user, tag=f"{TAG}{context_id}:{language}")
     bridge = svc.node.context_client(rec.id, context_id)
     deadline = time.monotonic() + 60
@@ -131,7 +130,7 @@ async def stop(svc: SandboxService, rec: SandboxRecord, ctx: Context) -> None:
     """Stop the interpreter; its variables are gone. Returns once it has exited (a context that is
     gone is not listed any more)."""
     guest = svc.guest(rec)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await guest.signal(ctx.process_id, "SIGTERM")
         if (await guest.wait(ctx.process_id, timeout=STOP_GRACE)).get("running"):
             await guest.signal(ctx.process_id, "SIGKILL")

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cove import faults
@@ -561,6 +561,14 @@ class SandboxService:
         if not await self.check_alive(rec):
             return ApiError(409, "not_running", f"sandbox {rec.id} stopped while the call ran")
         return ApiError(503, "guest_unavailable", f"the sandbox's guest agent did not answer: {exc}")
+
+    @contextlib.asynccontextmanager
+    async def guest_errors(self, rec: SandboxRecord) -> AsyncIterator[None]:
+        """Around calls to the sandbox's guest: their failures raised as `guest_failure`'s ApiError."""
+        try:
+            yield
+        except (GuestError, GuestUnavailable) as e:
+            raise await self.guest_failure(rec, e) from e
 
     async def check_alive(self, rec: SandboxRecord) -> bool:
         """After the guest stopped answering: mark a dead sandbox as such (and free it)."""

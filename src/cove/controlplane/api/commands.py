@@ -16,7 +16,7 @@ from cove.controlplane.schemas import ExecRequest, ExecResult
 from cove.controlplane.service import SandboxService
 from cove.store.base import SandboxRecord
 
-from .deps import guest_errors, service
+from .deps import service
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["commands"])
 Svc = Annotated[SandboxService, Depends(service)]
@@ -44,7 +44,7 @@ async def exec_command(sandbox_id: str, body: ExecRequest, who: Who, svc: Svc) -
     truncated = False
     end: dict[str, Any] = {}
     started = time.perf_counter()
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         async for kind, data in svc.guest(rec).exec(**_guest_args(rec, body)):
             if kind == "exit":
                 end = data  # type: ignore[assignment]
@@ -81,7 +81,7 @@ async def exec_stream(sandbox_id: str, body: ExecRequest, who: Who, svc: Svc) ->
         decoders = {k: codecs.getincrementaldecoder("utf-8")(errors="replace") for k in ("stdout", "stderr")}
         started = time.perf_counter()
         try:
-            async with guest_errors(svc, rec):
+            async with svc.guest_errors(rec):
                 async for kind, data in events:
                     if kind == "exit":
                         for k, dec in decoders.items():

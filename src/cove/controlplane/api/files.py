@@ -18,7 +18,7 @@ from cove.controlplane.errors import ApiError
 from cove.controlplane.schemas import Entry, EntryList, MkdirRequest, RenameRequest, SandboxPath, UserName
 from cove.controlplane.service import SandboxService
 
-from .deps import guest_errors, service
+from .deps import service
 from .urls import file_caller
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/files", tags=["files"])
@@ -41,14 +41,14 @@ async def read_file(
     """Download a file, streamed."""
     rec = await svc.running(who, sandbox_id)
     chunks = svc.guest(rec).read(path, user=user or rec.user)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         first = await anext(chunks, b"")  # errors (missing file, a directory) surface before the headers
 
     async def body() -> AsyncIterator[bytes]:
         try:
             if first:
                 yield first
-            async with guest_errors(svc, rec):
+            async with svc.guest_errors(rec):
                 async for chunk in chunks:
                     yield chunk
         finally:
@@ -66,13 +66,13 @@ async def watch(
     `{"type": "overflow"}` means the kernel dropped events). inotify inside the sandbox, as `user`."""
     rec = await svc.running(who, sandbox_id)
     events = svc.guest(rec).watch(path, recursive=recursive, user=user or rec.user)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         first = await anext(events)  # a missing or non-directory path fails before the headers
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             yield json.dumps({"type": "watching", "path": path}).encode() + b"\n"
-            async with guest_errors(svc, rec):
+            async with svc.guest_errors(rec):
                 async for event in events:
                     if event.get("event") == "overflow":  # the kernel dropped events: rescan if you care
                         event = {"type": "overflow"}
@@ -112,7 +112,7 @@ async def write_file(
             if chunk:
                 yield chunk
 
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         reply = await svc.guest(rec).write(path, chunks(), user=user or rec.user, mode=mode)
     return Entry(**reply["entry"])
 
@@ -123,7 +123,7 @@ async def remove(
 ) -> Response:
     """Remove a file, a symlink, or a directory (`recursive=true` for a non-empty one)."""
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).call("remove", path=path, recursive=recursive, user=user or rec.user)
     return Response(status_code=204)
 
@@ -139,7 +139,7 @@ async def list_dir(
 ) -> EntryList:
     """List a directory, descending `depth` levels."""
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         reply = await svc.guest(rec).call("list", path=path, depth=depth, user=user or rec.user)
     return EntryList(entries=[Entry(**e) for e in reply["entries"]])
 
@@ -148,7 +148,7 @@ async def list_dir(
 async def stat(sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = None) -> Entry:
     """Describe one path (a symlink is described, not followed). 404 if it does not exist."""
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         reply = await svc.guest(rec).call("stat", path=path, user=user or rec.user)
     return Entry(**reply["entry"])
 
@@ -157,7 +157,7 @@ async def stat(sandbox_id: str, path: PathQ, who: Who, svc: Svc, user: UserQ = N
 async def mkdir(sandbox_id: str, body: MkdirRequest, who: Who, svc: Svc) -> Entry:
     """Create a directory and its parents (no error if it exists)."""
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         reply = await svc.guest(rec).call("mkdir", path=body.path, user=body.user or rec.user)
     return Entry(**reply["entry"])
 
@@ -166,6 +166,6 @@ async def mkdir(sandbox_id: str, body: MkdirRequest, who: Who, svc: Svc) -> Entr
 async def rename(sandbox_id: str, body: RenameRequest, who: Who, svc: Svc) -> Entry:
     """Move or rename a file or directory."""
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         reply = await svc.guest(rec).call("rename", src=body.src, dst=body.dst, user=body.user or rec.user)
     return Entry(**reply["entry"])

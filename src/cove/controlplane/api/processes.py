@@ -32,7 +32,7 @@ from cove.controlplane.schemas import (
 from cove.controlplane.service import SandboxService
 from cove.store.base import SandboxRecord
 
-from .deps import guest_errors, service
+from .deps import service
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/processes", tags=["processes"])
 Svc = Annotated[SandboxService, Depends(service)]
@@ -50,7 +50,7 @@ def _known(rec: SandboxRecord, process_id: str) -> str:
 
 
 async def _process(svc: SandboxService, rec: SandboxRecord, process_id: str) -> dict[str, Any]:
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         procs = await svc.guest(rec).processes()
     for proc in procs:
         if proc.get("id") == process_id:
@@ -72,7 +72,7 @@ async def start(sandbox_id: str, body: StartProcess, who: Who, svc: Svc) -> Proc
         "pty": body.pty.model_dump() if body.pty else None,
         "tag": body.tag,
     }
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         started = await svc.guest(rec).spawn(**fields)
     return ProcessOut(**await _process(svc, rec, started["id"]))
 
@@ -80,7 +80,7 @@ async def start(sandbox_id: str, body: StartProcess, who: Who, svc: Svc) -> Proc
 @router.get("", response_model=ProcessList)
 async def list_processes(sandbox_id: str, who: Who, svc: Svc) -> ProcessList:
     rec = await svc.running(who, sandbox_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         procs = await svc.guest(rec).processes()
     return ProcessList(items=[ProcessOut(**p) for p in procs])
 
@@ -112,7 +112,7 @@ async def output(
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
     events = svc.guest(rec).attach(process_id, offset=offset)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         first = await anext(events)  # unknown ids fail here, before the headers
 
     async def lines() -> AsyncIterator[bytes]:
@@ -122,7 +122,7 @@ async def output(
             kind, data = first
             position = data.get("offset", 0)  # type: ignore[union-attr]
             yield _line({"type": "attached", **data})  # type: ignore[dict-item]
-            async with guest_errors(svc, rec):
+            async with svc.guest_errors(rec):
                 async for kind, data in events:
                     if kind == "exit":
                         yield _line({"type": "exit", **data})  # type: ignore[dict-item]
@@ -146,7 +146,7 @@ async def stdin(sandbox_id: str, process_id: str, body: StdinData, who: Who, svc
     """Write text to the process's stdin (or terminal). 409 once it has exited or stdin is closed."""
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).input(process_id, body.data.encode())
     return Response(status_code=204)
 
@@ -155,7 +155,7 @@ async def stdin(sandbox_id: str, process_id: str, body: StdinData, who: Who, svc
 async def close_stdin(sandbox_id: str, process_id: str, who: Who, svc: Svc) -> Response:
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).close_stdin(process_id)
     return Response(status_code=204)
 
@@ -166,7 +166,7 @@ async def signal(sandbox_id: str, process_id: str, body: SignalRequest, who: Who
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
     sig: str | int = int(body.signal) if body.signal.isdigit() else body.signal
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).signal(process_id, sig)
     return Response(status_code=204)
 
@@ -176,7 +176,7 @@ async def kill(sandbox_id: str, process_id: str, who: Who, svc: Svc) -> Response
     """Kill the process (SIGKILL to its process group)."""
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).signal(process_id, "SIGKILL")
     return Response(status_code=204)
 
@@ -189,7 +189,7 @@ async def resize(sandbox_id: str, process_id: str, body: dict[str, int], who: Wh
     rows, cols = body.get("rows"), body.get("cols")
     if not isinstance(rows, int) or not isinstance(cols, int) or not (0 < rows <= 1000 and 0 < cols <= 1000):
         raise ApiError(422, "validation_error", "rows and cols: integers from 1 to 1000")
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         await svc.guest(rec).resize(process_id, rows, cols)
     return Response(status_code=204)
 
@@ -202,7 +202,7 @@ async def wait(
     rec = await svc.running(who, sandbox_id)
     _known(rec, process_id)
     timeout = (body or WaitRequest()).timeout
-    async with guest_errors(svc, rec):
+    async with svc.guest_errors(rec):
         result = await svc.guest(rec).wait(process_id, timeout)
     return WaitResult(**result)
 
@@ -219,7 +219,7 @@ async def terminal(websocket: WebSocket, sandbox_id: str, process_id: str, offse
         rec = await svc.running(who, sandbox_id)
         _known(rec, process_id)
         events = svc.guest(rec).attach(process_id, offset=offset)
-        async with guest_errors(svc, rec):
+        async with svc.guest_errors(rec):
             await anext(events)
     except ApiError as e:
         await websocket.close(code=4000 + min(e.status, 999), reason=e.message[:120])
@@ -277,7 +277,7 @@ async def terminal(websocket: WebSocket, sandbox_id: str, process_id: str, offse
             if msg["type"] == "websocket.disconnect":
                 break
             with contextlib.suppress(ApiError):
-                async with guest_errors(svc, rec):
+                async with svc.guest_errors(rec):
                     if msg.get("bytes"):
                         await guest.input(process_id, msg["bytes"])
                     elif msg.get("text"):
