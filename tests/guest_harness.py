@@ -72,8 +72,8 @@ def wait_gone(pid: int, timeout: float = 6.0) -> bool:
 
 
 class Agent:
-    """The agent in test mode. With `run_as`, it runs from a copy of agent.py + protocol.py placed
-    side by side (as in /run/cove) under that uid, which must be able to reach `root`."""
+    """The agent in test mode. With `run_as`, it runs from a copy of its modules placed side by side
+    (as in /run/cove) under that uid, which must be able to reach `root`."""
 
     def __init__(self, root: Path, run_as: int | None = None, default_user: str = "root") -> None:
         self.root = root
@@ -82,8 +82,9 @@ class Agent:
         self.socket = str(root / "agent.sock")
         script = AGENT
         if run_as is not None:
-            for name in ("agent.py", "protocol.py"):
-                shutil.copy(AGENT.parent / name, root / name)
+            for module in AGENT.parent.glob("*.py"):
+                if module.name not in ("__init__.py", "kernel_bridge.py"):
+                    shutil.copy(module, root / module.name)
             script = root / "agent.py"
         config = root / "config.json"
         config.write_text(

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from cove.compat.e2b.fsops import guest_path
 from cove.guest import protocol
-from cove.guest.agent import OpError, norm_path
+from cove.guest.errors import OpError
+from cove.guest.users import norm_path
 
 EXAMPLES = max(200, int(os.environ.get("COVE_FUZZ_EXAMPLES", "0")))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -541,7 +541,7 @@ def test_connection_drop_is_unavailable(agent: Agent, client: GuestClient) -> No
 def test_os_errors_map_to_protocol_codes() -> None:
     import errno
 
-    from cove.guest.agent import os_error
+    from cove.guest.errors import os_error
 
     cases = {
         errno.ENOENT: "not_found",

@@ -33,7 +33,10 @@ T = TypeVar("T")
 log = logging.getLogger("cove.node")
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
-GUEST_FILES = ("agent.pyc", "protocol.pyc", "kernel_bridge.py")
+# The agent's modules, linked flat into each sandbox's /run/cove as .pyc (agent.py imports them from
+# there); the kernel bridge stays source, run by the kernel venv's python.
+GUEST_MODULES = sorted(p for p in GUEST_DIR.glob("*.py") if p.name not in ("__init__.py", "kernel_bridge.py"))
+GUEST_FILES = (*(p.stem + ".pyc" for p in GUEST_MODULES), "kernel_bridge.py")
 
 
 @functools.cache
@@ -90,7 +93,7 @@ class NamespacesRuntime:
         A script run as __main__ is never cached by Python, so compiling here saves every sandbox
         start ≈7 ms; unchecked-hash .pyc files stay valid when linked into each sandbox.
         """
-        sources = [GUEST_DIR / "agent.py", GUEST_DIR / "protocol.py", GUEST_DIR / "kernel_bridge.py"]
+        sources = [*GUEST_MODULES, GUEST_DIR / "kernel_bridge.py"]
         digest = hashlib.sha256(self.settings.guest_python.encode())
         for src in sources:
             digest.update(src.read_bytes())
@@ -104,9 +107,9 @@ class NamespacesRuntime:
                 "    py_compile.compile(src, cfile=dst, doraise=True,\n"
                 "        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
             )
-            args = [a for src in sources[:2] for a in (str(src), str(tmp / (src.stem + ".pyc")))]
+            args = [a for src in sources[:-1] for a in (str(src), str(tmp / (src.stem + ".pyc")))]
             subprocess.run([self.settings.guest_python, "-I", "-c", script, *args], check=True)
-            shutil.copyfile(sources[2], tmp / sources[2].name)  # run by the kernel venv's python
+            shutil.copyfile(sources[-1], tmp / sources[-1].name)  # run by the kernel venv's python
             for f in tmp.iterdir():
                 f.chmod(0o444)
             shutil.rmtree(out, ignore_errors=True)
