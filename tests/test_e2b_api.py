@@ -222,6 +222,8 @@ def test_pause_and_connect_keep_the_processes_memory(api: httpx.Client, sbx: San
 
     # mode="filesystem" keeps only the files: the process does not come back.
     assert sbx.pause(mode="filesystem") is True
+    hibernation = api.get(f"/v1/sandboxes/{sid}").json()["hibernation"]
+    assert hibernation["memory"] is False and "filesystem" in hibernation["reason"], hibernation
     Sandbox.connect(sid)
     assert counter(api, sid)[0] == token  # the file it wrote is still there
     assert not counting(api, sid)

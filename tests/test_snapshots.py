@@ -54,7 +54,8 @@ def test_snapshot_restore_and_layer_lifetime(server: Server, api: httpx.Client) 
 
 
 def test_fork_children_start_from_the_same_instant_and_diverge(api: httpx.Client) -> None:
-    src = api.post("/v1/sandboxes", json={"metadata": {"team": "x"}}).json()
+    policy = {"on_timeout": "hibernate", "idle_timeout": 900, "on_idle": "hibernate"}
+    src = api.post("/v1/sandboxes", json={"metadata": {"team": "x"}, **policy}).json()
     try:
         # Written right before the fork, without any sync: every child must have it.
         sh(
@@ -68,6 +69,7 @@ def test_fork_children_start_from_the_same_instant_and_diverge(api: httpx.Client
         assert len(children) == 3 and len({c["id"] for c in children}) == 3
         for i, child in enumerate(children):
             assert child["metadata"]["forked_from"] == src["id"] and child["metadata"]["team"] == "x"
+            assert {k: child[k] for k in policy} == policy, "children end the way their source does"
             assert sh(api, child["id"], "sha256sum -c /home/user/sum")["exit_code"] == 0
             sh(api, child["id"], f"echo {i} > /home/user/mine")
         for i, child in enumerate(children):
