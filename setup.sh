@@ -30,6 +30,9 @@ fi
 
 export COVE_HOME="${COVE_HOME:-/var/lib/cove}"
 .venv/bin/cove doctor
+# The Python environment of code contexts (pip, once; instant when built), so that the first run_code
+# does not wait for the server to build it. Without a package index the server retries at its start.
+.venv/bin/cove kernel build >/dev/null || echo "setup: the kernel environment could not be built now; the server builds it at its first start" >&2
 
 if [ "${1:-}" != "--no-serve" ]; then
   exec .venv/bin/cove serve --demo --host "${COVE_HOST:-127.0.0.1}" --port "${COVE_PORT:-7770}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,7 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cove.cli.main import app
+from cove.controlplane import auth
 from cove.sdk import Sandbox
+from cove.store.base import KeyRecord
+from cove.store.sqlite import SQLiteStore
 
 
 @pytest.fixture
@@ -228,6 +232,52 @@ def test_keys_create(runner: CliRunner, cli_env: dict[str, str]) -> None:
 
     listed = _run(runner, cli_env, "keys", "ls")
     assert name in listed.stdout
+
+
+def _stored_key(db_path: Path, secret: str) -> KeyRecord | None:
+    async def lookup() -> KeyRecord | None:
+        store = SQLiteStore(db_path)
+        await store.open()
+        try:
+            return await store.key_by_hash(auth.hash_key(secret))
+        finally:
+            await store.close()
+
+    return asyncio.run(lookup())
+
+
+def test_keys_create_local(runner: CliRunner, server: Any, tmp_path: Path) -> None:
+    """A first admin key without one: written into the store under COVE_HOME, not through the API."""
+    fresh = _run(runner, {"COVE_HOME": str(tmp_path)}, "keys", "create", "--local", "--admin", "-n", "first")
+    assert fresh.exit_code == 0, fresh.output
+    rec = _stored_key(tmp_path / "cove.db", fresh.stdout.strip())
+    assert rec is not None and rec.admin and rec.name == "first" and rec.tenant == "default"
+    assert rec.id in fresh.stderr and "admin key" in fresh.stderr
+
+    # Into the running server's own store: the key is an admin key there at once.
+    name = "local-" + uuid.uuid4().hex[:8]
+    made = _run(runner, {"COVE_HOME": str(server.home)}, "keys", "create", "--local", "--admin", "-n", name)
+    assert made.exit_code == 0, made.output
+    as_admin = {"COVE_URL": server.url, "COVE_API_KEY": made.stdout.strip(), "COLUMNS": "200"}
+    listed = _run(runner, as_admin, "keys", "ls")
+    assert listed.exit_code == 0 and name in listed.stdout, listed.output
+    key_id = next(line.split()[0] for line in listed.stdout.splitlines() if name in line)
+    assert _run(runner, as_admin, "keys", "rm", key_id).exit_code == 0
+
+    # Through the API without a key: the error says how to get one.
+    no_key = _run(runner, {"COVE_URL": server.url, "COVE_API_KEY": ""}, "keys", "create", "-n", "x")
+    assert no_key.exit_code == 1 and "--local" in no_key.stderr
+
+
+def test_kernel_build_finds_the_servers_environment(
+    runner: CliRunner, server: Any, kernel_ready: None
+) -> None:
+    """Once built (the server built it here), `cove kernel build` returns at once with its path."""
+    cache = Path(server.env["COVE_KERNEL_CACHE"])
+    done = _run(runner, {"COVE_KERNEL_CACHE": str(cache)}, "kernel", "build")
+    assert done.exit_code == 0, done.output
+    path = Path(done.stdout.strip())
+    assert path.is_relative_to(cache) and (path / "bin" / "python").exists()
 
 
 def test_doctor_reports_host_support() -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from cove.cli._ui import ago, connection, friendly, out
 from cove.sdk.volumes import Volume, VolumeMount
 
 volume_app = typer.Typer(
@@ -25,67 +26,59 @@ def parse_volume(text: str) -> VolumeMount:
     return VolumeMount(name, path, mode == "ro")
 
 
-def _conn(ctx: typer.Context) -> tuple[str | None, str | None]:
-    obj = ctx.find_root().obj
-    return getattr(obj, "url", None), getattr(obj, "api_key", None)
+@volume_app.command("create")
+@friendly
+def volume_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Volume name (a-z, 0-9, . _ -).")],
+    size: Annotated[
+        int | None, typer.Option("--size-mb", "-s", help="Size limit in MB \\[default: 1024].")
+    ] = None,
+) -> None:
+    """Create a volume.
+
+    [bold]Example:[/]  [cyan]cove volume create data --size-mb 2048; cove create --volume data:/data[/]
+    """
+    conn = connection(ctx)
+    vol = Volume.create(name, size_mb=size, **conn.auth())
+    out.print(vol.name)
 
 
-def _commands() -> None:
-    # Imported late: main.py imports this module, and these reuse its error handling and output.
-    from cove.cli.main import _ago, _friendly, out
+@volume_app.command("ls")
+@friendly
+def volume_ls(ctx: typer.Context) -> None:
+    """List your volumes.
 
-    @volume_app.command("create")
-    @_friendly
-    def volume_create(
-        ctx: typer.Context,
-        name: Annotated[str, typer.Argument(metavar="NAME", help="Volume name (a-z, 0-9, . _ -).")],
-        size: Annotated[
-            int | None, typer.Option("--size-mb", "-s", help="Size limit in MB \\[default: 1024].")
-        ] = None,
-    ) -> None:
-        """Create a volume.
+    [bold]Example:[/]  [cyan]cove volume ls[/]
+    """
+    conn = connection(ctx)
+    table = Table("NAME", "SIZE MB", "CREATED", "COPIED FROM", box=None)
+    for vol in Volume.list(**conn.auth()):
+        src = vol.info.source
+        table.add_row(
+            escape(vol.name),
+            str(vol.info.size_mb or "-"),
+            ago(vol.info.created_at),
+            escape(f"{src['volume']} ({src['snapshot']})") if src else "",
+        )
+    out.print(table)
 
-        [bold]Example:[/]  [cyan]cove volume create data --size-mb 2048; cove create --volume data:/data[/]
-        """
-        url, key = _conn(ctx)
-        vol = Volume.create(name, size_mb=size, url=url, api_key=key)
-        out.print(vol.name)
 
-    @volume_app.command("ls")
-    @_friendly
-    def volume_ls(ctx: typer.Context) -> None:
-        """List your volumes.
+@volume_app.command("rm")
+@friendly
+def volume_rm(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Volume names.")],
+) -> None:
+    """Delete volumes and their content (refused while a sandbox mounts one).
 
-        [bold]Example:[/]  [cyan]cove volume ls[/]
-        """
-        url, key = _conn(ctx)
-        table = Table("NAME", "SIZE MB", "CREATED", "COPIED FROM", box=None)
-        for vol in Volume.list(url=url, api_key=key):
-            src = vol.info.source
-            table.add_row(
-                escape(vol.name),
-                str(vol.info.size_mb or "-"),
-                _ago(vol.info.created_at),
-                escape(f"{src['volume']} ({src['snapshot']})") if src else "",
-            )
-        out.print(table)
-
-    @volume_app.command("rm")
-    @_friendly
-    def volume_rm(
-        ctx: typer.Context,
-        names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Volume names.")],
-    ) -> None:
-        """Delete volumes and their content (refused while a sandbox mounts one).
-
-        [bold]Example:[/]  [cyan]cove volume rm data[/]
-        """
-        url, key = _conn(ctx)
-        for name in names:
-            Volume(Volume.get(name, url=url, api_key=key).info, url, key, None).delete()
-            out.print(f"deleted {escape(name)}")
+    [bold]Example:[/]  [cyan]cove volume rm data[/]
+    """
+    conn = connection(ctx)
+    for name in names:
+        Volume(Volume.get(name, **conn.auth()).info, conn.url, conn.api_key, None).delete()
+        out.print(f"deleted {escape(name)}")
 
 
 def register(app: typer.Typer) -> None:
-    _commands()
     app.add_typer(volume_app, name="volume")
