@@ -1,6 +1,6 @@
 """Run every benchmark, print the tables, and write docs/benchmarks.md.
 
-    sudo .venv/bin/python bench/run.py [--runs 50]
+    .venv/bin/python bench/run.py [--runs 50]   # as root
 
 Absolute times on a shared 2-core VM are noisy; read each figure against the floor measured in the
 same run (the ratio column), and the CPU time beside the wall time.
@@ -67,7 +67,7 @@ def render(result: dict, args: argparse.Namespace, extra: list[str]) -> str:
         [
             "# Benchmarks",
             "",
-            f"Command: `sudo .venv/bin/python bench/run.py --runs {args.runs}{' --quick' if args.quick else ''}`  ",
+            f"Command: `.venv/bin/python bench/run.py --runs {args.runs}{' --quick' if args.quick else ''}`  ",
             f"Machine: {machine()}  ",
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",

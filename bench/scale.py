@@ -1,7 +1,7 @@
 """Scale: warm-pool creates, concurrency, sustained rate, idle density, hibernated sandboxes.
 
-    sudo .venv/bin/python bench/scale.py [--quick] [--idle 500] [--hibernated 5000] [--rate 50 --duration 60]
-    sudo .venv/bin/python bench/scale.py --only sustained --rate 30 --duration 30   # one part alone
+    .venv/bin/python bench/scale.py [--quick] [--idle 500] [--hibernated 5000] [--rate 50 --duration 60]
+    .venv/bin/python bench/scale.py --only sustained --rate 30 --duration 30   # one part alone
 
 Each figure is beside its floor measured in the same run (bubblewrap `true`, a raw exec), and the
 plots (latency distributions, cost growth with the number of sandboxes) go to docs/bench/.

@@ -264,8 +264,22 @@ def test_keys_create_local(runner: CliRunner, server: Any, tmp_path: Path) -> No
     key_id = next(line.split()[0] for line in listed.stdout.splitlines() if name in line)
     assert _run(runner, as_admin, "keys", "rm", key_id).exit_code == 0
 
-    # Through the API without a key: the error says how to get one.
-    no_key = _run(runner, {"COVE_URL": server.url, "COVE_API_KEY": ""}, "keys", "create", "-n", "x")
+    # No key at all, as root where the store is: `keys create --admin` writes into it (the newcomer's way).
+    implied = _run(runner, {"COVE_HOME": str(tmp_path), "COVE_API_KEY": ""}, "keys", "create", "--admin")
+    assert implied.exit_code == 0, implied.output
+    rec = _stored_key(tmp_path / "cove.db", implied.stdout.strip())
+    assert rec is not None and rec.admin and rec.name == "admin"
+
+    # Through the API without a key, and no store here: the error says how to get one.
+    empty = tmp_path / "empty"
+    no_key = _run(
+        runner,
+        {"COVE_URL": server.url, "COVE_API_KEY": "", "COVE_HOME": str(empty)},
+        "keys",
+        "create",
+        "-n",
+        "x",
+    )
     assert no_key.exit_code == 1 and "--local" in no_key.stderr
 
 

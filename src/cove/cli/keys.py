@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from dataclasses import asdict
 from pathlib import Path
@@ -48,7 +49,10 @@ def _create_in_store(db_path: Path, name: str, tenant: str, admin: bool) -> tupl
 @friendly
 def keys_create(
     ctx: typer.Context,
-    name: Annotated[str, typer.Option("--name", "-n", help="A name to recognise the key by.")],
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="A name to recognise the key by (default: admin or key)."),
+    ] = None,
     tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for.")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="Let the key manage keys.")] = False,
     local: Annotated[
@@ -66,14 +70,18 @@ def keys_create(
 ) -> None:
     """Create an API key and print it (it is shown only this once).
 
-    A first admin key, as root on the server's host: [cyan]--local --admin[/] with the server's
-    COVE_HOME (the server need not be running).
+    A first admin key, as root on the server's host: [cyan]cove keys create --admin[/] with no API key
+    set writes it into the store under COVE_HOME (as [cyan]--local[/] does; the server need not be running).
 
-    [bold]Examples:[/]  [cyan]export COVE_API_KEY=$(cove keys create --name ci --tenant team-a)[/]
-                [cyan]export COVE_API_KEY=$(COVE_HOME=/var/lib/cove cove keys create --local --admin --name me)[/]
+    [bold]Examples:[/]  [cyan]export COVE_API_KEY=$(cove keys create --admin)[/]   (as root, on the server's host)
+                [cyan]export COVE_API_KEY=$(cove keys create --name ci --tenant team-a)[/]
     """
+    name = name or ("admin" if admin else "key")
+    db_path = (Settings(home=Path(home)) if home else Settings()).db_path
+    conn = connection(ctx)
+    if not local and not conn.api_key and os.geteuid() == 0 and db_path.exists():
+        local = True  # root on the server's host with no key yet: the newcomer's first key
     if local:
-        db_path = (Settings(home=Path(home)) if home else Settings()).db_path
         rec, secret = _create_in_store(db_path, name, tenant, admin)
         out.print(secret)
         role = "admin key" if rec.admin else "key"
@@ -82,7 +90,6 @@ def keys_create(
             f"in {escape(str(db_path))}; store it now, it is not shown again"
         )
         return
-    conn = connection(ctx)
     if not conn.api_key:
         fail(
             "no API key: set COVE_API_KEY (or pass --api-key); as root on the server's host, "

@@ -34,7 +34,7 @@ def serve(
     server leaves them running, and the next start re-adopts them. Without COVE_API_KEY, the first
     start prints an admin key once.
 
-    [bold]Example:[/]  [cyan]sudo COVE_HOME=/var/lib/cove cove serve --port 7770[/]
+    [bold]Example:[/]  [cyan]COVE_HOME=/var/lib/cove cove serve --port 7770[/]  (as root)
     """
     from cove.server import serve as run_server
 
@@ -46,7 +46,7 @@ def doctor() -> None:
 
     Exits non-zero when something cove needs is missing, and says what to do about it.
 
-    [bold]Example:[/]  [cyan]sudo cove doctor[/]
+    [bold]Example:[/]  [cyan]cove doctor[/]  (as root, for the full report)
     """
     from cove.doctor import checks
 
