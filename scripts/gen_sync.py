@@ -120,7 +120,7 @@ def _strings(source: str) -> str:
         if token.name in ("STRING", "FSTRING_MIDDLE"):
             text = _NAME_WORDS.sub(lambda m: _WORD_NAMES[m.group(1)], _ASYNC_WORDS.sub("", token.src))
             tokens[i] = token._replace(src=text)
-    return tokenize_rt.tokens_to_src(tokens)
+    return str(tokenize_rt.tokens_to_src(tokens))
 
 
 def _module_docstring(source: str) -> str:
@@ -129,7 +129,7 @@ def _module_docstring(source: str) -> str:
     if tokens[first].name != "STRING":
         raise SystemExit("gen_sync: aio.py must start with its docstring")
     tokens[first] = tokens[first]._replace(src=DOCSTRING)
-    return HEADER + tokenize_rt.tokens_to_src(tokens)
+    return HEADER + str(tokenize_rt.tokens_to_src(tokens))
 
 
 def _check_names(source: str) -> None:

@@ -7,6 +7,7 @@ import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -35,14 +36,14 @@ def test_sync_is_generated_from_aio() -> None:
     )
 
 
-def _public(module: ModuleType) -> dict[str, object]:
+def _public(module: ModuleType) -> dict[str, Any]:
     return {name: getattr(module, name) for name in module.__all__}
 
 
 def test_same_public_api() -> None:
     """Every public class, method and function has a twin on the other side with the same parameters."""
     renames = _gen_sync().NAMES
-    pairs: list[tuple[object, object]] = [
+    pairs: list[tuple[Any, Any]] = [
         (getattr(aio, old), getattr(sync, new)) for old, new in renames.items() if hasattr(aio, old)
     ]
     pairs += [(_public(aio)[name], _public(sync)[name]) for name in aio.__all__ if name in sync.__all__]
@@ -57,7 +58,7 @@ def test_same_public_api() -> None:
                 if callable(am):
                     assert list(inspect.signature(am).parameters) == list(inspect.signature(sm).parameters)
         elif callable(a):
-            assert list(inspect.signature(a).parameters) == list(inspect.signature(s).parameters)  # type: ignore[arg-type]
+            assert list(inspect.signature(a).parameters) == list(inspect.signature(s).parameters)
 
 
 def test_create_options_are_the_signature() -> None:

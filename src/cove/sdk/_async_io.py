@@ -15,8 +15,6 @@ from typing import Any, Protocol, TypeVar
 from cove.errors import InvalidArgument
 from cove.sdk import _core
 
-T = TypeVar("T")
-
 
 class _Killable(Protocol):
     async def kill(self) -> None: ...
@@ -51,7 +49,7 @@ def creating(make: Callable[[], Awaitable[S]]) -> Creating[S]:
     return Creating(make)
 
 
-async def call_back(callback: Callable[[T], Any] | None, data: T) -> None:
+async def call_back(callback: Callable[[Any], Any] | None, data: Any) -> None:
     """Call an output callback; a coroutine function's result is awaited."""
     if callback is not None:
         result = callback(data)

@@ -2,8 +2,9 @@
 
 Every operation is written once, here, as a generator that *yields* :class:`Call` objects and
 *receives* the decoded JSON reply (or has the :class:`~cove.errors.CoveError` thrown into it). The
-sync (:mod:`cove.sdk.sync`) and async (:mod:`cove.sdk.aio`) front ends only drive these generators
-with ``httpx.Client`` or ``httpx.AsyncClient``. Streaming operations (exec output, file transfers)
+async (:mod:`cove.sdk.aio`) and sync (:mod:`cove.sdk.sync`, generated from it by
+``scripts/gen_sync.py``) front ends only drive these generators with ``httpx.AsyncClient`` or
+``httpx.Client``. Streaming operations (exec output, file transfers)
 share the request spec, the error mapping and the event parsing defined here; only the byte
 pumping differs between the two front ends.
 """

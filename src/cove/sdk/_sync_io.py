@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 from cove.sdk import _core
 
-T = TypeVar("T")
 S = TypeVar("S")
 
 
@@ -21,7 +20,7 @@ def creating(make: Callable[[], S]) -> S:
     return make()
 
 
-def call_back(callback: Callable[[T], Any] | None, data: T) -> None:
+def call_back(callback: Callable[[Any], Any] | None, data: Any) -> None:
     """Call an output callback (its result is ignored)."""
     if callback is not None:
         callback(data)

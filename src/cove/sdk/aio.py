@@ -346,7 +346,7 @@ class AsyncSandbox:
     @classmethod
     async def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
-    ) -> list[SnapshotInfo]:
+    ) -> builtins.list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
         return await _once(_core.list_snapshots(), url, api_key, transport)
 
@@ -398,7 +398,7 @@ class AsyncSandbox:
                 event = _processes.feed_code_event(execution, line)
                 if not event:
                     continue
-                kind = event.get("type")
+                kind = str(event.get("type"))
                 cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
                 if cb is not None:
                     data = event.get("text") if kind != "result" else event.get("data")
@@ -422,7 +422,7 @@ class AsyncSandbox:
 
     async def fork(
         self, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: SnapshotVolumes = "exclude"
-    ) -> list[AsyncSandbox]:
+    ) -> builtins.list[AsyncSandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running.
         ``volumes="include"`` gives each its own copy of this sandbox's volumes."""
         infos = await self._http.run(_core.fork_sandbox(self._id, count, metadata, volumes))

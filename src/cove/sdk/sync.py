@@ -331,7 +331,7 @@ class Sandbox:
     @classmethod
     def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
-    ) -> list[SnapshotInfo]:
+    ) -> builtins.list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
         return _once(_core.list_snapshots(), url, api_key, transport)
 
@@ -383,7 +383,7 @@ class Sandbox:
                 event = _processes.feed_code_event(execution, line)
                 if not event:
                     continue
-                kind = event.get("type")
+                kind = str(event.get("type"))
                 cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
                 if cb is not None:
                     data = event.get("text") if kind != "result" else event.get("data")
@@ -407,7 +407,7 @@ class Sandbox:
 
     def fork(
         self, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: SnapshotVolumes = "exclude"
-    ) -> list[Sandbox]:
+    ) -> builtins.list[Sandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running.
         ``volumes="include"`` gives each its own copy of this sandbox's volumes."""
         infos = self._http.run(_core.fork_sandbox(self._id, count, metadata, volumes))
