@@ -2,8 +2,9 @@
 
 Every operation is written once, here, as a generator that *yields* :class:`Call` objects and
 *receives* the decoded JSON reply (or has the :class:`~cove.errors.CoveError` thrown into it). The
-sync (:mod:`cove.sdk.sync`) and async (:mod:`cove.sdk.aio`) front ends only drive these generators
-with ``httpx.Client`` or ``httpx.AsyncClient``. Streaming operations (exec output, file transfers)
+async (:mod:`cove.sdk.aio`) and sync (:mod:`cove.sdk.sync`, generated from it by
+``scripts/gen_sync.py``) front ends only drive these generators with ``httpx.AsyncClient`` or
+``httpx.Client``. Streaming operations (exec output, file transfers)
 share the request spec, the error mapping and the event parsing defined here; only the byte
 pumping differs between the two front ends.
 """
@@ -14,7 +15,7 @@ import functools
 import json
 import os
 import ssl
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -208,48 +209,46 @@ def transport_error(exc: Exception, call: Call, config: Config) -> CoveError:
 # -------------------------------------------------------------------------------------- sandboxes
 
 
-def create_sandbox(
-    *,
-    template: str = "base",
-    env: Mapping[str, str] | None = None,
-    timeout: int | None = None,
-    metadata: Mapping[str, str] | None = None,
-    cpu: float | None = None,
-    memory_mb: int | None = None,
-    pids: int | None = None,
-    disk_mb: int | None = None,
-    workdir: str | None = None,
-    user: str | None = None,
-    auto_resume: bool | None = None,
-    idle_timeout: int | None = None,
-    snapshot: str | None = None,
-    network: Network | None = None,
-    runtime: str | None = None,
-    volumes: list[dict[str, Any]] | None = None,
-    mounts: list[dict[str, Any]] | None = None,
-) -> Op[SandboxInfo]:
-    body: dict[str, Any] = {"template": template, "env": dict(env or {}), "metadata": dict(metadata or {})}
-    if volumes:
-        body["volumes"] = volumes
-    if mounts:
-        body["mounts"] = mounts
-    if network is not None:
-        body["network"] = network_body(network)
-    optional = {
-        "snapshot": snapshot,
-        "runtime": runtime,
-        "auto_resume": auto_resume,
-        "idle_timeout": idle_timeout,
-        "timeout": timeout,
-        "cpu": cpu,
-        "memory_mb": memory_mb,
-        "pids": pids,
-        "disk_mb": disk_mb,
-        "workdir": workdir,
-        "user": user,
+# The keywords of ``create`` that configure the client rather than the sandbox (``cls`` is there because
+# ``create`` is a classmethod and passes its ``locals()``).
+CLIENT_ARGS = frozenset({"cls", "url", "api_key", "transport"})
+
+
+def _create_encoders() -> dict[str, Callable[[Any], Any]]:
+    """How the create options that are not sent as they are become JSON (``None``: leave it out)."""
+    from cove.sdk.volumes import mount_bodies, volume_bodies  # volumes imports this module
+
+    return {
+        "env": lambda env: dict(env or {}),
+        "metadata": lambda metadata: dict(metadata or {}),
+        "network": lambda network: None if network is None else network_body(network),
+        "volumes": lambda volumes: volume_bodies(volumes) or None,
+        "mounts": lambda mounts: mount_bodies(mounts) or None,
     }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    data = yield Call("POST", "/v1/sandboxes", json=body, timeout=TRANSFER_TIMEOUT)
+
+
+def create_body(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``POST /v1/sandboxes`` body from the arguments of ``create`` (its ``locals()``).
+
+    The signature of ``AsyncSandbox.create`` in :mod:`cove.sdk.aio` is the one list of create options
+    (:mod:`cove.sdk.sync` is generated from it): every keyword but :data:`CLIENT_ARGS` is sent under
+    its own name, ``None`` meaning the server's default, after the encoder of
+    :func:`_create_encoders` where it has one. Adding an option is adding a keyword there.
+    """
+    encoders = _create_encoders()
+    body: dict[str, Any] = {}
+    for name, value in args.items():
+        if name in CLIENT_ARGS:
+            continue
+        encoded = encoders[name](value) if name in encoders else value
+        if encoded is not None:
+            body[name] = encoded
+    return body
+
+
+def create_sandbox(body: Mapping[str, Any]) -> Op[SandboxInfo]:
+    """Start a sandbox from a :func:`create_body`."""
+    data = yield Call("POST", "/v1/sandboxes", json=dict(body), timeout=TRANSFER_TIMEOUT)
     return SandboxInfo.from_dict(data)
 
 

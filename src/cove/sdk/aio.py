@@ -1,39 +1,42 @@
 """The asyncio SDK: :class:`AsyncSandbox`, the same API as :class:`~cove.sdk.Sandbox` with ``await``.
 
-All logic lives in :mod:`cove.sdk._core`; this module is only the async I/O edge.
+All logic lives in :mod:`cove.sdk._core`; this module is only the async I/O edge. The blocking SDK,
+:mod:`cove.sdk.sync`, is generated from this file by ``scripts/gen_sync.py`` (unasync): edit this
+file, then run the script. What differs between the two beyond ``async``/``await`` and the names
+(``AsyncSandbox`` → ``Sandbox``, ``httpx.AsyncClient`` → ``httpx.Client``, ...) lives in
+:mod:`cove.sdk._async_io` and its sync twin :mod:`cove.sdk._sync_io`, imported here as ``_io``.
 """
 
 from __future__ import annotations
 
 import builtins
-import inspect
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Generator,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
 import httpx
 
-from cove.errors import CoveError, InvalidArgument
+from cove.errors import CoveError
+from cove.sdk import _async_io as _io
 from cove.sdk import _core, _processes
 from cove.sdk._core import Call, Command, Config, Op
-from cove.sdk.models import ApiKey, EntryInfo, ExecEvent, ExecResult, NetworkInfo, SandboxInfo, SnapshotInfo
-from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount, mount_bodies, volume_bodies
+from cove.sdk.models import (
+    ApiKey,
+    AuditEntry,
+    EntryInfo,
+    ExecEvent,
+    ExecResult,
+    NetworkInfo,
+    SandboxInfo,
+    SnapshotInfo,
+)
+from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount
 
-__all__ = ["AsyncFiles", "AsyncSandbox", "create_key", "delete_key", "list_keys"]
+__all__ = ["AsyncFiles", "AsyncSandbox", "audit_log", "create_key", "delete_key", "list_keys", "rotate_key"]
 
 T = TypeVar("T")
-OutputCallback = Callable[[str], Any]  # may return an awaitable
+OutputCallback = Callable[[str], Any]
 
 
 class _AsyncHTTP:
@@ -114,37 +117,6 @@ class _AsyncHTTP:
             await response.aclose()
 
 
-async def _aiter_upload(data: Any) -> AsyncIterator[bytes]:
-    """An async upload body from a (sync or async) file-like object or (async) iterable of chunks."""
-    if hasattr(data, "read"):
-        while True:
-            chunk = data.read(_core.CHUNK_SIZE)
-            if inspect.isawaitable(chunk):
-                chunk = await chunk
-            if not chunk:
-                return
-            yield _core.chunk_bytes(chunk)
-    elif isinstance(data, AsyncIterable):
-        async for chunk in data:
-            if chunk:
-                yield _core.chunk_bytes(chunk)
-    elif isinstance(data, Iterable):
-        for chunk in _core.iter_upload(data):
-            yield chunk
-    else:
-        raise InvalidArgument(
-            f"upload data must be str, bytes, a file-like object or an (async) iterable of bytes, "
-            f"not {type(data).__name__}"
-        )
-
-
-async def _call_back(callback: OutputCallback | None, data: str) -> None:
-    if callback is not None:
-        result = callback(data)
-        if inspect.isawaitable(result):
-            await result
-
-
 async def _once(op: Op[T], url: str | None, api_key: str | None, transport: Any) -> T:
     """Run one operation on a short-lived client (for calls that need no sandbox object)."""
     http = _AsyncHTTP(Config.resolve(url, api_key, transport))
@@ -184,12 +156,16 @@ class AsyncFiles:
     ) -> EntryInfo:
         """Write a file (parents are created), streaming the upload.
 
-        ``data`` is ``str``, ``bytes``, a file-like object (sync or async ``read``) or a (async)
-        iterable of ``bytes`` chunks.
+        ``data`` is ``str``, ``bytes``, a binary file-like object or an iterable of ``bytes`` chunks
+        (either may be async)::
+
+            await sb.files.write("/home/user/a.txt", "hello")
+            with open("big.tar", "rb") as f:
+                await sb.files.write("big.tar", f)
         """
         call = _core.write_call(self._id, path, user, mode)
         body = _core.whole_body(data)
-        content: Any = body if body is not None else _aiter_upload(data)
+        content: Any = body if body is not None else _io.upload_body(data)
         return _core.parse_entry(await self._http.request(call, content=content))
 
     @overload
@@ -204,7 +180,10 @@ class AsyncFiles:
     async def read(
         self, path: str, *, format: _core.ReadFormat = "text", user: str | None = None
     ) -> str | bytes | AsyncIterator[bytes]:
-        """Read a file as ``str`` (UTF-8), ``bytes``, or an async iterator of chunks (``"stream"``)."""
+        """Read a file as ``str`` (UTF-8), ``bytes``, or an async iterator of ``bytes`` chunks (``"stream"``).
+
+        A missing file raises :class:`~cove.errors.FileNotFound` right away, also for ``"stream"``.
+        """
         fmt = _core.check_format(format)
         call = _core.read_call(self._id, path, user)
         response = await self._http.open_stream(call)
@@ -248,38 +227,18 @@ class AsyncFiles:
         return await self._http.run(_core.rename_file(self._id, src, dst, user))
 
 
-class _Creating(Awaitable["AsyncSandbox"]):
-    """What :meth:`AsyncSandbox.create` returns: await it, or use it directly in ``async with``."""
-
-    def __init__(self, make: Callable[[], Awaitable[AsyncSandbox]]) -> None:
-        self._make = make
-        self._sandbox: AsyncSandbox | None = None
-
-    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
-        return self._make().__await__()
-
-    async def __aenter__(self) -> AsyncSandbox:
-        self._sandbox = await self._make()
-        return self._sandbox
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._sandbox is not None:
-            await self._sandbox.kill()
-
-
 class AsyncSandbox:
     """A sandbox on a cove server, for asyncio code.
 
     ::
 
-        async with AsyncSandbox.create() as sb:          # or: sb = await AsyncSandbox.create()
-            r = await sb.exec("echo hi")
-            async for ev in sb.exec_stream("make"):
-                ...
+        async with AsyncSandbox.create(template="base") as sb:
+            print((await sb.exec("python3 -c 'print(6*7)'")).stdout)
 
-    Leaving the ``async with`` block kills the sandbox. Callbacks may be plain functions or coroutines.
+    ``AsyncSandbox(id)`` binds to an existing sandbox without any request; :meth:`connect` also checks it
+    exists. Each object holds one HTTP client, opened on first use and closed by :meth:`close` or
+    :meth:`kill`. Leaving the ``async with`` block kills the sandbox.
+    Callbacks may be plain functions or coroutines.
     """
 
     def __init__(
@@ -293,17 +252,7 @@ class AsyncSandbox:
         self.pty = AsyncPty(self)
         self.contexts = AsyncContexts(self)
 
-    @classmethod
-    def _adopt(cls, info: SandboxInfo, http: _AsyncHTTP) -> AsyncSandbox:
-        sandbox = cls.__new__(cls)
-        sandbox._id = info.id
-        sandbox._http = http
-        sandbox._info = info
-        sandbox.files = AsyncFiles(sandbox)
-        sandbox.processes = AsyncProcesses(sandbox)
-        sandbox.pty = AsyncPty(sandbox)
-        sandbox.contexts = AsyncContexts(sandbox)
-        return sandbox
+    # -- lifecycle ------------------------------------------------------------------------------
 
     @classmethod
     def create(
@@ -329,38 +278,37 @@ class AsyncSandbox:
         url: str | None = None,
         api_key: str | None = None,
         transport: Any = None,
-    ) -> _Creating:
-        """Start a new sandbox: ``sb = await AsyncSandbox.create()`` or ``async with AsyncSandbox.create()``."""
-        op_args: dict[str, Any] = {
-            "template": template,
-            "env": env,
-            "timeout": timeout,
-            "metadata": metadata,
-            "cpu": cpu,
-            "memory_mb": memory_mb,
-            "pids": pids,
-            "disk_mb": disk_mb,
-            "workdir": workdir,
-            "user": user,
-            "auto_resume": auto_resume,
-            "idle_timeout": idle_timeout,
-            "snapshot": snapshot,
-            "network": network,
-            "runtime": runtime,
-            "volumes": volume_bodies(volumes),
-            "mounts": mount_bodies(mounts),
-        }
+    ) -> _io.Creating[AsyncSandbox]:
+        """Start a new sandbox. ``timeout`` is its lifetime in seconds (0 = none; server default 300).
+
+        Await it (``sb = await AsyncSandbox.create()``) or enter it (``async with AsyncSandbox.create() as sb``).
+        """
+        # The keywords above are the one list of create options: all but url, api_key and transport go
+        # into the request body by name (see _core.create_body), for both SDKs.
+        body = _core.create_body(locals())
 
         async def make() -> AsyncSandbox:
             http = _AsyncHTTP(Config.resolve(url, api_key, transport))
             try:
-                info = await http.run(_core.create_sandbox(**op_args))
+                info = await http.run(_core.create_sandbox(body))
             except BaseException:
                 await http.close()
                 raise
             return cls._adopt(info, http)
 
-        return _Creating(make)
+        return _io.creating(make)
+
+    @classmethod
+    def _adopt(cls, info: SandboxInfo, http: _AsyncHTTP) -> AsyncSandbox:
+        sandbox = cls.__new__(cls)
+        sandbox._id = info.id
+        sandbox._http = http
+        sandbox._info = info
+        sandbox.files = AsyncFiles(sandbox)
+        sandbox.processes = AsyncProcesses(sandbox)
+        sandbox.pty = AsyncPty(sandbox)
+        sandbox.contexts = AsyncContexts(sandbox)
+        return sandbox
 
     @classmethod
     async def connect(
@@ -398,7 +346,7 @@ class AsyncSandbox:
     @classmethod
     async def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
-    ) -> list[SnapshotInfo]:
+    ) -> builtins.list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
         return await _once(_core.list_snapshots(), url, api_key, transport)
 
@@ -450,13 +398,11 @@ class AsyncSandbox:
                 event = _processes.feed_code_event(execution, line)
                 if not event:
                     continue
-                kind = event.get("type")
+                kind = str(event.get("type"))
                 cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
                 if cb is not None:
                     data = event.get("text") if kind != "result" else event.get("data")
-                    result = cb(data)
-                    if inspect.isawaitable(result):
-                        await result
+                    await _io.call_back(cb, data)
         return execution
 
     async def hibernate(self) -> SandboxInfo:
@@ -476,7 +422,7 @@ class AsyncSandbox:
 
     async def fork(
         self, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: SnapshotVolumes = "exclude"
-    ) -> list[AsyncSandbox]:
+    ) -> builtins.list[AsyncSandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running.
         ``volumes="include"`` gives each its own copy of this sandbox's volumes."""
         infos = await self._http.run(_core.fork_sandbox(self._id, count, metadata, volumes))
@@ -532,6 +478,8 @@ class AsyncSandbox:
         state = f" state={self._info.state!r}" if self._info else ""
         return f"<AsyncSandbox id={self._id!r}{state} url={self._http.config.url!r}>"
 
+    # -- commands -------------------------------------------------------------------------------
+
     async def exec(
         self,
         cmd: Command,
@@ -544,7 +492,15 @@ class AsyncSandbox:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        """Run a command and wait for it; see :meth:`cove.sdk.Sandbox.exec`."""
+        """Run a command and wait for it. ``cmd`` is a shell string (``bash -c``) or an argv list.
+
+        A non-zero exit code is a normal result; running past ``timeout`` seconds raises
+        :class:`~cove.errors.CommandTimeout` (with the output so far). With ``on_stdout`` /
+        ``on_stderr`` the output is streamed and the callbacks get each piece as it arrives::
+
+            r = await sb.exec(["ls", "-la"], cwd="/tmp")
+            await sb.exec("make", on_stdout=print, timeout=600)
+        """
         kwargs: dict[str, Any] = {"cwd": cwd, "env": env, "user": user, "timeout": timeout, "stdin": stdin}
         if on_stdout is None and on_stderr is None:
             return await self._http.run(_core.exec_command(self._id, cmd, **kwargs))
@@ -553,9 +509,9 @@ class AsyncSandbox:
             async for event in events:
                 collector.feed(event)
                 if event.type == "stdout":
-                    await _call_back(on_stdout, event.data)
+                    await _io.call_back(on_stdout, event.data)
                 elif event.type == "stderr":
-                    await _call_back(on_stderr, event.data)
+                    await _io.call_back(on_stderr, event.data)
         return collector.result()
 
     async def exec_stream(
@@ -568,7 +524,13 @@ class AsyncSandbox:
         timeout: float | None = None,
         stdin: str | bytes | None = None,
     ) -> AsyncGenerator[ExecEvent, None]:
-        """Run a command and yield its events as they happen: ``async for ev in sb.exec_stream(cmd)``."""
+        """Run a command and yield its :class:`ExecEvent` s as they happen; the last has type ``"exit"``.
+
+        A timeout does not raise here: the exit event has ``timed_out=True``::
+
+            async for ev in sb.exec_stream("for i in 1 2 3; do echo $i; sleep 1; done"):
+                print(ev.type, ev.data or ev.exit_code)
+        """
         call = _core.exec_call(
             self._id, cmd, stream=True, cwd=cwd, env=env, user=user, timeout=timeout, stdin=stdin
         )
@@ -577,6 +539,9 @@ class AsyncSandbox:
                 event = _core.parse_event(line)
                 if event is not None:
                     yield event
+
+
+# ---------------------------------------------------------------------------------------- keys
 
 
 async def create_key(
@@ -604,6 +569,28 @@ async def delete_key(
 ) -> None:
     """Revoke an API key (needs an admin key)."""
     await _once(_core.delete_key(key_id), url, api_key, transport)
+
+
+async def rotate_key(
+    key_id: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
+) -> ApiKey:
+    """Give a key a new secret (needs an admin key); the old one stops working. ``.key`` is the new secret."""
+    return await _once(_core.rotate_key(key_id), url, api_key, transport)
+
+
+async def audit_log(
+    *,
+    tenant: str | None = None,
+    action: str | list[str] | None = None,
+    sandbox: str | None = None,
+    since: str | float | None = None,
+    limit: int = 100,
+    url: str | None = None,
+    api_key: str | None = None,
+    transport: Any = None,
+) -> list[AuditEntry]:
+    """The audit log, newest first: your tenant's entries (an admin key: every tenant's, or `tenant`'s)."""
+    return await _once(_core.audit_log(tenant, action, sandbox, since, limit), url, api_key, transport)
 
 
 class AsyncProcess:

@@ -1,4 +1,8 @@
-"""The blocking SDK: :class:`Sandbox`. All logic lives in :mod:`cove.sdk._core`; this is the I/O edge."""
+# Generated from aio.py by scripts/gen_sync.py; do not edit: edit aio.py and run the script.
+"""The blocking SDK: :class:`Sandbox`. All logic lives in :mod:`cove.sdk._core`; this is the I/O edge.
+
+Generated from :mod:`cove.sdk.aio` by ``scripts/gen_sync.py``; edit that module, not this one.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import httpx
 
 from cove.errors import CoveError
 from cove.sdk import _core, _processes
+from cove.sdk import _sync_io as _io
 from cove.sdk._core import Call, Command, Config, Op
 from cove.sdk.models import (
     ApiKey,
@@ -23,7 +28,7 @@ from cove.sdk.models import (
     SandboxInfo,
     SnapshotInfo,
 )
-from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount, mount_bodies, volume_bodies
+from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount
 
 __all__ = ["Files", "Sandbox", "audit_log", "create_key", "delete_key", "list_keys", "rotate_key"]
 
@@ -46,8 +51,8 @@ class _HTTP:
 
     def close(self) -> None:
         if self._client is not None:
-            self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            client.close()
 
     def request(self, call: Call, content: Any = None) -> Any:
         kwargs = call.request_kwargs()
@@ -153,7 +158,7 @@ class Files:
         """
         call = _core.write_call(self._id, path, user, mode)
         body = _core.whole_body(data)
-        content: Any = body if body is not None else _core.iter_upload(data)
+        content: Any = body if body is not None else _io.upload_body(data)
         return _core.parse_entry(self._http.request(call, content=content))
 
     @overload
@@ -176,7 +181,7 @@ class Files:
         chunks = self._http.iter_bytes(call, response)
         if fmt == "stream":
             return chunks
-        content = b"".join(chunks)
+        content = b"".join([chunk for chunk in chunks])
         return content if fmt == "bytes" else _core.decode_text(content, path)
 
     def download_url(self, path: str, *, expires_in: int = 3600, user: str | None = None) -> str:
@@ -263,33 +268,20 @@ class Sandbox:
         transport: Any = None,
     ) -> Sandbox:
         """Start a new sandbox. ``timeout`` is its lifetime in seconds (0 = none; server default 300)."""
-        http = _HTTP(Config.resolve(url, api_key, transport))
-        try:
-            info = http.run(
-                _core.create_sandbox(
-                    template=template,
-                    env=env,
-                    timeout=timeout,
-                    metadata=metadata,
-                    cpu=cpu,
-                    memory_mb=memory_mb,
-                    pids=pids,
-                    disk_mb=disk_mb,
-                    workdir=workdir,
-                    user=user,
-                    auto_resume=auto_resume,
-                    idle_timeout=idle_timeout,
-                    snapshot=snapshot,
-                    network=network,
-                    runtime=runtime,
-                    volumes=volume_bodies(volumes),
-                    mounts=mount_bodies(mounts),
-                )
-            )
-        except BaseException:
-            http.close()
-            raise
-        return cls._adopt(info, http)
+        # The keywords above are the one list of create options: all but url, api_key and transport go
+        # into the request body by name (see _core.create_body), for both SDKs.
+        body = _core.create_body(locals())
+
+        def make() -> Sandbox:
+            http = _HTTP(Config.resolve(url, api_key, transport))
+            try:
+                info = http.run(_core.create_sandbox(body))
+            except BaseException:
+                http.close()
+                raise
+            return cls._adopt(info, http)
+
+        return _io.creating(make)
 
     @classmethod
     def _adopt(cls, info: SandboxInfo, http: _HTTP) -> Sandbox:
@@ -339,7 +331,7 @@ class Sandbox:
     @classmethod
     def list_snapshots(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
-    ) -> list[SnapshotInfo]:
+    ) -> builtins.list[SnapshotInfo]:
         """Every snapshot of the caller's tenant."""
         return _once(_core.list_snapshots(), url, api_key, transport)
 
@@ -391,11 +383,11 @@ class Sandbox:
                 event = _processes.feed_code_event(execution, line)
                 if not event:
                     continue
-                kind = event.get("type")
+                kind = str(event.get("type"))
                 cb = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result}.get(kind)
                 if cb is not None:
                     data = event.get("text") if kind != "result" else event.get("data")
-                    cb(data)
+                    _io.call_back(cb, data)
         return execution
 
     def hibernate(self) -> SandboxInfo:
@@ -415,7 +407,7 @@ class Sandbox:
 
     def fork(
         self, count: int = 1, metadata: Mapping[str, str] | None = None, volumes: SnapshotVolumes = "exclude"
-    ) -> list[Sandbox]:
+    ) -> builtins.list[Sandbox]:
         """``count`` new sandboxes that continue from this instant; this one keeps running.
         ``volumes="include"`` gives each its own copy of this sandbox's volumes."""
         infos = self._http.run(_core.fork_sandbox(self._id, count, metadata, volumes))
@@ -499,10 +491,10 @@ class Sandbox:
         with closing(self.exec_stream(cmd, **kwargs)) as events:
             for event in events:
                 collector.feed(event)
-                if event.type == "stdout" and on_stdout is not None:
-                    on_stdout(event.data)
-                elif event.type == "stderr" and on_stderr is not None:
-                    on_stderr(event.data)
+                if event.type == "stdout":
+                    _io.call_back(on_stdout, event.data)
+                elif event.type == "stderr":
+                    _io.call_back(on_stderr, event.data)
         return collector.result()
 
     def exec_stream(
