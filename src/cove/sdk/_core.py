@@ -42,6 +42,7 @@ from cove.sdk.models import (
     SandboxInfo,
     SnapshotInfo,
 )
+from cove.sdk.mounts import mount_bodies, volume_bodies
 
 T = TypeVar("T")
 
@@ -214,17 +215,14 @@ def transport_error(exc: Exception, call: Call, config: Config) -> CoveError:
 CLIENT_ARGS = frozenset({"cls", "url", "api_key", "transport"})
 
 
-def _create_encoders() -> dict[str, Callable[[Any], Any]]:
-    """How the create options that are not sent as they are become JSON (``None``: leave it out)."""
-    from cove.sdk.volumes import mount_bodies, volume_bodies  # volumes imports this module
-
-    return {
-        "env": lambda env: dict(env or {}),
-        "metadata": lambda metadata: dict(metadata or {}),
-        "network": lambda network: None if network is None else network_body(network),
-        "volumes": lambda volumes: volume_bodies(volumes) or None,
-        "mounts": lambda mounts: mount_bodies(mounts) or None,
-    }
+# How the create options that are not sent as they are become JSON (``None``: leave it out).
+_CREATE_ENCODERS: dict[str, Callable[[Any], Any]] = {
+    "env": lambda env: dict(env or {}),
+    "metadata": lambda metadata: dict(metadata or {}),
+    "network": lambda network: None if network is None else network_body(network),
+    "volumes": lambda volumes: volume_bodies(volumes) or None,
+    "mounts": lambda mounts: mount_bodies(mounts) or None,
+}
 
 
 def create_body(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,9 +231,9 @@ def create_body(args: Mapping[str, Any]) -> dict[str, Any]:
     The signature of ``AsyncSandbox.create`` in :mod:`cove.sdk.aio` is the one list of create options
     (:mod:`cove.sdk.sync` is generated from it): every keyword but :data:`CLIENT_ARGS` is sent under
     its own name, ``None`` meaning the server's default, after the encoder of
-    :func:`_create_encoders` where it has one. Adding an option is adding a keyword there.
+    `_CREATE_ENCODERS` where it has one. Adding an option is adding a keyword there.
     """
-    encoders = _create_encoders()
+    encoders = _CREATE_ENCODERS
     body: dict[str, Any] = {}
     for name, value in args.items():
         if name in CLIENT_ARGS:

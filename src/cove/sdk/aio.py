@@ -31,7 +31,7 @@ from cove.sdk.models import (
     SandboxInfo,
     SnapshotInfo,
 )
-from cove.sdk.volumes import BucketMount, SnapshotVolumes, VolumeMount
+from cove.sdk.mounts import BucketMount, SnapshotVolumes, VolumeMount
 
 __all__ = ["AsyncFiles", "AsyncSandbox", "audit_log", "create_key", "delete_key", "list_keys", "rotate_key"]
 

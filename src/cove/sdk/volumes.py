@@ -15,45 +15,17 @@ plain dicts in the REST API's shape.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from cove.errors import InvalidArgument
 from cove.sdk._core import Call, Op, _q
+from cove.sdk.aio import _once as _once_async
 from cove.sdk.models import _opt_int, _time
+from cove.sdk.mounts import BucketMount, VolumeMount
+from cove.sdk.sync import _once
 
 __all__ = ["AsyncVolume", "BucketMount", "Volume", "VolumeInfo", "VolumeMount"]
-
-
-@dataclass(frozen=True, slots=True)
-class VolumeMount:
-    """A named volume at ``path`` in a new sandbox."""
-
-    name: str
-    path: str
-    read_only: bool = False
-
-    def body(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class BucketMount:
-    """An S3-compatible bucket (or ``prefix`` of it) at ``path``; the keys stay on the server's host."""
-
-    bucket: str
-    path: str
-    prefix: str = ""
-    endpoint: str | None = None
-    region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = field(default=None, repr=False)
-    read_only: bool = False
-
-    def body(self) -> dict[str, Any]:
-        return {"type": "s3", **{k: v for k, v in asdict(self).items() if v is not None}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,30 +45,6 @@ class VolumeInfo:
             source=dict(data.get("source") or {}),
             sandboxes=[str(s) for s in data.get("sandboxes") or []],
         )
-
-
-def volume_bodies(volumes: Sequence[VolumeMount | Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    out = []
-    for v in volumes or ():
-        if isinstance(v, VolumeMount):
-            out.append(v.body())
-        elif isinstance(v, Mapping):
-            out.append(dict(v))
-        else:
-            raise InvalidArgument(f"volumes: expected VolumeMount or dict, got {type(v).__name__}")
-    return out
-
-
-def mount_bodies(mounts: Sequence[BucketMount | Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    out = []
-    for m in mounts or ():
-        if isinstance(m, BucketMount):
-            out.append(m.body())
-        elif isinstance(m, Mapping):
-            out.append({"type": "s3", **m})
-        else:
-            raise InvalidArgument(f"mounts: expected BucketMount or dict, got {type(m).__name__}")
-    return out
 
 
 # -- operations (driven by the sync and async front ends) ---------------------------------------
@@ -154,7 +102,6 @@ class Volume(_Base):
         api_key: str | None = None,
         transport: Any = None,
     ) -> Volume:
-        from cove.sdk.sync import _once
 
         return cls(_once(create_volume(name, size_mb), url, api_key, transport), url, api_key, transport)
 
@@ -163,7 +110,6 @@ class Volume(_Base):
         cls, name: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> Volume:
         """Raises :class:`~cove.errors.NotFound` for an unknown name (or another tenant's)."""
-        from cove.sdk.sync import _once
 
         return cls(_once(get_volume(name), url, api_key, transport), url, api_key, transport)
 
@@ -171,20 +117,17 @@ class Volume(_Base):
     def list(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> list[Volume]:
-        from cove.sdk.sync import _once
 
         return [cls(i, url, api_key, transport) for i in _once(list_volumes(), url, api_key, transport)]
 
     def refresh(self) -> VolumeInfo:
         """Fetch it again (with the live sandboxes that mount it, in ``info.sandboxes``)."""
-        from cove.sdk.sync import _once
 
         self.info = _once(get_volume(self.name), *self._conn)
         return self.info
 
     def delete(self) -> None:
         """Delete it and its content; a :class:`~cove.errors.Conflict` while sandboxes mount it."""
-        from cove.sdk.sync import _once
 
         _once(delete_volume(self.name), *self._conn)
 
@@ -202,38 +145,33 @@ class AsyncVolume(_Base):
         api_key: str | None = None,
         transport: Any = None,
     ) -> AsyncVolume:
-        from cove.sdk.aio import _once
 
         return cls(
-            await _once(create_volume(name, size_mb), url, api_key, transport), url, api_key, transport
+            await _once_async(create_volume(name, size_mb), url, api_key, transport), url, api_key, transport
         )
 
     @classmethod
     async def get(
         cls, name: str, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> AsyncVolume:
-        from cove.sdk.aio import _once
 
-        return cls(await _once(get_volume(name), url, api_key, transport), url, api_key, transport)
+        return cls(await _once_async(get_volume(name), url, api_key, transport), url, api_key, transport)
 
     @classmethod
     async def list(
         cls, *, url: str | None = None, api_key: str | None = None, transport: Any = None
     ) -> list[AsyncVolume]:
-        from cove.sdk.aio import _once
 
-        return [cls(i, url, api_key, transport) for i in await _once(list_volumes(), url, api_key, transport)]
+        return [
+            cls(i, url, api_key, transport)
+            for i in await _once_async(list_volumes(), url, api_key, transport)
+        ]
 
     async def refresh(self) -> VolumeInfo:
-        from cove.sdk.aio import _once
 
-        self.info = await _once(get_volume(self.name), *self._conn)
+        self.info = await _once_async(get_volume(self.name), *self._conn)
         return self.info
 
     async def delete(self) -> None:
-        from cove.sdk.aio import _once
 
-        await _once(delete_volume(self.name), *self._conn)
-
-
-SnapshotVolumes = Literal["include", "exclude"]
+        await _once_async(delete_volume(self.name), *self._conn)
