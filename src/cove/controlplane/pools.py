@@ -311,7 +311,7 @@ class Pools:
             self._making[sid] = spec.template.layers
             generation = self.node.generation
             if defaults.get("checkpoint"):
-                handle = await self.node.restore(spec, defaults["checkpoint"], resume=False)
+                handle = await self.node.checkpoints.restore(spec, defaults["checkpoint"], resume=False)
             else:
                 handle = await self.node.create(spec)
             try:

@@ -344,7 +344,7 @@ class SandboxService:
             try:
                 await slot.wait()  # recorded as starting meanwhile: it counts against the tenant's quota
                 if defaults.get("checkpoint"):  # processes continue from the snapshot's instant
-                    handle = await self.node.restore(
+                    handle = await self.node.checkpoints.restore(
                         self._node_spec(rec, template, node_mounts), defaults["checkpoint"], resume=False
                     )
                 else:
@@ -506,7 +506,7 @@ class SandboxService:
                 handle = None
                 if info.get("memory"):
                     try:
-                        handle = await self.node.restore(spec, rec.id, resume=True)
+                        handle = await self.node.checkpoints.restore(spec, rec.id, resume=True)
                         info["restored"] = True
                     except (NodeError, OSError) as e:
                         # Files are intact: start afresh rather than leave the workspace unreachable.
@@ -528,7 +528,7 @@ class SandboxService:
                 await self._transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
                 # Only once the record no longer needs it: a crash before this leaves an unreferenced
                 # checkpoint (collected at start), never a hibernated record without its image.
-                await self.node.drop_checkpoint(rec.id)
+                await self.node.checkpoints.drop(rec.id)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
@@ -553,9 +553,9 @@ class SandboxService:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
             await self.egress.detach(rec.id)
-            if self.node.can_checkpoint(rec.runtime) and not _buckets(rec):
+            if self.node.checkpoints.available(rec.runtime) and not _buckets(rec):
                 try:
-                    await self.node.hibernate(rec.id, rec.node)
+                    await self.node.checkpoints.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
                     await self._attach_egress(rec, rec.node)
                     raise ApiError(
@@ -599,7 +599,7 @@ class SandboxService:
     ) -> SnapshotRecord:
         """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
         too (CRIU); the sandbox keeps running."""
-        if memory and not self.node.can_checkpoint():
+        if memory and not self.node.checkpoints.available():
             raise ApiError(
                 409, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node (see `cove doctor`)"
             )
@@ -621,7 +621,7 @@ class SandboxService:
                 raise ApiError(
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
-            if memory and not self.node.can_checkpoint(rec.runtime):
+            if memory and not self.node.checkpoints.available(rec.runtime):
                 raise ApiError(
                     409,
                     "not_supported",
@@ -637,13 +637,15 @@ class SandboxService:
             async with self._layer_refs:
                 try:
                     if memory:
-                        layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id, seal)
+                        layer = await self.node.checkpoints.snapshot_with_memory(
+                            rec.id, rec.node, snap.id, seal
+                        )
                         snap.memory = True
                     else:  # the node freezes the sandbox for the instant of the copy
-                        layer = await self.node.commit(rec.id, seal)
+                        layer = await self.node.snapshots.commit(rec.id, seal)
                 except (NodeError, OSError) as e:
                     await self.store.delete_snapshot(snap.id)
-                    await self.node.drop_checkpoint(snap.id)
+                    await self.node.checkpoints.drop(snap.id)
                     raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
                 faults.point("snapshot.committed")
                 snap.layers = [*rec.layers, layer]
@@ -676,7 +678,7 @@ class SandboxService:
             if snap is None:
                 return
             try:
-                flat = await self.node.flatten(snap.layers)
+                flat = await self.node.snapshots.flatten(snap.layers)
             except (NodeError, OSError):
                 log.exception("flattening snapshot %s failed", snapshot_id)
                 return
@@ -689,7 +691,7 @@ class SandboxService:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
         snap = await self.get_snapshot(who, snapshot_id)
         await self.store.delete_snapshot(snap.id)
-        await self.node.drop_checkpoint(snap.id)
+        await self.node.checkpoints.drop(snap.id)
         await self.volumes.drop_sealed(snap)
         await self.collect_layers()
 
@@ -705,7 +707,7 @@ class SandboxService:
         source = await self.get(who, sandbox_id)
         if _buckets(source):
             raise ApiError(409, "mounts_not_checkpointable", _NO_FUSE_CHECKPOINT.format(source.id))
-        memory = self.node.can_checkpoint(source.runtime) and source.state in ACTIVE
+        memory = self.node.checkpoints.available(source.runtime) and source.state in ACTIVE
         snap = await self.snapshot(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
             req = CreateSandbox(
@@ -722,7 +724,7 @@ class SandboxService:
             faults.point("fork.created")
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
-            await self.node.drop_checkpoint(snap.id)
+            await self.node.checkpoints.drop(snap.id)
             await self.volumes.drop_sealed(snap)  # the children have their own copies
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -763,7 +765,7 @@ class SandboxService:
             for tpl in await self.store.list_templates(None):
                 keep.update(tpl.layers)
             keep.update(self.layer_pins)  # layers of template builds in progress
-            removed = await self.node.collect_layers(keep)
+            removed = await self.node.snapshots.collect(keep)
         if removed:
             log.info("layers collected", extra={"layers": removed})
 
@@ -786,14 +788,14 @@ class SandboxService:
         snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         keep: set[str] = set()
-        checkpoints = await self.node.checkpoint_keys()
+        checkpoints = await self.node.checkpoints.keys()
         for rec in page.items:
             if rec.state == "hibernated":
                 keep.add(rec.id)
                 # A resume the crash interrupted may have started processes the store never heard of.
                 await self.node.stop(rec.id)
                 if not rec.checkpoint.get("memory"):
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 continue
             if rec.state in ACTIVE and await self.node.alive(rec.id, rec.node):
                 keep.add(rec.id)
@@ -801,16 +803,16 @@ class SandboxService:
                 # it frozen or thawed against its state.
                 await (self.node.resume if rec.state == "running" else self.node.pause)(rec.id)
                 if rec.id in checkpoints:  # a hibernation that failed or was cut short: they run on
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 await self._attach_egress(rec, rec.node)
                 continue
             if rec.state in ACTIVE and rec.id in checkpoints:
                 # The server died during a hibernation, after its dump ended the processes: with a
                 # complete image they are restored on resume; without one their files still are.
-                memory = await self.node.has_checkpoint(rec.id)
+                memory = await self.node.checkpoints.has(rec.id)
                 await self.node.stop(rec.id)
                 if not memory:
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 info: dict[str, Any] = {"memory": memory, "recovered": True}
                 if not memory:
                     info["reason"] = "the server stopped during hibernation: processes restart on resume"
@@ -827,7 +829,7 @@ class SandboxService:
         for snap in await self.store.list_snapshots(None):
             if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
                 await self.store.delete_snapshot(snap.id)
-                await self.node.drop_checkpoint(snap.id)
+                await self.node.checkpoints.drop(snap.id)
                 await self.volumes.drop_sealed(snap)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         await self.templates.rollback()
@@ -836,8 +838,8 @@ class SandboxService:
         named = {r.id for r in page.items if r.id in keep} | {
             s.id for s in await self.store.list_snapshots(None) if s.memory
         }
-        for key in await self.node.checkpoint_keys() - named:
-            await self.node.drop_checkpoint(key)
+        for key in await self.node.checkpoints.keys() - named:
+            await self.node.checkpoints.drop(key)
         await self.volumes.sweep()
         for rec in page.items:  # a bucket whose rclone died while the server was down is marked
             if rec.id in keep and rec.state in ACTIVE and _buckets(rec):
@@ -894,13 +896,13 @@ class SandboxService:
         """Mark bucket mounts whose rclone is gone as `lost` (the sandbox sees ENOTCONN there);
         hibernate and resume, or a new sandbox, mounts them again."""
         served = [i for i, m in enumerate(rec.mounts) if m["type"] != "volume" and m.get("status") != "lost"]
-        if not served or all(await self.node.bucket_mounts_healthy(rec.id, served)):
+        if not served or all(await self.node.volumes.buckets_healthy(rec.id, served)):
             return
         async with self._locks[rec.id]:  # checked again: a hibernation may have stopped it meanwhile
             fresh = await self._fresh(rec)
             if fresh.state not in ACTIVE:
                 return
-            healthy = await self.node.bucket_mounts_healthy(rec.id, served)
+            healthy = await self.node.volumes.buckets_healthy(rec.id, served)
             lost = [i for i, ok in zip(served, healthy, strict=True) if not ok]
             if not lost:
                 return

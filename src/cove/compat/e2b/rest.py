@@ -238,7 +238,7 @@ async def _extend(cove: Cove, who: Caller, rec: SandboxRecord, timeout: int) -> 
 async def _forget_memory(cove: Cove, rec: SandboxRecord, why: str) -> None:
     """Make a hibernated sandbox start afresh on its files when resumed (e2b's filesystem mode)."""
     await cove.store.update_sandbox(rec.id, checkpoint={"memory": False, "reason": why})
-    await cove.node.drop_checkpoint(rec.id)
+    await cove.node.checkpoints.drop(rec.id)
 
 
 def _running_only(rec: SandboxRecord) -> None:
@@ -572,13 +572,13 @@ async def create_snapshot(
     cove = _cove(request)
     body = body or m.SnapshotRequest()
     rec = await _live(cove, who, sandbox_id)
-    if body.memory and not cove.node.can_checkpoint():
+    if body.memory and not cove.node.checkpoints.available():
         raise ApiError(
             400, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node; use mode='filesystem'"
         )
     memory = body.memory
     if memory is None:
-        memory = cove.node.can_checkpoint() and rec.state in ("running", "paused")
+        memory = cove.node.checkpoints.available() and rec.state in ("running", "paused")
     snap = await cove.service.snapshot(who, sandbox_id, body.name, memory)
     return JSONResponse(_snapshot_info(snap), 201)
 
