@@ -239,7 +239,11 @@ class SandboxHost:
         if thaw:
             cg.freeze(False)
 
-    def running(self, sandbox_id: str, handle: Handle) -> bool:
+    def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
+        """The ids among `(id, handle)` whose sandbox no longer runs."""
+        return [sid for sid, handle in sandboxes if not self._running(sid, handle)]
+
+    def _running(self, sandbox_id: str, handle: Handle) -> bool:
         """Is the process `handle` names still the sandbox's, in its cgroup, with its agent's socket?"""
         try:
             if process_start_time(handle["pid"]) != handle["start_time"]:

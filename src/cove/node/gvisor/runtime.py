@@ -239,8 +239,7 @@ class GvisorRuntime:
 
     # -- a running sandbox -----------------------------------------------------------------
     async def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
-        running = self.host.running  # the sandbox's pid is runsc's, in cove's cgroup
-        return await asyncio.to_thread(lambda: [sid for sid, h in sandboxes if not running(sid, h)])
+        return await asyncio.to_thread(self.host.dead, sandboxes)
 
     async def pause(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self.host.cgroup(sandbox_id).freeze, True)  # sentry, gofer and stubs

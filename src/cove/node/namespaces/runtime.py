@@ -163,8 +163,7 @@ class NamespacesRuntime:
 
     # -- a running sandbox -----------------------------------------------------------------
     async def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
-        running = self.host.running
-        return await asyncio.to_thread(lambda: [sid for sid, h in sandboxes if not running(sid, h)])
+        return await asyncio.to_thread(self.host.dead, sandboxes)
 
     async def pause(self, sandbox_id: str) -> None:
         await asyncio.to_thread(self.host.cgroup(sandbox_id).freeze, True)
