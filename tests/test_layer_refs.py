@@ -18,11 +18,12 @@ class Layers:
 
     def __init__(self, on_disk: set[str]) -> None:
         self.on_disk = on_disk
+        self.snapshots = self  # the node's layer part: `node.snapshots.collect`
 
     async def base_template(self) -> TemplateSpec:
         return TemplateSpec("base", ("base0",), {})
 
-    async def collect_layers(self, keep: set[str]) -> list[str]:
+    async def collect(self, keep: set[str]) -> list[str]:
         removed = sorted(self.on_disk - keep)
         self.on_disk -= set(removed)
         return removed

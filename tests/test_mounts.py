@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cove.devserver import Server, free_port
-from cove.node import bucket_mounts
+from cove.node.namespaces import bucket_mounts
 
 pytestmark = pytest.mark.skipif(not bucket_mounts.available(), reason="needs rclone and /dev/fuse (setup.sh)")
 boto3 = pytest.importorskip("boto3")

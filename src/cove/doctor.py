@@ -138,7 +138,7 @@ def checks() -> list[Check]:
 def runtime_checks() -> list[Check]:
     """One line per sandbox runtime (docs/runtimes.md): available or why not, and its features."""
     from cove.config import Settings
-    from cove.node.runtimes import availability
+    from cove.node.availability import availability
 
     out = []
     for rt in availability(Settings()).values():

@@ -71,7 +71,7 @@ class LayerRefs:
                 keep.update(rec.layers)
             for tpl in await self.store.list_templates(None):
                 keep.update(tpl.layers)
-            removed = await self.node.collect_layers(keep)
+            removed = await self.node.snapshots.collect(keep)
         if removed:
             log.info("layers collected", extra={"layers": removed})
 

@@ -50,14 +50,14 @@ class Reaper:
         snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         keep: set[str] = set()
-        checkpoints = await self.node.checkpoint_keys()
+        checkpoints = await self.node.checkpoints.keys()
         for rec in page.items:
             if rec.state == "hibernated":
                 keep.add(rec.id)
                 # A resume the crash interrupted may have started processes the store never heard of.
                 await self.node.stop(rec.id)
                 if not rec.checkpoint.get("memory"):
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 continue
             if rec.state in ACTIVE and await self.node.alive(rec.id, rec.node):
                 keep.add(rec.id)
@@ -65,16 +65,16 @@ class Reaper:
                 # it frozen or thawed against its state.
                 await (self.node.resume if rec.state == "running" else self.node.pause)(rec.id)
                 if rec.id in checkpoints:  # a hibernation that failed or was cut short: they run on
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 await self.sandboxes.open_egress(rec, rec.node)
                 continue
             if rec.state in ACTIVE and rec.id in checkpoints:
                 # The server died during a hibernation, after its dump ended the processes: with a
                 # complete image they are restored on resume; without one their files still are.
-                memory = await self.node.has_checkpoint(rec.id)
+                memory = await self.node.checkpoints.has(rec.id)
                 await self.node.stop(rec.id)
                 if not memory:
-                    await self.node.drop_checkpoint(rec.id)
+                    await self.node.checkpoints.drop(rec.id)
                 info: dict[str, Any] = {"memory": memory, "recovered": True}
                 if not memory:
                     info["reason"] = "the server stopped during hibernation: processes restart on resume"
@@ -91,7 +91,7 @@ class Reaper:
         for snap in await self.store.list_snapshots(None):
             if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
                 await self.store.delete_snapshot(snap.id)
-                await self.node.drop_checkpoint(snap.id)
+                await self.node.checkpoints.drop(snap.id)
                 await self.volumes.drop_sealed(snap)
                 log.warning("rolled back an interrupted snapshot", extra={"snapshot": snap.id})
         await self.templates.rollback()
@@ -100,8 +100,8 @@ class Reaper:
         named = {r.id for r in page.items if r.id in keep} | {
             s.id for s in await self.store.list_snapshots(None) if s.memory
         }
-        for key in await self.node.checkpoint_keys() - named:
-            await self.node.drop_checkpoint(key)
+        for key in await self.node.checkpoints.keys() - named:
+            await self.node.checkpoints.drop(key)
         await self.volumes.sweep()
         for rec in page.items:  # a bucket whose rclone died while the server was down is marked
             if rec.id in keep and rec.state in ACTIVE and bucket_mounts(rec):
@@ -157,13 +157,13 @@ class Reaper:
         """Mark bucket mounts whose rclone is gone as `lost` (the sandbox sees ENOTCONN there);
         hibernate and resume, or a new sandbox, mounts them again."""
         served = [i for i, m in enumerate(rec.mounts) if m["type"] != "volume" and m.get("status") != "lost"]
-        if not served or all(await self.node.bucket_mounts_healthy(rec.id, served)):
+        if not served or all(await self.node.volumes.buckets_healthy(rec.id, served)):
             return
         async with self.sandboxes.lock(rec.id):  # checked again: a hibernation may have stopped it meanwhile
             fresh = await self.sandboxes.fresh(rec)
             if fresh.state not in ACTIVE:
                 return
-            healthy = await self.node.bucket_mounts_healthy(rec.id, served)
+            healthy = await self.node.volumes.buckets_healthy(rec.id, served)
             lost = [i for i, ok in zip(served, healthy, strict=True) if not ok]
             if not lost:
                 return

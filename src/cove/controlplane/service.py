@@ -144,7 +144,7 @@ class SandboxService:
 
     def can_checkpoint(self, runtime: str = "namespaces") -> bool:
         """Can sandboxes of `runtime` keep their processes (memory snapshots, hibernation, forks)?"""
-        return self.node.can_checkpoint(runtime)
+        return self.node.checkpoints.available(runtime)
 
     def guest(self, rec: SandboxRecord) -> GuestClient:
         return self.node.guest(rec.id)
@@ -451,7 +451,7 @@ class SandboxService:
                 return
             info = {"memory": False, "reason": "resumed without memory: processes started afresh"}
             await self.store.update_sandbox(rec.id, expect_state="hibernated", checkpoint=info)
-            await self.node.drop_checkpoint(rec.id)
+            await self.node.checkpoints.drop(rec.id)
 
     async def _resume(self, rec: SandboxRecord) -> SandboxRecord:
         async with self._locks[rec.id]:
@@ -489,7 +489,7 @@ class SandboxService:
                 await self.transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
                 # Only once the record no longer needs it: a crash before this leaves an unreferenced
                 # checkpoint (collected at start), never a hibernated record without its image.
-                await self.node.drop_checkpoint(rec.id)
+                await self.node.checkpoints.drop(rec.id)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
@@ -521,9 +521,9 @@ class SandboxService:
             # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
             await self.egress.detach(rec.id)
             clock = {"expires_at": None} if stop_clock else {}
-            if memory and self.node.can_checkpoint(rec.runtime) and not bucket_mounts(rec):
+            if memory and self.node.checkpoints.available(rec.runtime) and not bucket_mounts(rec):
                 try:
-                    await self.node.hibernate(rec.id, rec.node)
+                    await self.node.checkpoints.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
                     await self.open_egress(rec, rec.node)
                     raise ApiError(

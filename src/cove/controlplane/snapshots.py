@@ -71,7 +71,7 @@ class Snapshots:
     ) -> SnapshotRecord:
         """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
         too (CRIU); the sandbox keeps running."""
-        if memory and not self.node.can_checkpoint():
+        if memory and not self.node.checkpoints.available():
             raise ApiError(
                 409, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node (see `cove doctor`)"
             )
@@ -93,7 +93,7 @@ class Snapshots:
                 raise ApiError(
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
-            if memory and not self.node.can_checkpoint(rec.runtime):
+            if memory and not self.node.checkpoints.available(rec.runtime):
                 raise ApiError(
                     409,
                     "not_supported",
@@ -109,13 +109,15 @@ class Snapshots:
             async with self.refs.held():
                 try:
                     if memory:
-                        layer = await self.node.snapshot_with_memory(rec.id, rec.node, snap.id, seal)
+                        layer = await self.node.checkpoints.snapshot_with_memory(
+                            rec.id, rec.node, snap.id, seal
+                        )
                         snap.memory = True
                     else:  # the node freezes the sandbox for the instant of the copy
-                        layer = await self.node.commit(rec.id, seal)
+                        layer = await self.node.snapshots.commit(rec.id, seal)
                 except (NodeError, OSError) as e:
                     await self.store.delete_snapshot(snap.id)
-                    await self.node.drop_checkpoint(snap.id)
+                    await self.node.checkpoints.drop(snap.id)
                     raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
                 faults.point("snapshot.committed")
                 snap.layers = [*rec.layers, layer]
@@ -148,7 +150,7 @@ class Snapshots:
             if snap is None:
                 return
             try:
-                flat = await self.node.flatten(snap.layers)
+                flat = await self.node.snapshots.flatten(snap.layers)
             except (NodeError, OSError):
                 log.exception("flattening snapshot %s failed", snapshot_id)
                 return
@@ -161,7 +163,7 @@ class Snapshots:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
         snap = await self.get(who, snapshot_id)
         await self.store.delete_snapshot(snap.id)
-        await self.node.drop_checkpoint(snap.id)
+        await self.node.checkpoints.drop(snap.id)
         await self.volumes.drop_sealed(snap)
         await self.refs.collect()
 
@@ -177,7 +179,7 @@ class Snapshots:
         source = await self.sandboxes.get(who, sandbox_id)
         if bucket_mounts(source):
             raise ApiError(409, "mounts_not_checkpointable", NO_FUSE_CHECKPOINT.format(source.id))
-        memory = self.node.can_checkpoint(source.runtime) and source.state in ACTIVE
+        memory = self.node.checkpoints.available(source.runtime) and source.state in ACTIVE
         snap = await self.take(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
             req = CreateSandbox(
@@ -196,7 +198,7 @@ class Snapshots:
             faults.point("fork.created")
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
-            await self.node.drop_checkpoint(snap.id)
+            await self.node.checkpoints.drop(snap.id)
             await self.volumes.drop_sealed(snap)  # the children have their own copies
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]

@@ -66,7 +66,7 @@ class Starter:
         handle. `checkpoint`: restore the processes saved under that key (`resume`: a hibernated
         sandbox's own); `kept_files`: start fresh processes over the files a stop kept."""
         if checkpoint:
-            handle = await self.node.restore(spec, checkpoint, resume=resume)
+            handle = await self.node.checkpoints.restore(spec, checkpoint, resume=resume)
         elif kept_files:
             handle = await self.node.restart(spec)
         else:

@@ -99,7 +99,7 @@ class Templates:
             raise ApiError(404, "template_not_found", str(e)) from e
         if suite:
             try:
-                layer = await self.node.template_storage().debian(suite, log_)
+                layer = await self.node.snapshots.templates.debian(suite, log_)
             except debian_base.DebianError as e:
                 raise BuildFailed(str(e)) from e
             return [layer], dict(debian_base.CONFIG)
@@ -260,7 +260,7 @@ class Templates:
         if ckpt and not any(
             t.config.get("checkpoint") == ckpt for t in await self.store.list_templates(None)
         ):
-            await self.node.drop_checkpoint(ckpt)
+            await self.node.checkpoints.drop(ckpt)
 
     async def tags_of(self, who: Caller, rec: TemplateRecord) -> list[str]:
         bare = rec.name.split(":", 1)[0]
@@ -345,7 +345,7 @@ class _Build:
             await self._kill_sandbox()
         if not ok:
             await self.t.store.delete_template(rec.id)
-            await self.t.node.drop_checkpoint(f"tplck-{rec.build_id}")
+            await self.t.node.checkpoints.drop(f"tplck-{rec.build_id}")
         self.t.refs.unpin(self.pins)
         self.pins = []
         await self.t.refs.collect()
@@ -361,7 +361,7 @@ class _Build:
         image: Path | None,
     ) -> Event:
         """Run the build; returns its `done` event (sent once the cleanup is over)."""
-        storage = self.t.node.template_storage()
+        storage = self.t.node.snapshots.templates
         self.emit({"type": "step", "step": None, "total": len(steps), "description": f"FROM {base_ref}"})
         # Layers made here (an import, a Debian base) are on disk before they are pinned: no
         # collection meanwhile (see LayerRefs.making).
@@ -441,7 +441,7 @@ class _Build:
         if start:
             final_config["start"] = {"cmd": start["cmd"], "ready": start.get("ready")}
             want_warm = start.get("warm", True)
-            if want_warm and self.t.node.can_checkpoint():
+            if want_warm and self.t.node.checkpoints.available():
                 layers = await self._seal_warm(rec, layers, final_config)
                 final_config["checkpoint"] = f"tplck-{rec.build_id}"
             elif want_warm:
@@ -571,8 +571,8 @@ class _Build:
             await self._exec(guest, index, cmd, user, cwd if kind != "workdir" else "/", env)
         await self.t.starter.close_egress(sid)
         async with self.t.refs.held():
-            layer = await self.t.node.commit(sid)
-            await self.t.node.template_storage().name_layer(layer, layer_id)
+            layer = await self.t.node.snapshots.commit(sid)
+            await self.t.node.snapshots.templates.name_layer(layer, layer_id)
             self._pin([layer_id])
         await self._kill_sandbox()
 
@@ -602,7 +602,7 @@ class _Build:
         key = f"tplck-{rec.build_id}"
         async with self.t.refs.held():
             try:
-                layer = await self.t.node.snapshot_with_memory(sid, handle, key)
+                layer = await self.t.node.checkpoints.snapshot_with_memory(sid, handle, key)
             except (NodeError, OSError) as e:
                 raise BuildFailed(f"sealing the running start command (CRIU) failed: {e}") from e
             self._pin([layer])

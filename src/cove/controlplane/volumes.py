@@ -45,8 +45,8 @@ class Volumes:
         self, who: Caller, name: str, size_mb: int | None, source: dict[str, Any] | None = None
     ) -> VolumeRecord:
         if size_mb is None:
-            size_mb = DEFAULT_SIZE_MB if self.node.volume_limits else None
-        elif not self.node.volume_limits:
+            size_mb = DEFAULT_SIZE_MB if self.node.volumes.limits else None
+        elif not self.node.volumes.limits:
             raise ApiError(
                 422,
                 "validation_error",
@@ -58,13 +58,13 @@ class Volumes:
             id=_new_id("vol"), tenant=who.tenant, name=name, size_mb=size_mb, created_at=time.time()
         )
         try:
-            await self.node.create_volume(rec.id, size_mb)
+            await self.node.volumes.create(rec.id, size_mb)
         except (NodeError, OSError) as e:
             raise ApiError(503, "volume_failed", f"creating volume {name!r} failed: {e}") from e
         try:
             await self.store.insert_volume(rec)
         except ValueError as e:  # a concurrent create of the same name won
-            await self.node.delete_volume(rec.id)
+            await self.node.volumes.delete(rec.id)
             raise ApiError(409, "exists", f"volume {name!r} exists") from e
         log.info("volume created", extra={"volume": rec.id, "volume_name": name, "size_mb": size_mb})
         return rec
@@ -100,7 +100,7 @@ class Volumes:
                 )
             await self.store.delete_volume(rec.id)
         try:
-            await self.node.delete_volume(rec.id)
+            await self.node.volumes.delete(rec.id)
         except (NodeError, OSError):
             log.exception("deleting volume %s failed (swept at the next start)", rec.id)
         log.info("volume deleted", extra={"volume": rec.id, "volume_name": name})
@@ -159,7 +159,7 @@ class Volumes:
             raise
         spec = list(record)
         for b in req.mounts:
-            if not self.node.bucket_mounts_available():
+            if not self.node.volumes.buckets_available():
                 raise ApiError(
                     409, "mounts_unavailable", "bucket mounts need rclone and /dev/fuse on the node"
                 )
@@ -179,13 +179,13 @@ class Volumes:
             source={"snapshot": v["snapshot"], "volume": v["name"]},
         )
         try:
-            await self.node.clone_volume(v["sealed"], rec.id, rec.size_mb)
+            await self.node.volumes.clone(v["sealed"], rec.id, rec.size_mb)
         except (NodeError, OSError, ValueError) as e:
             raise ApiError(503, "volume_failed", f"copying volume {v['name']!r} failed: {e}") from e
         try:
             await self.store.insert_volume(rec)
         except ValueError as e:
-            await self.node.delete_volume(rec.id)
+            await self.node.volumes.delete(rec.id)
             raise ApiError(409, "exists", f"volume {name!r} exists: cannot copy the snapshot's volume") from e
         return rec
 
@@ -194,7 +194,7 @@ class Volumes:
         for volume_id in volume_ids:
             await self.store.delete_volume(volume_id)
             try:
-                await self.node.delete_volume(volume_id)
+                await self.node.volumes.delete(volume_id)
             except (NodeError, OSError):
                 log.exception("deleting volume %s failed", volume_id)
 
@@ -226,13 +226,13 @@ class Volumes:
         sealed = [v["sealed"] for v in snap.config.get("volumes", []) if v.get("sealed")]
         if sealed:
             try:
-                await self.node.delete_sealed(sealed)
+                await self.node.volumes.delete_sealed(sealed)
             except (NodeError, OSError):
                 log.exception("deleting sealed volumes of %s failed", snap.id)
 
     async def sweep(self) -> None:
         """At start: delete volumes and sealed copies on the node that nothing records."""
-        on_node, sealed_on_node = await self.node.volume_ids()
+        on_node, sealed_on_node = await self.node.volumes.ids()
         known = {v.id for v in await self.store.list_volumes(None)}
         kept_sealed = {
             v["sealed"]
@@ -241,10 +241,10 @@ class Volumes:
             if v.get("sealed")
         }
         for volume_id in sorted(on_node - known):
-            await self.node.delete_volume(volume_id)
+            await self.node.volumes.delete(volume_id)
         stray = sorted(sealed_on_node - kept_sealed)
         if stray:
-            await self.node.delete_sealed(stray)
+            await self.node.volumes.delete_sealed(stray)
         if on_node - known or stray:
             log.warning(
                 "swept volumes nothing records", extra={"volumes": sorted(on_node - known), "sealed": stray}

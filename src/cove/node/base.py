@@ -1,16 +1,50 @@
-"""The interface between the control plane and a node (one host that runs sandboxes).
+"""The node contract: the interface between the control plane and a node (one host that runs sandboxes).
 
-On one machine the node is in-process (`LocalNode`); in a cluster it is reached through
-Kubernetes objects. The control plane never touches namespaces, cgroups or mounts itself.
+On one machine the node is in-process (`cove.node.local.LocalNode`); in a fleet the same contract is
+served over the network between API replicas and nodes. The control plane never touches namespaces,
+cgroups or mounts itself.
+
+Shape (after containerd: a task service, a snapshotter, and capabilities a runtime declares):
+- `NodeAgent`: sandbox lifecycle (create, restart, stop, kill, pause, resume, configure), liveness
+  (alive, dead, sweep), stats, the guest channel (`guest`), the base template, and four parts:
+- `node.volumes` (`Volumes`): persistent volumes, their sealed copies, and bucket mounts;
+- `node.snapshots` (`Snapshots`): committed layers: commit a sandbox's files, flatten, collect, and
+  template building (`templates`);
+- `node.checkpoints` (`Checkpoints`): process checkpoints (CRIU images under a key); `available(runtime)`
+  says whether that runtime's sandboxes can be checkpointed at all;
+- `node.contexts` (`Contexts`): code contexts' bridges and the environment they run in.
+Behind the node, each runtime implements the small `cove.node.runtimes.Runtime` protocol and declares
+its capabilities (a `Checkpointer` or None, egress, ports) instead of refusing at call time.
+
+Made to be served remotely:
+- arguments and results are plain data: frozen dataclasses of plain fields (`SandboxSpec`,
+  `TemplateSpec`, `Limits`), ids, tuples of id pairs, JSON-able dicts (`Handle`, stats); no live objects;
+- streams: `guest` and `contexts.client` return a `GuestClient`, the one channel for exec, files, PTY,
+  watch and code (docs/guest-protocol.md); remotely it is the same protocol tunnelled to the node.
+  A template build's `log` callback becomes a stream of lines;
+- retries: the caller chooses the id of whatever a call creates (sandbox id, volume id, sealed id,
+  checkpoint key), so a retry targets the same object, and every removal is idempotent (kill, stop,
+  volumes.delete/delete_sealed, checkpoints.drop). The exceptions are the layer ids that
+  `snapshots.commit`, `snapshots.flatten` and `checkpoints.snapshot_with_memory` mint: remotely these
+  calls carry a request id; a layer orphaned by a lost answer is removed by `snapshots.collect`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cove.node.guest_client import GuestClient
+
+if TYPE_CHECKING:
+    from cove.node.template_storage import TemplateStorage
+
+# What a node returns for a started sandbox and the control plane persists (JSON): enough to re-adopt
+# it later, e.g. {"pid", "start_time", "runtime"}.
+Handle = dict[str, Any]
+# (volume id, sealed id) pairs: volumes to copy at the same instant as a sandbox's files.
+Seal = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -49,82 +83,125 @@ class NodeError(Exception):
     """A node could not carry out an operation; the message says why."""
 
 
+class Volumes(Protocol):
+    """Named persistent storage mounted into sandboxes (docs/volumes.md)."""
+
+    limits: bool  # can the node enforce a volume's size limit?
+
+    async def create(self, volume_id: str, size_mb: int | None) -> None: ...
+
+    async def clone(self, sealed_id: str, volume_id: str, size_mb: int | None) -> None:
+        """A new volume with the content of a sealed copy (taken by a snapshot)."""
+
+    async def delete(self, volume_id: str) -> None: ...
+
+    async def delete_sealed(self, sealed_ids: list[str]) -> None: ...
+
+    async def ids(self) -> tuple[set[str], set[str]]:
+        """Ids of the volumes and of the sealed copies on this node."""
+
+    def buckets_available(self) -> bool:
+        """Can sandboxes mount S3-compatible buckets here?"""
+
+    async def buckets_healthy(self, sandbox_id: str, indices: list[int]) -> list[bool]:
+        """Is each bucket mount (by its index in the sandbox's mounts) still served?"""
+
+
+class Snapshots(Protocol):
+    """Committed (read-only, immutable) layers, the snapshotter's side of the node."""
+
+    templates: TemplateStorage  # layer building for templates
+
+    async def commit(self, sandbox_id: str, seal: Seal = ()) -> str:
+        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id.
+        `seal`: volumes to copy at the same instant."""
+
+    async def flatten(self, layers: list[str]) -> str:
+        """A single committed layer with the merged content of `layers` (bottom-most first)."""
+
+    async def collect(self, keep: set[str]) -> list[str]:
+        """Delete committed layers not in `keep`; returns their ids."""
+
+
+class Checkpoints(Protocol):
+    """Checkpoints of sandboxes' processes, stored on the node under a key."""
+
+    def available(self, runtime: str = "namespaces") -> bool:
+        """Can this node checkpoint processes of `runtime`'s sandboxes (hibernate and fork with memory)?"""
+
+    async def hibernate(self, sandbox_id: str, handle: Handle) -> None:
+        """Checkpoint every process to disk (under the sandbox's id), then release its memory, mounts
+        and cgroups."""
+
+    async def snapshot_with_memory(self, sandbox_id: str, handle: Handle, key: str, seal: Seal = ()) -> str:
+        """Checkpoint the processes (under `key`) and seal the files at the same instant (returns the
+        layer); the sandbox keeps running. `seal`: volumes to copy at that instant too."""
+
+    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
+        """Start `spec` with the processes checkpointed under `key`."""
+
+    async def has(self, key: str) -> bool:
+        """Is there a complete checkpoint under `key`?"""
+
+    async def drop(self, key: str) -> None:
+        """Delete the checkpoint stored under `key`. Idempotent."""
+
+    async def keys(self) -> set[str]:
+        """Keys of every checkpoint, complete or not, stored on this node."""
+
+
+class Contexts(Protocol):
+    """Code contexts: interpreters inside a sandbox, each reached through its own bridge."""
+
+    status: str  # of the environment code contexts run in ("ready", or why not)
+
+    async def prepare(self, sandbox_id: str, context_id: str, user: str) -> str:
+        """Make room for a context's bridge; returns its socket path inside the sandbox."""
+
+    def client(self, sandbox_id: str, context_id: str) -> GuestClient:
+        """A client for a context's bridge."""
+
+
 class NodeAgent(ABC):
+    volumes: Volumes
+    snapshots: Snapshots
+    checkpoints: Checkpoints
+    contexts: Contexts
+    # Changes when sandboxes created from now on would differ (e.g. the kernel environment got
+    # built): pooled sandboxes made under an older generation are discarded, not handed out.
+    generation: str = ""
+
     @abstractmethod
     async def start(self) -> None:
         """Prepare the node (templates, directories); called once at server start."""
 
     @abstractmethod
-    async def create(self, spec: SandboxSpec) -> dict[str, Any]:
-        """Start a sandbox; returns the node handle to persist (enough to re-adopt it later)."""
+    def runtime_problem(self, runtime: str) -> str | None:
+        """Why this node cannot start sandboxes of `runtime` (None: it can)."""
+
+    @abstractmethod
+    async def create(self, spec: SandboxSpec) -> Handle:
+        """Start a sandbox; returns its handle."""
+
+    @abstractmethod
+    async def restart(self, spec: SandboxSpec) -> Handle:
+        """Start a stopped sandbox again over its kept files (fresh processes)."""
 
     @abstractmethod
     async def stop(self, sandbox_id: str) -> None:
         """Kill every process and release memory, mounts and cgroups, keeping the sandbox's files."""
 
     @abstractmethod
-    async def restart(self, spec: SandboxSpec) -> dict[str, Any]:
-        """Start a stopped sandbox again over its kept files (fresh processes)."""
-
-    @abstractmethod
-    def can_checkpoint(self, runtime: str = "namespaces") -> bool:
-        """Can this node checkpoint processes of `runtime`'s sandboxes (hibernate and fork with memory)?"""
-
-    def runtime_problem(self, runtime: str) -> str | None:
-        """Why this node cannot start sandboxes of `runtime` (None: it can)."""
-        return None if runtime == "namespaces" else f"{runtime} runtime unavailable on this node"
-
-    @abstractmethod
-    async def hibernate(self, sandbox_id: str, handle: dict[str, Any]) -> None:
-        """Checkpoint every process to disk, then release its memory, mounts and cgroups."""
-
-    @abstractmethod
-    async def snapshot_with_memory(
-        self, sandbox_id: str, handle: dict[str, Any], key: str, seal: tuple[tuple[str, str], ...] = ()
-    ) -> str:
-        """Checkpoint the processes (under `key`) and seal the files at the same instant; keeps running.
-        `seal`: (volume id, sealed id) pairs of volumes to copy at that instant too."""
-
-    @abstractmethod
-    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
-        """Start `spec` with the processes checkpointed under `key`; returns its handle."""
-
-    @abstractmethod
-    async def has_checkpoint(self, key: str) -> bool:
-        """Is there a complete checkpoint under `key`?"""
-
-    @abstractmethod
-    async def drop_checkpoint(self, key: str) -> None:
-        """Delete the checkpoint stored under `key`."""
-
-    async def checkpoint_keys(self) -> set[str]:
-        """Keys of every checkpoint, complete or not, stored on this node."""
-        return set()
-
-    @abstractmethod
-    async def commit(self, sandbox_id: str, seal: tuple[tuple[str, str], ...] = ()) -> str:
-        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id.
-        `seal`: (volume id, sealed id) pairs of volumes to copy at the same instant."""
-
-    @abstractmethod
-    async def flatten(self, layers: list[str]) -> str:
-        """A single committed layer with the merged content of `layers` (bottom-most first)."""
-
-    @abstractmethod
-    async def collect_layers(self, keep: set[str]) -> list[str]:
-        """Delete committed layers that nothing references any more; returns their ids."""
-
-    @abstractmethod
-    async def kill(self, sandbox_id: str, handle: dict[str, Any] | None) -> None:
+    async def kill(self, sandbox_id: str, handle: Handle | None) -> None:
         """Kill every process and release every resource (mounts, cgroups, dirs). Idempotent."""
 
     @abstractmethod
-    async def alive(self, sandbox_id: str, handle: dict[str, Any]) -> bool:
+    async def alive(self, sandbox_id: str, handle: Handle) -> bool:
         """Is the sandbox started with `handle` still running (and answering)?"""
 
-    async def dead(self, sandboxes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    @abstractmethod
+    async def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
         """The ids among `(id, handle)` whose sandbox is no longer running."""
-        return [sid for sid, handle in sandboxes if not await self.alive(sid, handle)]
 
     @abstractmethod
     async def pause(self, sandbox_id: str) -> None:
@@ -134,31 +211,10 @@ class NodeAgent(ABC):
     async def resume(self, sandbox_id: str) -> None:
         """Thaw a paused sandbox."""
 
-    kernel_status: str = "unavailable"  # of the environment code contexts run in
-    # Changes when sandboxes created from now on would differ (e.g. the kernel environment got
-    # built): pooled sandboxes made under an older generation are discarded, not handed out.
-    generation: str = ""
-
+    @abstractmethod
     async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
         """Apply `spec`'s env, user, workdir and cpu/memory/pids limits to a running sandbox
         (a pooled one being claimed), then thaw it if asked."""
-        raise NodeError("this node cannot reconfigure a running sandbox")
-
-    @abstractmethod
-    async def prepare_context(self, sandbox_id: str, context_id: str, user: str) -> str:
-        """Make room for a code context's bridge; returns its socket path inside the sandbox."""
-
-    @abstractmethod
-    def context_client(self, sandbox_id: str, context_id: str) -> GuestClient:
-        """A client for a code context's bridge."""
-
-    @abstractmethod
-    def guest(self, sandbox_id: str) -> GuestClient:
-        """A client for the sandbox's guest agent."""
-
-    @abstractmethod
-    async def base_template(self) -> TemplateSpec:
-        """The default template, built on first use."""
 
     @abstractmethod
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
@@ -168,36 +224,13 @@ class NodeAgent(ABC):
     async def sweep(self, keep: set[str]) -> list[str]:
         """Release resources of sandboxes this node holds that are not in `keep`; returns their ids."""
 
-    # -- volumes (docs/volumes.md); a node without them refuses ------------------------------
-    volume_limits: bool = False  # can it enforce a volume's size limit?
+    @abstractmethod
+    def guest(self, sandbox_id: str) -> GuestClient:
+        """A client for the sandbox's guest agent."""
 
-    async def create_volume(self, volume_id: str, size_mb: int | None) -> None:
-        raise NodeError("this node has no volumes")
-
-    async def clone_volume(self, sealed_id: str, volume_id: str, size_mb: int | None) -> None:
-        """A new volume with the content of a sealed copy (taken by a snapshot)."""
-        raise NodeError("this node has no volumes")
-
-    async def delete_volume(self, volume_id: str) -> None:
-        raise NodeError("this node has no volumes")
-
-    async def delete_sealed(self, sealed_ids: list[str]) -> None:
-        raise NodeError("this node has no volumes")
-
-    async def volume_ids(self) -> tuple[set[str], set[str]]:
-        """Ids of the volumes and of the sealed copies on this node."""
-        return set(), set()
-
-    def bucket_mounts_available(self) -> bool:
-        return False
-
-    async def bucket_mounts_healthy(self, sandbox_id: str, indices: list[int]) -> list[bool]:
-        """Is each bucket mount (by its index in the sandbox's mounts) still served?"""
-        return [False for _ in indices]
-
-    def template_storage(self) -> Any:
-        """Layer building for templates (`cove.node.template_storage.TemplateStorage`)."""
-        raise NodeError("this node cannot build templates")
+    @abstractmethod
+    async def base_template(self) -> TemplateSpec:
+        """The default template, built on first use."""
 
     @abstractmethod
     async def close(self) -> None:

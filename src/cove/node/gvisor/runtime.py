@@ -2,8 +2,8 @@
 run under gVisor's application kernel (`runsc`), so the sandbox's syscalls never reach the host kernel.
 
 How it fits (measured here, docs/runtimes.md):
-- the host prepares the sandbox exactly as the namespaces runtime does (layers, overlay root, run dir
-  with the guest code) and writes an OCI bundle over that root;
+- the host prepares the sandbox exactly as for the namespaces runtime (`SandboxHost`: layers, overlay
+  root, run dir with the guest code) and writes an OCI bundle over that root;
 - `runsc run --detach` starts it inside cove's own cgroup for the sandbox (a small `sh` joins it first,
   so the sentry, the gofer and the ptrace stubs are all in it: freeze, kill and stats work unchanged);
 - the agent binds its socket itself in the bind-mounted run dir; `--host-uds=create` makes that a real
@@ -11,7 +11,8 @@ How it fits (measured here, docs/runtimes.md):
 - `--file-access=shared`: writes go through to the host upper dir at once (disk quota errors surface
   at write time, and a files-only snapshot sees every completed write).
 runsc cannot checkpoint a sandbox holding a bound host socket ("Cannot save endpoint with bound host
-socket"), so hibernation and forks keep files only and memory snapshots are refused.
+socket"), so the runtime declares no checkpointer: hibernation and forks keep files only, and memory
+snapshots are refused.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
-from cove.node.base import NodeError, SandboxSpec
+from cove.node.base import Handle, NodeError, SandboxSpec
 from cove.node.guest_client import GuestClient, GuestUnavailable
+from cove.node.namespaces.host import RUNTIME_MARKER, SandboxHost
 from cove.node.namespaces.launcher import AGENT_SOCKET, process_start_time
-from cove.node.namespaces.runtime import NamespacesRuntime
-from cove.storage.layers import LayerStore
+from cove.node.runtimes import Checkpointer
 
 log = logging.getLogger("cove.node")
 
@@ -46,10 +46,6 @@ CAPS = [
 # the sandbox's pids cgroup: the sandbox's own limit plus this.
 PIDS_SLACK = 512
 NOFILE = 65536
-NOT_SUPPORTED = (
-    "not supported by the gvisor runtime: runsc cannot checkpoint a sandbox whose agent listens on a "
-    "host socket"
-)
 # Joins every cgroup dir named in $COVE_CGROUP_PROCS, then becomes runsc (whose children inherit them).
 _JOIN_AND_EXEC = 'for f in $COVE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done; exec "$@"'
 
@@ -80,21 +76,26 @@ def detect(settings: Settings) -> tuple[bool, str]:
     return _probe(settings.runsc, settings.runsc_platform)
 
 
-class GvisorRuntime(NamespacesRuntime):
-    """Shares the host-side preparation (layers, run dir, guest code, cgroups, contexts) with the
-    namespaces runtime; starts, stops and checks the sandbox through runsc instead of the launcher."""
+class GvisorRuntime:
+    """Holds the same `SandboxHost` as the namespaces runtime (layers, run dir, guest code, cgroups,
+    contexts); starts, stops and checks the sandbox through runsc instead of the launcher."""
 
     name = "gvisor"
-    can_checkpoint = False
+    egress = False
+    ports = False
+    checkpointer: Checkpointer | None = None
 
-    def __init__(self, settings: Settings, layers: LayerStore) -> None:
-        super().__init__(settings, layers)
-        self.state_root = settings.home / "runsc"
-        self.available, self.detail = detect(settings)
-        self.runsc = shutil.which(settings.runsc) or settings.runsc
+    def __init__(self, host: SandboxHost) -> None:
+        self.host = host
+        self.settings = host.settings
+        self.state_root = host.settings.home / "runsc"
+        self.available, self.detail = detect(host.settings)
+        self.runsc = shutil.which(host.settings.runsc) or host.settings.runsc
 
     async def start(self) -> None:
-        await asyncio.to_thread(lambda: (self.guest_code, self.state_root.mkdir(mode=0o700, exist_ok=True)))
+        await asyncio.to_thread(
+            lambda: (self.host.guest_code, self.state_root.mkdir(mode=0o700, exist_ok=True))
+        )
 
     def _runsc(self, *args: str) -> list[str]:
         return [
@@ -161,23 +162,19 @@ class GvisorRuntime(NamespacesRuntime):
             },
         }
 
-    def _start(self, spec: SandboxSpec) -> dict[str, Any]:
-        from cove.node.namespaces import syscalls
-
-        sdir = self.sandbox_dir(spec.id)
+    def _start(self, spec: SandboxSpec) -> Handle:
+        sdir = self.host.sandbox_dir(spec.id)
         sdir.mkdir(parents=True, exist_ok=True)
-        (sdir / "runtime").write_text(self.name)  # how the node tells its sandboxes apart
-        launch = self._prepare(spec)
+        (sdir / RUNTIME_MARKER).write_text(self.name)  # how the node tells its sandboxes apart
+        launch = self.host.prepare(spec)
         bundle = sdir / "bundle"
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self._oci_spec(spec, launch)))
-        cg = self.cgroup(spec.id)
+        cg = self.host.cgroup(spec.id)
         cg.create()
         limits = launch["limits"]
-        cg.set_limits(limits["memory_bytes"], limits["cpu"], (spec.limits.pids or 1024) + PIDS_SLACK)
-        if not os.path.ismount(launch["rootfs"]):
-            opts = f"lowerdir={':'.join(launch['lowerdirs'])},upperdir={launch['upper']},workdir={launch['work']}"
-            syscalls.mount("overlay", launch["rootfs"], "overlay", 0, opts)
+        cg.set_limits(limits["memory_bytes"], limits["cpu"], _pids(spec))
+        self.host.mount_root(launch)
         self._runsc_delete(spec.id)  # a stale container of that name (a crash) would block the id
         procs = " ".join(os.path.join(d, "cgroup.procs") for d in cg.dirs())
         with open(sdir / "runsc.log", "ab") as logf:
@@ -193,7 +190,7 @@ class GvisorRuntime(NamespacesRuntime):
 
     def _log_tail(self, sandbox_id: str) -> str:
         try:
-            text = (self.sandbox_dir(sandbox_id) / "runsc.log").read_text(errors="replace")
+            text = (self.host.sandbox_dir(sandbox_id) / "runsc.log").read_text(errors="replace")
         except OSError:
             return "(no log)"
         return " | ".join(text.strip().splitlines()[-5:])[-1500:] or "(empty log)"
@@ -210,10 +207,11 @@ class GvisorRuntime(NamespacesRuntime):
 
     async def _wait_ready(self, sandbox_id: str, timeout: float = 20.0) -> None:
         """The agent binds its own socket (there is no ready pipe through runsc): wait for it to answer."""
-        guest = GuestClient(self.socket_path(sandbox_id), connect_timeout=2)
+        socket = self.host.socket_path(sandbox_id)
+        guest = GuestClient(socket, connect_timeout=2)
         deadline = time.monotonic() + timeout
         while True:
-            if os.path.exists(self.socket_path(sandbox_id)):
+            if os.path.exists(socket):
                 try:
                     await guest.ping()
                     return
@@ -223,10 +221,10 @@ class GvisorRuntime(NamespacesRuntime):
                 raise NodeError(f"the guest agent did not become ready in time: {self._log_tail(sandbox_id)}")
             await asyncio.sleep(0.005)
 
-    async def create(self, spec: SandboxSpec, resume: bool = False) -> dict[str, Any]:
+    async def create(self, spec: SandboxSpec, resume: bool = False) -> Handle:
         if not self.available:
             raise NodeError(f"gvisor runtime unavailable on this host: {self.detail}")
-        if not resume and (os.path.exists(self.sandbox_dir(spec.id)) or self.layers.has_active(spec.id)):
+        if not resume and self.host.exists(spec.id):
             raise NodeError(f"sandbox {spec.id} already exists on this node")
         try:
             handle = await asyncio.to_thread(self._start, spec)
@@ -239,6 +237,22 @@ class GvisorRuntime(NamespacesRuntime):
                 await self.kill(spec.id)
             raise
 
+    # -- a running sandbox -----------------------------------------------------------------
+    async def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
+        return await asyncio.to_thread(self.host.dead, sandboxes)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.host.cgroup(sandbox_id).freeze, True)  # sentry, gofer and stubs
+
+    async def resume(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self.host.cgroup(sandbox_id).freeze, False)
+
+    async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
+        await asyncio.to_thread(self.host.configure, spec, thaw, _pids(spec))
+
+    async def stats(self, sandbox_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.host.stats, sandbox_id)
+
     # -- teardown ------------------------------------------------------------------------
     def _runsc_delete(self, sandbox_id: str) -> None:
         if not (self.state_root / sandbox_id).exists() and not any(self.state_root.glob(f"{sandbox_id}*")):
@@ -250,28 +264,34 @@ class GvisorRuntime(NamespacesRuntime):
             )  # fmt: skip
 
     def _stop(self, sandbox_id: str) -> None:
-        super()._stop(sandbox_id)  # the cgroup's kill ends the sentry, gofer and stubs at once
+        self.host.release(sandbox_id)  # the cgroup's kill ends the sentry, gofer and stubs at once
         self._runsc_delete(sandbox_id)  # then runsc forgets the container
         for d in _hierarchies(f"{self.settings.cgroup_parent}/{sandbox_id}"):
             with contextlib.suppress(OSError):  # runsc also joins controllers cove leaves alone
                 os.rmdir(d)
 
-    def release_parent(self) -> None:
-        for d in _hierarchies(self.settings.cgroup_parent):
-            with contextlib.suppress(OSError):  # not empty: sandboxes outlive the server
-                os.rmdir(d)
+    async def stop(self, sandbox_id: str) -> None:
+        await asyncio.to_thread(self._stop, sandbox_id)
 
-    # -- checkpoints: not with a host socket bound inside ---------------------------------
-    async def hibernate(self, sandbox_id: str, pid: int) -> None:
-        raise NodeError(f"hibernating with memory is {NOT_SUPPORTED}")
+    async def kill(self, sandbox_id: str) -> None:
+        def kill() -> None:
+            self._stop(sandbox_id)
+            self.host.remove(sandbox_id)
 
-    async def snapshot_with_memory(
-        self, sandbox_id: str, pid: int, key: str, seal: tuple[tuple[str, str], ...] = ()
-    ) -> str:
-        raise NodeError(f"memory snapshots are {NOT_SUPPORTED}")
+        await asyncio.to_thread(kill)
 
-    async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> dict[str, Any]:
-        raise NodeError(f"restoring processes is {NOT_SUPPORTED}")
+    async def close(self) -> None:
+        def release_parent() -> None:
+            for d in _hierarchies(self.settings.cgroup_parent):
+                with contextlib.suppress(OSError):  # not empty: sandboxes outlive the server
+                    os.rmdir(d)
+
+        await asyncio.to_thread(release_parent)
+
+
+def _pids(spec: SandboxSpec) -> int:
+    """The pids limit of the sandbox's cgroup: its own limit plus runsc's tasks."""
+    return (spec.limits.pids or 1024) + PIDS_SLACK
 
 
 def _hierarchies(name: str) -> list[str]:
@@ -281,11 +301,3 @@ def _hierarchies(name: str) -> list[str]:
     except OSError:
         return []
     return [d for r in roots if os.path.isdir(d := os.path.join("/sys/fs/cgroup", r, name))]
-
-
-def runtime_of(sandbox_dir: Path) -> str:
-    """The runtime a sandbox on this node was started with (no marker: namespaces)."""
-    try:
-        return (sandbox_dir / "runtime").read_text().strip() or "namespaces"
-    except OSError:
-        return "namespaces"

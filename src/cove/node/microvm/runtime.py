@@ -1,14 +1,13 @@
 """The microVM runtime seam: a VM per sandbox (Firecracker or cloud-hypervisor) with the guest agent
 over vsock. Only detection is built: it needs real hardware virtualisation (VT-x or AMD-V), and the
 hosts cove is developed on expose only a paravirtual /dev/kvm (PVM) that cannot boot stock guest
-kernels (docs/runtimes.md). A backend plugs in here by implementing the runtime interface."""
+kernels (docs/runtimes.md). A backend plugs in here by implementing `cove.node.runtimes.Runtime`; until
+then the node refuses the runtime with the reason `detect` gives."""
 
 from __future__ import annotations
 
 import os
 import shutil
-
-from cove.node.base import NodeError, SandboxSpec
 
 VMMS = ("firecracker", "cloud-hypervisor")
 
@@ -39,16 +38,3 @@ def detect(cpuinfo: str | None = None, modules: str | None = None) -> tuple[bool
     if vmm is None:
         return False, f"no VMM installed ({' or '.join(VMMS)})"
     return False, f"hardware virtualisation and {vmm} found, but cove has no microVM backend yet"
-
-
-class MicroVMRuntime:
-    """Refuses every sandbox with the reason `detect` gives."""
-
-    name = "microvm"
-    can_checkpoint = False
-
-    def __init__(self) -> None:
-        self.available, self.reason = detect()
-
-    async def create(self, spec: SandboxSpec, resume: bool = False) -> dict:
-        raise NodeError(f"microvm runtime unavailable on this host: {self.reason}")
