@@ -213,6 +213,31 @@ def test_cwd(agent: Agent, client: GuestClient) -> None:
     assert error_of(collect(client, "pwd", user="nobody")).code == "not_found"
 
 
+def test_a_refused_exec_leaves_no_descriptor_in_a_kept_handler(agent: Agent) -> None:
+    """A command refused before it starts (a missing cwd) must close its pipes: a kept connection's
+    handler serves operation after operation and would pile them up."""
+
+    async def go() -> tuple[int, int, set[str]]:
+        client = GuestClient(agent.client.socket_path, idle=Idle())  # one kept connection, one handler
+        handlers: set[str] = set()
+
+        async def open_fds() -> int:
+            out, _, _ = await collect(client, "echo $PPID; ls /proc/$PPID/fd | wc -l")
+            handler, count = out.split()
+            handlers.add(handler.decode())
+            return int(count)
+
+        before = await open_fds()
+        for _ in range(10):
+            with pytest.raises(GuestError):
+                await collect(client, "true", cwd=str(agent.root / "missing"))
+        return before, await open_fds(), handlers
+
+    before, after, handlers = run(go())
+    assert len(handlers) == 1, "the operations did not share one handler: the test proves nothing"
+    assert after == before
+
+
 def test_exec_as_another_user(client: GuestClient) -> None:
     out, _, end = sh(client, "id -u; id -g; echo $HOME $USER", user="nobody", cwd="/")
     assert out == b"65534\n65534\n/nonexistent nobody\n"

@@ -115,11 +115,13 @@ def run_command(
     wake_r, wake_w = sigchld_pipe()  # SIGCHLD wakes poll() even while the output pipes stay quiet
     try:
         pid = _spawn(argv, shell, user, cwd, env, (in_r, out_w, err_w))
-    except SpawnFailed as exc:
+    except (SpawnFailed, OpError) as exc:  # never started: a kept handler must not keep its pipes
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w, wake_r, wake_w):
             if fd >= 0:
                 os.close(fd)
         _signal.set_wakeup_fd(-1)
+        if isinstance(exc, OpError):
+            raise
         protocol.send_frame(c.sock, KIND_STDERR, exc.message.encode("utf-8", "replace"))
         return {"exit_code": exc.code, "timed_out": False}
     for fd in (out_w, err_w, in_r):
