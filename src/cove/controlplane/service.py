@@ -314,7 +314,7 @@ class SandboxService:
         problem = self.node.runtime_problem(runtime)
         if problem:
             raise ApiError(409, "runtime_unavailable", problem)
-        if runtime != "namespaces" and network.get("mode", "none") != "none":
+        if network.get("mode", "none") != "none" and not self.node.egress(runtime):
             raise ApiError(
                 409,
                 "not_supported",

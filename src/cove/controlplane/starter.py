@@ -83,7 +83,7 @@ class Starter:
     ) -> None:
         """The egress listener in the namespace of the processes started with `handle` (after a
         start, and at adoption: a restored namespace is a new one, without the listener)."""
-        if policy is None or runtime not in ("namespaces", ""):  # gVisor's network is its own
+        if policy is None or not self.node.egress(runtime or "namespaces"):  # gVisor's network is its own
             return
         await self.egress.attach(sid, handle, policy)
 

@@ -180,6 +180,11 @@ class NodeAgent(ABC):
         """Why this node cannot start sandboxes of `runtime` (None: it can)."""
 
     @abstractmethod
+    def egress(self, runtime: str) -> bool:
+        """Can sandboxes of `runtime` reach out through the egress proxy (a network mode other than
+        none)? What the runtime declares."""
+
+    @abstractmethod
     async def create(self, spec: SandboxSpec) -> Handle:
         """Start a sandbox; returns its handle."""
 

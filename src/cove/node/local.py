@@ -239,6 +239,10 @@ class LocalNode(NodeAgent):
             return f"unknown runtime {runtime!r}"
         return None if rt.available else f"{runtime} runtime unavailable on this host: {rt.detail}"
 
+    def egress(self, runtime: str) -> bool:
+        rt = self.runtimes.get(runtime)
+        return rt is not None and rt.egress
+
     def _for(self, spec: SandboxSpec) -> Runtime:
         problem = self.runtime_problem(spec.runtime)
         if problem:
