@@ -68,3 +68,23 @@ def test_errors_name_the_path(btrfs: Btrfs) -> None:
     (plain / "sub").mkdir(parents=True)
     btrfs.delete(plain)  # not a subvolume: removed as a directory
     assert not plain.exists()
+
+
+def test_commit_and_flatten_are_retry_safe(btrfs: Btrfs) -> None:
+    """The caller names the layer a commit or flatten makes: a retried call (its answer lost on the
+    way back) finds that layer instead of making a second one."""
+    from cove.storage.layers import LayerStore
+
+    store = LayerStore(btrfs.root, btrfs)
+    base = store.build(lambda root: (root / "base.txt").write_text("base\n"))
+    active = store.prepare("sb1", [base], (0, 0))
+    (active.upper / "mine.txt").write_text("one\n")
+    assert store.commit("sb1", "snap-a") == "snap-a"
+    (active.upper / "mine.txt").write_text("two\n")  # a retry must not seal a second, later copy
+    assert store.commit("sb1", "snap-a") == "snap-a"
+    assert (store.path("snap-a") / "mine.txt").read_text() == "one\n"
+    assert store.flatten([base, "snap-a"], "flat-a") == "flat-a"
+    assert store.flatten([base, "snap-a"], "flat-a") == "flat-a"
+    assert {p.name for p in (store.path("flat-a")).iterdir()} == {"base.txt", "mine.txt"}
+    assert store.layer_ids() == {base, "snap-a", "flat-a"}
+    store.remove_active("sb1")

@@ -23,7 +23,7 @@ from cove.controlplane.sources import Sources
 from cove.controlplane.starter import new_sandbox_id
 from cove.controlplane.states import ACTIVE
 from cove.controlplane.volumes import Volumes
-from cove.node.base import NodeError
+from cove.node.base import NodeError, new_layer_id
 from cove.store.base import SandboxRecord, SnapshotRecord
 
 log = logging.getLogger("cove.snapshots")
@@ -110,11 +110,11 @@ class Snapshots:
                 try:
                     if memory:
                         layer = await self.node.checkpoints.snapshot_with_memory(
-                            rec.id, rec.node, snap.id, seal
+                            rec.id, rec.node, snap.id, new_layer_id("snap"), seal
                         )
                         snap.memory = True
                     else:  # the node freezes the sandbox for the instant of the copy
-                        layer = await self.node.snapshots.commit(rec.id, seal)
+                        layer = await self.node.snapshots.commit(rec.id, new_layer_id("snap"), seal)
                 except (NodeError, OSError) as e:
                     await self.store.delete_snapshot(snap.id)
                     await self.node.checkpoints.drop(snap.id)
@@ -150,7 +150,7 @@ class Snapshots:
             if snap is None:
                 return
             try:
-                flat = await self.node.snapshots.flatten(snap.layers)
+                flat = await self.node.snapshots.flatten(snap.layers, new_layer_id("flat"))
             except (NodeError, OSError):
                 log.exception("flattening snapshot %s failed", snapshot_id)
                 return

@@ -37,7 +37,7 @@ from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.sources import Sources, runtime_config
 from cove.controlplane.starter import Starter, new_sandbox_id
-from cove.node.base import Limits, NodeAgent, NodeError, TemplateSpec
+from cove.node.base import Limits, NodeAgent, NodeError, TemplateSpec, new_layer_id
 from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
 from cove.storage import debian_base, oci
 from cove.store.base import Store, TemplateRecord
@@ -571,8 +571,8 @@ class _Build:
             await self._exec(guest, index, cmd, user, cwd if kind != "workdir" else "/", env)
         await self.t.starter.close_egress(sid)
         async with self.t.refs.held():
-            layer = await self.t.node.snapshots.commit(sid)
-            await self.t.node.snapshots.templates.name_layer(layer, layer_id)
+            # Its content-addressed id: an identical step another build committed meanwhile is kept.
+            await self.t.node.snapshots.commit(sid, layer_id)
             self._pin([layer_id])
         await self._kill_sandbox()
 
@@ -602,7 +602,9 @@ class _Build:
         key = f"tplck-{rec.build_id}"
         async with self.t.refs.held():
             try:
-                layer = await self.t.node.checkpoints.snapshot_with_memory(sid, handle, key)
+                layer = await self.t.node.checkpoints.snapshot_with_memory(
+                    sid, handle, key, new_layer_id("snap")
+                )
             except (NodeError, OSError) as e:
                 raise BuildFailed(f"sealing the running start command (CRIU) failed: {e}") from e
             self._pin([layer])

@@ -23,14 +23,14 @@ Made to be served remotely:
   watch and code (docs/guest-protocol.md); remotely it is the same protocol tunnelled to the node.
   A template build's `log` callback becomes a stream of lines;
 - retries: the caller chooses the id of whatever a call creates (sandbox id, volume id, sealed id,
-  checkpoint key), so a retry targets the same object, and every removal is idempotent (kill, stop,
-  volumes.delete/delete_sealed, checkpoints.drop). The exceptions are the layer ids that
-  `snapshots.commit`, `snapshots.flatten` and `checkpoints.snapshot_with_memory` mint: remotely these
-  calls carry a request id; a layer orphaned by a lost answer is removed by `snapshots.collect`.
+  checkpoint key, layer id: `new_layer_id`), so a retry targets the same object (a commit, flatten or
+  memory snapshot that completed returns its layer again), and every removal is idempotent (kill,
+  stop, volumes.delete/delete_sealed, checkpoints.drop).
 """
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,6 +83,12 @@ class NodeError(Exception):
     """A node could not carry out an operation; the message says why."""
 
 
+def new_layer_id(kind: str) -> str:
+    """An id for a layer a call is to make (`kind`: snap, flat…), chosen by the caller before the call
+    so that a retry makes no second layer."""
+    return f"{kind}-{secrets.token_hex(8)}"
+
+
 class Volumes(Protocol):
     """Named persistent storage mounted into sandboxes (docs/volumes.md)."""
 
@@ -112,12 +118,12 @@ class Snapshots(Protocol):
 
     templates: TemplateStorage  # layer building for templates
 
-    async def commit(self, sandbox_id: str, seal: Seal = ()) -> str:
-        """Seal a read-only copy of the sandbox's writable layer, frozen for that instant; returns its id.
-        `seal`: volumes to copy at the same instant."""
+    async def commit(self, sandbox_id: str, layer_id: str, seal: Seal = ()) -> str:
+        """Seal a read-only copy of the sandbox's writable layer as `layer_id`, frozen for that
+        instant; returns the id. `seal`: volumes to copy at the same instant."""
 
-    async def flatten(self, layers: list[str]) -> str:
-        """A single committed layer with the merged content of `layers` (bottom-most first)."""
+    async def flatten(self, layers: list[str], layer_id: str) -> str:
+        """The committed layer `layer_id` with the merged content of `layers` (bottom-most first)."""
 
     async def collect(self, keep: set[str]) -> list[str]:
         """Delete committed layers not in `keep`; returns their ids."""
@@ -133,9 +139,11 @@ class Checkpoints(Protocol):
         """Checkpoint every process to disk (under the sandbox's id), then release its memory, mounts
         and cgroups."""
 
-    async def snapshot_with_memory(self, sandbox_id: str, handle: Handle, key: str, seal: Seal = ()) -> str:
-        """Checkpoint the processes (under `key`) and seal the files at the same instant (returns the
-        layer); the sandbox keeps running. `seal`: volumes to copy at that instant too."""
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: Handle, key: str, layer_id: str, seal: Seal = ()
+    ) -> str:
+        """Checkpoint the processes (under `key`) and seal the files as `layer_id` at the same instant
+        (returns it); the sandbox keeps running. `seal`: volumes to copy at that instant too."""
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
         """Start `spec` with the processes checkpointed under `key`."""

@@ -82,13 +82,13 @@ class LocalSnapshots:
         cache = Path(s.debian_cache) if s.debian_cache else s.home / "debian"
         self.templates = TemplateStorage(self.layers, s.uid_base, cache)
 
-    async def commit(self, sandbox_id: str, seal: Seal = ()) -> str:
+    async def commit(self, sandbox_id: str, layer_id: str, seal: Seal = ()) -> str:
         # Every runtime's processes sit in cove's cgroup and write through to the host's upper dir, so
         # one freeze there makes the copy consistent whichever runtime runs the sandbox.
-        return await asyncio.to_thread(self.host.commit, sandbox_id, seal)
+        return await asyncio.to_thread(self.host.commit, sandbox_id, layer_id, seal)
 
-    async def flatten(self, layers: list[str]) -> str:
-        return await asyncio.to_thread(self.layers.flatten, layers)
+    async def flatten(self, layers: list[str], layer_id: str) -> str:
+        return await asyncio.to_thread(self.layers.flatten, layers, layer_id)
 
     async def collect(self, keep: set[str]) -> list[str]:
         def collect() -> list[str]:
@@ -119,10 +119,12 @@ class LocalCheckpoints:
         await self.node._forget_connections(sandbox_id)
         await checkpointer.hibernate(sandbox_id, handle)
 
-    async def snapshot_with_memory(self, sandbox_id: str, handle: Handle, key: str, seal: Seal = ()) -> str:
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: Handle, key: str, layer_id: str, seal: Seal = ()
+    ) -> str:
         checkpointer = self._of(self.node._of(sandbox_id))
         await self.node._forget_connections(sandbox_id)
-        return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, seal)
+        return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
         return await self._of(self.node._for(spec)).restore(spec, key, resume)

@@ -26,9 +26,11 @@ class Checkpointer(Protocol):
     async def hibernate(self, sandbox_id: str, handle: Handle) -> None:
         """Checkpoint every process under the sandbox's own id, then release memory, mounts and cgroups."""
 
-    async def snapshot_with_memory(self, sandbox_id: str, handle: Handle, key: str, seal: Seal = ()) -> str:
-        """Checkpoint under `key` and seal the files (and the `seal` volumes) at that instant; returns the
-        layer. The sandbox keeps running."""
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: Handle, key: str, layer_id: str, seal: Seal = ()
+    ) -> str:
+        """Checkpoint under `key` and seal the files as `layer_id` (and the `seal` volumes) at that
+        instant; returns the layer. The sandbox keeps running."""
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
         """Start `spec` with the processes checkpointed under `key`. On failure a `resume` keeps the

@@ -36,9 +36,6 @@ class TemplateStorage:
     async def has_layer(self, layer_id: str) -> bool:
         return await asyncio.to_thread(self.layers.exists, layer_id)
 
-    async def name_layer(self, layer_id: str, new_id: str) -> None:
-        await asyncio.to_thread(self.layers.rename, layer_id, new_id)
-
     async def sizes(self, layer_ids: list[str]) -> list[int]:
         return await asyncio.to_thread(lambda: [self.layers.size(i) for i in layer_ids])
 

@@ -285,18 +285,22 @@ class LayerStore:
         finally:
             os.close(fd)
 
-    def commit(self, key: str) -> str:
-        """Seal a copy of an active layer as a new committed layer (the caller keeps writers frozen)."""
-        layer_id = "snap-" + secrets.token_hex(8)
-        self.backend.snapshot(self.active_dir / key, self.layers_dir / layer_id)
+    def commit(self, key: str, layer_id: str) -> str:
+        """Seal a copy of an active layer as the committed layer `layer_id` (the caller keeps writers
+        frozen). The caller chooses the id, so a retried commit finds the layer its first try made."""
+        if not self.exists(layer_id):
+            self.backend.snapshot(self.active_dir / key, self.layers_dir / layer_id)
         return layer_id
 
-    def flatten(self, chain: list[str]) -> str:
-        """One committed layer holding the merged view of `chain` (bottom-most first).
+    def flatten(self, chain: list[str], layer_id: str) -> str:
+        """The committed layer `layer_id` holding the merged view of `chain` (bottom-most first); a
+        retry finds the layer its first try made.
 
         Mount cost grows with the number of lower layers (and the kernel caps it near 500), so long
         snapshot chains are squashed: an overlay of the chain, read-only, copied into a new layer.
         """
+        if self.exists(layer_id):
+            return layer_id
         scratch = self.layers_dir / f".flatten-{secrets.token_hex(4)}"
         merged = self.root / f".merge-{secrets.token_hex(4)}"
         self.backend.volume(scratch)
@@ -311,20 +315,11 @@ class LayerStore:
                 _run("cp", "-a", "--reflink=auto", f"{merged}/.", str(scratch / "upper"))
             finally:
                 _run("umount", str(merged))
-            layer_id = "flat-" + secrets.token_hex(8)
             self.backend.snapshot(scratch, self.layers_dir / layer_id)
             return layer_id
         finally:
             merged.rmdir()
             self.backend.delete(scratch)
-
-    def rename(self, layer_id: str, new_id: str) -> None:
-        """Give a committed layer another id (a template step's content-addressed one); if that id
-        exists already, the copy is dropped instead."""
-        if self.exists(new_id):
-            self.remove_layer(layer_id)
-        else:
-            os.rename(self.layers_dir / layer_id, self.layers_dir / new_id)
 
     def size(self, layer_id: str) -> int:
         """Bytes of a committed layer's files (apparent sizes)."""

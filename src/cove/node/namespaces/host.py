@@ -287,10 +287,13 @@ class SandboxHost:
         return f"/run/cove/sock/kernels/{context_id}/bridge.sock"
 
     # -- seal ----------------------------------------------------------------------------
-    def commit(self, sandbox_id: str, seal: Seal = ()) -> str:
-        """Seal a copy of the writable layer (and of the volumes in `seal`: (volume id, sealed id))
-        at one instant: flush first (the sandbox runs on while the bulk of its dirty data is written
-        back), then freeze only for the snapshots themselves."""
+    def commit(self, sandbox_id: str, layer_id: str, seal: Seal = ()) -> str:
+        """Seal a copy of the writable layer as `layer_id` (and of the volumes in `seal`: (volume id,
+        sealed id)) at one instant: flush first (the sandbox runs on while the bulk of its dirty data
+        is written back), then freeze only for the snapshots themselves. A retry of a commit that
+        completed finds its layer (a failed one removed it)."""
+        if self.layers.exists(layer_id):
+            return layer_id
         self.layers.flush(sandbox_id)
         for volume_id, _ in seal:
             self.volumes.flush(volume_id)
@@ -299,7 +302,7 @@ class SandboxHost:
         if running:
             cg.freeze(True)
         try:
-            layer = self.layers.commit(sandbox_id)
+            layer = self.layers.commit(sandbox_id, layer_id)
             try:
                 self.seal_volumes(seal)
             except BaseException:

@@ -203,11 +203,12 @@ class Criu:
         images: Path,
         leave_running: bool,
         seal: Seal = (),
+        layer_id: str = "",
     ) -> str | None:
         """Dump the sandbox's processes into `images`, frozen through cove's own freezer.
 
-        leave_running: also seal its files while still frozen (a snapshot: memory and files from one
-        instant) and thaw; returns the new layer. Otherwise the processes end and their mounts and
+        leave_running: also seal its files as `layer_id` while still frozen (a snapshot: memory and
+        files from one instant) and thaw; returns that layer. Otherwise the processes end and their mounts and
         cgroups are released (a hibernation). On failure the sandbox runs on as before.
         """
         host = self.host
@@ -242,7 +243,7 @@ class Criu:
                     cg.freeze(True)
             self._save_process_records(sandbox_id, images)
             if leave_running:
-                layer = host.layers.commit(sandbox_id)
+                layer = host.layers.commit(sandbox_id, layer_id)
                 host.seal_volumes(seal)
         except BaseException:
             shutil.rmtree(images, ignore_errors=True)
@@ -259,9 +260,15 @@ class Criu:
         images = self.host.checkpoint_dir(sandbox_id)
         await asyncio.to_thread(self._checkpoint, sandbox_id, handle["pid"], images, False)
 
-    async def snapshot_with_memory(self, sandbox_id: str, handle: Handle, key: str, seal: Seal = ()) -> str:
+    async def snapshot_with_memory(
+        self, sandbox_id: str, handle: Handle, key: str, layer_id: str, seal: Seal = ()
+    ) -> str:
         images = self.host.checkpoint_dir(key)
-        layer = await asyncio.to_thread(self._checkpoint, sandbox_id, handle["pid"], images, True, seal)
+        if self.host.layers.exists(layer_id) and checkpoint.complete(images):
+            return layer_id  # a retry of a snapshot that completed
+        layer = await asyncio.to_thread(
+            self._checkpoint, sandbox_id, handle["pid"], images, True, seal, layer_id
+        )
         assert layer is not None
         return layer
 
