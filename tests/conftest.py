@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+import pg
 from cove.devserver import UPLOAD_LIMIT, Server, leaks
 
 __all__ = ["UPLOAD_LIMIT", "Server", "leaks"]
@@ -24,6 +25,25 @@ def server() -> Iterator[Server]:
     srv.start()
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.Postgres]:
+    """A PostgreSQL 15 server of the test session's own (tests/pg.py); skips where none is installed."""
+    why = pg.missing()
+    if why:
+        pytest.skip(why)
+    srv = pg.Postgres()
+    srv.start()
+    yield srv
+    srv.stop()
+    assert not srv.processes(), f"PostgreSQL processes left running: {srv.processes()}"
+
+
+@pytest.fixture
+def pg_url(postgres: pg.Postgres) -> str:
+    """The URL of a new, empty database on the test PostgreSQL."""
+    return postgres.create_database()
 
 
 @pytest.fixture

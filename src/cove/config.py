@@ -99,6 +99,9 @@ class Settings:
     audit_retention_days: float = field(
         default_factory=lambda: float(os.environ.get("COVE_AUDIT_RETENTION_DAYS", "90"))
     )
+    # postgresql://user@host:port/db: the store is PostgreSQL, shared by every server given the same
+    # URL (docs/architecture.md); unset, SQLite in the data dir (`db_path`).
+    database_url: str | None = field(default_factory=lambda: os.environ.get("COVE_DATABASE_URL") or None)
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property
@@ -108,6 +111,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.home / "cove.db"
+
+    @property
+    def store_location(self) -> str | Path:
+        """Where the store is: the database URL, or else the SQLite file in the data dir."""
+        return self.database_url or self.db_path
 
     @property
     def sandboxes_dir(self) -> Path:

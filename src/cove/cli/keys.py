@@ -17,22 +17,22 @@ from rich.table import Table
 from cove.cli._ui import connection, err, fail, friendly, out, when
 from cove.config import Settings
 from cove.sdk.sync import audit_log, create_key, delete_key, list_keys, rotate_key
-from cove.store.base import KeyRecord
-from cove.store.sqlite import SQLiteStore, StoreError
+from cove.store.base import KeyRecord, StoreError
+from cove.store.factory import describe, make_store
 
 keys_app = typer.Typer(
     help="Manage API keys (needs an admin key).", no_args_is_help=True, pretty_exceptions_enable=False
 )
 
 
-def _create_in_store(db_path: Path, name: str, tenant: str, admin: bool) -> tuple[KeyRecord, str]:
+def _create_in_store(location: str | Path, name: str, tenant: str, admin: bool) -> tuple[KeyRecord, str]:
     """A key written into the server's own database: the server finds it at the next request that
     uses it (its key cache looks up what it has not seen), running or not."""
     # Imported here: auth pulls in FastAPI, which no other command needs.
     from cove.controlplane import auth
 
     async def insert() -> tuple[KeyRecord, str]:
-        store = SQLiteStore(db_path)
+        store = make_store(location)
         await store.open()
         try:
             return await auth.create_key(store, name, tenant, admin=admin)
@@ -42,7 +42,7 @@ def _create_in_store(db_path: Path, name: str, tenant: str, admin: bool) -> tupl
     try:
         return asyncio.run(insert())
     except (StoreError, sqlite3.Error) as e:
-        fail(f"{db_path}: {e}")
+        fail(f"{describe(location)}: {e}")
 
 
 @keys_app.command("create")
@@ -59,8 +59,8 @@ def keys_create(
         bool,
         typer.Option(
             "--local",
-            help="Write the key straight into the server's store under --home, not through the API "
-            "(as root on the server's host; needs no API key).",
+            help="Write the key straight into the server's store (COVE_DATABASE_URL's, or the one under "
+            "--home), not through the API (as root on the server's host; needs no API key).",
         ),
     ] = False,
     home: Annotated[
@@ -77,17 +77,18 @@ def keys_create(
                 [cyan]export COVE_API_KEY=$(cove keys create --name ci --tenant team-a)[/]
     """
     name = name or ("admin" if admin else "key")
-    db_path = (Settings(home=Path(home)) if home else Settings()).db_path
+    settings = Settings(home=Path(home)) if home else Settings()
     conn = connection(ctx)
-    if not local and not conn.api_key and os.geteuid() == 0 and db_path.exists():
+    if not local and not conn.api_key and os.geteuid() == 0 and settings.db_path.exists():
         local = True  # root on the server's host with no key yet: the newcomer's first key
     if local:
-        rec, secret = _create_in_store(db_path, name, tenant, admin)
+        # COVE_DATABASE_URL, as the server reads it: the key goes into the PostgreSQL store then.
+        rec, secret = _create_in_store(settings.store_location, name, tenant, admin)
         out.print(secret)
         role = "admin key" if rec.admin else "key"
         err.print(
             f"[green]created {role}[/] {escape(rec.id)} ({escape(rec.name)}, tenant {escape(rec.tenant)}) "
-            f"in {escape(str(db_path))}; store it now, it is not shown again"
+            f"in {escape(describe(settings.store_location))}; store it now, it is not shown again"
         )
         return
     if not conn.api_key:

@@ -51,7 +51,7 @@ from cove.network.egress import Egress, parse_hosts
 from cove.node.base import NodeAgent
 from cove.node.local import LocalNode
 from cove.store.base import Store
-from cove.store.sqlite import SQLiteStore
+from cove.store.factory import make_store
 
 log = logging.getLogger("cove.server")
 access = logging.getLogger("cove.access")
@@ -131,7 +131,7 @@ class AccessLog:
 
 def assemble(settings: Settings) -> Cove:
     """Every part of the control plane, each given the parts it works with (no part builds another)."""
-    store = SQLiteStore(settings.db_path)
+    store = make_store(settings.store_location)
     node = LocalNode(settings)
     metrics = Metrics()
     # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.

@@ -1,10 +1,16 @@
-"""The control plane's state, behind one interface (SQLite now; PostgreSQL implements the same)."""
+"""The control plane's state, behind one interface: SQLite (sqlite.py, the embedded default) and
+PostgreSQL (postgres.py, state shared by several servers) implement it with the same semantics."""
 
 from __future__ import annotations
 
+import base64
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened, is damaged, or the store is not open."""
 
 
 @dataclass
@@ -252,3 +258,15 @@ class Store(ABC):
 
     @abstractmethod
     async def count_keys(self) -> int: ...
+
+
+def encode_cursor(seq: int) -> str:
+    """A `list_sandboxes` page's cursor: the last seq it returned, opaque to clients."""
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("invalid cursor") from e

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +17,11 @@ from cove.store.base import (
     SandboxRecord,
     SnapshotRecord,
     Store,
+    StoreError,
     TemplateRecord,
     VolumeRecord,
+    decode_cursor,
+    encode_cursor,
 )
 
 SCHEMA = """
@@ -115,10 +117,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hash TEXT UNIQUE NOT NULL
 );
 """
-
-
-class StoreError(RuntimeError):
-    """The database cannot be opened or is damaged."""
 
 
 _JSON_FIELDS = {
@@ -259,8 +257,9 @@ class SQLiteStore(Store):
             where.append(f"state IN ({', '.join('?' for _ in states)})")
             args.extend(states)
         for key, value in (metadata or {}).items():
-            where.append("json_extract(metadata, ?) = ?")
-            args.extend(['$."' + key.replace('"', '""') + '"', value])
+            # json_each, not json_extract: a JSON path cannot quote a key holding a double quote.
+            where.append("EXISTS (SELECT 1 FROM json_each(metadata) AS m WHERE m.key = ? AND m.value = ?)")
+            args.extend([key, value])
         if cursor:
             where.append("seq > ?")
             args.append(decode_cursor(cursor))
@@ -578,14 +577,3 @@ class SQLiteStore(Store):
             return {r[0]: json.loads(r[1]) for r in rows}
 
         return await self._call(q)
-
-
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError("invalid cursor") from e
