@@ -17,6 +17,7 @@ from cove.cli.main import app
 from cove.controlplane import auth
 from cove.devserver import Server, free_port
 from cove.sdk import Sandbox
+from cove.store import postgres as postgres_store
 from cove.store.base import StoreError
 from cove.store.factory import describe, make_store
 from cove.store.postgres import MIGRATION_LOCK, MIGRATIONS, PostgresStore
@@ -71,6 +72,18 @@ def test_migration_waits_for_the_advisory_lock(pg_url: str) -> None:
             assert await store.count_keys() == 0
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_stuck_migration_lock_fails_the_start(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postgres_store, "MIGRATION_LOCK_TIMEOUT_S", 1)
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as other:
+            await other.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            with pytest.raises(StoreError, match="another server has held its migration lock for 1 s"):
+                await asyncio.wait_for(PostgresStore(pg_url).open(), 10)
 
     asyncio.run(main())
 

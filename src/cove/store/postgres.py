@@ -11,6 +11,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
@@ -237,32 +238,36 @@ class PostgresStore(Store):
         self._pool = pool
 
     async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Apply the steps this database lacks. The lock is the session's: closing `conn` releases it,
+        whatever happened here."""
         await conn.execute(f"SET lock_timeout = '{MIGRATION_LOCK_TIMEOUT_S}s'")
-        await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
-                " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        except psycopg.errors.LockNotAvailable as e:
+            raise StoreError(
+                f"the database {self._where}: another server has held its migration lock for "
+                f"{MIGRATION_LOCK_TIMEOUT_S} s (is one stuck migrating?)"
+            ) from e
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT version FROM schema_migrations")
+        applied = {row[0] for row in await cur.fetchall()}
+        known = MIGRATIONS[-1][0]
+        if applied and max(applied) > known:
+            raise StoreError(
+                f"the database {self._where} has schema version {max(applied)}, newer than this "
+                f"cove's {known}: upgrade cove"
             )
-            cur = await conn.execute("SELECT version FROM schema_migrations")
-            applied = {row[0] for row in await cur.fetchall()}
-            known = MIGRATIONS[-1][0]
-            if applied and max(applied) > known:
-                raise StoreError(
-                    f"the database {self._where} has schema version {max(applied)}, newer than this "
-                    f"cove's {known}: upgrade cove"
+        for version, name, sql in MIGRATIONS:
+            if version in applied:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)  # several statements: allowed without parameters
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
                 )
-            for version, name, sql in MIGRATIONS:
-                if version in applied:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)  # several statements: allowed without parameters
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
-                    )
-        finally:
-            if not conn.closed:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
     async def close(self) -> None:
         if self._pool is None:
