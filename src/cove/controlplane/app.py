@@ -47,7 +47,6 @@ from cove.controlplane.sources import Sources
 from cove.controlplane.starter import Starter
 from cove.controlplane.templates import Templates
 from cove.controlplane.volumes import Volumes
-from cove.network.egress import Egress, parse_hosts
 from cove.node.base import NodeAgent
 from cove.node.local import LocalNode
 from cove.store.base import Store
@@ -132,19 +131,12 @@ class AccessLog:
 def assemble(settings: Settings) -> Cove:
     """Every part of the control plane, each given the parts it works with (no part builds another)."""
     store = make_store(settings.store_location)
-    node = LocalNode(settings)
     metrics = Metrics()
-    # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
-    egress = Egress(
-        settings.egress_port,
-        parse_hosts(settings.egress_hosts),
-        settings.port,
-        lambda result: metrics.egress.labels(result).inc(),
-    )
+    node = LocalNode(settings, lambda result: metrics.egress.labels(result).inc())
     admission = Admission(settings, metrics.registry)
     volumes = Volumes(settings, store, node)
     refs = LayerRefs(store, node)
-    starter = Starter(settings, node, egress, admission)
+    starter = Starter(settings, node, admission)
     sources = Sources(store, node)
     pools = Pools(starter, sources, refs, settings.pool_idle, metrics.registry)  # docs/pools.md
     templates = Templates(store, node, starter, sources, refs)
@@ -190,7 +182,6 @@ async def stop(cove: Cove) -> None:
     await cove.refs.close()
     await cove.service.audit.close()  # entries still queued are written
     await cove.pools.close()  # pooled sandboxes are not anyone's: they go
-    await cove.service.egress.close()  # sandboxes keep running; a restart re-opens them
     if cove.demo_key:
         rec = await cove.store.key_by_hash(auth.hash_key(cove.demo_key))
         if rec:

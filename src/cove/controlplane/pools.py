@@ -36,7 +36,6 @@ from cove.controlplane.auth import Caller
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.sources import Source, Sources
 from cove.controlplane.starter import Starter, new_sandbox_id
-from cove.network.egress_policy import Policy
 from cove.node.base import Limits, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestError, GuestUnavailable
 from cove.store.base import Store
@@ -326,9 +325,7 @@ class Pools:
             self.refs.pin(layers)
             generation = self.node.generation
             # The egress listener opens now; its policy comes with the claim.
-            handle = await self.starter.start(
-                spec, Policy.of_record({}), checkpoint=defaults.get("checkpoint")
-            )
+            handle = await self.starter.start(spec, {}, checkpoint=defaults.get("checkpoint"))
             try:
                 await self.node.pause(sid)
             except BaseException:

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from cove import faults
@@ -66,7 +67,6 @@ class SandboxService:
         self.node = starter.node
         self.metrics = metrics
         self.starter = starter
-        self.egress = starter.egress
         self.sources = sources
         self.refs = refs
         self.pools = pools
@@ -148,6 +148,11 @@ class SandboxService:
 
     def guest(self, rec: SandboxRecord) -> GuestClient:
         return self.node.guest(rec.id)
+
+    def port_opener(self, rec: SandboxRecord) -> Callable[[int], Awaitable[socket.socket]]:
+        """Connects to a port on the running sandbox's loopback, on the node that holds it."""
+        node, handle = self.node, dict(rec.node)
+        return lambda port: node.network.connect(rec.id, handle, port)
 
     async def list(
         self, who: Caller, states: list[str] | None, metadata: dict[str, str], limit: int, cursor: str | None
@@ -267,7 +272,7 @@ class SandboxService:
         handle = await self.pools.claim(member, self._node_spec(rec, template))
         if handle is None:
             return False
-        self.egress.set_policy(rec.id, Policy.of_record(rec.network))
+        await self.node.network.set_policy(rec.id, rec.network)
         rec.state, rec.node = "running", handle
         await self.store.insert_sandbox(rec)
         self.pools.handed_over(member)
@@ -290,7 +295,7 @@ class SandboxService:
                 # With a checkpoint, processes continue from the snapshot's instant.
                 handle = await self.starter.start(
                     self._node_spec(rec, template, node_mounts),
-                    Policy.of_record(rec.network),
+                    rec.network,
                     checkpoint=defaults.get("checkpoint"),
                 )
                 if defaults.get("start") and not defaults.get("checkpoint"):  # a cold template's service
@@ -340,11 +345,11 @@ class SandboxService:
     # -- egress --------------------------------------------------------------------------
     async def open_egress(self, rec: SandboxRecord, handle: dict[str, Any]) -> None:
         """Open the egress proxy in the namespace of the processes started with `handle`."""
-        await self.starter.open_egress(rec.id, rec.runtime, handle, Policy.of_record(rec.network))
+        await self.starter.open_egress(rec.id, rec.runtime, handle, rec.network)
 
     async def network_status(self, who: Caller, sandbox_id: str) -> tuple[SandboxRecord, dict[str, Any]]:
         rec = await self.get(who, sandbox_id)
-        return rec, self.egress.status(rec.id)
+        return rec, await self.node.network.status(rec.id)
 
     @audit.audited("sandbox.network", audit.network_set)
     async def set_network(
@@ -365,7 +370,7 @@ class SandboxService:
                 raise ApiError(422, "validation_error", f"network: {e}") from e
             await self.store.update_sandbox(rec.id, network=network)
             rec.network = network
-            self.egress.set_policy(rec.id, policy)
+            await self.node.network.set_policy(rec.id, network)
         log.info("network policy set", extra={"sandbox": rec.id, **policy.as_dict()})
         return rec
 
@@ -465,7 +470,7 @@ class SandboxService:
                 spec = self._node_spec(rec, await self.node.base_template())
                 info = dict(rec.checkpoint)
                 handle = None
-                policy = Policy.of_record(rec.network)
+                policy = rec.network
                 if info.get("memory"):
                     try:
                         handle = await self.starter.start(spec, policy, checkpoint=rec.id, resume=True)
@@ -519,7 +524,7 @@ class SandboxService:
             if rec.state not in ACTIVE:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
-            await self.egress.detach(rec.id)
+            await self.node.network.detach(rec.id)
             clock = {"expires_at": None} if stop_clock else {}
             if memory and self.node.checkpoints.available(rec.runtime) and not bucket_mounts(rec):
                 try:

@@ -14,8 +14,7 @@ from typing import Any
 
 from cove.config import Settings
 from cove.controlplane.admission import Admission
-from cove.network.egress import Egress, proxy_env
-from cove.network.egress_policy import Policy
+from cove.network.egress import proxy_env
 from cove.node.base import Limits, NodeAgent, SandboxSpec, TemplateSpec
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -26,10 +25,9 @@ def new_sandbox_id() -> str:
 
 
 class Starter:
-    def __init__(self, settings: Settings, node: NodeAgent, egress: Egress, admission: Admission) -> None:
+    def __init__(self, settings: Settings, node: NodeAgent, admission: Admission) -> None:
         self.settings = settings
         self.node = node
-        self.egress = egress
         self.admission = admission
 
     def spec(
@@ -57,12 +55,12 @@ class Starter:
     async def start(
         self,
         spec: SandboxSpec,
-        policy: Policy | None,
+        network: dict[str, Any] | None,
         checkpoint: str | None = None,
         resume: bool = False,
         kept_files: bool = False,
     ) -> dict[str, Any]:
-        """Start `spec` and open its egress under `policy` (None: no way out); returns the node's
+        """Start `spec` and open its egress under `network`'s policy (None: no way out); returns the node's
         handle. `checkpoint`: restore the processes saved under that key (`resume`: a hibernated
         sandbox's own); `kept_files`: start fresh processes over the files a stop kept."""
         if checkpoint:
@@ -72,24 +70,24 @@ class Starter:
         else:
             handle = await self.node.create(spec)
         try:
-            await self.open_egress(spec.id, spec.runtime, handle, policy)
+            await self.open_egress(spec.id, spec.runtime, handle, network)
         except BaseException:
             await self.node.kill(spec.id, handle)
             raise
         return handle
 
     async def open_egress(
-        self, sid: str, runtime: str, handle: dict[str, Any], policy: Policy | None
+        self, sid: str, runtime: str, handle: dict[str, Any], network: dict[str, Any] | None
     ) -> None:
         """The egress listener in the namespace of the processes started with `handle` (after a
         start, and at adoption: a restored namespace is a new one, without the listener)."""
-        if policy is None or not self.node.egress(runtime or "namespaces"):  # gVisor's network is its own
+        if network is None or not self.node.egress(runtime or "namespaces"):  # gVisor's network is its own
             return
-        await self.egress.attach(sid, handle, policy)
+        await self.node.network.attach(sid, handle, network)
 
     async def close_egress(self, sid: str) -> None:
         """Close the sandbox's way out (before a commit, a kill: its connections pin the namespace)."""
-        await self.egress.detach(sid, forget=True)
+        await self.node.network.detach(sid, forget=True)
 
     async def stop(self, sid: str, handle: dict[str, Any] | None) -> None:
         """Kill a sandbox and close its egress."""

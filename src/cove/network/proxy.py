@@ -25,11 +25,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from cove.store.base import SandboxRecord
 
-from .sandbox_socket import PortNotOpen, SandboxGone, connect
+from .sandbox_socket import PortNotOpen, SandboxGone
 
 log = logging.getLogger("cove.proxy")
 
 ErrorSender = Callable[[Send, int, str], Awaitable[None]]
+# Connects to a port on the sandbox's loopback: on its node, wherever that is (NodeAgent.network.connect).
+PortOpener = Callable[[int], Awaitable[socket.socket]]
 READ_SIZE = 1 << 18
 WS_MAX_MESSAGE = 64 << 20
 
@@ -77,6 +79,7 @@ async def serve(
     send: Send,
     sandbox: SandboxRecord,
     port: int,
+    connect: PortOpener,
     *,
     path: bytes | None = None,
     host: str | None = None,
@@ -101,7 +104,7 @@ async def serve(
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
     try:
-        sock = await connect(sandbox.node, port)
+        sock = await connect(port)
     except PortNotOpen:
         message = f"The sandbox {sandbox.id} is running but port is not open: nothing listens on port {port}"
         await refuse(scope, send, error, 502, message)

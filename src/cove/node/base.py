@@ -12,7 +12,10 @@ Shape (after containerd: a task service, a snapshotter, and capabilities a runti
   template building (`templates`);
 - `node.checkpoints` (`Checkpoints`): process checkpoints (CRIU images under a key); `available(runtime)`
   says whether that runtime's sandboxes can be checkpointed at all;
-- `node.contexts` (`Contexts`): code contexts' bridges and the environment they run in.
+- `node.contexts` (`Contexts`): code contexts' bridges and the environment they run in;
+- `node.network` (`Network`): each sandbox's way out (its egress proxy) and the way in to its ports.
+  Both live on the node: the proxy listens inside the sandbox's namespace and connects out from the
+  node's, and a port is reached by entering the sandbox's namespace.
 Behind the node, each runtime implements the small `cove.node.runtimes.Runtime` protocol and declares
 its capabilities (a `Checkpointer` or None, egress, ports) instead of refusing at call time.
 
@@ -21,6 +24,7 @@ Made to be served remotely:
   `TemplateSpec`, `Limits`), ids, tuples of id pairs, JSON-able dicts (`Handle`, stats); no live objects;
 - streams: `guest` and `contexts.client` return a `GuestClient`, the one channel for exec, files, PTY,
   watch and code (docs/guest-protocol.md); remotely it is the same protocol tunnelled to the node.
+  `network.connect` returns a socket connected to a port inside the sandbox (remotely: a tunnel).
   A template build's `log` callback becomes a stream of lines;
 - retries: the caller chooses the id of whatever a call creates (sandbox id, volume id, sealed id,
   checkpoint key, layer id: `new_layer_id`), so a retry targets the same object (a commit, flatten or
@@ -31,6 +35,7 @@ Made to be served remotely:
 from __future__ import annotations
 
 import secrets
+import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -170,11 +175,33 @@ class Contexts(Protocol):
         """A client for a context's bridge."""
 
 
+class Network(Protocol):
+    """Egress and ports of the sandboxes on this node (docs/network.md). `network` is a sandbox
+    record's network settings (mode, allow, deny), as stored."""
+
+    async def attach(self, sandbox_id: str, handle: Handle, network: dict[str, Any]) -> None:
+        """(Re)open the egress proxy in the namespace of the processes started with `handle`."""
+
+    async def detach(self, sandbox_id: str, forget: bool = False) -> None:
+        """Close the proxy and its connections (they pin the namespace); `forget`: its counters too."""
+
+    async def set_policy(self, sandbox_id: str, network: dict[str, Any]) -> None:
+        """New connections follow `network`'s policy from now on."""
+
+    async def status(self, sandbox_id: str) -> dict[str, Any]:
+        """The proxy's address (or why there is none) and its allowed/denied counters."""
+
+    async def connect(self, sandbox_id: str, handle: Handle, port: int) -> socket.socket:
+        """A non-blocking socket connected to `port` on the sandbox's loopback. Raises
+        `cove.network.sandbox_socket.PortNotOpen`, `SandboxGone` or TimeoutError."""
+
+
 class NodeAgent(ABC):
     volumes: Volumes
     snapshots: Snapshots
     checkpoints: Checkpoints
     contexts: Contexts
+    network: Network
     # Changes when sandboxes created from now on would differ (e.g. the kernel environment got
     # built): pooled sandboxes made under an older generation are discarded, not handed out.
     generation: str = ""

@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cove.config import Settings
+from cove.network import sandbox_socket
+from cove.network.egress import Egress, parse_hosts
+from cove.network.egress_policy import Policy
 from cove.node import checkpoint
 from cove.node.base import Handle, NodeAgent, NodeError, SandboxSpec, Seal, TemplateSpec
 from cove.node.guest_client import GuestClient, Idle
@@ -185,6 +190,29 @@ class LocalContexts:
         return GuestClient(self.host.context_socket(sandbox_id, context_id))
 
 
+class LocalNetwork:
+    """Egress proxies (`cove.network.egress`) served from this process, and ports reached by
+    entering the sandbox's namespace (`cove.network.sandbox_socket`)."""
+
+    def __init__(self, egress: Egress) -> None:
+        self.egress = egress
+
+    async def attach(self, sandbox_id: str, handle: Handle, network: dict[str, Any]) -> None:
+        await self.egress.attach(sandbox_id, handle, Policy.of_record(network))
+
+    async def detach(self, sandbox_id: str, forget: bool = False) -> None:
+        await self.egress.detach(sandbox_id, forget)
+
+    async def set_policy(self, sandbox_id: str, network: dict[str, Any]) -> None:
+        self.egress.set_policy(sandbox_id, Policy.of_record(network))
+
+    async def status(self, sandbox_id: str) -> dict[str, Any]:
+        return self.egress.status(sandbox_id)
+
+    async def connect(self, sandbox_id: str, handle: Handle, port: int) -> socket.socket:
+        return await sandbox_socket.connect(handle, port)
+
+
 class LocalNode(NodeAgent):
     host: SandboxHost
     runtimes: dict[str, Runtime]
@@ -192,9 +220,15 @@ class LocalNode(NodeAgent):
     snapshots: LocalSnapshots
     checkpoints: LocalCheckpoints
     contexts: LocalContexts
+    network: LocalNetwork
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_egress: Callable[[str], None] | None = None) -> None:
+        """`on_egress`: called with each egress connection's result (allowed, denied…), for metrics."""
         self.settings = settings
+        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
+        self.network = LocalNetwork(
+            Egress(settings.egress_port, parse_hosts(settings.egress_hosts), settings.port, on_egress)
+        )
         self._base: TemplateSpec | None = None
         self.idle = Idle()  # guest connections kept between operations (docs/guest-protocol.md)
 
@@ -326,5 +360,6 @@ class LocalNode(NodeAgent):
         return stray
 
     async def close(self) -> None:
+        await self.network.egress.close()  # sandboxes keep running; a restart re-opens their proxies
         for runtime in self.runtimes.values():
             await runtime.close()

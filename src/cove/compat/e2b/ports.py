@@ -60,6 +60,7 @@ def build(cove: Cove) -> ASGIApp:
             grant.wrap(send),
             rec,
             tgt.port,
+            cove.service.port_opener(rec),
             host=host,
             drop_headers=DROP_HEADERS,
             error=error,

@@ -58,7 +58,16 @@ class _PortProxy:
             return
         raw = grant.scope.get("raw_path") or grant.scope["path"].encode()
         rest = raw[len(prefix.encode()) :] if raw.startswith(prefix.encode()) else b"/"
-        await proxy.serve(grant.scope, receive, grant.wrap(send), rec, port, path=rest or b"/", error=_error)
+        await proxy.serve(
+            grant.scope,
+            receive,
+            grant.wrap(send),
+            rec,
+            port,
+            cove.service.port_opener(rec),
+            path=rest or b"/",
+            error=_error,
+        )
 
 
 async def _error(send: Send, status: int, message: str) -> None:
