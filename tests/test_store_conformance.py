@@ -14,6 +14,7 @@ import pytest
 from cove.store.base import (
     AuditEntry,
     KeyRecord,
+    NodeRecord,
     SandboxRecord,
     SnapshotRecord,
     Store,
@@ -60,6 +61,7 @@ def full_sandbox(sid: str) -> SandboxRecord:
     """Every field away from its default; JSON documents nested, keys out of alphabetical order."""
     return replace(
         sandbox(sid),
+        node_id="node-a",
         expires_at=NOW + 300.25,
         metadata={"zeta": "1", "alpha": "two words", 'quo"te': "x", "dot.ted": "é"},
         env={"PATH": "/usr/bin", "A": ""},
@@ -527,3 +529,95 @@ def test_calls_in_flight_at_close_complete(location: str | Path) -> None:
         assert (await store.count_by_state()) == {"running": 20}
 
     run(location, check)
+
+
+# -- nodes and leases (docs/fleet.md) ------------------------------------------------------
+def _node(nid: str, **kw: object) -> NodeRecord:
+    rec = NodeRecord(
+        id=nid, address="127.0.0.1:7771", token="secret", state="ready", started_at=NOW, seen_at=NOW,
+        capacity={"cpus": 2, "runtimes": ["namespaces"]},
+    )  # fmt: skip
+    return replace(rec, **kw)  # type: ignore[arg-type]
+
+
+def test_nodes(location: str | Path) -> None:
+    async def body(store: Store) -> None:
+        assert await store.get_node("n1") is None and await store.list_nodes() == []
+        await store.put_node(_node("n1"))
+        await store.put_node(_node("n2"))
+        assert await store.get_node("n1") == _node("n1")
+        await store.put_node(_node("n1", address="10.0.0.2:7771"))  # a restarted node replaces its row
+        got = await store.get_node("n1")
+        assert got is not None and got.address == "10.0.0.2:7771"
+        assert await store.update_node("n2", seen_at=NOW + 5, state="left")
+        assert not await store.update_node("n9", seen_at=NOW)
+        assert [(n.id, n.state, n.seen_at) for n in await store.list_nodes()] == [
+            ("n1", "ready", NOW),
+            ("n2", "left", NOW + 5),
+        ]
+        with pytest.raises(ValueError, match="unknown node fields"):
+            await store.update_node("n1", colour="red")
+
+    run(location, body)
+
+
+def test_sandboxes_by_node(location: str | Path) -> None:
+    async def body(store: Store) -> None:
+        for i, (node, state) in enumerate(
+            [("a", "running"), ("a", "paused"), ("b", "running"), ("b", "killed")]
+        ):
+            await store.insert_sandbox(sandbox(f"sb-{i}", state=state, node_id=node))
+        assert await store.count_by_node(["running", "paused"]) == {"a": 2, "b": 1}
+        got = await store.get_sandbox("sb-0")
+        assert got is not None and got.node_id == "a"
+        assert await store.update_sandbox("sb-0", node_id="c")
+        got = await store.get_sandbox("sb-0")
+        assert got is not None and got.node_id == "c"
+        # The other records say where their data lives too.
+        await store.insert_snapshot(_snapshot("sn-1", node_id="a"))
+        snap = await store.get_snapshot("sn-1")
+        assert snap is not None and snap.node_id == "a"
+        await store.insert_volume(
+            VolumeRecord(id="v1", tenant="t1", name="v", size_mb=None, created_at=NOW, node_id="b")
+        )
+        vol = await store.get_volume_by_id("v1")
+        assert vol is not None and vol.node_id == "b"
+        await store.insert_template(_template("tp-1", "web", node_id="a"))
+        tpl = await store.get_template("t1", "web")
+        assert tpl is not None and tpl.node_id == "a"
+
+    run(location, body)
+
+
+def test_leases(location: str | Path) -> None:
+    async def body(store: Store) -> None:
+        assert await store.take_lease("reaper", "r1", ttl=10, now=NOW)
+        assert not await store.take_lease("reaper", "r2", ttl=10, now=NOW + 1)  # held
+        assert await store.take_lease("reaper", "r1", ttl=10, now=NOW + 5)  # renewed by its holder
+        assert not await store.take_lease("reaper", "r2", ttl=10, now=NOW + 14)  # renewal moved the end
+        assert await store.take_lease("reaper", "r2", ttl=10, now=NOW + 16)  # expired: taken over
+        assert not await store.take_lease("reaper", "r1", ttl=10, now=NOW + 17)
+        await store.drop_lease("reaper", "r1")  # not r1's: nothing happens
+        assert not await store.take_lease("reaper", "r1", ttl=10, now=NOW + 18)
+        await store.drop_lease("reaper", "r2")
+        assert await store.take_lease("reaper", "r1", ttl=10, now=NOW + 18)
+        assert await store.take_lease("pools", "r2", ttl=10, now=NOW + 18)  # leases are independent
+
+    run(location, body)
+
+
+def test_one_holder_when_two_servers_race_for_a_lease(location: str | Path) -> None:
+    async def body(first: Store) -> None:
+        second = make_store(location)
+        await second.open()
+        try:
+            for round_ in range(10):
+                a, b = await asyncio.gather(
+                    first.take_lease(f"l{round_}", "a", ttl=10, now=NOW),
+                    second.take_lease(f"l{round_}", "b", ttl=10, now=NOW),
+                )
+                assert a != b
+        finally:
+            await second.close()
+
+    run(location, body)

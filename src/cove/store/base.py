@@ -43,6 +43,7 @@ class SandboxRecord:
     mounts: list[dict[str, Any]] = field(default_factory=list)
     # Its template's runtime config (binds, rootfs); empty: the `base` template's.
     template_config: dict[str, Any] = field(default_factory=dict)
+    node_id: str = ""  # the node that holds it (docs/fleet.md); "" for the server's own node
 
 
 @dataclass
@@ -55,6 +56,7 @@ class VolumeRecord:
     size_mb: int | None  # None: no limit (the dirs backend cannot enforce one)
     created_at: float
     source: dict[str, Any] = field(default_factory=dict)  # {"snapshot", "volume"} for a copied one
+    node_id: str = ""  # the node its content lives on
 
 
 @dataclass
@@ -70,6 +72,7 @@ class SnapshotRecord:
     layers: list[str] = field(default_factory=list)  # bottom-most first, ending with its own layer
     memory: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # template, env, user, workdir, limits
+    node_id: str = ""  # the node its layers (and checkpoint) live on
 
 
 @dataclass
@@ -89,6 +92,22 @@ class TemplateRecord:
     sizes: list[int] = field(default_factory=list)  # bytes per layer
     base: str = ""  # what it was built from
     steps: list[dict[str, Any]] = field(default_factory=list)  # the build's steps with their layers
+    node_id: str = ""  # the node its layers live on
+
+
+@dataclass
+class NodeRecord:
+    """A node of the fleet (docs/fleet.md): where its node API listens, the credential that API
+    demands, and its heartbeat. The store is the control plane's trust domain: whoever can read it
+    can already do anything cove can."""
+
+    id: str
+    address: str  # host:port of its node API
+    token: str  # its credential: every call and tunnel to the node carries it
+    state: str  # ready | left (stopped cleanly); a ready node whose heartbeat is old is lost
+    started_at: float
+    seen_at: float  # its last heartbeat
+    capacity: dict[str, Any] = field(default_factory=dict)  # cpus, memory_mb, runtimes, version
 
 
 @dataclass
@@ -258,6 +277,33 @@ class Store(ABC):
 
     @abstractmethod
     async def count_keys(self) -> int: ...
+
+    # -- nodes and leases (docs/fleet.md) ----------------------------------------------
+    @abstractmethod
+    async def put_node(self, rec: NodeRecord) -> None:
+        """Insert the node, or replace what is stored under its id (a restarted node)."""
+
+    @abstractmethod
+    async def get_node(self, node_id: str) -> NodeRecord | None: ...
+
+    @abstractmethod
+    async def list_nodes(self) -> list[NodeRecord]: ...
+
+    @abstractmethod
+    async def update_node(self, node_id: str, **changes: Any) -> bool: ...
+
+    @abstractmethod
+    async def count_by_node(self, states: list[str]) -> dict[str, int]:
+        """How many sandboxes in `states` each node holds."""
+
+    @abstractmethod
+    async def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Hold the lease `name` until `now + ttl`: True if it was free, expired or already
+        `holder`'s (a renewal), atomically across every server sharing the store."""
+
+    @abstractmethod
+    async def drop_lease(self, name: str, holder: str) -> None:
+        """Give the lease up, if `holder` holds it."""
 
 
 def encode_cursor(seq: int) -> str:

@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from cove.store.base import (
     AuditEntry,
     KeyRecord,
+    NodeRecord,
     Page,
     SandboxRecord,
     SnapshotRecord,
@@ -134,6 +135,31 @@ CREATE TABLE api_keys (
 );
 """,
     ),
+    (
+        2,
+        "fleet: nodes, leases, and which node holds each object",
+        """
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    token TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL,
+    capacity JSON NOT NULL DEFAULT '{}'
+);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+ALTER TABLE sandboxes ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX sandboxes_node_state ON sandboxes (node_id, state);
+ALTER TABLE snapshots ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE volumes ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE templates ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+""",
+    ),
 ]
 
 # pg_advisory_lock's key for the migration step ("cove" in ASCII); advisory locks are per database.
@@ -151,6 +177,8 @@ _SNAPSHOT_JSON = {"layers", "config"}
 _SNAPSHOT_FIELDS = {f.name for f in fields(SnapshotRecord)}
 _TEMPLATE_JSON = {"layers", "config", "sizes", "steps"}
 _TEMPLATE_FIELDS = {f.name for f in fields(TemplateRecord)}
+_VOLUME_FIELDS = [f.name for f in fields(VolumeRecord)]
+_NODE_FIELDS = {f.name for f in fields(NodeRecord)}
 
 
 def _values(row: dict[str, Any], json_fields: set[str]) -> dict[str, Any]:
@@ -185,7 +213,7 @@ def _template(row: dict[str, Any]) -> TemplateRecord:
 
 
 def _volume(row: dict[str, Any]) -> VolumeRecord:
-    return VolumeRecord(**{k: row[k] for k in ("id", "tenant", "name", "size_mb", "created_at", "source")})
+    return VolumeRecord(**{k: row[k] for k in _VOLUME_FIELDS})
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:
@@ -510,6 +538,45 @@ class PostgresStore(Store):
 
     async def prune_audit(self, older_than: float) -> int:
         return await self._rowcount("DELETE FROM audit WHERE time < %s", (older_than,))
+
+    # -- nodes and leases -----------------------------------------------------------------
+    async def put_node(self, rec: NodeRecord) -> None:
+        row = asdict(rec)
+        sets = ", ".join(f"{k} = excluded.{k}" for k in row if k != "id")
+        await self._rowcount(
+            _insert_sql("nodes", row) + f" ON CONFLICT (id) DO UPDATE SET {sets}", _values(row, {"capacity"})
+        )
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        row = await self._fetchone("SELECT * FROM nodes WHERE id = %s", (node_id,))
+        return NodeRecord(**row) if row else None
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [NodeRecord(**r) for r in await self._fetchall('SELECT * FROM nodes ORDER BY id COLLATE "C"')]
+
+    async def update_node(self, node_id: str, **changes: Any) -> bool:
+        sql = _update_sql("nodes", "node", changes, _NODE_FIELDS - {"id"})
+        return bool(await self._rowcount(sql, {**_values(changes, {"capacity"}), "_id": node_id}))
+
+    async def count_by_node(self, states: list[str]) -> dict[str, int]:
+        rows = await self._fetchall(
+            "SELECT node_id, COUNT(*) AS n FROM sandboxes WHERE state = ANY(%s) GROUP BY node_id", (states,)
+        )
+        return {r["node_id"]: int(r["n"]) for r in rows}
+
+    async def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        # One statement: the row lock of ON CONFLICT makes concurrent takers wait and re-check.
+        return bool(
+            await self._rowcount(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+                " SET holder = excluded.holder, expires_at = excluded.expires_at"
+                " WHERE leases.holder = excluded.holder OR leases.expires_at < %s",
+                (name, holder, now + ttl, now),
+            )
+        )
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        await self._rowcount("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
 
     # -- settings (pools, quotas: small JSON documents by key) ------------------------------
     async def get_setting(self, key: str) -> Any:

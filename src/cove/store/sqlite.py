@@ -13,6 +13,7 @@ from typing import Any
 from cove.store.base import (
     AuditEntry,
     KeyRecord,
+    NodeRecord,
     Page,
     SandboxRecord,
     SnapshotRecord,
@@ -108,6 +109,20 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    token TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    seen_at REAL NOT NULL,
+    capacity TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -127,6 +142,10 @@ _ADDED_COLUMNS = [
     ("sandboxes", "network", "TEXT NOT NULL DEFAULT '{}'"),
     ("sandboxes", "mounts", "TEXT NOT NULL DEFAULT '[]'"),
     ("sandboxes", "template_config", "TEXT NOT NULL DEFAULT '{}'"),
+    ("sandboxes", "node_id", "TEXT NOT NULL DEFAULT ''"),
+    ("snapshots", "node_id", "TEXT NOT NULL DEFAULT ''"),
+    ("volumes", "node_id", "TEXT NOT NULL DEFAULT ''"),
+    ("templates", "node_id", "TEXT NOT NULL DEFAULT ''"),
 ]
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 
@@ -294,6 +313,7 @@ class SQLiteStore(Store):
             layers=json.loads(row["layers"]),
             memory=bool(row["memory"]),
             config=json.loads(row["config"]),
+            node_id=row["node_id"],
         )
 
     async def insert_snapshot(self, rec: SnapshotRecord) -> None:
@@ -347,6 +367,7 @@ class SQLiteStore(Store):
             size_mb=row["size_mb"],
             created_at=row["created_at"],
             source=json.loads(row["source"]),
+            node_id=row["node_id"],
         )
 
     async def insert_volume(self, rec: VolumeRecord) -> None:
@@ -551,6 +572,64 @@ class SQLiteStore(Store):
 
     async def count_keys(self) -> int:
         return int(await self._call(lambda db: db.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]))
+
+    # -- nodes and leases -----------------------------------------------------------------
+    @staticmethod
+    def _node(row: sqlite3.Row) -> NodeRecord:
+        d = {k: row[k] for k in row.keys()}  # noqa: SIM118 (a Row, not a dict)
+        d["capacity"] = json.loads(d["capacity"])
+        return NodeRecord(**d)
+
+    async def put_node(self, rec: NodeRecord) -> None:
+        row = asdict(rec)
+        row["capacity"] = json.dumps(rec.capacity)
+        cols = ", ".join(row)
+        marks = ", ".join(f":{k}" for k in row)
+        sets = ", ".join(f"{k} = excluded.{k}" for k in row if k != "id")
+        sql = f"INSERT INTO nodes ({cols}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {sets}"
+        await self._call(lambda db: db.execute(sql, row))
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        def q(db: sqlite3.Connection) -> NodeRecord | None:
+            row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            return self._node(row) if row else None
+
+        return await self._call(q)
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return await self._call(
+            lambda db: [self._node(r) for r in db.execute("SELECT * FROM nodes ORDER BY id")]
+        )
+
+    async def update_node(self, node_id: str, **changes: Any) -> bool:
+        unknown = set(changes) - {f.name for f in fields(NodeRecord)} | ({"id"} & set(changes))
+        if unknown:
+            raise ValueError(f"unknown node fields: {sorted(unknown)}")
+        vals = {k: json.dumps(v) if k == "capacity" else v for k, v in changes.items()}
+        sets = ", ".join(f"{k} = :{k}" for k in vals)
+        vals["_id"] = node_id
+        sql = f"UPDATE nodes SET {sets} WHERE id = :_id"
+        return bool(await self._call(lambda db: db.execute(sql, vals).rowcount))
+
+    async def count_by_node(self, states: list[str]) -> dict[str, int]:
+        sql = (
+            f"SELECT node_id, COUNT(*) FROM sandboxes WHERE state IN ({', '.join('?' for _ in states)})"
+            " GROUP BY node_id"
+        )
+        return await self._call(lambda db: {r[0]: r[1] for r in db.execute(sql, states)})
+
+    async def take_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        # One statement: taken if absent, expired or already ours (SQLite serialises writers).
+        sql = (
+            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+            " SET holder = excluded.holder, expires_at = excluded.expires_at"
+            " WHERE leases.holder = excluded.holder OR leases.expires_at < ?"
+        )
+        return bool(await self._call(lambda db: db.execute(sql, (name, holder, now + ttl, now)).rowcount))
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        sql = "DELETE FROM leases WHERE name = ? AND holder = ?"
+        await self._call(lambda db: db.execute(sql, (name, holder)))
 
     # -- settings (pools, quotas: small JSON documents by key) ------------------------------
     async def get_setting(self, key: str) -> Any:
