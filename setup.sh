@@ -17,6 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 scripts/install-criu.sh || echo "setup: CRIU >= 4.1 could not be installed; hibernate and memory snapshots will be unavailable" >&2
+scripts/kube/build.sh || echo "setup: the Kubernetes control plane for the tests could not be built; Kubernetes tests will be skipped" >&2
 
 # A venv on the system interpreter (a real binary: no pyenv shim on hot paths).
 if [ ! -x .venv/bin/python ]; then /usr/bin/python3 -m venv .venv; fi

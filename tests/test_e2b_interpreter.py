@@ -354,7 +354,7 @@ def other_netns() -> Iterator[subprocess.Popen[bytes]]:
 def test_sockets_belong_to_the_sandbox_and_the_thread_comes_back(
     other_netns: subprocess.Popen[bytes],
 ) -> None:
-    from cove.node.namespaces.launcher import process_start_time
+    from cove.syscalls import process_start_time
 
     pid = other_netns.pid
     start = process_start_time(pid)
@@ -395,7 +395,7 @@ def _in_thread(fn: Callable[[], object]) -> dict[str, object]:
 def test_a_failure_inside_the_namespace_leaves_no_fd_and_the_thread_at_home(
     other_netns: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cove.node.namespaces.launcher import process_start_time
+    from cove.syscalls import process_start_time
 
     pid, start = other_netns.pid, process_start_time(other_netns.pid)
     sandbox_socket.home_netns()
@@ -452,7 +452,7 @@ def test_a_failure_inside_the_namespace_leaves_no_fd_and_the_thread_at_home(
 
 
 def test_async_connect_reports_closed_ports_and_gone_sandboxes(other_netns: subprocess.Popen[bytes]) -> None:
-    from cove.node.namespaces.launcher import process_start_time
+    from cove.syscalls import process_start_time
 
     handle = {"pid": other_netns.pid, "start_time": process_start_time(other_netns.pid)}
 

@@ -102,6 +102,14 @@ class Settings:
     # postgresql://user@host:port/db: the store is PostgreSQL, shared by every server given the same
     # URL (docs/architecture.md); unset, SQLite in the data dir (`db_path`).
     database_url: str | None = field(default_factory=lambda: os.environ.get("COVE_DATABASE_URL") or None)
+    # The fleet (docs/fleet.md): this server's node id (default: made once, kept in the data dir),
+    # and where its node API listens for the other servers sharing the database (it listens only
+    # when the store is shared; port 0: any free one). `node_advertise` (host:port) is the address
+    # the others use, when it differs from the listening one (a container, NAT).
+    node_id: str | None = field(default_factory=lambda: os.environ.get("COVE_NODE_ID") or None)
+    node_listen: str = field(default_factory=lambda: os.environ.get("COVE_NODE_LISTEN", "127.0.0.1"))
+    node_port: int = field(default_factory=lambda: int(os.environ.get("COVE_NODE_PORT", "0")))
+    node_advertise: str | None = field(default_factory=lambda: os.environ.get("COVE_NODE_ADVERTISE") or None)
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

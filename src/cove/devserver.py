@@ -138,7 +138,9 @@ def leaks(server: Server) -> list[str]:
         if root.count("/") > 4:
             dirs[:] = []
     found += [f"process {pid}: {what}" for pid, what in _processes(server)]
-    deadline = time.monotonic() + 30  # the kernel detaches an unmounted image's loop device lazily (slower under load)
+    deadline = (
+        time.monotonic() + 30
+    )  # the kernel detaches an unmounted image's loop device lazily (slower under load)
     while (loops := _loop_devices(server.home)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return found + [f"loop device {name}" for name in loops]

@@ -34,6 +34,7 @@ from cove.controlplane.api import (
     volumes,
 )
 from cove.controlplane.audit import AuditLog
+from cove.controlplane.fleet import Fleet
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.pools import Pools, Traffic
@@ -60,7 +61,8 @@ access = logging.getLogger("cove.access")
 class Cove:
     settings: Settings
     store: Store
-    node: NodeAgent
+    node: NodeAgent  # this server's own
+    fleet: Fleet  # every node, this one included (docs/fleet.md)
     metrics: Metrics
     service: SandboxService  # the sandbox lifecycle
     snapshots: Snapshots
@@ -133,21 +135,23 @@ def assemble(settings: Settings) -> Cove:
     store = make_store(settings.store_location)
     metrics = Metrics()
     node = LocalNode(settings, lambda result: metrics.egress.labels(result).inc())
+    fleet = Fleet(settings, store, node)
     admission = Admission(settings, metrics.registry)
-    volumes = Volumes(settings, store, node)
+    volumes = Volumes(settings, store, fleet)
     refs = LayerRefs(store, node)
     starter = Starter(settings, node, admission)
     sources = Sources(store, node)
     pools = Pools(starter, sources, refs, settings.pool_idle, metrics.registry)  # docs/pools.md
-    templates = Templates(store, node, starter, sources, refs)
+    templates = Templates(store, fleet, starter, sources, refs)
     service = SandboxService(
-        settings, store, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,
+        settings, store, fleet, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,
         AuditLog(store, settings.audit_retention_days),
     )  # fmt: skip
     return Cove(
         settings=settings,
         store=store,
         node=node,
+        fleet=fleet,
         metrics=metrics,
         service=service,
         snapshots=Snapshots(settings, service, sources, refs, volumes),
@@ -168,6 +172,7 @@ async def start(cove: Cove) -> None:
     s.home.chmod(s.home.stat().st_mode | 0o111)
     await cove.store.open()
     await cove.node.start()
+    await cove.fleet.start()
     await _ensure_keys(cove)
     await cove.reaper.adopt()
     cove.reaper.start()
@@ -187,6 +192,7 @@ async def stop(cove: Cove) -> None:
         if rec:
             await cove.store.delete_key(rec.id)
             cove.keys.forget(rec.id)
+    await cove.fleet.close()
     await cove.node.close()
     await cove.store.close()
 

@@ -79,20 +79,20 @@ async def start(
     user: str | None,
 ) -> Context:
     """Start the bridge for a new context and wait until its interpreter answers."""
-    status = svc.node.contexts.status
+    status = svc.node_of(rec).contexts.status
     if status != "ready":
         raise ApiError(503, "kernel_unavailable", f"code contexts are not available on this node: {status}")
     user = user or rec.user
     cwd = cwd or rec.workdir
     try:
-        sock = await svc.node.contexts.prepare(rec.id, context_id, user)
+        sock = await svc.node_of(rec).contexts.prepare(rec.id, context_id, user)
     except (OSError, ValueError) as e:
         raise ApiError(400, "invalid", f"cannot prepare a context for user {user!r}: {e}") from e
     argv = [PYTHON, "/run/cove/kernel_bridge.py", "--socket", sock, "--cwd", cwd]
     argv += ["--env-json", json.dumps(env), "--language", language]
     async with svc.guest_errors(rec):
         proc = await svc.guest(rec).spawn(argv=argv, user=user, tag=f"{TAG}{context_id}:{language}")
-    bridge = svc.node.contexts.client(rec.id, context_id)
+    bridge = svc.node_of(rec).contexts.client(rec.id, context_id)
     deadline = time.monotonic() + 60
     while True:  # the interpreter takes a moment to start
         try:
@@ -140,7 +140,7 @@ async def stop(svc: SandboxService, rec: SandboxRecord, ctx: Context) -> None:
 async def restart(svc: SandboxService, rec: SandboxRecord, ctx: Context) -> None:
     """A fresh interpreter in the same context (after it died, or to clear its state)."""
     try:
-        await svc.node.contexts.client(rec.id, ctx.id).call("restart")
+        await svc.node_of(rec).contexts.client(rec.id, ctx.id).call("restart")
     except (GuestError, GuestUnavailable) as e:
         raise ApiError(503, "context_failed", f"restarting context {ctx.id} failed: {e}") from e
 
@@ -163,13 +163,13 @@ def run(
         fields["env"] = env
     if run_id:
         fields["id"] = run_id
-    return svc.node.contexts.client(rec.id, context_id).events("run", **fields)
+    return svc.node_of(rec).contexts.client(rec.id, context_id).events("run", **fields)
 
 
 async def interrupt(svc: SandboxService, rec: SandboxRecord, context_id: str, run_id: str) -> bool:
     """Interrupt run `run_id` if it is still the one running (its client went away)."""
     try:
-        reply = await svc.node.contexts.client(rec.id, context_id).call("interrupt", id=run_id)
+        reply = await svc.node_of(rec).contexts.client(rec.id, context_id).call("interrupt", id=run_id)
     except (GuestError, GuestUnavailable):
         return False
     return bool(reply.get("interrupted"))

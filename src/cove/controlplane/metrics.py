@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from cove.store.base import Store
 
-STATES = ("starting", "running", "paused", "hibernated", "killed", "error")
+STATES = ("starting", "running", "paused", "hibernated", "killed", "error", "lost")
 
 
 class Metrics:

@@ -1,8 +1,10 @@
-"""Adoption and the reaper: the background work that keeps the store and the node agreeing.
+"""Adoption and the reaper: the background work that keeps the store and the nodes agreeing.
 
-At start (`adopt`) sandboxes that survived a restart are kept, the others marked, half-made
-snapshots rolled back and whatever the store does not know about swept. While the server runs,
-the reaper enforces timeouts and idle policies and notices sandboxes that died on their own.
+At start (`adopt`) this server's node's sandboxes that survived a restart are kept, the others
+marked, half-made snapshots rolled back and whatever the store does not know about swept. While the
+server runs, the reaper enforces timeouts and idle policies, notices sandboxes that died on their
+own, and marks those of lost nodes (docs/fleet.md). Servers sharing a store take turns through
+one lease: the reaper runs on exactly one of them at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from cove.store.base import SandboxRecord
 log = logging.getLogger("cove.reaper")
 
 ALIVE_CHECKS = 64  # sandboxes the reaper checks for a death of their own per tick (in turn)
+LEASE = "reaper"
+LEASE_TTL_S = 5.0  # a holder that stops renewing is replaced this long after its last tick
 
 
 class Reaper:
@@ -38,7 +42,8 @@ class Reaper:
         self.settings = settings
         self.sandboxes = sandboxes
         self.store = sandboxes.store
-        self.node = sandboxes.node
+        self.fleet = sandboxes.fleet
+        self.node = sandboxes.fleet.local  # adoption is of this server's node
         self.templates = templates
         self.volumes = volumes
         self.refs = refs
@@ -49,6 +54,7 @@ class Reaper:
         """At start: keep sandboxes that survived the restart, mark the others, roll back half-made
         snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
+        page.items = [r for r in page.items if r.node_id in ("", self.fleet.id)]
         keep: set[str] = set()
         checkpoints = await self.node.checkpoints.keys()
         for rec in page.items:
@@ -89,6 +95,8 @@ class Reaper:
             )
             await self.sandboxes.transition(rec, "error", end_reason=reason)
         for snap in await self.store.list_snapshots(None):
+            if snap.node_id not in ("", self.fleet.id):  # another node's: maybe being made right now
+                continue
             if snap.state != "ready" or snap.config.get("internal"):  # half-made, or a fork's leftover
                 await self.store.delete_snapshot(snap.id)
                 await self.node.checkpoints.drop(snap.id)
@@ -110,9 +118,13 @@ class Reaper:
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
 
     async def reap_once(self) -> None:
-        """Enforce timeouts and idle policies; notice sandboxes that died on their own."""
+        """Enforce timeouts and idle policies; notice sandboxes that died on their own, and mark
+        those of lost nodes."""
+        await self._lost_nodes()
         now, mono = time.time(), time.monotonic()
         page = await self.store.list_sandboxes(None, ["running", "paused", "hibernated"], limit=1_000_000)
+        reachable = set(self.fleet.ready())
+        page.items = [r for r in page.items if (r.node_id or self.fleet.id) in reachable]
         dead = await self._dead_among(
             [
                 r
@@ -151,19 +163,44 @@ class Reaper:
         start = self._alive_turn % len(active)
         turn = (active[start:] + active[:start])[:ALIVE_CHECKS]
         self._alive_turn = start + len(turn)
-        return set(await self.node.dead([(r.id, r.node) for r in turn]))
+        by_node: dict[str, list[SandboxRecord]] = {}
+        for r in turn:
+            by_node.setdefault(r.node_id, []).append(r)
+        dead: set[str] = set()
+        for node_id, group in by_node.items():  # one call per node
+            dead |= set(await self.fleet.of(node_id).dead([(r.id, r.node) for r in group]))
+        return dead
+
+    async def _lost_nodes(self) -> None:
+        """Mark the sandboxes of nodes whose heartbeat stopped as lost (not silently missing): what
+        they held is out of reach. The node's own record says lost too, until it starts again."""
+        now = time.time()
+        for node in self.fleet.records():
+            if node.id == self.fleet.id or node.state != "ready" or self.fleet.state(node, now) != "lost":
+                continue
+            await self.store.update_node(node.id, state="lost")
+            page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
+            lost = [r for r in page.items if r.node_id == node.id]
+            why = f"its node {node.id} stopped heartbeating at {time.strftime('%H:%M:%S', time.gmtime(node.seen_at))} UTC"
+            for rec in lost:
+                async with self.sandboxes.lock(rec.id):
+                    fresh = await self.sandboxes.fresh(rec)
+                    if fresh.state in LIVE:
+                        await self.sandboxes.transition(fresh, "lost", end_reason=why)
+            log.warning("node lost", extra={"node": node.id, "sandboxes": len(lost)})
 
     async def _check_buckets(self, rec: SandboxRecord) -> None:
         """Mark bucket mounts whose rclone is gone as `lost` (the sandbox sees ENOTCONN there);
         hibernate and resume, or a new sandbox, mounts them again."""
         served = [i for i, m in enumerate(rec.mounts) if m["type"] != "volume" and m.get("status") != "lost"]
-        if not served or all(await self.node.volumes.buckets_healthy(rec.id, served)):
+        node = self.fleet.of(rec.node_id)
+        if not served or all(await node.volumes.buckets_healthy(rec.id, served)):
             return
         async with self.sandboxes.lock(rec.id):  # checked again: a hibernation may have stopped it meanwhile
             fresh = await self.sandboxes.fresh(rec)
             if fresh.state not in ACTIVE:
                 return
-            healthy = await self.node.volumes.buckets_healthy(rec.id, served)
+            healthy = await node.volumes.buckets_healthy(rec.id, served)
             lost = [i for i, ok in zip(served, healthy, strict=True) if not ok]
             if not lost:
                 return
@@ -182,13 +219,19 @@ class Reaper:
         async with self.sandboxes.lock(rec.id):
             rec = await self.sandboxes.fresh(rec)
             if rec.state == "running":
-                await self.node.pause(rec.id)
+                await self.fleet.of(rec.node_id).pause(rec.id)
                 await self.sandboxes.transition(rec, "paused", end_reason=None)
                 log.info("paused idle sandbox", extra={"sandbox": rec.id, "idle_timeout": rec.idle_timeout})
 
     async def _forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reaper_interval)
+            try:
+                if not await self.store.take_lease(LEASE, self.fleet.id, LEASE_TTL_S, time.time()):
+                    continue  # another server reaps now
+            except Exception:
+                log.exception("taking the reaper's lease failed")
+                continue
             await self.reap_once()
 
     def start(self) -> None:
@@ -199,3 +242,5 @@ class Reaper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            with contextlib.suppress(Exception):  # the next server need not wait for it to expire
+                await self.store.drop_lease(LEASE, self.fleet.id)

@@ -21,7 +21,7 @@ from cove.store.base import AuditEntry, KeyRecord, SandboxRecord, SnapshotRecord
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\x00]*$", max_length=4096)]
 SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
-State = Literal["starting", "running", "paused", "hibernated", "killed", "error"]
+State = Literal["starting", "running", "paused", "hibernated", "killed", "error", "lost"]
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:

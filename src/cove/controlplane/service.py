@@ -24,18 +24,19 @@ from cove.controlplane import audit
 from cove.controlplane.admission import Admission, StartSlot
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import GUEST_STATUS, ApiError, not_found
+from cove.controlplane.fleet import Fleet
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.metrics import Metrics
 from cove.controlplane.pools import Pools, pool_key
 from cove.controlplane.quotas import Quotas
 from cove.controlplane.schemas import CreateSandbox
-from cove.controlplane.sources import Sources
+from cove.controlplane.sources import BASE, Sources
 from cove.controlplane.starter import Starter, new_sandbox_id
 from cove.controlplane.states import ACTIVE, LIVE, TRANSITIONS
 from cove.controlplane.templates import start_template_service
 from cove.controlplane.volumes import Volumes
 from cove.network.egress_policy import Policy
-from cove.node.base import Limits, NodeError, SandboxSpec, TemplateSpec
+from cove.node.base import Limits, NodeAgent, NodeError, SandboxSpec, TemplateSpec
 from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
 from cove.store.base import Page, SandboxRecord, Store
 
@@ -52,6 +53,7 @@ class SandboxService:
         self,
         settings: Settings,
         store: Store,
+        fleet: Fleet,
         metrics: Metrics,
         starter: Starter,
         sources: Sources,
@@ -64,7 +66,8 @@ class SandboxService:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.node = starter.node
+        self.fleet = fleet
+        self.node = fleet.local  # this server's own node
         self.metrics = metrics
         self.starter = starter
         self.sources = sources
@@ -89,6 +92,10 @@ class SandboxService:
     def last_activity(self, sandbox_id: str, now: float) -> float:
         """When the sandbox was last used (`now` if never noted)."""
         return self._activity.setdefault(sandbox_id, now)
+
+    def node_of(self, rec: SandboxRecord) -> NodeAgent:
+        """The node holding the sandbox (503 node_unavailable when it cannot be reached)."""
+        return self.fleet.of(rec.node_id)
 
     # -- state machine ---------------------------------------------------------------------
     async def transition(self, rec: SandboxRecord, to: str, **fields: Any) -> None:
@@ -140,18 +147,18 @@ class SandboxService:
 
     async def stats(self, rec: SandboxRecord) -> dict[str, Any]:
         """Resource use of a sandbox with processes (memory, cpu, pids, disk)."""
-        return await self.node.stats(rec.id)
+        return await self.node_of(rec).stats(rec.id)
 
-    def can_checkpoint(self, runtime: str = "namespaces") -> bool:
-        """Can sandboxes of `runtime` keep their processes (memory snapshots, hibernation, forks)?"""
-        return self.node.checkpoints.available(runtime)
+    def can_checkpoint(self, rec: SandboxRecord) -> bool:
+        """Can the sandbox keep its processes (memory snapshots, hibernation, forks) on its node?"""
+        return self.node_of(rec).checkpoints.available(rec.runtime or "namespaces")
 
     def guest(self, rec: SandboxRecord) -> GuestClient:
-        return self.node.guest(rec.id)
+        return self.node_of(rec).guest(rec.id)
 
     def port_opener(self, rec: SandboxRecord) -> Callable[[int], Awaitable[socket.socket]]:
         """Connects to a port on the running sandbox's loopback, on the node that holds it."""
-        node, handle = self.node, dict(rec.node)
+        node, handle = self.node_of(rec), dict(rec.node)
         return lambda port: node.network.connect(rec.id, handle, port)
 
     async def list(
@@ -177,6 +184,7 @@ class SandboxService:
             raise ApiError(422, "validation_error", f"network: {e}") from e
         await self.admission.check()
         async with self.refs.held():  # the source's layers cannot be collected meanwhile
+            home = await self.sources.home(who, req.template, req.snapshot)  # where its files are
             template, defaults = await self.sources.of(who, req.template, req.snapshot)
             timeout = self.settings.default_timeout if req.timeout is None else req.timeout
             dl = defaults.get("limits", {})
@@ -187,15 +195,39 @@ class SandboxService:
                 disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
             )
             limits = await self.quotas.with_default_cpu(who.tenant, limits)
-            runtime = self._runtime(req.runtime or defaults.get("runtime") or "namespaces", network)
+            runtime = req.runtime or defaults.get("runtime") or "namespaces"
             # Pooled sandboxes have no volumes, mounts or disk limit: those start cold.
-            poolable = runtime == "namespaces" and not (
-                req.volumes or req.mounts or defaults.get("volumes") or limits.disk_mb
-            )
+            mounts = bool(req.volumes or req.mounts or defaults.get("volumes"))
+            poolable = runtime == "namespaces" and not (mounts or limits.disk_mb)
             # A tenant's snapshots and templates are its own: so are their pools (the base one is shared).
-            owned = req.snapshot is not None or template.name != (await self.node.base_template()).name
+            owned = req.snapshot is not None or template.name != BASE
             key = pool_key(who.tenant if owned else None, req.snapshot or template.name)
-            member = self.pools.take(key) if poolable else None
+            # Warm members and volumes are this server's node's (docs/fleet.md).
+            local = home in (None, "", self.fleet.id)
+            member = self.pools.take(key) if poolable and local else None
+            if member is not None:
+                node_id = self.fleet.id
+            elif mounts:
+                if not local:
+                    raise ApiError(
+                        409,
+                        "not_supported",
+                        f"volumes are kept on the node of the server that manages them, and "
+                        f"{req.snapshot or template.name!r} lives on node {home}: create it through that node's server",
+                    )
+                node_id = self.fleet.id
+            else:
+                node_id = await self.fleet.place(runtime, home)
+                if home is None and node_id != self.fleet.id:  # that node's own base layers
+                    template, defaults = await self.sources.of(
+                        who, req.template, req.snapshot, self.fleet.of(node_id)
+                    )
+            try:
+                self._runtime(self.fleet.of(node_id), runtime, network)
+            except ApiError:
+                if member is not None:
+                    await self.pools.discard(member)
+                raise
             now = time.time()
             rec = SandboxRecord(
                 id=member.id if member else new_sandbox_id(),
@@ -224,6 +256,7 @@ class SandboxService:
                 on_timeout=req.on_timeout,
                 network=network,
                 template_config=defaults.get("template_config") or {},
+                node_id=node_id,
             )
             if member is not None:
                 try:
@@ -272,7 +305,7 @@ class SandboxService:
         handle = await self.pools.claim(member, self._node_spec(rec, template))
         if handle is None:
             return False
-        await self.node.network.set_policy(rec.id, rec.network)
+        await self.node_of(rec).network.set_policy(rec.id, rec.network)
         rec.state, rec.node = "running", handle
         await self.store.insert_sandbox(rec)
         self.pools.handed_over(member)
@@ -297,9 +330,10 @@ class SandboxService:
                     self._node_spec(rec, template, node_mounts),
                     rec.network,
                     checkpoint=defaults.get("checkpoint"),
+                    node=self.node_of(rec),
                 )
                 if defaults.get("start") and not defaults.get("checkpoint"):  # a cold template's service
-                    await start_template_service(self.node.guest(rec.id), rec, defaults["start"])
+                    await start_template_service(self.guest(rec), rec, defaults["start"])
             except (NodeError, OSError) as e:
                 await self.transition(rec, "error", end_reason=str(e)[:2000])
                 await self.volumes.drop(made)
@@ -307,19 +341,19 @@ class SandboxService:
             except BaseException:
                 # Cancelled (client went away) or a bug: never leave half a sandbox behind.
                 with contextlib.suppress(Exception):
-                    await self.node.kill(rec.id, None)
+                    await self.node_of(rec).kill(rec.id, None)
                 with contextlib.suppress(Exception):
                     await self.transition(rec, "error", end_reason="creation interrupted")
                 raise
             faults.point("create.launched")
             await self.transition(rec, "running", node=handle)
 
-    def _runtime(self, runtime: str, network: dict[str, Any]) -> str:
-        """`runtime` if this node runs it with these network settings (docs/runtimes.md), else 409."""
-        problem = self.node.runtime_problem(runtime)
+    def _runtime(self, node: NodeAgent, runtime: str, network: dict[str, Any]) -> str:
+        """`runtime` if `node` runs it with these network settings (docs/runtimes.md), else 409."""
+        problem = node.runtime_problem(runtime)
         if problem:
             raise ApiError(409, "runtime_unavailable", problem)
-        if network.get("mode", "none") != "none" and not self.node.egress(runtime):
+        if network.get("mode", "none") != "none" and not node.egress(runtime):
             raise ApiError(
                 409,
                 "not_supported",
@@ -345,11 +379,11 @@ class SandboxService:
     # -- egress --------------------------------------------------------------------------
     async def open_egress(self, rec: SandboxRecord, handle: dict[str, Any]) -> None:
         """Open the egress proxy in the namespace of the processes started with `handle`."""
-        await self.starter.open_egress(rec.id, rec.runtime, handle, rec.network)
+        await self.starter.open_egress(rec.id, rec.runtime, handle, rec.network, self.node_of(rec))
 
     async def network_status(self, who: Caller, sandbox_id: str) -> tuple[SandboxRecord, dict[str, Any]]:
         rec = await self.get(who, sandbox_id)
-        return rec, await self.node.network.status(rec.id)
+        return rec, await self.node_of(rec).network.status(rec.id)
 
     @audit.audited("sandbox.network", audit.network_set)
     async def set_network(
@@ -363,14 +397,14 @@ class SandboxService:
             if rec.state not in LIVE:
                 raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
             network = change(dict(rec.network))
-            self._runtime(rec.runtime or "namespaces", network)
+            self._runtime(self.node_of(rec), rec.runtime or "namespaces", network)
             try:
                 policy = Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
             except ValueError as e:
                 raise ApiError(422, "validation_error", f"network: {e}") from e
             await self.store.update_sandbox(rec.id, network=network)
             rec.network = network
-            await self.node.network.set_policy(rec.id, network)
+            await self.node_of(rec).network.set_policy(rec.id, network)
         log.info("network policy set", extra={"sandbox": rec.id, **policy.as_dict()})
         return rec
 
@@ -388,11 +422,12 @@ class SandboxService:
             fresh = await self.store.get_sandbox(rec.id)
             if fresh is None or fresh.state not in LIVE:
                 return  # already ended: kill is idempotent
-            if check == "dead" and (fresh.state not in ACTIVE or await self.node.alive(fresh.id, fresh.node)):
+            node = self.node_of(fresh)
+            if check == "dead" and (fresh.state not in ACTIVE or await node.alive(fresh.id, fresh.node)):
                 return
             if check == "expired" and (fresh.expires_at is None or fresh.expires_at > time.time()):
                 return
-            await self.starter.stop(fresh.id, fresh.node)
+            await self.starter.stop(fresh.id, fresh.node, node)
             faults.point("kill.stopped")
             await self.transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
@@ -432,7 +467,7 @@ class SandboxService:
         async with self._locks[rec.id]:
             rec = await self.fresh(rec)
             if rec.state == "running":
-                await self.node.pause(rec.id)
+                await self.node_of(rec).pause(rec.id)
                 faults.point("pause.frozen")
                 await self.transition(rec, "paused")
             elif rec.state != "paused":
@@ -456,24 +491,27 @@ class SandboxService:
                 return
             info = {"memory": False, "reason": "resumed without memory: processes started afresh"}
             await self.store.update_sandbox(rec.id, expect_state="hibernated", checkpoint=info)
-            await self.node.checkpoints.drop(rec.id)
+            await self.node_of(rec).checkpoints.drop(rec.id)
 
     async def _resume(self, rec: SandboxRecord) -> SandboxRecord:
         async with self._locks[rec.id]:
             rec = await self.fresh(rec)
+            node = self.node_of(rec)
             if rec.state == "paused":
-                await self.node.resume(rec.id)
+                await node.resume(rec.id)
                 faults.point("resume.thawed")
                 await self.transition(rec, "running")
             elif rec.state == "hibernated":
                 await self.quotas.check(rec.tenant, Limits(**rec.limits))  # it will hold resources again
-                spec = self._node_spec(rec, await self.node.base_template())
+                spec = self._node_spec(rec, await node.base_template())
                 info = dict(rec.checkpoint)
                 handle = None
                 policy = rec.network
                 if info.get("memory"):
                     try:
-                        handle = await self.starter.start(spec, policy, checkpoint=rec.id, resume=True)
+                        handle = await self.starter.start(
+                            spec, policy, checkpoint=rec.id, resume=True, node=node
+                        )
                         info["restored"] = True
                     except (NodeError, OSError) as e:
                         # Files are intact: start afresh rather than leave the workspace unreachable.
@@ -484,7 +522,7 @@ class SandboxService:
                         info.update(restored=False, error=str(e)[:500])
                 if handle is None:
                     try:
-                        handle = await self.starter.start(spec, policy, kept_files=True)
+                        handle = await self.starter.start(spec, policy, kept_files=True, node=node)
                     except (NodeError, OSError) as e:
                         raise ApiError(
                             503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
@@ -494,7 +532,7 @@ class SandboxService:
                 await self.transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
                 # Only once the record no longer needs it: a crash before this leaves an unreferenced
                 # checkpoint (collected at start), never a hibernated record without its image.
-                await self.node.checkpoints.drop(rec.id)
+                await node.checkpoints.drop(rec.id)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
@@ -524,11 +562,12 @@ class SandboxService:
             if rec.state not in ACTIVE:
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             # The proxy's sockets are not the sandbox's to dump, and they would pin its old namespace.
-            await self.node.network.detach(rec.id)
+            await self.node_of(rec).network.detach(rec.id)
             clock = {"expires_at": None} if stop_clock else {}
-            if memory and self.node.checkpoints.available(rec.runtime) and not bucket_mounts(rec):
+            node = self.node_of(rec)
+            if memory and node.checkpoints.available(rec.runtime) and not bucket_mounts(rec):
                 try:
-                    await self.node.checkpoints.hibernate(rec.id, rec.node)
+                    await node.checkpoints.hibernate(rec.id, rec.node)
                 except (NodeError, OSError) as e:
                     await self.open_egress(rec, rec.node)
                     raise ApiError(
@@ -537,7 +576,7 @@ class SandboxService:
                 faults.point("hibernate.dumped")
                 info: dict[str, Any] = {"memory": True}
             else:
-                await self.node.stop(rec.id)
+                await node.stop(rec.id)
                 reason = (
                     "hibernated without memory (filesystem only): processes restart on resume"
                     if not memory
@@ -577,9 +616,9 @@ class SandboxService:
 
     async def check_alive(self, rec: SandboxRecord) -> bool:
         """After the guest stopped answering: mark a dead sandbox as such (and free it)."""
-        if await self.node.alive(rec.id, rec.node):
+        if await self.node_of(rec).alive(rec.id, rec.node):
             return True
         await self.end(rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead")
-        return await self.node.alive(rec.id, rec.node)
+        return await self.node_of(rec).alive(rec.id, rec.node)
 
     # -- background work -----------------------------------------------------------------

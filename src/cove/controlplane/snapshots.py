@@ -46,7 +46,7 @@ class Snapshots:
         self.settings = settings
         self.sandboxes = sandboxes
         self.store = sandboxes.store
-        self.node = sandboxes.node
+        self.fleet = sandboxes.fleet
         self.audit = sandboxes.audit
         self.sources = sources
         self.refs = refs
@@ -71,11 +71,12 @@ class Snapshots:
     ) -> SnapshotRecord:
         """Seal the sandbox's files as they are now (constant time), and with `memory` its processes
         too (CRIU); the sandbox keeps running."""
-        if memory and not self.node.checkpoints.available():
+        rec = await self.sandboxes.get(who, sandbox_id)
+        node = self.sandboxes.node_of(rec)  # its layers stay on the sandbox's node (docs/fleet.md)
+        if memory and not node.checkpoints.available():
             raise ApiError(
                 409, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node (see `cove doctor`)"
             )
-        rec = await self.sandboxes.get(who, sandbox_id)
         self.sandboxes.touch(rec.id)
         snap = SnapshotRecord(
             id="snap" + new_sandbox_id()[:12],
@@ -84,6 +85,7 @@ class Snapshots:
             sandbox_id=rec.id,
             state="creating",  # rolled back at start if the server dies before it is ready
             created_at=time.time(),
+            node_id=rec.node_id,
         )
         async with self.sandboxes.lock(rec.id):
             rec = await self.sandboxes.fresh(rec)
@@ -93,7 +95,7 @@ class Snapshots:
                 raise ApiError(
                     409, "not_running", f"a memory snapshot needs running processes; {rec.id} is {rec.state}"
                 )
-            if memory and not self.node.checkpoints.available(rec.runtime):
+            if memory and not node.checkpoints.available(rec.runtime):
                 raise ApiError(
                     409,
                     "not_supported",
@@ -109,15 +111,15 @@ class Snapshots:
             async with self.refs.held():
                 try:
                     if memory:
-                        layer = await self.node.checkpoints.snapshot_with_memory(
+                        layer = await node.checkpoints.snapshot_with_memory(
                             rec.id, rec.node, snap.id, new_layer_id("snap"), seal
                         )
                         snap.memory = True
                     else:  # the node freezes the sandbox for the instant of the copy
-                        layer = await self.node.snapshots.commit(rec.id, new_layer_id("snap"), seal)
+                        layer = await node.snapshots.commit(rec.id, new_layer_id("snap"), seal)
                 except (NodeError, OSError) as e:
                     await self.store.delete_snapshot(snap.id)
-                    await self.node.checkpoints.drop(snap.id)
+                    await node.checkpoints.drop(snap.id)
                     raise ApiError(503, "snapshot_failed", f"snapshot of {rec.id} failed: {e}") from e
                 faults.point("snapshot.committed")
                 snap.layers = [*rec.layers, layer]
@@ -150,7 +152,7 @@ class Snapshots:
             if snap is None:
                 return
             try:
-                flat = await self.node.snapshots.flatten(snap.layers, new_layer_id("flat"))
+                flat = await self.fleet.of(snap.node_id).snapshots.flatten(snap.layers, new_layer_id("flat"))
             except (NodeError, OSError):
                 log.exception("flattening snapshot %s failed", snapshot_id)
                 return
@@ -163,9 +165,19 @@ class Snapshots:
         """Forget a snapshot; its layers stay while sandboxes started from it still use them."""
         snap = await self.get(who, snapshot_id)
         await self.store.delete_snapshot(snap.id)
-        await self.node.checkpoints.drop(snap.id)
+        await self._drop_checkpoint(snap)
         await self.volumes.drop_sealed(snap)
         await self.refs.collect()
+
+    async def _drop_checkpoint(self, snap: SnapshotRecord) -> None:
+        """Its memory image goes; from a node out of reach now, when that node next starts (its
+        adoption drops every image no record names)."""
+        try:
+            await self.fleet.of(snap.node_id).checkpoints.drop(snap.id)
+        except ApiError:
+            log.info(
+                "checkpoint left for its node to drop", extra={"snapshot": snap.id, "node": snap.node_id}
+            )
 
     @audit.audited("sandbox.fork", audit.forked)
     async def fork(
@@ -179,7 +191,7 @@ class Snapshots:
         source = await self.sandboxes.get(who, sandbox_id)
         if bucket_mounts(source):
             raise ApiError(409, "mounts_not_checkpointable", NO_FUSE_CHECKPOINT.format(source.id))
-        memory = self.node.checkpoints.available(source.runtime) and source.state in ACTIVE
+        memory = self.sandboxes.can_checkpoint(source) and source.state in ACTIVE
         snap = await self.take(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
             req = CreateSandbox(
@@ -198,7 +210,7 @@ class Snapshots:
             faults.point("fork.created")
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
-            await self.node.checkpoints.drop(snap.id)
+            await self._drop_checkpoint(snap)
             await self.volumes.drop_sealed(snap)  # the children have their own copies
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]

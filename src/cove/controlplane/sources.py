@@ -10,6 +10,7 @@ from cove.controlplane.errors import not_found
 from cove.node.base import NodeAgent, TemplateSpec
 from cove.store.base import SnapshotRecord, Store
 
+BASE = "base"  # the base template's name, on every node
 RUNTIME_KEYS = ("binds", "rootfs", "host_usr")  # what the node needs to mount a template's root
 
 Source = tuple[TemplateSpec, dict[str, Any]]  # layers, and defaults (env, user, workdir, limits, checkpoint…)
@@ -22,12 +23,15 @@ def runtime_config(config: dict[str, Any]) -> dict[str, Any]:
 class Sources:
     def __init__(self, store: Store, node: NodeAgent) -> None:
         self.store = store
-        self.node = node
+        self.node = node  # this server's
 
-    async def of(self, who: Caller, template: str, snapshot: str | None = None) -> Source:
+    async def of(
+        self, who: Caller, template: str, snapshot: str | None = None, node: NodeAgent | None = None
+    ) -> Source:
         """The layers and defaults of `snapshot` if given, else of `template`; 404 if unknown.
-        A memory snapshot's defaults name its image (`checkpoint`)."""
-        base = await self.node.base_template()
+        A memory snapshot's defaults name its image (`checkpoint`). `node`: the node the sandbox
+        starts on (default: this server's), whose own base template it gets."""
+        base = await (node or self.node).base_template()
         if snapshot is None:
             if template == base.name:
                 return base, {
@@ -46,6 +50,18 @@ class Sources:
             config=snap.config.get("template_config") or base.config,
         )
         return spec, {**snap.config, "checkpoint": snap.id if snap.memory else None}
+
+    async def home(self, who: Caller, template: str, snapshot: str | None = None) -> str | None:
+        """The node whose disk holds the source's layers (a built template's, a snapshot's), or
+        None for the base template, which every node has (docs/fleet.md). 404 if unknown."""
+        if snapshot is not None:
+            return (await self.snapshot(who, snapshot)).node_id
+        if template == BASE:
+            return None
+        rec = await self.store.get_template(who.tenant, template)
+        if rec is None:
+            raise not_found("template", template)
+        return rec.node_id
 
     async def template(self, who: Caller, name: str) -> Source | None:
         """A built template's layers and defaults (None: no such template)."""

@@ -59,40 +59,50 @@ class Starter:
         checkpoint: str | None = None,
         resume: bool = False,
         kept_files: bool = False,
+        node: NodeAgent | None = None,
     ) -> dict[str, Any]:
-        """Start `spec` and open its egress under `network`'s policy (None: no way out); returns the node's
-        handle. `checkpoint`: restore the processes saved under that key (`resume`: a hibernated
-        sandbox's own); `kept_files`: start fresh processes over the files a stop kept."""
+        """Start `spec` on `node` (default: this server's) and open its egress under `network`'s
+        policy (None: no way out); returns the node's handle. `checkpoint`: restore the processes
+        saved under that key (`resume`: a hibernated sandbox's own); `kept_files`: start fresh
+        processes over the files a stop kept."""
+        node = node or self.node
         if checkpoint:
-            handle = await self.node.checkpoints.restore(spec, checkpoint, resume=resume)
+            handle = await node.checkpoints.restore(spec, checkpoint, resume=resume)
         elif kept_files:
-            handle = await self.node.restart(spec)
+            handle = await node.restart(spec)
         else:
-            handle = await self.node.create(spec)
+            handle = await node.create(spec)
         try:
-            await self.open_egress(spec.id, spec.runtime, handle, network)
+            await self.open_egress(spec.id, spec.runtime, handle, network, node)
         except BaseException:
-            await self.node.kill(spec.id, handle)
+            await node.kill(spec.id, handle)
             raise
         return handle
 
     async def open_egress(
-        self, sid: str, runtime: str, handle: dict[str, Any], network: dict[str, Any] | None
+        self,
+        sid: str,
+        runtime: str,
+        handle: dict[str, Any],
+        network: dict[str, Any] | None,
+        node: NodeAgent | None = None,
     ) -> None:
         """The egress listener in the namespace of the processes started with `handle` (after a
         start, and at adoption: a restored namespace is a new one, without the listener)."""
-        if network is None or not self.node.egress(runtime or "namespaces"):  # gVisor's network is its own
+        node = node or self.node
+        if network is None or not node.egress(runtime or "namespaces"):  # gVisor's network is its own
             return
-        await self.node.network.attach(sid, handle, network)
+        await node.network.attach(sid, handle, network)
 
-    async def close_egress(self, sid: str) -> None:
+    async def close_egress(self, sid: str, node: NodeAgent | None = None) -> None:
         """Close the sandbox's way out (before a commit, a kill: its connections pin the namespace)."""
-        await self.node.network.detach(sid, forget=True)
+        await (node or self.node).network.detach(sid, forget=True)
 
-    async def stop(self, sid: str, handle: dict[str, Any] | None) -> None:
+    async def stop(self, sid: str, handle: dict[str, Any] | None, node: NodeAgent | None = None) -> None:
         """Kill a sandbox and close its egress."""
-        await self.close_egress(sid)
-        await self.node.kill(sid, handle)
+        node = node or self.node
+        await self.close_egress(sid, node)
+        await node.kill(sid, handle)
 
     async def may_start_background(self) -> bool:
         """May work nobody waits for (a pool refill) start a sandbox now?"""

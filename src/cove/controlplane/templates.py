@@ -34,10 +34,11 @@ from typing import Any
 from cove.controlplane.auth import Caller
 from cove.controlplane.build_egress import build_policy
 from cove.controlplane.errors import ApiError, not_found
+from cove.controlplane.fleet import Fleet
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.sources import Sources, runtime_config
 from cove.controlplane.starter import Starter, new_sandbox_id
-from cove.node.base import Limits, NodeAgent, NodeError, TemplateSpec, new_layer_id
+from cove.node.base import Limits, NodeError, TemplateSpec, new_layer_id
 from cove.node.guest_client import GuestClient, GuestError, GuestUnavailable
 from cove.storage import debian_base, oci
 from cove.store.base import Store, TemplateRecord
@@ -66,10 +67,12 @@ class Templates:
     """Builds and records templates; one per server, beside the sandbox service."""
 
     def __init__(
-        self, store: Store, node: NodeAgent, starter: Starter, sources: Sources, refs: LayerRefs
+        self, store: Store, fleet: Fleet, starter: Starter, sources: Sources, refs: LayerRefs
     ) -> None:
         self.store = store
-        self.node = node
+        self.fleet = fleet
+        # Builds run on this server's node, and their layers stay there (docs/fleet.md).
+        self.node = fleet.local
         self.starter = starter
         self.sources = sources
         self.refs = refs
@@ -84,6 +87,15 @@ class Templates:
 
     async def list(self, who: Caller) -> list[TemplateRecord]:
         return await self.store.list_templates(who.tenant)
+
+    def _here(self, ref: str, node_id: str) -> None:
+        """409 unless a base's layers are on this server's node, where the build runs."""
+        if node_id not in ("", self.fleet.id):
+            raise ApiError(
+                409,
+                "not_supported",
+                f"the base {ref!r} is kept on node {node_id}: build from it through that node's server",
+            )
 
     # -- bases -----------------------------------------------------------------------------
     async def _base(
@@ -105,10 +117,12 @@ class Templates:
             return [layer], dict(debian_base.CONFIG)
         rec = await self.store.get_template(who.tenant, ref)
         if rec is not None:
+            self._here(ref, rec.node_id)
             return list(rec.layers), {k: v for k, v in rec.config.items() if k not in ("checkpoint", "start")}
         snaps = [s for s in await self.sources.snapshots(who) if ref in (s.id, s.name)]
         if snaps:
             snap = max(snaps, key=lambda s: s.created_at)
+            self._here(ref, snap.node_id)
             cfg = {
                 **(snap.config.get("template_config") or base.config),
                 "env": snap.config.get("env", {}),
@@ -231,7 +245,7 @@ class Templates:
         new = TemplateRecord(
             id="tpl" + secrets.token_hex(8), tenant=who.tenant, name=alias, state="ready", created_at=now,
             updated_at=now, build_id=rec.build_id, layers=rec.layers, config=rec.config, sizes=rec.sizes,
-            base=rec.base, steps=rec.steps,
+            base=rec.base, steps=rec.steps, node_id=rec.node_id,
         )  # fmt: skip
         await self.store.insert_template(new)
         if old is not None:
@@ -274,9 +288,10 @@ class Templates:
         )
 
     async def rollback(self) -> None:
-        """At start: builds the server died in are removed (their layers get collected)."""
+        """At start: builds the server died in are removed (their layers get collected). Only this
+        node's: another server's build may be running now."""
         for rec in await self.store.list_templates(None):
-            if rec.state != "ready":
+            if rec.state != "ready" and rec.node_id in ("", self.fleet.id):
                 await self.store.delete_template(rec.id)
                 log.warning("removed an interrupted template build", extra={"template": rec.name})
 
@@ -311,6 +326,7 @@ class _Build:
         rec = TemplateRecord(
             id="tpl" + secrets.token_hex(8), tenant=self.who.tenant, name=self.name, state="building",
             created_at=now, updated_at=now, build_id="b" + secrets.token_hex(8), base=base_ref,
+            node_id=self.t.fleet.id,
         )  # fmt: skip
         await self.t.store.insert_template(rec)
         ok = False
@@ -493,7 +509,7 @@ class _Build:
         self.sandbox = sid
         self.handle: dict[str, Any] = {}
         # package registries: builds reach out through the sandbox's egress proxy
-        self.handle = await self.t.starter.start(spec, await build_policy() if egress else None)
+        self.handle = await self.t.starter.start(spec, (await build_policy()).as_dict() if egress else None)
         return sid, self.handle, self.t.node.guest(sid)
 
     async def _kill_sandbox(self) -> None:

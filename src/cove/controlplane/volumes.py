@@ -18,8 +18,9 @@ from typing import Any
 from cove.config import Settings
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError, not_found
+from cove.controlplane.fleet import Fleet
 from cove.controlplane.schemas import CreateSandbox
-from cove.node.base import NodeAgent, NodeError
+from cove.node.base import NodeError
 from cove.store.base import SandboxRecord, SnapshotRecord, Store, VolumeRecord
 
 log = logging.getLogger("cove.volumes")
@@ -32,13 +33,24 @@ def _new_id(prefix: str) -> str:
 
 
 class Volumes:
-    def __init__(self, settings: Settings, store: Store, node: NodeAgent) -> None:
+    def __init__(self, settings: Settings, store: Store, fleet: Fleet) -> None:
         self.settings = settings
         self.store = store
-        self.node = node
+        self.fleet = fleet
+        self.node = fleet.local  # volumes live on this server's node until issue 21's object store
         # Held while a volume is checked for users and deleted, and while a new sandbox's
         # references are resolved and recorded: neither can slip between the other's steps.
         self.lock = asyncio.Lock()
+
+    def _here(self, vol: VolumeRecord) -> None:
+        """409 unless the volume's content is on this server's node (docs/fleet.md)."""
+        if vol.node_id not in ("", self.fleet.id):
+            raise ApiError(
+                409,
+                "not_supported",
+                f"volume {vol.name!r} is kept on node {vol.node_id}: "
+                "create sandboxes that mount it through that node's server",
+            )
 
     # -- the API ----------------------------------------------------------------------------
     async def create(
@@ -55,7 +67,12 @@ class Volumes:
         if await self.store.get_volume(who.tenant, name) is not None:
             raise ApiError(409, "exists", f"volume {name!r} exists")
         rec = VolumeRecord(
-            id=_new_id("vol"), tenant=who.tenant, name=name, size_mb=size_mb, created_at=time.time()
+            id=_new_id("vol"),
+            tenant=who.tenant,
+            name=name,
+            size_mb=size_mb,
+            created_at=time.time(),
+            node_id=self.fleet.id,
         )
         try:
             await self.node.volumes.create(rec.id, size_mb)
@@ -134,6 +151,7 @@ class Volumes:
                             409, "volume_gone", f"volume {v['name']!r} of the snapshot was deleted"
                         )
                     vol = found
+                self._here(vol)
                 record.append(
                     {
                         "type": "volume",
@@ -145,6 +163,7 @@ class Volumes:
                 )
             for m in req.volumes:
                 vol = await self.get(who, m.name)
+                self._here(vol)
                 record.append(
                     {
                         "type": "volume",
@@ -177,6 +196,7 @@ class Volumes:
             size_mb=v.get("size_mb"),
             created_at=time.time(),
             source={"snapshot": v["snapshot"], "volume": v["name"]},
+            node_id=self.fleet.id,
         )
         try:
             await self.node.volumes.clone(v["sealed"], rec.id, rec.size_mb)

@@ -19,8 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from cove.node.namespaces.launcher import process_start_time
-from cove.node.namespaces.syscalls import CLONE_NEWNET, setns
+from cove.syscalls import CLONE_NEWNET, process_start_time, setns
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0

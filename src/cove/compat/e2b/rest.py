@@ -560,13 +560,13 @@ async def create_snapshot(
     cove = _cove(request)
     body = body or m.SnapshotRequest()
     rec = await _live(cove, who, sandbox_id)
-    if body.memory and not cove.service.can_checkpoint():
+    if body.memory and not cove.service.can_checkpoint(rec):
         raise ApiError(
             400, "memory_unavailable", "memory snapshots need CRIU >= 4.1 on the node; use mode='filesystem'"
         )
     memory = body.memory
     if memory is None:
-        memory = cove.service.can_checkpoint() and rec.state in ("running", "paused")
+        memory = cove.service.can_checkpoint(rec) and rec.state in ("running", "paused")
     snap = await cove.snapshots.take(who, sandbox_id, body.name, memory)
     return JSONResponse(_snapshot_info(snap), 201)
 

@@ -12,6 +12,7 @@ from cove.controlplane.auth import Caller, admin, caller
 from cove.controlplane.errors import ApiError, not_found
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.service import SandboxService
+from cove.controlplane.sources import BASE
 
 from .deps import service
 
@@ -88,7 +89,7 @@ async def set_pool(name: str, body: SetPool, who: Admin, svc: Svc) -> PoolOut:
         except ValidationError as e:  # not a template name at all
             raise not_found("template", name) from e
         await svc.sources.of(who, source.template)  # 404 for an unknown template (or another tenant's)
-        shared = name == (await svc.node.base_template()).name
+        shared = name == BASE
         config = pools.PoolConfig(name, body.min, body.max, None if shared else who.tenant, "template")
     await pools.save(svc.store, config)
     return _out(svc.pools.configure(config))

@@ -32,8 +32,9 @@ from cove.config import Settings
 from cove.node.base import Handle, NodeError, SandboxSpec
 from cove.node.guest_client import GuestClient, GuestUnavailable
 from cove.node.namespaces.host import RUNTIME_MARKER, SandboxHost
-from cove.node.namespaces.launcher import AGENT_SOCKET, process_start_time
+from cove.node.namespaces.launcher import AGENT_SOCKET
 from cove.node.runtimes import Checkpointer
+from cove.syscalls import process_start_time
 
 log = logging.getLogger("cove.node")
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cove.node.namespaces import syscalls
-from cove.node.namespaces.launcher import process_start_time
+from cove import syscalls
+from cove.syscalls import process_start_time
 
 log = logging.getLogger("cove.node")
 RCLONE = os.environ.get("COVE_RCLONE") or shutil.which("rclone") or "/usr/bin/rclone"

@@ -347,7 +347,7 @@ def favor_dynmods(lay: Layout | None = None) -> bool:
             return False
     if "favordynmods" in opts:
         return True
-    from cove.node.namespaces import syscalls
+    from cove import syscalls
 
     try:
         syscalls.mount(None, lay.v2, None, syscalls.MS_REMOUNT, ",".join([*opts, "favordynmods"]))

@@ -18,13 +18,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from cove import syscalls
 from cove.config import Settings
 from cove.node.base import Handle, NodeError, SandboxSpec, Seal
-from cove.node.namespaces import bucket_mounts, cgroups, syscalls
-from cove.node.namespaces.launcher import process_start_time
+from cove.node.namespaces import bucket_mounts, cgroups
 from cove.storage import kernel_layer
 from cove.storage.layers import LayerStore
 from cove.storage.volumes import VolumeStore
+from cove.syscalls import process_start_time
 
 GUEST_DIR = Path(__file__).resolve().parent.parent.parent / "guest"
 # The agent's modules, linked flat into each sandbox's /run/cove as .pyc (agent.py imports them from

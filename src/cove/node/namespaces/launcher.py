@@ -31,9 +31,10 @@ if __package__ in (None, ""):  # run by path: make `cove` importable without the
         0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     )
 
+from cove import syscalls
 from cove.guest import agent, protocol
-from cove.node.namespaces import cgroups, seccomp, syscalls
-from cove.node.namespaces.syscalls import (
+from cove.node.namespaces import cgroups, seccomp
+from cove.syscalls import (
     MNT_DETACH,
     MS_BIND,
     MS_NODEV,
@@ -43,6 +44,7 @@ from cove.node.namespaces.syscalls import (
     MS_RDONLY,
     MS_REC,
     MS_REMOUNT,
+    process_start_time,
 )
 
 SOURCE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -336,12 +338,6 @@ def finish(launch: Launch) -> dict:
         launch.cgroup.kill()
         return {"error": launch.said.decode(errors="replace") or "guest agent exited before it was ready"}
     return {"pid": launch.pid, "start_time": process_start_time(launch.pid)}
-
-
-def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: tells a re-used pid from the process we started."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
 def _begin(conn: _socket.socket) -> Launch | dict:

@@ -22,8 +22,8 @@ from cove.node import checkpoint
 from cove.node.base import Handle, NodeError, SandboxSpec, Seal
 from cove.node.namespaces import cgroups
 from cove.node.namespaces.host import SandboxHost
-from cove.node.namespaces.launcher import process_start_time
 from cove.node.runtimes import Checkpointer
+from cove.syscalls import process_start_time
 
 T = TypeVar("T")
 log = logging.getLogger("cove.node")

@@ -13,7 +13,7 @@ import ctypes
 import errno
 import struct
 
-from cove.node.namespaces import syscalls
+from cove import syscalls
 
 # Syscall numbers per architecture (x86_64 table / asm-generic table used by aarch64).
 _X86_64 = {

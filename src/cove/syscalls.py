@@ -185,3 +185,9 @@ def set_cmdline(title: str) -> None:
     ctypes.memmove(arg_start, raw + b" " * (size - len(raw)), size)
     if env_end > env_start:
         ctypes.memset(env_start, 0, env_end - env_start)
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: tells a re-used pid from the process we started."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])

@@ -1,0 +1,195 @@
+"""The fleet: every node this control plane drives (docs/fleet.md).
+
+Each server is a node too: its own sandboxes run in-process (`local`). Servers that share one
+database (PostgreSQL) find each other's nodes in the store: a node writes its record (the address
+of its node API and the credential that API demands) at start and a heartbeat every HEARTBEAT_S.
+Any server reaches any sandbox through the node that holds it (`of`), in-process or over the node
+API (`cove.node.remote`). A ready node whose heartbeat is older than LOST_AFTER_S is lost: the
+server holding the reaper's lease marks its sandboxes so (`Reaper`); nothing here decides that alone.
+On Kubernetes the same records come from the cluster's Node objects and their Leases instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cove import __version__
+from cove.config import Settings
+from cove.controlplane.errors import ApiError
+from cove.node.base import NodeAgent
+from cove.store.base import NodeRecord, Store
+
+if TYPE_CHECKING:
+    from cove.node.remote.client import RemoteNode
+    from cove.node.remote.server import NodeServer
+
+log = logging.getLogger("cove.fleet")
+
+HEARTBEAT_S = 1.0
+LOST_AFTER_S = 10.0  # a node's heartbeat this old: it is lost (its sandboxes are marked so)
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _kept(path: Path, make: str) -> str:
+    """The value kept in `path` (made once, private to root): the node's id and credential must
+    survive a restart, since records name the node by id and other servers hold its credential."""
+    with contextlib.suppress(FileNotFoundError):
+        if value := path.read_text().strip():
+            return value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(make + "\n")
+    return make
+
+
+class Fleet:
+    def __init__(self, settings: Settings, store: Store, local: NodeAgent) -> None:
+        self.settings = settings
+        self.store = store
+        self.local = local
+        self.id = ""  # this server's node id, known at start
+        self.server: NodeServer | None = None  # this node's API, when the store is shared
+        self._records: dict[str, NodeRecord] = {}
+        self._remote: dict[str, RemoteNode] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Do other servers share this store (and so reach this node over its API)?"""
+        return self.settings.database_url is not None
+
+    async def start(self) -> None:
+        """Register this node (and serve its API when the store is shared), then keep its heartbeat."""
+        s = self.settings
+        host = socket.gethostname().split(".")[0].lower()
+        self.id = s.node_id or _kept(s.home / "node-id", f"{host}-{secrets.token_hex(3)}")
+        token = _kept(s.home / "node-token", secrets.token_urlsafe(32))
+        address = ""
+        if self.shared:
+            from cove.node.remote.server import NodeServer
+
+            self.server = NodeServer(self.local, token, s.node_listen, s.node_port)
+            await self.server.start()
+            address = s.node_advertise or f"{s.node_listen}:{self.server.port}"
+        now = time.time()
+        await self.store.put_node(
+            NodeRecord(
+                id=self.id,
+                address=address,
+                token=token,
+                state="ready",
+                started_at=now,
+                seen_at=now,
+                capacity={"cpus": os.cpu_count() or 1, "version": __version__},
+            )
+        )
+        await self.refresh()
+        self._task = asyncio.create_task(self._beat(), name="cove-fleet")
+        log.info("node registered", extra={"node": self.id, "address": address or "in-process only"})
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):  # a clean stop is not a loss: its sandboxes are kept
+            await self.store.update_node(self.id, state="left", seen_at=time.time())
+        if self.server:
+            await self.server.close()
+        for node in self._remote.values():
+            await node.close()
+        self._remote.clear()
+
+    # -- finding nodes ---------------------------------------------------------------------
+    def of(self, node_id: str) -> NodeAgent:
+        """The node holding an object whose record names `node_id` ("": this server's, as records
+        made before the fleet existed). 503 when it cannot be reached from here."""
+        if not node_id or node_id == self.id:
+            return self.local
+        node = self._remote.get(node_id)
+        if node is None:
+            rec = self._records.get(node_id)
+            why = "is not known" if rec is None else f"is {self.state(rec)}"
+            raise ApiError(503, "node_unavailable", f"the node {node_id} holding it {why}")
+        return node
+
+    def state(self, rec: NodeRecord, now: float | None = None) -> str:
+        """ready, lost (its heartbeat is too old) or left (stopped cleanly)."""
+        if rec.state == "ready" and rec.seen_at < (now or time.time()) - LOST_AFTER_S:
+            return "lost"
+        return rec.state
+
+    def records(self) -> list[NodeRecord]:
+        """Every node known, as last read (refreshed each heartbeat)."""
+        return list(self._records.values())
+
+    def ready(self) -> list[str]:
+        """Ids of the nodes that can take new sandboxes: this one, and each one reachable from here."""
+        return [self.id, *(n for n in self._remote if self.state(self._records[n]) == "ready")]
+
+    async def place(self, runtime: str, pinned: str | None = None) -> str:
+        """The node for a new sandbox: `pinned` (where its source's files are) if given, else the
+        ready node that runs `runtime` and holds the fewest sandboxes (this one on a tie)."""
+        if pinned is not None:
+            self.of(pinned)  # 503 if it cannot be reached
+            return pinned or self.id
+        candidates = [n for n in self.ready() if self.of(n).runtime_problem(runtime) is None]
+        if not candidates:
+            return self.id  # the create then says why this node cannot run it
+        counts = await self.store.count_by_node(["starting", "running", "paused"])
+        return min(candidates, key=lambda n: (counts.get(n, 0), n != self.id))
+
+    # -- heartbeat -----------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Read the nodes' records; connect to nodes new or changed, forget those gone."""
+        now = time.time()
+        self._records = {r.id: r for r in await self.store.list_nodes()}
+        for node_id, rec in self._records.items():
+            if node_id == self.id or not rec.address:
+                continue
+            known = self._remote.get(node_id)
+            if self.state(rec, now) != "ready":
+                if known is not None:
+                    await self._forget(node_id)
+                continue
+            if known is not None and (known.address, known.token) == (rec.address, rec.token):
+                continue
+            if known is not None:
+                await self._forget(node_id)
+            from cove.node.remote.client import RemoteNode
+
+            node = RemoteNode(node_id, rec.address, rec.token)
+            try:
+                await asyncio.wait_for(node.start(), CONNECT_TIMEOUT_S)
+            except Exception as e:  # it may still be starting: the next heartbeat tries again
+                log.info("node not reachable yet", extra={"node": node_id, "error": str(e)})
+                await node.close()
+                continue
+            self._remote[node_id] = node
+            log.info("node joined", extra={"node": node_id, "address": rec.address})
+        for node_id in set(self._remote) - set(self._records):
+            await self._forget(node_id)
+
+    async def _forget(self, node_id: str) -> None:
+        node = self._remote.pop(node_id, None)
+        if node is not None:
+            await node.close()
+            log.info("node left", extra={"node": node_id})
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.store.update_node(self.id, seen_at=time.time(), state="ready")
+                await self.refresh()
+            except Exception:
+                log.exception("fleet heartbeat failed")
