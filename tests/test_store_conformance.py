@@ -62,6 +62,7 @@ def full_sandbox(sid: str) -> SandboxRecord:
     return replace(
         sandbox(sid),
         node_id="node-a",
+        active_at=NOW + 42.5,
         expires_at=NOW + 300.25,
         metadata={"zeta": "1", "alpha": "two words", 'quo"te': "x", "dot.ted": "é"},
         env={"PATH": "/usr/bin", "A": ""},

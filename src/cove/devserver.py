@@ -35,8 +35,10 @@ def free_port() -> int:
 class Server:
     """A `cove serve` subprocess. Sandboxes survive `restart()`, as they do in production."""
 
-    def __init__(self, tag: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, tag: str, extra_env: dict[str, str] | None = None, node_only: bool = False) -> None:
+        """`node_only`: run `cove node` (a fleet's node with no API; needs COVE_DATABASE_URL)."""
         self.extra_env = extra_env or {}
+        self.node_only = node_only
         self.home = Path(tempfile.mkdtemp(prefix=f"cove-test-{tag}-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -62,19 +64,23 @@ class Server:
         }
 
     def start(self) -> None:
+        command = ["node"] if self.node_only else ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cove", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "cove", *command], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"cove serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                    f"cove {command[0]} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
+            if self.node_only:  # no API to ask: it says when its node API serves
+                if b"node API on" in self.log.read_bytes()[offset:]:
+                    return
+                time.sleep(0.05)
+                continue
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
@@ -111,7 +117,7 @@ class Server:
 
     def close(self) -> None:
         try:
-            if self.proc and self.proc.poll() is None:
+            if self.proc and self.proc.poll() is None and not self.node_only:
                 self.kill_all()
         finally:
             self.stop()

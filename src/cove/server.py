@@ -6,8 +6,10 @@ never imports the control plane (the import contracts in pyproject.toml hold the
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
+import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -79,6 +81,36 @@ def serve(host: str = "127.0.0.1", port: int = 7770, home: str | None = None, de
     if demo:
         threading.Thread(target=_demo_when_ready, args=(server, app, host, port), daemon=True).start()
     server.run()  # on uvloop (uvicorn's loop 'auto', installed with uvicorn[standard])
+
+
+def serve_node(home: str | None = None) -> None:
+    """`cove node`: this host's node alone, with no public API (docs/fleet.md). It registers in
+    the shared store and serves its node API to the servers that share it."""
+    if os.geteuid() != 0:
+        raise SystemExit("cove node needs root: it creates namespaces, cgroups and overlay mounts")
+    logs.setup(os.environ.get("COVE_LOG_LEVEL", "INFO"), os.environ.get("COVE_LOG_FORMAT"))
+    settings = Settings(home=Path(home)) if home else Settings()
+    if settings.database_url is None:
+        raise SystemExit(
+            "cove node needs COVE_DATABASE_URL: a node joins the fleet through the store its servers share"
+        )
+    settings.pools = ""  # warm members are kept by the servers that hand them out
+
+    async def main() -> None:
+        cove = controlplane.assemble(settings)
+        await controlplane.start(cove, api=False)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        address = cove.fleet.server.address if cove.fleet.server else "?"
+        print(f"cove node {cove.fleet.id}: node API on {address}", flush=True)
+        try:
+            await stopping.wait()
+        finally:
+            await controlplane.stop(cove)
+
+    asyncio.run(main())
 
 
 def _demo_when_ready(server: uvicorn.Server, app: object, host: str, port: int) -> None:

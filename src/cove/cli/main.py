@@ -75,7 +75,7 @@ for module in (
 # ... and the commands in this order (the most used first), not module by module.
 _HELP_ORDER = [
     "create", "network", "ls", "info", "exec", "cp", "kill", "shell", "run-code", "watch", "start", "logs",
-    "signal", "ps", "pause", "resume", "port", "file-url", "hibernate", "snapshot", "fork", "audit", "serve",
+    "signal", "ps", "pause", "resume", "port", "file-url", "hibernate", "snapshot", "fork", "audit", "serve", "node",
     "doctor", "worker", "mcp",
 ]  # fmt: skip
 app.registered_commands.sort(

@@ -41,6 +41,25 @@ def serve(
     run_server(host=host, port=port, home=home, demo=demo)
 
 
+def node(
+    home: Annotated[
+        str | None, typer.Option("--home", envvar="COVE_HOME", help="State directory (sandboxes, layers).")
+    ] = None,
+) -> None:
+    """Run this host as a node of a fleet, with no public API of its own (as root).
+
+    The node joins through the database its API servers share (COVE_DATABASE_URL), serves its node
+    API on COVE_NODE_LISTEN:COVE_NODE_PORT (advertised as COVE_NODE_ADVERTISE) to them alone (each
+    call carries the node's own credential), and runs the sandboxes they place here. With
+    COVE_KUBECONFIG it is a Kubernetes node too (docs/kubernetes.md). See docs/fleet.md.
+
+    [bold]Example:[/]  [cyan]COVE_DATABASE_URL=postgresql://cove@db/cove COVE_NODE_LISTEN=0.0.0.0 COVE_NODE_PORT=7771 cove node[/]
+    """
+    from cove.server import serve_node
+
+    serve_node(home)
+
+
 def doctor() -> None:
     """Check what this host supports: namespaces, cgroups, overlayfs, seccomp, the guest interpreter.
 
@@ -91,5 +110,6 @@ def kernel_build(
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("node")(node)
     app.command("doctor")(doctor)
     app.add_typer(kernel_app, name="kernel")

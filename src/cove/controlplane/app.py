@@ -22,6 +22,7 @@ from cove.controlplane.api import (
     files,
     keys,
     network,
+    nodes,
     pools,
     ports,
     processes,
@@ -165,7 +166,8 @@ def assemble(settings: Settings) -> Cove:
     )
 
 
-async def start(cove: Cove) -> None:
+async def start(cove: Cove, api: bool = True) -> None:
+    """`api`: this process serves cove's API (False for `cove node`: then it makes no keys)."""
     s = cove.settings
     s.home.mkdir(parents=True, exist_ok=True)
     # Sandbox roots live below the data dir; their (unprivileged) init must be able to traverse it.
@@ -173,7 +175,8 @@ async def start(cove: Cove) -> None:
     await cove.store.open()
     await cove.node.start()
     await cove.fleet.start()
-    await _ensure_keys(cove)
+    if api:
+        await _ensure_keys(cove)
     await cove.reaper.adopt()
     cove.reaper.start()
     for config in await load_pools(cove.store, s.pools):
@@ -213,6 +216,7 @@ def install(app: FastAPI, cove: Cove) -> None:
         files,
         keys,
         audit,
+        nodes,
         urls,
         pools,
         quotas,

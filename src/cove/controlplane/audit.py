@@ -37,6 +37,7 @@ _BY_STATE = {
     "hibernated": "sandbox.hibernate",
     "running": "sandbox.resume",
     "error": "sandbox.error",
+    "lost": "sandbox.lost",
 }
 
 

@@ -145,10 +145,12 @@ class Reaper:
                     await self.sandboxes.end(
                         rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
                     )
-                elif rec.state == "running" and rec.idle_timeout:
-                    last = self.sandboxes.last_activity(rec.id, mono)
-                    if mono - last >= rec.idle_timeout:
-                        await self._idle(rec)
+                elif (
+                    rec.state == "running"
+                    and rec.idle_timeout
+                    and self.sandboxes.idle_for(rec, now, mono) >= rec.idle_timeout
+                ):
+                    await self._idle(rec)
                 if rec.state in ACTIVE and bucket_mounts(rec):
                     await self._check_buckets(rec)
             except Exception:

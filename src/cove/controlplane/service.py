@@ -42,6 +42,8 @@ from cove.store.base import Page, SandboxRecord, Store
 
 log = logging.getLogger("cove.sandboxes")
 
+ACTIVITY_SHARED_S = 2.0  # a sandbox's use is written to a shared store at most this often
+
 
 def bucket_mounts(rec: SandboxRecord) -> bool:
     """Has the sandbox S3 bucket mounts (FUSE: they cannot be checkpointed)?"""
@@ -79,6 +81,8 @@ class SandboxService:
         self.audit = audit_log
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
+        self._shared: dict[str, float] = {}  # ...and of the last one written to the store
+        self._writes: set[asyncio.Task[None]] = set()
 
     # -- what snapshots and the reaper act through ------------------------------------------
     def lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -86,12 +90,30 @@ class SandboxService:
         return self._locks[sandbox_id]
 
     def touch(self, sandbox_id: str) -> None:
-        """Note an API call on the sandbox (its idle timeout restarts)."""
-        self._activity[sandbox_id] = time.monotonic()
+        """Note an API call on the sandbox (its idle timeout restarts). With a shared store the
+        other servers learn of it too (their reaper may be the one running), at most every
+        ACTIVITY_SHARED_S per sandbox so that the exec path stays free of store writes."""
+        mono = time.monotonic()
+        self._activity[sandbox_id] = mono
+        if self.fleet.shared and mono - self._shared.get(sandbox_id, -ACTIVITY_SHARED_S) >= ACTIVITY_SHARED_S:
+            self._shared[sandbox_id] = mono
+            task = asyncio.create_task(self._share_activity(sandbox_id))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
-    def last_activity(self, sandbox_id: str, now: float) -> float:
-        """When the sandbox was last used (`now` if never noted)."""
-        return self._activity.setdefault(sandbox_id, now)
+    async def _share_activity(self, sandbox_id: str) -> None:
+        try:
+            await self.store.update_sandbox(sandbox_id, active_at=time.time())
+        except Exception:  # a missed note costs at most an early idle pause, which resumes on use
+            log.warning("could not record a sandbox's activity", extra={"sandbox": sandbox_id}, exc_info=True)
+
+    def idle_for(self, rec: SandboxRecord, now: float, mono: float) -> float:
+        """Seconds since the sandbox was last used through any server (from `now`: wall clock,
+        `mono`: monotonic; never noted here: from now on)."""
+        idle = mono - self._activity.setdefault(rec.id, mono)
+        if rec.active_at is not None:
+            idle = min(idle, now - rec.active_at)
+        return idle
 
     def node_of(self, rec: SandboxRecord) -> NodeAgent:
         """The node holding the sandbox (503 node_unavailable when it cannot be reached)."""
@@ -432,6 +454,7 @@ class SandboxService:
             await self.transition(fresh, state, end_reason=reason)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
+        self._shared.pop(rec.id, None)
         self.refs.collect_soon()
 
     async def set_timeout(

@@ -44,6 +44,8 @@ class SandboxRecord:
     # Its template's runtime config (binds, rootfs); empty: the `base` template's.
     template_config: dict[str, Any] = field(default_factory=dict)
     node_id: str = ""  # the node that holds it (docs/fleet.md); "" for the server's own node
+    # When a server sharing the store last saw it used (idle timeouts across replicas; docs/fleet.md).
+    active_at: float | None = None
 
 
 @dataclass

@@ -160,6 +160,11 @@ ALTER TABLE volumes ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE templates ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
 """,
     ),
+    (
+        3,
+        "sandboxes' last use seen by any server",
+        "ALTER TABLE sandboxes ADD COLUMN active_at DOUBLE PRECISION;",
+    ),
 ]
 
 # pg_advisory_lock's key for the migration step ("cove" in ASCII); advisory locks are per database.

@@ -143,6 +143,7 @@ _ADDED_COLUMNS = [
     ("sandboxes", "mounts", "TEXT NOT NULL DEFAULT '[]'"),
     ("sandboxes", "template_config", "TEXT NOT NULL DEFAULT '{}'"),
     ("sandboxes", "node_id", "TEXT NOT NULL DEFAULT ''"),
+    ("sandboxes", "active_at", "REAL"),
     ("snapshots", "node_id", "TEXT NOT NULL DEFAULT ''"),
     ("volumes", "node_id", "TEXT NOT NULL DEFAULT ''"),
     ("templates", "node_id", "TEXT NOT NULL DEFAULT ''"),
