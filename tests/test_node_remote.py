@@ -212,6 +212,9 @@ def test_sandbox_lifecycle_and_guest_through_the_tunnel(env: Env) -> None:
         got = b"".join([chunk async for chunk in guest.read("/home/user/f.txt")])
         assert got == b"data through the node API" * 1000
         assert await sh(guest, "wc -c", stdin=b"x" * 300_000) == (b"300000\n", b"", 0)
+        blob = os.urandom(8 << 20)  # many splice reads each way, in order and complete
+        await guest.write("/home/user/blob", blob)
+        assert b"".join([chunk async for chunk in guest.read("/home/user/blob")]) == blob
 
         # Output streams as it is produced, not at the end.
         seen: list[tuple[float, bytes]] = []
@@ -375,6 +378,22 @@ def test_node_errors_round_trip(env: Env) -> None:
 
     env.run(go())
     assert not env.node.host.exists("rn-microvm")
+
+
+def test_unexpected_failures_are_answered(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(sandbox_id: str) -> dict[str, Any]:
+        raise RuntimeError("a bug in the node")
+
+    async def disk(sandbox_id: str) -> dict[str, Any]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(env.node, "stats", broken)
+    with pytest.raises(NodeError, match="stats: internal: RuntimeError: a bug in the node"):
+        env.run(env.remote.stats("abc"))
+    monkeypatch.setattr(env.node, "stats", disk)
+    with pytest.raises(NodeError, match=r"^\[Errno 28\] No space left on device$"):
+        env.run(env.remote.stats("abc"))
+    assert env.run(env.remote.call("generation")) == env.node.generation  # the connection goes on
 
 
 def test_wrong_or_missing_token_is_refused(env: Env) -> None:
