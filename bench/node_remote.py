@@ -5,8 +5,8 @@ through a NodeServer on loopback driven by a RemoteNode, interleaved.
 
 Rows: exec `/bin/true` through the guest client (kept connections, as the node keeps them; and a new
 connection each time), a `stats` call (the pool of call connections, and a new connection per call),
-a call the node answers without work (`generation`: the API's own round trip), and the same over TLS
-where openssl can make a certificate. The server and the client share this
+a call the node answers without work (`generation`: the API's own round trip), reading a 32 MiB
+file (throughput through the splice), and the same over TLS where openssl can make a certificate. The server and the client share this
 process and its event loop, so every remote row pays both ends' CPU on one core: an upper bound on
 what the network API adds on one host (the network's own round trip comes on top).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import ssl
 import statistics
@@ -33,6 +34,16 @@ from cove.node.remote.client import RemoteNode
 from cove.node.remote.server import NodeServer
 
 TOKEN = "bench-" + os.urandom(16).hex()
+
+
+BLOB = 32 << 20  # bytes of the file read for throughput
+
+
+async def read_all(guest: GuestClient) -> None:
+    got = 0
+    async for chunk in guest.read("/home/user/blob"):
+        got += len(chunk)
+    assert got == BLOB
 
 
 async def exec_true(guest: GuestClient) -> None:
@@ -116,12 +127,31 @@ async def bench(runs: int, home: Path) -> dict[str, list[float]]:
                 "generation"
             )
         samples: dict[str, list[float]] = {name: [] for name in cases}
+        order = list(cases.items())
+        rng = random.Random(7)
         for i in range(runs + 10):  # interleaved, so a noisy machine moves every row alike; 10 warm-ups
-            for name, case in cases.items():
+            # In a new order each round: work one case leaves behind (a connection's teardown, the agent
+            # forking a handler to replace a taken one) must not always land on the same next case.
+            rng.shuffle(order)
+            for name, case in order:
                 t0 = time.perf_counter()
                 await case()
                 if i >= 10:
                     samples[name].append((time.perf_counter() - t0) * 1000)
+        await node.guest(sid).write("/home/user/blob", os.urandom(BLOB))
+        reads: dict[str, Callable[[], Awaitable[object]]] = {
+            "read 32 MiB file: local guest client": lambda: read_all(node.guest(sid)),
+            "read 32 MiB file: RemoteNode tunnel": lambda: read_all(plain.guest(sid)),
+        }
+        if contexts:
+            reads["read 32 MiB file: RemoteNode over TLS"] = lambda: read_all(remotes[2].guest(sid))
+        for name in reads:
+            samples[name] = []
+        for _ in range(5):
+            for name, case in reads.items():
+                t0 = time.perf_counter()
+                await case()
+                samples[name].append((time.perf_counter() - t0) * 1000)
         return samples
     finally:
         await node.kill(sid)
@@ -148,7 +178,9 @@ def main() -> None:
     print("|---|---|---|")
     for name, times in samples.items():
         s = sorted(times)
-        print(f"| {name} | {statistics.median(s):.3f} | {s[min(len(s) - 1, int(0.99 * len(s)))]:.3f} |")
+        p50 = statistics.median(s)
+        rate = f" ({BLOB / 1e6 / (p50 / 1000):.0f} MB/s, 5 runs)" if name.startswith("read") else ""
+        print(f"| {name}{rate} | {p50:.3f} | {s[min(len(s) - 1, int(0.99 * len(s)))]:.3f} |")
 
 
 if __name__ == "__main__":
