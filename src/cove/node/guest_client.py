@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from cove.guest import protocol
@@ -37,6 +37,9 @@ READ_LIMIT = 1024 * 1024
 DROP_WAIT = 1.0  # seconds to wait for a kept connection's handler to close its end
 
 ByteSource = bytes | bytearray | memoryview | AsyncIterable[bytes] | Iterable[bytes]
+# Opens a connection that speaks the guest protocol to one agent some other way than its unix socket
+# (a node's tunnel, cove.node.remote); it raises GuestUnavailable (or OSError) when it cannot.
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 class GuestError(Exception):
@@ -125,6 +128,13 @@ class Idle:
                 del self._conns[path]
         if self._conns:
             self._timer = asyncio.get_running_loop().call_later(self.EXPIRY / 2, self.expire)
+
+    def close(self) -> None:
+        """Close every kept connection (the client that kept them is going away)."""
+        for kept in self._conns.values():
+            for _, conn in kept:
+                conn.writer.close()
+        self._conns.clear()
 
 
 def _reply(payload: bytes, conn: _Conn | None = None) -> dict[str, Any]:
@@ -229,12 +239,30 @@ def _open_socket_inode(path: str) -> int:
 
 
 class GuestClient:
-    def __init__(self, socket_path: str, connect_timeout: float = 5.0, idle: Idle | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        connect_timeout: float = 5.0,
+        idle: Idle | None = None,
+        *,
+        opener: Opener | None = None,
+        key: str | None = None,
+    ) -> None:
+        """`opener`: connect through it instead of the unix socket at `socket_path` (then only a name
+        for messages). `key`: what `idle` keeps this agent's connections under (default `socket_path`)."""
         self.socket_path = socket_path
         self.connect_timeout = connect_timeout
         self.idle = idle  # the node's kept connections; None: one connection per operation
+        self.opener = opener
+        self.key = key if key is not None else socket_path
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.opener is not None:
+            try:
+                return await asyncio.wait_for(self.opener(), self.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                why = str(exc) or "timed out"
+                raise GuestUnavailable(f"cannot reach the guest agent at {self.socket_path}: {why}") from exc
         try:
             fd = _open_socket_inode(self.socket_path)
         except OSError as exc:
@@ -250,13 +278,13 @@ class GuestClient:
 
     async def _lease(self) -> _Conn:
         """A kept connection to this agent, or a new one (for operations the agent may keep serving)."""
-        if self.idle is not None and (conn := self.idle.take(self.socket_path)):
+        if self.idle is not None and (conn := self.idle.take(self.key)):
             return conn
         return _Conn(*await self._open())
 
     def _release(self, conn: _Conn) -> None:
         if conn.reuse and self.idle is not None:
-            self.idle.give(self.socket_path, conn)
+            self.idle.give(self.key, conn)
         else:
             conn.writer.close()
 
