@@ -538,14 +538,15 @@ def test_the_reaper_checks_every_sandbox_in_turn() -> None:
     from cove.controlplane.reaper import ALIVE_CHECKS, Reaper
 
     n = ALIVE_CHECKS * 2 + 5
-    recs = [SimpleNamespace(id=f"sb{i}", node={"pid": i}) for i in range(n)]
+    recs = [SimpleNamespace(id=f"sb{i}", node={"pid": i}, node_id="") for i in range(n)]
     asked: list[list[str]] = []
 
     async def dead(items: list[tuple[str, dict]]) -> list[str]:
         asked.append([sid for sid, _ in items])
         return [sid for sid, _ in items if sid == "sb7"]
 
-    fake = SimpleNamespace(_alive_turn=0, node=SimpleNamespace(dead=dead))
+    node = SimpleNamespace(dead=dead)
+    fake = SimpleNamespace(_alive_turn=0, fleet=SimpleNamespace(of=lambda node_id: node))
     found = [asyncio.run(Reaper._dead_among(fake, recs)) for _ in range(3)]  # type: ignore[arg-type]
     assert all(len(a) == ALIVE_CHECKS for a in asked)
     assert {sid for a in asked for sid in a} == {r.id for r in recs}  # three ticks cover all

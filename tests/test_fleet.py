@@ -42,7 +42,7 @@ def fleet(postgres: pg.Postgres) -> Iterator[tuple[Server, Server, Server, str]]
         _wait_for(lambda: _ready_nodes(b) >= {"fleet-a", "fleet-b", "fleet-c"}, "every node joins B")
         yield a, b, c, url
     finally:
-        for srv in reversed(made):  # the node-only one last: the replicas kill what it holds
+        for srv in made:  # the node-only one last: the replicas kill what it holds first
             srv.close()
 
 
@@ -67,7 +67,7 @@ def _wait_for(check: object, what: str, timeout: float = 30) -> float:
 
 
 def _exec(c: httpx.Client, sid: str, cmd: str) -> dict:
-    r = c.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": cmd})
+    r = c.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -140,8 +140,8 @@ def test_the_sdk_connects_through_either_replica(fleet: tuple) -> None:
     with Sandbox.create(url=a.url, api_key=KEY, timeout=600) as sb:
         other = Sandbox.connect(sb.id, url=b.url, api_key=KEY)
         other.files.write("/tmp/note", b"written through B")
-        assert sb.files.read("/tmp/note") == b"written through B"
-        assert other.commands.run("cat /tmp/note").stdout == "written through B"
+        assert sb.files.read("/tmp/note") == "written through B"
+        assert other.exec("cat /tmp/note").stdout == "written through B"
 
 
 def test_a_node_api_refuses_calls_without_its_credential(fleet: tuple) -> None:
@@ -236,8 +236,8 @@ def test_a_node_that_stops_heartbeating_has_its_sandboxes_marked_lost(postgres: 
             assert "lost-n" in info["end_reason"] and "heartbeat" in info["end_reason"]
             r = _exec(ca, next(i for i in ids if i not in on_n), "echo still here")  # the others live on
             assert r["stdout"] == "still here\n"
-            r = ca.post(f"/v1/sandboxes/{on_n[0]}/commands", json={"cmd": "true"})
-            assert r.status_code == 409 and "lost" in r.json()["message"]
+            r = ca.post(f"/v1/sandboxes/{on_n[0]}/exec", json={"cmd": "true"})
+            assert r.status_code == 409 and "lost" in r.json()["error"]["message"]
     finally:
         a.close()
         n.proc = None  # its sandboxes were left by a kill -9: restart it so it sweeps them

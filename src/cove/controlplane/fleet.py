@@ -19,17 +19,14 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cove import __version__
 from cove.config import Settings
 from cove.controlplane.errors import ApiError
 from cove.node.base import NodeAgent
+from cove.node.remote.client import RemoteNode
+from cove.node.remote.server import NodeServer
 from cove.store.base import NodeRecord, Store
-
-if TYPE_CHECKING:
-    from cove.node.remote.client import RemoteNode
-    from cove.node.remote.server import NodeServer
 
 log = logging.getLogger("cove.fleet")
 
@@ -60,6 +57,7 @@ class Fleet:
         self.server: NodeServer | None = None  # this node's API, when the store is shared
         self._records: dict[str, NodeRecord] = {}
         self._remote: dict[str, RemoteNode] = {}
+        self._reached: dict[str, tuple[str, str]] = {}  # node id -> the address and token it was reached with
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -75,8 +73,6 @@ class Fleet:
         token = _kept(s.home / "node-token", secrets.token_urlsafe(32))
         address = ""
         if self.shared:
-            from cove.node.remote.server import NodeServer
-
             self.server = NodeServer(self.local, token, s.node_listen, s.node_port)
             await self.server.start()
             address = s.node_advertise or f"{s.node_listen}:{self.server.port}"
@@ -161,12 +157,10 @@ class Fleet:
                 if known is not None:
                     await self._forget(node_id)
                 continue
-            if known is not None and (known.address, known.token) == (rec.address, rec.token):
+            if known is not None and self._reached[node_id] == (rec.address, rec.token):
                 continue
             if known is not None:
                 await self._forget(node_id)
-            from cove.node.remote.client import RemoteNode
-
             node = RemoteNode(node_id, rec.address, rec.token)
             try:
                 await asyncio.wait_for(node.start(), CONNECT_TIMEOUT_S)
@@ -175,6 +169,7 @@ class Fleet:
                 await node.close()
                 continue
             self._remote[node_id] = node
+            self._reached[node_id] = (rec.address, rec.token)
             log.info("node joined", extra={"node": node_id, "address": rec.address})
         for node_id in set(self._remote) - set(self._records):
             await self._forget(node_id)

@@ -16,11 +16,13 @@ import time
 from typing import Any
 
 from cove.config import Settings
+from cove.controlplane.errors import ApiError
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.service import SandboxService, bucket_mounts
 from cove.controlplane.states import ACTIVE, LIVE
 from cove.controlplane.templates import Templates
 from cove.controlplane.volumes import Volumes
+from cove.node.base import NodeError
 from cove.store.base import SandboxRecord
 
 log = logging.getLogger("cove.reaper")
@@ -170,7 +172,10 @@ class Reaper:
             by_node.setdefault(r.node_id, []).append(r)
         dead: set[str] = set()
         for node_id, group in by_node.items():  # one call per node
-            dead |= set(await self.fleet.of(node_id).dead([(r.id, r.node) for r in group]))
+            try:
+                dead |= set(await self.fleet.of(node_id).dead([(r.id, r.node) for r in group]))
+            except (ApiError, NodeError) as e:  # out of reach: not dead; lost if it stays away
+                log.info("cannot ask a node about its sandboxes", extra={"node": node_id, "error": str(e)})
         return dead
 
     async def _lost_nodes(self) -> None:
@@ -234,7 +239,10 @@ class Reaper:
             except Exception:
                 log.exception("taking the reaper's lease failed")
                 continue
-            await self.reap_once()
+            try:
+                await self.reap_once()
+            except Exception:  # the next tick tries again: a failure must not end the reaper
+                log.exception("reaper tick failed")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever(), name="cove-reaper")
