@@ -238,8 +238,52 @@ def test_a_node_that_stops_heartbeating_has_its_sandboxes_marked_lost(postgres: 
             assert r["stdout"] == "still here\n"
             r = ca.post(f"/v1/sandboxes/{on_n[0]}/exec", json={"cmd": "true"})
             assert r.status_code == 409 and "lost" in r.json()["error"]["message"]
+            # One is killed while lost; the node comes back: the other returns, the killed one goes.
+            assert ca.delete(f"/v1/sandboxes/{on_n[1]}").status_code == 204
+            assert ca.get(f"/v1/sandboxes/{on_n[1]}").json()["state"] == "killed"
+            n.start()
+            _wait_for(
+                lambda: ca.get(f"/v1/sandboxes/{on_n[0]}").json()["state"] == "running", "it comes back"
+            )
+            _wait_for(lambda: "lost-n" in _ready_nodes(a), "the node is reachable again")
+            assert _exec(ca, on_n[0], "echo back")["stdout"] == "back\n"
+            assert not [p for p in _node_processes(n) if on_n[1] in p]
     finally:
-        a.close()
-        n.proc = None  # its sandboxes were left by a kill -9: restart it so it sweeps them
-        n.start()
+        a.close()  # kills what is left, on both nodes
         n.close()
+
+
+def _node_processes(srv: Server) -> list[str]:
+    from cove.devserver import leaks
+
+    return [x for x in leaks(srv) if x.startswith("process") or "/sandboxes/" in x]
+
+
+def test_a_port_is_served_through_the_replica_that_does_not_hold_it(fleet: tuple) -> None:
+    a, b, _, url = fleet
+    with a.client() as ca, b.client() as cb:
+        for _ in range(3):  # until one lands on a node other than B's own
+            sid = ca.post("/v1/sandboxes", json={"timeout": 600}).json()["id"]
+            if _rows(url, "SELECT node_id FROM sandboxes WHERE id = %s", (sid,))[0][0] != "fleet-b":
+                break
+            cb.delete(f"/v1/sandboxes/{sid}")
+        try:
+            ca.post(f"/v1/sandboxes/{sid}/files/mkdir", params={"path": "/tmp/site"})
+            ca.put(
+                f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/site/index.html"}, content=b"<h1>far</h1>"
+            )
+            ca.post(
+                f"/v1/sandboxes/{sid}/processes",
+                json={"cmd": "python3 -m http.server 8123 --bind 127.0.0.1 --directory /tmp/site"},
+            )
+            got = None
+            for _ in range(50):
+                got = cb.get(f"/v1/sandboxes/{sid}/ports/8123/index.html")
+                if got.status_code == 200:
+                    break
+                time.sleep(0.1)
+            assert got is not None and got.status_code == 200 and got.text == "<h1>far</h1>"
+            closed = cb.get(f"/v1/sandboxes/{sid}/ports/8124/")
+            assert closed.status_code == 502 and "not open" in closed.text
+        finally:
+            cb.delete(f"/v1/sandboxes/{sid}")

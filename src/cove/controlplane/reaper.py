@@ -57,6 +57,7 @@ class Reaper:
         snapshots and sweep whatever the store does not know about."""
         page = await self.store.list_sandboxes(None, list(LIVE), limit=1_000_000)
         page.items = [r for r in page.items if r.node_id in ("", self.fleet.id)]
+        page.items += await self._back_from_lost()
         keep: set[str] = set()
         checkpoints = await self.node.checkpoints.keys()
         for rec in page.items:
@@ -118,6 +119,24 @@ class Reaper:
                 await self._check_buckets(rec)
         await self.refs.collect()
         log.info("adopted sandboxes", extra={"adopted": len(keep), "swept": swept})
+
+    async def _back_from_lost(self) -> list[SandboxRecord]:
+        """This node's sandboxes marked lost while it was away, that it still has: running again
+        (processes alive), or hibernated (an image or files kept); adoption then treats them as
+        any other. The rest stay lost, and are swept."""
+        back = []
+        for rec in (await self.store.list_sandboxes(None, ["lost"], limit=1_000_000)).items:
+            if rec.node_id != self.fleet.id:
+                continue
+            if rec.node and await self.node.alive(rec.id, rec.node):
+                await self.sandboxes.transition(rec, "running", end_reason=None)
+            elif not rec.node and rec.checkpoint:
+                await self.sandboxes.transition(rec, "hibernated", end_reason=None)
+            else:
+                continue
+            log.info("sandbox back with its node", extra={"sandbox": rec.id, "state": rec.state})
+            back.append(rec)
+        return back
 
     async def reap_once(self) -> None:
         """Enforce timeouts and idle policies; notice sandboxes that died on their own, and mark

@@ -179,9 +179,17 @@ class SandboxService:
         return self.node_of(rec).guest(rec.id)
 
     def port_opener(self, rec: SandboxRecord) -> Callable[[int], Awaitable[socket.socket]]:
-        """Connects to a port on the running sandbox's loopback, on the node that holds it."""
-        node, handle = self.node_of(rec), dict(rec.node)
-        return lambda port: node.network.connect(rec.id, handle, port)
+        """Connects to a port on the running sandbox's loopback, on the node that holds it; a
+        node out of reach raises ConnectionError (the proxy answers 502 naming it)."""
+        handle = dict(rec.node)
+
+        async def connect(port: int) -> socket.socket:
+            try:
+                return await self.node_of(rec).network.connect(rec.id, handle, port)
+            except (ApiError, NodeError) as e:
+                raise ConnectionError(str(e)) from e
+
+        return connect
 
     async def list(
         self, who: Caller, states: list[str] | None, metadata: dict[str, str], limit: int, cursor: str | None
@@ -442,6 +450,10 @@ class SandboxService:
         hibernated, resumed or given more time meanwhile)."""
         async with self._locks[rec.id]:
             fresh = await self.store.get_sandbox(rec.id)
+            if fresh is not None and fresh.state == "lost" and check is None:
+                # Out of reach: recorded now; its node removes it when it returns (adoption).
+                await self.transition(fresh, state, end_reason=reason)
+                return
             if fresh is None or fresh.state not in LIVE:
                 return  # already ended: kill is idempotent
             node = self.node_of(fresh)

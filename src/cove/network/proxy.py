@@ -115,6 +115,9 @@ async def serve(
     except TimeoutError:
         await refuse(scope, send, error, 504, f"connecting to port {port} in sandbox {sandbox.id} timed out")
         return
+    except ConnectionError as e:  # its node is out of reach
+        await refuse(scope, send, error, 502, f"the sandbox {sandbox.id} cannot be reached: {e}")
+        return
     if scope["type"] == "websocket":
         await _websocket(scope, receive, send, sock, target, drop, error)
     else:
