@@ -19,7 +19,7 @@ from cove.devserver import Server
 # Routes anyone may call (no key): nothing of a tenant's behind them.
 PUBLIC = {"/healthz", "/metrics"}
 # Routes for admin keys only: another tenant's plain key gets 403 (401 without a valid key).
-ADMIN_ONLY = re.compile(r"^/v1/(keys|tenants)(/|$)")
+ADMIN_ONLY = re.compile(r"^/v1/(keys|tenants|nodes)(/|$)")
 # Changing a pool needs an admin key (403 for a plain one); reading one of A's is 404 for anyone.
 ADMIN_WRITES = re.compile(r"^/v1/pools/")
 
