@@ -205,6 +205,7 @@ class KubeControlPlane:
             # No anonymous user: a request without a token is refused (401), as /version would otherwise
             # answer anyone (system:public-info-viewer).
             "--anonymous-auth=false",
+            "--allow-privileged=true",  # cove's node and API pods are privileged (deploy/), as clusters allow
             # RBAC, as real clusters run: the project's controllers and node agents get tested under the
             # permissions they will have, not under allow-all (the admin token is in system:masters).
             "--authorization-mode=RBAC",
