@@ -8,6 +8,8 @@ after the kill, by code), create and cross-replica exec latency, and what was le
 (sandboxes neither killed nor lost, which would be leaks).
 
     .venv/bin/python bench/fleet.py --rate 10 --seconds 30
+    .venv/bin/python bench/fleet.py --spread 60    # two replicas + a node-only third: placement and
+                                                   # exec/files/PTY through the other replica for each
 """
 
 from __future__ import annotations
@@ -107,13 +109,88 @@ async def run(rate: float, seconds: float, kill: bool) -> None:
     postgres.stop()
 
 
+async def spread(count: int) -> None:
+    """`count` sandboxes through two replicas and a node-only third: where they land, and exec,
+    a file round trip and a PTY for each one through the replica that did not create it."""
+    postgres = pg.Postgres()
+    postgres.start()
+    url = postgres.create_database()
+    env = {"COVE_DATABASE_URL": url, "COVE_API_KEY": KEY, "COVE_KERNEL": "0", "COVE_POOLS": ""}
+    servers = [
+        Server("bspread-a", {**env, "COVE_NODE_ID": "spread-a"}),
+        Server("bspread-b", {**env, "COVE_NODE_ID": "spread-b"}),
+        Server("bspread-c", {**env, "COVE_NODE_ID": "spread-c"}, node_only=True),
+    ]
+    for s in servers:
+        s.api_key = KEY
+        s.start()
+    await asyncio.sleep(3)
+    a, b = Client(servers[0].url, KEY), Client(servers[1].url, KEY)
+    failures: Counter[str] = Counter()
+    ids: list[str] = []
+    t0 = time.perf_counter()
+    for i in range(count):
+        ids.append((await (a if i % 2 else b).request("POST", "/v1/sandboxes", {"timeout": 600}))["id"])
+    created = time.perf_counter() - t0
+
+    async def check(i: int, sid: str) -> None:
+        other = b if i % 2 else a
+        try:
+            out = await other.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": f"echo {sid}"})
+            if out["stdout"] != f"{sid}\n":
+                failures["exec output"] += 1
+            await other.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": f"echo {i} > /tmp/n"})
+            got = await other.request("POST", f"/v1/sandboxes/{sid}/exec", {"cmd": "cat /tmp/n"})
+            if got["stdout"] != f"{i}\n":
+                failures["file"] += 1
+            proc = await other.request(
+                "POST",
+                f"/v1/sandboxes/{sid}/processes",
+                {"cmd": "stty size", "pty": {"rows": 33, "cols": 77}},
+            )
+            done = await other.request(
+                "POST", f"/v1/sandboxes/{sid}/processes/{proc['id']}/wait", {"timeout": 20}
+            )
+            if done.get("exit_code") != 0:
+                failures["pty"] += 1
+        except HTTPError as e:
+            failures[f"{e.status} {e.code}"] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(check(i, sid) for i, sid in enumerate(ids)))
+    checked = time.perf_counter() - t0
+    with psycopg.connect(url, autocommit=True) as conn:
+        placed = Counter(
+            n for (n,) in conn.execute("SELECT node_id FROM sandboxes WHERE id = ANY(%s)", (ids,))
+        )
+    print(f"\n{count} sandboxes through two replicas, three nodes\n")
+    print("| node | sandboxes |\n|---|---|")
+    for node, n in sorted(placed.items()):
+        print(f"| {node} | {n} |")
+    print(
+        f"\ncreated in {created:.1f} s; exec + file + PTY through the other replica for each in {checked:.1f} s"
+    )
+    print(f"failures: {sum(failures.values())} {dict(failures) or ''}")
+    for sid in ids:
+        await a.request("DELETE", f"/v1/sandboxes/{sid}")
+    for s in servers:
+        s.close()
+    postgres.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=10, help="cycles started per second")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--no-kill", action="store_true", help="do not kill replica A half-way")
+    p.add_argument(
+        "--spread", type=int, metavar="N", help="instead: N sandboxes over three nodes, checked each"
+    )
     args = p.parse_args()
-    asyncio.run(run(args.rate, args.seconds, not args.no_kill))
+    if args.spread:
+        asyncio.run(spread(args.spread))
+    else:
+        asyncio.run(run(args.rate, args.seconds, not args.no_kill))
 
 
 if __name__ == "__main__":
