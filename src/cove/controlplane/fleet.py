@@ -33,6 +33,7 @@ log = logging.getLogger("cove.fleet")
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 10.0  # a node's heartbeat this old: it is lost (its sandboxes are marked so)
 CONNECT_TIMEOUT_S = 5.0
+DESCRIBE_EVERY_S = 5.0  # how often another node's call-free answers are re-read
 
 
 def _kept(path: Path, make: str) -> str:
@@ -57,6 +58,7 @@ class Fleet:
         self.server: NodeServer | None = None  # this node's API, when the store is shared
         self._records: dict[str, NodeRecord] = {}
         self._remote: dict[str, RemoteNode] = {}
+        self._described: dict[str, float] = {}  # node id -> monotonic time of its last description
         self._reached: dict[str, tuple[str, str]] = {}  # node id -> the address and token it was reached with
         self._task: asyncio.Task[None] | None = None
 
@@ -158,6 +160,8 @@ class Fleet:
                     await self._forget(node_id)
                 continue
             if known is not None and self._reached[node_id] == (rec.address, rec.token):
+                if time.monotonic() - self._described.get(node_id, 0.0) >= DESCRIBE_EVERY_S:
+                    await self._describe(node_id, known)
                 continue
             if known is not None:
                 await self._forget(node_id)
@@ -170,9 +174,19 @@ class Fleet:
                 continue
             self._remote[node_id] = node
             self._reached[node_id] = (rec.address, rec.token)
+            self._described[node_id] = time.monotonic()
             log.info("node joined", extra={"node": node_id, "address": rec.address})
         for node_id in set(self._remote) - set(self._records):
             await self._forget(node_id)
+
+    async def _describe(self, node_id: str, node: RemoteNode) -> None:
+        """Re-read what a node answers without a call (its generation, whether code contexts are
+        ready): both change after it starts, e.g. when its kernel environment is built."""
+        self._described[node_id] = time.monotonic()
+        try:
+            await asyncio.wait_for(node.refresh(), CONNECT_TIMEOUT_S)
+        except Exception as e:  # still heartbeating maybe, but not answering: try again next time
+            log.info("node did not describe itself", extra={"node": node_id, "error": str(e)})
 
     async def _forget(self, node_id: str) -> None:
         node = self._remote.pop(node_id, None)
