@@ -144,7 +144,9 @@ def assemble(settings: Settings) -> Cove:
     refs = LayerRefs(store, node)
     starter = Starter(settings, node, admission)
     sources = Sources(store, node)
-    pools = Pools(starter, sources, refs, settings.pool_idle, metrics.registry)  # docs/pools.md
+    pools = Pools(
+        starter, sources, refs, settings.pool_idle, metrics.registry, fleet.api_replicas
+    )  # docs/pools.md
     templates = Templates(store, fleet, starter, sources, refs)
     service = SandboxService(
         settings, store, fleet, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,
@@ -168,6 +170,10 @@ def assemble(settings: Settings) -> Cove:
     )
 
 
+async def _sync_pools(cove: Cove) -> None:
+    await cove.pools.sync(await load_pools(cove.store, cove.settings.pools))
+
+
 async def start(cove: Cove, api: bool = True) -> None:
     """`api`: this process serves cove's API (False for `cove node`: then it makes no keys)."""
     s = cove.settings
@@ -176,7 +182,7 @@ async def start(cove: Cove, api: bool = True) -> None:
     s.home.chmod(s.home.stat().st_mode | 0o111)
     await cove.store.open()
     await cove.node.start()
-    await cove.fleet.start()
+    await cove.fleet.start(api)
     if api:
         await _ensure_keys(cove)
     await cove.reaper.adopt()
@@ -189,6 +195,8 @@ async def start(cove: Cove, api: bool = True) -> None:
     for config in await load_pools(cove.store, s.pools):
         cove.pools.configure(config)
     cove.pools.start()
+    if cove.fleet.shared and api:  # other servers may change the pools' configs
+        cove.fleet.every_beat(lambda: _sync_pools(cove))
     log.info("cove ready", extra={"home": str(s.home), "version": __version__})
 
 

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cove import __version__
@@ -61,14 +62,16 @@ class Fleet:
         self._described: dict[str, float] = {}  # node id -> monotonic time of its last description
         self._reached: dict[str, tuple[str, str]] = {}  # node id -> the address and token it was reached with
         self._task: asyncio.Task[None] | None = None
+        self._jobs: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def shared(self) -> bool:
         """Do other servers share this store (and so reach this node over its API)?"""
         return self.settings.database_url is not None
 
-    async def start(self) -> None:
-        """Register this node (and serve its API when the store is shared), then keep its heartbeat."""
+    async def start(self, api: bool = True) -> None:
+        """Register this node (and serve its API when the store is shared), then keep its heartbeat.
+        `api`: this server serves cove's API too (it keeps warm pools)."""
         s = self.settings
         host = socket.gethostname().split(".")[0].lower()
         self.id = s.node_id or _kept(s.home / "node-id", f"{host}-{secrets.token_hex(3)}")
@@ -87,7 +90,7 @@ class Fleet:
                 state="ready",
                 started_at=now,
                 seen_at=now,
-                capacity={"cpus": os.cpu_count() or 1, "version": __version__},
+                capacity={"cpus": os.cpu_count() or 1, "version": __version__, "api": api},
             )
         )
         await self.refresh()
@@ -129,6 +132,15 @@ class Fleet:
     def records(self) -> list[NodeRecord]:
         """Every node known, as last read (refreshed each heartbeat)."""
         return list(self._records.values())
+
+    def api_replicas(self) -> int:
+        """How many ready servers serve cove's API (and keep warm pools), this one included."""
+        ready = set(self.ready())
+        return max(1, sum(1 for r in self._records.values() if r.id in ready and r.capacity.get("api", True)))
+
+    def every_beat(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Run `job` after each heartbeat (its failures are logged, the beat goes on)."""
+        self._jobs.append(job)
 
     def ready(self) -> list[str]:
         """Ids of the nodes that can take new sandboxes: this one, and each one reachable from here."""
@@ -202,3 +214,8 @@ class Fleet:
                 await self.refresh()
             except Exception:
                 log.exception("fleet heartbeat failed")
+            for job in self._jobs:
+                try:
+                    await job()
+                except Exception:
+                    log.exception("a job after the fleet's heartbeat failed")

@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -144,7 +145,13 @@ class Pools:
         refs: LayerRefs,
         idle_after: float,
         registry: CollectorRegistry,
+        replicas: Callable[[], int] = lambda: 1,
+        here: Callable[[], str] = lambda: "",
     ) -> None:
+        """`replicas`: how many servers share the pools' configs (docs/fleet.md): a pool's `min`
+        is the fleet's, so each keeps its share of it at rest; growth on misses is each one's own."""
+        self.replicas = replicas
+        self.here = here  # this server's node id
         self.starter = starter
         self.node = starter.node
         self.sources = sources
@@ -167,14 +174,32 @@ class Pools:
         """Add a pool or change its bounds (members beyond the new max are dropped by the loop)."""
         pool = self.pools.get(config.key)
         if pool is None:
-            pool = self.pools[config.key] = Pool(config, target=config.min)
+            pool = self.pools[config.key] = Pool(config, target=self._floor(config))
         else:
             pool.config = config
-            pool.target = min(max(pool.target, config.min), config.max)
+            pool.target = min(max(pool.target, self._floor(config)), config.max)
             pool.error, pool.failures, pool.retry_at = None, 0, 0.0
         self._gauges(pool)
         self._wake.set()
         return pool
+
+    def _floor(self, config: PoolConfig) -> int:
+        """This server's share of the pool's `min`."""
+        return math.ceil(config.min / max(1, self.replicas()))
+
+    async def sync(self, configs: list[PoolConfig]) -> None:
+        """Run exactly `configs` (what the store holds now: another server may have changed them)."""
+        wanted = {c.key: c for c in configs}
+        for key in set(self.pools) - set(wanted):
+            await self.remove(key)
+        for key, config in wanted.items():
+            if key not in self.pools or self.pools[key].config != config:
+                self.configure(config)
+        for pool in self.pools.values():  # fewer replicas now: a bigger share (more: idle shrinks it)
+            if pool.target < (floor := self._floor(pool.config)):
+                pool.target = floor
+                self._gauges(pool)
+                self._wake.set()
 
     async def remove(self, key: str) -> bool:
         pool = self.pools.pop(key, None)
@@ -275,9 +300,9 @@ class Pools:
         now = time.monotonic()
         best, deficit = None, 0
         for pool in self.pools.values():
-            cfg = pool.config
-            if pool.target > cfg.min and now - max(pool.last_claim, pool.last_resize) >= self.idle_after:
-                pool.target = max(cfg.min, pool.target // 2)  # idle: shrink toward min
+            floor = self._floor(pool.config)
+            if pool.target > floor and now - max(pool.last_claim, pool.last_resize) >= self.idle_after:
+                pool.target = max(floor, pool.target // 2)  # idle: shrink toward min
                 pool.last_resize = now
                 self._gauges(pool)
             while len(pool.members) > pool.target:
@@ -289,10 +314,15 @@ class Pools:
         return best
 
     async def _source(self, config: PoolConfig) -> Source:
-        """What a pool's members start from: its snapshot or template, as its tenant sees them."""
+        """What a pool's members start from: its snapshot or template, as its tenant sees them.
+        Only from files on this server's node (docs/fleet.md): another node's server pools them."""
         who = Caller("pool", config.tenant or "", False)
-        if config.kind == "snapshot":
-            return await self.sources.of(who, "", snapshot=config.name)
+        snapshot = config.name if config.kind == "snapshot" else None
+        home = await self.sources.home(who, "" if snapshot else config.name, snapshot)
+        if home not in (None, "", self.here()):
+            raise NodeError(f"{config.name} is kept on node {home}: that node's server keeps its pool")
+        if snapshot:
+            return await self.sources.of(who, "", snapshot=snapshot)
         return await self.sources.of(who, config.name)
 
     def _spec(self, sid: str, template: TemplateSpec, defaults: dict[str, Any]) -> SandboxSpec:
