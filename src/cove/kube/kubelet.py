@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -276,7 +277,7 @@ class Kubelet:
             await self.client.close()
             self.client = None
 
-    async def _retrying(self, what: str, step: Any) -> None:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         """Runs `step()` until it succeeds, backing off (1 s doubling to 30 s) after each failure."""
         delay = 1.0
         while True:
