@@ -287,3 +287,27 @@ def test_a_port_is_served_through_the_replica_that_does_not_hold_it(fleet: tuple
             assert closed.status_code == 502 and "not open" in closed.text
         finally:
             cb.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_a_pool_set_through_one_replica_is_shared_by_both(fleet: tuple) -> None:
+    """A pool's min is the fleet's: each of the two replicas keeps half of it warm, and a change
+    made through one reaches the other at its next heartbeat."""
+    a, b, _, _ = fleet
+    with a.client() as ca, b.client() as cb:
+        assert ca.put("/v1/pools/base", json={"min": 4, "max": 8}).status_code == 200
+        try:
+
+            def both_hold_two() -> bool:
+                pa, pb = ca.get("/v1/pools/base"), cb.get("/v1/pools/base")
+                return (
+                    pa.status_code == pb.status_code == 200 and pa.json()["ready"] == pb.json()["ready"] == 2
+                )
+
+            _wait_for(both_hold_two, "each replica keeps 2 of the pool's 4")
+            assert cb.get("/v1/pools/base").json()["min"] == 4
+            sid = cb.post("/v1/sandboxes", json={"timeout": 600}).json()["id"]
+            assert cb.get("/v1/pools/base").json()["hits"] == 1  # a warm claim through B
+            cb.delete(f"/v1/sandboxes/{sid}")
+        finally:
+            assert ca.delete("/v1/pools/base").status_code == 204
+        _wait_for(lambda: cb.get("/v1/pools/base").status_code == 404, "the removal reaches B")

@@ -228,7 +228,10 @@ def test_snapshot_pool(api: httpx.Client) -> None:
     r = api.put(f"/v1/pools/{snap}", json={"min": 1, "max": 2})
     assert r.status_code == 200, r.text
     assert r.json()["source"] == "snapshot"
-    ready(api, 1, snap)
+    try:
+        ready(api, 1, snap)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {pool(api, snap)}") from None
     sid = api.post("/v1/sandboxes", json={"snapshot": snap, "env": {"A": "b"}}).json()["id"]
     try:
         assert pool(api, snap)["hits"] == 1

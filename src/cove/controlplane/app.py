@@ -144,9 +144,9 @@ def assemble(settings: Settings) -> Cove:
     refs = LayerRefs(store, node)
     starter = Starter(settings, node, admission)
     sources = Sources(store, node)
-    pools = Pools(
-        starter, sources, refs, settings.pool_idle, metrics.registry, fleet.api_replicas
-    )  # docs/pools.md
+    pools = Pools(  # docs/pools.md
+        starter, sources, refs, settings.pool_idle, metrics.registry, fleet.api_replicas, lambda: fleet.id
+    )
     templates = Templates(store, fleet, starter, sources, refs)
     service = SandboxService(
         settings, store, fleet, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,

@@ -201,11 +201,12 @@ class SandboxService:
 
     @audit.audited("sandbox.create", audit.created)
     async def create(
-        self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None
+        self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None, here: bool = False
     ) -> SandboxRecord:
         """`network`: the record's whole network settings instead of `req.network` (front ends and
         forks keep keys of their own there); its policy is validated here. A create takes a warm
-        sandbox from its source's pool when it can (docs/pools.md), else starts one."""
+        sandbox from its source's pool when it can (docs/pools.md), else starts one. `here`: on
+        this server's node, not where the fleet would place it (the kubelet: the scheduler chose)."""
         started = time.perf_counter()
         network = req.network.record() if network is None else dict(network)
         try:
@@ -237,13 +238,14 @@ class SandboxService:
             member = self.pools.take(key) if poolable and local else None
             if member is not None:
                 node_id = self.fleet.id
-            elif mounts:
+            elif mounts or here:
                 if not local:
+                    what = "volumes are" if mounts else "this sandbox is"
                     raise ApiError(
                         409,
                         "not_supported",
-                        f"volumes are kept on the node of the server that manages them, and "
-                        f"{req.snapshot or template.name!r} lives on node {home}: create it through that node's server",
+                        f"{what} kept on this server's node, and {req.snapshot or template.name!r} lives "
+                        f"on node {home}: create it through that node's server",
                     )
                 node_id = self.fleet.id
             else:

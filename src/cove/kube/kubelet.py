@@ -248,12 +248,6 @@ class Kubelet:
         logging.getLogger("httpx2").setLevel(logging.WARNING)
         self.client = AsyncClient(self._config(), field_manager=COMPONENT, namespace="default")
         self.name = self.cove.fleet.id
-        if self.cove.fleet.shared:
-            log.warning(
-                "kubelet with a shared store: cove's own placement may start a pod's sandbox on another "
-                "node than the one kube-scheduler chose (docs/kubernetes.md)",
-                extra={"node": self.name},
-            )
         self._tasks = [
             asyncio.create_task(self._registration(), name="kubelet-register"),
             asyncio.create_task(self._lease_loop(), name="kubelet-lease"),
@@ -643,7 +637,8 @@ class Kubelet:
             return
         started = time.perf_counter()
         try:
-            rec = await self.cove.service.create(Caller(key_id="kubelet", tenant=tenant, admin=False), req)
+            who = Caller(key_id="kubelet", tenant=tenant, admin=False)
+            rec = await self.cove.service.create(who, req, here=True)  # where kube-scheduler bound it
         except ApiError as e:
             await self._fail(p, "SandboxFailed", f"the sandbox could not be created: {e.code}: {e.message}")
             return
