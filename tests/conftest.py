@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+import kube
 import pg
 from cove.devserver import UPLOAD_LIMIT, Server, leaks
 
@@ -109,3 +110,20 @@ def kernel_ready(server: Server) -> None:
                 pytest.skip(f"code contexts unavailable here: {r.text}")
             time.sleep(2)
     pytest.skip("the kernel environment was not built in time")
+
+
+@pytest.fixture(scope="module")
+def control_plane() -> Iterator[kube.KubeControlPlane]:
+    """A Kubernetes v1.20.2 control plane of the module's own (tests/kube.py); skips where its
+    binaries are not built (scripts/kube/build.sh, which setup.sh runs)."""
+    why = kube.missing()
+    if why:
+        pytest.skip(why)
+    cp = kube.KubeControlPlane()
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+    assert not cp.processes(), f"control plane processes left running: {cp.processes()}"
+    assert not cp.dir.exists()

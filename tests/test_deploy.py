@@ -53,17 +53,9 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[httpx.Client]:
-    why = kube.missing()
-    if why:
-        pytest.skip(why)
-    cp = kube.KubeControlPlane()
-    cp.start()
-    try:
-        with cp.client() as client:
-            yield client
-    finally:
-        cp.stop()
+def api(control_plane: kube.KubeControlPlane) -> Iterator[httpx.Client]:
+    with control_plane.client() as client:
+        yield client
 
 
 def test_the_kustomization_lists_every_manifest() -> None:

@@ -20,19 +20,6 @@ import kube
 GRACE_S = 8.0
 
 
-@pytest.fixture(scope="module")
-def control_plane() -> Iterator[kube.KubeControlPlane]:
-    why = kube.missing()
-    if why:
-        pytest.skip(why)
-    cp = kube.KubeControlPlane()
-    cp.start()
-    yield cp
-    cp.stop()
-    assert not cp.processes(), f"control plane processes left running: {cp.processes()}"
-    assert not cp.dir.exists()
-
-
 @pytest.fixture
 def k8s(control_plane: kube.KubeControlPlane) -> Iterator[httpx.Client]:
     with control_plane.client() as c:

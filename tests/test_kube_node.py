@@ -80,19 +80,6 @@ NODE = f"cove-kube-{secrets.token_hex(3)}"  # the server's node id (COVE_NODE_ID
 
 
 @pytest.fixture(scope="module")
-def control_plane() -> Iterator[kube.KubeControlPlane]:
-    why = kube.missing()
-    if why:
-        pytest.skip(why)
-    cp = kube.KubeControlPlane()
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
-@pytest.fixture(scope="module")
 def k8s(control_plane: kube.KubeControlPlane) -> Iterator[httpx.Client]:
     with control_plane.client() as c:
         yield c
