@@ -235,7 +235,9 @@ def test_a_refused_exec_leaves_no_descriptor_in_a_kept_handler(agent: Agent) -> 
 
     before, after, handlers = run(go())
     assert len(handlers) == 1, "the operations did not share one handler: the test proves nothing"
-    assert after == before
+    # Each refused exec left 2-3 pipe ends before the fix (+20 or more here); the handler may hold
+    # fewer at the end than in its first operation (a descriptor of its start closed meanwhile).
+    assert after <= before, f"{after - before} descriptors piled up in the handler"
 
 
 def test_exec_as_another_user(client: GuestClient) -> None:
