@@ -110,6 +110,9 @@ class Settings:
     node_listen: str = field(default_factory=lambda: os.environ.get("COVE_NODE_LISTEN", "127.0.0.1"))
     node_port: int = field(default_factory=lambda: int(os.environ.get("COVE_NODE_PORT", "0")))
     node_advertise: str | None = field(default_factory=lambda: os.environ.get("COVE_NODE_ADVERTISE") or None)
+    # Kubernetes (docs/kubernetes.md): a kubeconfig path, or "in-cluster" (the pod's service account);
+    # set, this server is also a Kubernetes node that runs the pods bound to it as sandboxes.
+    kubeconfig: str | None = field(default_factory=lambda: os.environ.get("COVE_KUBECONFIG") or None)
     demo: bool = False  # `cove serve --demo`: run the demo once the server is up
 
     @property

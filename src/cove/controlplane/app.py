@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -77,6 +78,7 @@ class Cove:
     # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
     first_key: str | None = None
     demo_key: str | None = None  # a key for `cove serve --demo`, revoked at shutdown
+    kubelet: Any = None  # cove.kube.kubelet.Kubelet, when COVE_KUBECONFIG makes this a Kubernetes node
 
 
 async def _ensure_keys(cove: Cove) -> None:
@@ -179,6 +181,11 @@ async def start(cove: Cove, api: bool = True) -> None:
         await _ensure_keys(cove)
     await cove.reaper.adopt()
     cove.reaper.start()
+    if s.kubeconfig:  # imported here: the control plane needs no Kubernetes client unless asked to be a node
+        from cove.kube.kubelet import Kubelet
+
+        cove.kubelet = Kubelet(cove, s.kubeconfig)
+        await cove.kubelet.start()
     for config in await load_pools(cove.store, s.pools):
         cove.pools.configure(config)
     cove.pools.start()
@@ -186,6 +193,8 @@ async def start(cove: Cove, api: bool = True) -> None:
 
 
 async def stop(cove: Cove) -> None:
+    if cove.kubelet:
+        await cove.kubelet.close()
     await cove.reaper.stop()
     await cove.refs.close()
     await cove.service.audit.close()  # entries still queued are written
