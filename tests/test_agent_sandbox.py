@@ -27,6 +27,7 @@ import kube
 from cove.devserver import Server, free_port
 from cove.kube.agent_sandbox import controller as ctl
 from cove.kube.agent_sandbox import crds, router
+from cove.kube.agent_sandbox.cove_api import CoveAPI
 from cove.kube.agent_sandbox.network import Unmappable, cove_network
 from cove.kube.kubelet import RBAC_RULES as KUBELET_RULES
 from cove.node import checkpoint
@@ -120,6 +121,101 @@ def test_sandboxes_from_templates_and_their_pods() -> None:
             ctl.validate_sandbox({"podTemplate": {"spec": {"containers": [{"name": "a"}]}}, **bad})
 
 
+# --- the router against a plain cove serve (no cluster) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_router(server: Server) -> Iterator[tuple[str, router.StaticResolver]]:
+    """The router in a thread of its own, in front of the session's cove server, with names given up front."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    resolver = router.StaticResolver()
+    port = free_port()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        async def main() -> None:
+            cove = CoveAPI(server.url, server.api_key)
+            app = router.make_app(router.Router(resolver, cove), on_stop=cove.close)
+            srv = holder["server"] = uvicorn.Server(
+                uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
+            )
+            task = asyncio.create_task(srv.serve())
+            while not srv.started:
+                await asyncio.sleep(0.01)
+            ready.set()
+            await task
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port}", resolver
+    finally:
+        holder["server"].should_exit = True
+        t.join(10)
+
+
+def test_the_router_speaks_the_clients_runtime_api(server: Server, plain_router: tuple[str, Any]) -> None:
+    """The unmodified client's Sandbox handle (no claim: its Kubernetes side is not used) through the router."""
+    client_lib = pytest.importorskip(
+        "k8s_agent_sandbox.sandbox", reason="pip install k8s-agent-sandbox (the dev extra)"
+    )
+    from k8s_agent_sandbox.exceptions import SandboxRequestError
+    from k8s_agent_sandbox.models import SandboxDirectConnectionConfig
+
+    url, resolver = plain_router
+    with server.client() as api:
+        sid = api.post("/v1/sandboxes", json={"timeout": 300}).json()["id"]
+        try:
+            resolver.ids[("team", "sb-1")] = sid
+            handle = client_lib.Sandbox(
+                claim_name="c", sandbox_id="sb-1", namespace="team",
+                connection_config=SandboxDirectConnectionConfig(api_url=url), k8s_helper=object(),  # type: ignore[arg-type]
+            )  # fmt: skip
+            run = handle.commands.run("echo hi; echo err >&2; pwd")
+            assert (run.stdout, run.stderr, run.exit_code) == ("hi\n/home/user\n", "err\n", 0)
+            assert handle.commands.run("sleep 5", command_timeout=0.5).timed_out
+            blob = bytes(range(256)) * 1000
+            handle.files.write("dir/sub/blob.bin", blob)
+            assert handle.files.read("dir/sub/blob.bin") == blob
+            assert (
+                api.get(f"/v1/sandboxes/{sid}/files", params={"path": "/home/user/dir/sub/blob.bin"}).content
+                == blob
+            )
+            listing = {e.name: e.type for e in handle.files.list("dir")}
+            assert listing == {"sub": "directory"}
+            assert handle.files.exists("dir/sub/blob.bin") and not handle.files.exists("dir/none")
+            with pytest.raises(SandboxRequestError) as e:
+                handle.files.read("dir/none")
+            assert e.value.status_code == 404
+            # Another port: proxied into the sandbox through cove's port API.
+            api.post(
+                f"/v1/sandboxes/{sid}/exec",
+                json={
+                    "cmd": "echo served > ~/index.html; setsid python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &"
+                },
+            )
+            headers = {"X-Sandbox-ID": "sb-1", "X-Sandbox-Namespace": "team", "X-Sandbox-Port": "8000"}
+            got = _until(
+                "the sandbox's server answers",
+                lambda: (r := httpx.get(f"{url}/index.html", headers=headers)).status_code == 200 and r,
+                timeout=10,
+            )
+            assert got.text == "served\n"
+            r = httpx.get(f"{url}/", headers={**headers, "X-Sandbox-ID": "other"})
+            assert r.status_code == 404 and "not found" in r.json()["message"]
+            handle.close_connection()
+        finally:
+            api.delete(f"/v1/sandboxes/{sid}")
+
+
 # --- the cluster -------------------------------------------------------------------------------------------
 
 
@@ -205,7 +301,7 @@ def cove_node(control_plane: kube.KubeControlPlane, k8s: httpx.Client) -> Iterat
         server.start()
 
         def ready() -> bool:
-            node = k8s.get(f"/api/v1/nodes/{NODE}").json()
+            node = _get(k8s, f"/api/v1/nodes/{NODE}")
             conditions = node.get("status", {}).get("conditions", [])
             taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and (
@@ -425,7 +521,7 @@ def test_the_controller_reports_what_cove_cannot_run(k8s: httpx.Client, parts: d
 @pytest.fixture(scope="module")
 def pool(k8s: httpx.Client, parts: dict[str, Any]) -> str:
     """A SandboxTemplate and a SandboxWarmPool of 2 made from it; both Ready."""
-    template = _template("python")
+    template = _template("python", envVarsInjectionPolicy="Allowed")
     template["metadata"] = {"name": "python"}
     _create(k8s, f"{EXT}/sandboxtemplates", template)
     url = _create(k8s, f"{EXT}/sandboxwarmpools", {
@@ -447,19 +543,25 @@ def _pool_ready(k8s: httpx.Client, url: str, n: int = 2) -> bool:
     return status.get("readyReplicas") == n and status.get("replicas") == n
 
 
-def test_the_unmodified_client_claims_from_the_warm_pool(
-    k8s: httpx.Client,
-    api: httpx.Client,
-    parts: dict[str, Any],
-    pool: str,
-    control_plane: kube.KubeControlPlane,
-) -> None:
+@pytest.fixture(scope="module")
+def client(parts: dict[str, Any], control_plane: kube.KubeControlPlane) -> Any:
+    """kubernetes-sigs/agent-sandbox's client, unmodified: claims through the API server, the rest through
+    the router's URL (its Direct URL mode)."""
     client_lib = pytest.importorskip(
         "k8s_agent_sandbox", reason="pip install k8s-agent-sandbox (the dev extra)"
     )
     from k8s_agent_sandbox.models import SandboxDirectConnectionConfig
     from kubernetes import config as kconfig
 
+    api_client = kconfig.new_client_from_config(config_file=str(control_plane.kubeconfig))
+    return client_lib.SandboxClient(
+        connection_config=SandboxDirectConnectionConfig(api_url=parts["url"]), api_client=api_client
+    )
+
+
+def test_the_unmodified_client_claims_from_the_warm_pool(
+    k8s: httpx.Client, api: httpx.Client, pool: str, client: Any
+) -> None:
     status = _get(k8s, pool)["status"]
     assert status["selector"] == f"{crds.LABEL_POOL}=python-pool"
     scale = _get(k8s, f"{pool}/scale")  # the scale subresource an HPA drives
@@ -471,10 +573,6 @@ def test_the_unmodified_client_claims_from_the_warm_pool(
     }
     assert len(warm) == 2
 
-    api_client = kconfig.new_client_from_config(config_file=str(control_plane.kubeconfig))
-    client = client_lib.SandboxClient(
-        connection_config=SandboxDirectConnectionConfig(api_url=parts["url"]), api_client=api_client
-    )
     sandbox = client.create_sandbox(warmpool="python-pool", namespace=NS)
     assert sandbox.sandbox_id in warm, "a warm sandbox is handed over, not a new one made"
     result = sandbox.commands.run("echo hi")
@@ -513,6 +611,32 @@ def test_the_unmodified_client_claims_from_the_warm_pool(
     p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
     print(f"\nclaim -> ready through k8s-agent-sandbox ({len(times)} warm claims): "
           f"p50 {statistics.median(times):.0f} ms, p99 {p99:.0f} ms, max {times[-1]:.0f} ms")  # fmt: skip
+
+
+def test_claims_cold_failing_and_expiring(
+    k8s: httpx.Client, api: httpx.Client, pool: str, client: Any
+) -> None:
+    from k8s_agent_sandbox.exceptions import SandboxWarmPoolNotFoundError
+
+    t0 = time.monotonic()
+    with pytest.raises(SandboxWarmPoolNotFoundError):  # Ready=False WarmPoolNotFound ends the client's wait
+        client.create_sandbox(warmpool="no-such-pool", namespace=NS, sandbox_ready_timeout=30)
+    assert time.monotonic() - t0 < 10
+    # env forces a cold start from the pool's template (its envVarsInjectionPolicy: Allowed).
+    cold = client.create_sandbox(warmpool="python-pool", namespace=NS, env={"B": "2"})
+    assert cold.sandbox_id == cold.claim_name
+    labels = _get(k8s, f"{SB}/{cold.sandbox_id}")["metadata"]["labels"]
+    assert labels[crds.LABEL_LAUNCH_TYPE] == "cold"
+    assert cold.commands.run("echo $A$B").stdout == "12\n"
+    cold.terminate()
+    # lifecycle.shutdownTime with shutdownPolicy Delete: the claim and its Sandbox go at that time.
+    short = client.create_sandbox(warmpool="python-pool", namespace=NS, shutdown_after_seconds=2)
+    sid = _cove_id(k8s, short.sandbox_id)
+    claim = f"{EXT}/sandboxclaims/{short.claim_name}"
+    _until("the claim expires and goes", lambda: k8s.get(claim).status_code == 404, timeout=15)
+    _until("and its Sandbox", lambda: k8s.get(f"{SB}/{short.sandbox_id}").status_code == 404, timeout=15)
+    assert _state(api, sid) == "killed"
+    _until("the pool is full again", lambda: _pool_ready(k8s, pool), timeout=30)
 
 
 def test_router_answers_for_unknown_and_missing(parts: dict[str, Any]) -> None:

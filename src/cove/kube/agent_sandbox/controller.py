@@ -313,7 +313,9 @@ class WorkQueue:
                 if not self.gate():
                     return
                 try:
+                    t0 = time.perf_counter()
                     again = await self.handler(key)
+                    log.debug("reconciled %s/%s/%s in %.1f ms", *key, (time.perf_counter() - t0) * 1000)
                     self._failures.pop(key, None)
                     if again is not None:
                         self.add_after(key, again)
@@ -516,20 +518,35 @@ class Controller:
         )  # fmt: skip
         return inf.update(new)
 
+    async def _set_finalizers(
+        self, res: Any, inf: Informer, obj: dict[str, Any], old: list[str], new: list[str]
+    ) -> dict[str, Any]:
+        """A JSON patch guarded by a test of the finalizers alone: a concurrent status write (which moves
+        the resourceVersion) does not make it fail, a concurrent change of the finalizers does."""
+        m = obj["metadata"]
+        ops: list[dict[str, Any]] = (
+            [{"op": "test", "path": "/metadata/finalizers", "value": old}] if old else []
+        )
+        ops.append({"op": "add", "path": "/metadata/finalizers", "value": new})  # add replaces a member
+        got = await self.client.patch(
+            res, m["name"], ops, namespace=m["namespace"], patch_type=PatchType.JSON
+        )
+        return inf.update(got)
+
     async def _ensure_finalizer(
         self, res: Any, inf: Informer, obj: dict[str, Any], finalizer: str
     ) -> dict[str, Any]:
         finalizers = obj["metadata"].get("finalizers") or []
         if finalizer in finalizers:
             return obj
-        return await self._patch_meta(res, inf, obj, {"finalizers": [*finalizers, finalizer]})
+        return await self._set_finalizers(res, inf, obj, finalizers, [*finalizers, finalizer])
 
     async def _drop_finalizer(self, res: Any, inf: Informer, obj: dict[str, Any], finalizer: str) -> None:
         finalizers = obj["metadata"].get("finalizers") or []
         if finalizer not in finalizers:
             return
         try:
-            await self._patch_meta(res, inf, obj, {"finalizers": [f for f in finalizers if f != finalizer]})
+            await self._set_finalizers(res, inf, obj, finalizers, [f for f in finalizers if f != finalizer])
         except ApiError as e:
             if e.status.code != 404:
                 raise
@@ -576,7 +593,21 @@ class Controller:
             foreign, pod = pod, None
         if _deleting(sb):
             return await self._finalize_sandbox(sb, pod)
-        sb = await self._ensure_finalizer(Sandbox, self.sandboxes, sb, FINALIZER)
+        # The finalizer is written alongside the rest (the pod's create): the pod's owner reference alone
+        # already ties it to the Sandbox, and this saves a round trip on the way to Ready.
+        fin = None
+        if FINALIZER not in (sb["metadata"].get("finalizers") or []):
+            fin = asyncio.create_task(self._ensure_finalizer(Sandbox, self.sandboxes, sb, FINALIZER))
+        try:
+            return await self._sandbox_live(sb, pod, foreign)
+        finally:
+            if fin is not None:
+                await fin
+
+    async def _sandbox_live(
+        self, sb: dict[str, Any], pod: dict[str, Any] | None, foreign: dict[str, Any] | None
+    ) -> float | None:
+        ns, name = sb["metadata"]["namespace"], sb["metadata"]["name"]
         spec = sb["spec"]
         conditions = list((sb.get("status") or {}).get("conditions") or [])
         gen = _gen(sb)
@@ -650,7 +681,7 @@ class Controller:
             await self._start_from_snapshot(sb, pod)
         status: dict[str, Any] = self._placement(sb, pod)
         cove_status = dict((sb.get("status") or {}).get("cove") or {})
-        if sid:
+        if sid and phase == "Running":  # with the Running status (the annotation comes a write earlier)
             cove_status["sandboxID"] = sid
         network_ok = True
         wanted = annotations.get(ANNOTATION_NETWORK)
@@ -689,9 +720,8 @@ class Controller:
         if suspended:
             ready, reason, message = False, "SandboxSuspended", "operatingMode is Suspended"
         elif not running:
-            ready, reason, message = False, "DependenciesNotReady", f"pod {name} is {phase or 'Pending'}"
-            if pod is not None and phase == "Running" and sid is None:
-                message = f"pod {name} has no cove sandbox yet"
+            # One message for every step before Ready (scheduled, started, annotated): each would be a write.
+            ready, reason, message = False, "DependenciesNotReady", f"waiting for pod {name} to run"
         elif not network_ok:
             ready, reason, message = False, "DependenciesNotReady", "the egress policy is not applied yet"
         else:
@@ -707,7 +737,8 @@ class Controller:
         status: dict[str, Any] = {
             "selector": f"{LABEL_SANDBOX_NAME_HASH}={name_hash(sb['metadata']['name'])}"
         }
-        node = ((pod or {}).get("spec") or {}).get("nodeName")
+        # The node once the pod runs there (its binding alone would be one more status write before Ready).
+        node = ((pod or {}).get("spec") or {}).get("nodeName") if _pod_phase(pod) == "Running" else None
         if node:
             status["nodeName"] = node
         ips = _pod_ips(pod)
