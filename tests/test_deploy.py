@@ -91,24 +91,39 @@ def test_every_manifest_is_accepted_by_the_api_server(api: httpx.Client) -> None
         )
 
 
+def _cli(command: list[str]) -> tuple[list[str], list[str]]:
+    """The argv that asks `command`'s program for its help, and the options `command` passes."""
+    if command[0] == "cove":
+        return ["-m", "cove", command[1], "--help"], command[2:]
+    assert command[:3] == ["python3", "-m", "cove.kube.agent_sandbox"], command
+    return ["-m", "cove.kube.agent_sandbox", command[3], "--help"], command[4:]
+
+
 def test_the_containers_run_coves_real_commands_and_settings() -> None:
-    settings = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
+    sources = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
     env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
     checked = 0
     for name, doc in _documents():
         for container in _containers(doc):
-            command = container["command"]
-            assert command[0] == "cove", f"{name}: {command}"
-            done = subprocess.run(
-                [sys.executable, "-m", "cove", command[1], "--help"], env=env, capture_output=True, text=True
-            )
-            assert done.returncode == 0, f"{name}: `cove {command[1]}` is not a command: {done.stderr}"
-            for option in (a for a in command[2:] if a.startswith("--")):
-                assert option in done.stdout, f"{name}: `cove {command[1]}` has no option {option}"
+            argv, rest = _cli(container["command"])
+            done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+            assert done.returncode == 0, f"{name}: {container['command']} is not a command: {done.stderr}"
+            for option in (a for a in rest if a.startswith("--")):
+                assert option in done.stdout, f"{name}: {container['command']}: no option {option}"
             for var in container.get("env", []):
                 if var["name"].startswith("COVE_"):
-                    assert re.search(rf"[\"']{var['name']}[\"']", settings), (
+                    assert re.search(rf"[\"']{var['name']}[\"']", sources), (
                         f"{name}: cove reads no {var['name']}"
                     )
             checked += 1
-    assert checked >= 2
+    assert checked >= 4
+
+
+def test_the_roles_are_the_ones_the_code_declares() -> None:
+    from cove.kube import kubelet
+    from cove.kube.agent_sandbox import controller, router
+
+    roles = {d["metadata"]["name"]: d["rules"] for _, d in _documents() if d["kind"] == "ClusterRole"}
+    assert roles["cove-node"] == kubelet.RBAC_RULES
+    assert roles["cove-agent-sandbox-controller"] == controller.RBAC_RULES
+    assert roles["cove-agent-sandbox-router"] == router.RBAC_RULES
