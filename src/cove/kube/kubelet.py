@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -197,7 +198,8 @@ class _Pod:
     pod: Pod
     sandbox: str | None = None  # its sandbox's id, once made or found
     looked_up: bool = False  # the store was searched for a sandbox of this uid
-    done: bool = False  # a terminal phase was written (or seen): nothing more to do but deletion
+    done: bool = False  # a terminal phase was written (or seen): no more status to write
+    ended: bool = False  # its sandbox was ended (or found ended)
     gone: bool = False  # the pod object no longer exists
     pending: bool = True  # something changed since the worker last looked
     worker: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -275,7 +277,7 @@ class Kubelet:
             await self.client.close()
             self.client = None
 
-    async def _retrying(self, what: str, step: Any) -> None:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         """Runs `step()` until it succeeds, backing off (1 s doubling to 30 s) after each failure."""
         delay = 1.0
         while True:
@@ -416,11 +418,17 @@ class Kubelet:
                 "handler": handler,
                 "scheduling": {"nodeSelector": selector, "tolerations": [toleration]},
             })  # fmt: skip
+            try:  # looked up first: an install that made them may grant no `create`
+                await self.client.get(RuntimeClass, name)
+                continue
+            except KubeError as e:
+                if e.status.code != 404:
+                    raise
             try:
                 await self.client.create(rc)
                 log.info("RuntimeClass created", extra={"runtime_class": name})
             except KubeError as e:
-                if e.status.code != 409:  # 409: it exists (made by another node or the install)
+                if e.status.code != 409:  # 409: another node made it meanwhile
                     raise
 
     async def _lease_loop(self) -> None:
@@ -536,7 +544,7 @@ class Kubelet:
         while True:
             await asyncio.sleep(POLL_S)
             for p in list(self._pods.values()):
-                if p.sandbox and not p.done:
+                if p.sandbox and not (p.done and p.ended):
                     self._wake(p)
 
     def _on_pod(self, kind: str, pod: Pod) -> None:
@@ -576,13 +584,17 @@ class Kubelet:
             if rec is not None:
                 p.sandbox = rec.id
         if p.gone:
+            p.done = True
             await self._end_of(p, "pod deleted")
             return
         if pod.metadata.deletionTimestamp is not None:
             # The kubelet's part of a graceful deletion: stop what runs, then remove the object.
+            p.done = True
             await self._end_of(p, "pod deleted")
             assert self.client is not None
-            with contextlib.suppress(KubeError):  # 404: removed already
+            # 404: removed already. (Without a uid precondition, which lightkube's delete cannot send: a
+            # pod that is being deleted cannot have a namesake yet, and only this node removes it.)
+            with contextlib.suppress(KubeError):
                 await self.client.delete(
                     Pod, pod.metadata.name, namespace=pod.metadata.namespace, grace_period=0
                 )
@@ -591,6 +603,9 @@ class Kubelet:
         phase = pod.status.phase if pod.status else None
         if p.done or phase in ("Succeeded", "Failed"):
             p.done = True
+            # A finished pod holds nothing (cove may have stopped between its status and the kill).
+            if not p.ended:
+                await self._end_of(p, f"the pod is {phase or 'finished'}")
             return
         if p.sandbox is None:
             if phase == "Running" or (pod.metadata.annotations or {}).get(ANNOTATION_SANDBOX):
@@ -606,7 +621,7 @@ class Kubelet:
         if rec.state == "running" and (c.command or c.args):
             exited = await self._main_exit(rec)
             if exited is not None:
-                await self._command_exited(p, rec, *exited)
+                await self._command_exited(p, *exited)
                 return
         if not self._reported(pod, rec):
             await self._report_running(p, rec)
@@ -682,7 +697,8 @@ class Kubelet:
         pod = p.pod
         assert self.client is not None
         if (pod.metadata.annotations or {}).get(ANNOTATION_SANDBOX) != rec.id:
-            annotations = {"metadata": {"annotations": {ANNOTATION_SANDBOX: rec.id}}}
+            # The uid is a precondition (as kubelet's status patches carry it): never a namesake's pod.
+            annotations = {"metadata": {"uid": pod.metadata.uid, "annotations": {ANNOTATION_SANDBOX: rec.id}}}
             await self.client.patch(Pod, pod.metadata.name, annotations, namespace=pod.metadata.namespace, patch_type=PatchType.MERGE)  # fmt: skip
         c = pod.spec.containers[0]
         started = _time(rec.created_at)
@@ -725,7 +741,7 @@ class Kubelet:
             p, "Failed", reason, message, exit_code=137, finished=rec.updated_at if rec else None
         )
 
-    async def _command_exited(self, p: _Pod, rec: SandboxRecord, code: int, ended_at: float | None) -> None:
+    async def _command_exited(self, p: _Pod, code: int, ended_at: float | None) -> None:
         """The pod's command has exited: the pod is Succeeded for exit code 0, Failed otherwise, and its
         sandbox is ended (its work is done). The status first: a failure to write it is retried by the next
         poll, which finds the command exited again (ended first, the sandbox would read as killed)."""
@@ -734,7 +750,7 @@ class Kubelet:
         await self._terminate(
             p, "Succeeded" if ok else "Failed", "Completed" if ok else "Error", message, code, ended_at
         )
-        await self._end(rec, f"the pod's command exited with status {code}")
+        await self._end_of(p, f"the pod's command exited with status {code}")
 
     async def _terminate(
         self, p: _Pod, phase: str, reason: str, message: str, exit_code: int, finished: float | None
@@ -795,9 +811,13 @@ class Kubelet:
 
     async def _patch_status(self, pod: Pod, status: dict[str, Any]) -> None:
         assert self.client is not None
-        # A strategic merge: conditions merge by type (the scheduler's PodScheduled stays).
+        # A strategic merge: conditions merge by type (the scheduler's PodScheduled stays). The uid is a
+        # precondition, as in kubelet's own status patches: a newer pod of the same name is left alone.
         p = await self.client.patch(
-            Pod.Status, pod.metadata.name, {"status": status}, namespace=pod.metadata.namespace
+            Pod.Status,
+            pod.metadata.name,
+            {"metadata": {"uid": pod.metadata.uid}, "status": status},
+            namespace=pod.metadata.namespace,
         )
         uid = pod.metadata.uid
         if uid in self._pods and p.metadata and p.metadata.uid == uid:
@@ -826,12 +846,14 @@ class Kubelet:
             log.warning("kubelet: event not recorded", extra={"error": str(e)})
 
     async def _end_of(self, p: _Pod, reason: str) -> None:
+        """Ends the pod's sandbox, if it has one still live."""
         if p.sandbox is None:
+            p.ended = True
             return
         rec = await self.cove.store.get_sandbox(p.sandbox)
         if rec is not None:
             await self._end(rec, reason)
-        p.done = True
+        p.ended = True
 
     async def _end(self, rec: SandboxRecord, reason: str) -> None:
         if rec.state in LIVE:
