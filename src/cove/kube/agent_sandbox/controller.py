@@ -381,7 +381,6 @@ class Controller:
         self._events_sent: set[tuple[str, str, str]] = set()
         # A fork's source as at its snapshot: (pod template, node, cove egress policy).
         self._fork_sources: dict[tuple[str, str], tuple[dict[str, Any], str, dict[str, Any] | None]] = {}
-        self.stats = {"reconciles": 0, "claims_warm": 0, "claims_cold": 0}
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -466,7 +465,6 @@ class Controller:
 
     async def _reconcile(self, key: Key) -> float | None:
         kind, ns, name = key
-        self.stats["reconciles"] += 1
         handler = {
             "Sandbox": self._sandbox,
             "SandboxClaim": self._claim,
@@ -1006,7 +1004,6 @@ class Controller:
         if not cold:
             sb = await self._take_warm(pool, claim)
             if sb is not None:
-                self.stats["claims_warm"] += 1
                 return sb
         # Cold: named as the claim (its own name is free unless something else took it).
         labels = {LABEL_LAUNCH_TYPE: "cold", LABEL_CLAIM_UID: meta["uid"]}
@@ -1025,7 +1022,6 @@ class Controller:
             body["metadata"].pop("name")
             body["metadata"]["generateName"] = f"{meta['name']}-"
             created = await self.client.create(Sandbox(body), namespace=ns)
-        self.stats["claims_cold"] += 1
         log.info("claim bound (cold)", extra={"claim": f"{ns}/{meta['name']}"})
         return self.sandboxes.update(created)
 
@@ -1172,6 +1168,7 @@ class Controller:
             return
         status = dict(fork.get("status") or {})
         if _deleting(fork):  # the children go with it (owner references); the snapshot here
+            self._fork_sources.pop((ns, name), None)
             if status.get("snapshotID"):
                 await self.cove.delete_snapshot(status["snapshotID"])
             await self._drop_finalizer(SandboxFork, self.forks, fork, SNAPSHOT_FINALIZER)

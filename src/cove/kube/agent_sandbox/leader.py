@@ -108,6 +108,7 @@ class LeaderElector:
             self._observed_at = time.monotonic()
         duration = spec.leaseDurationSeconds or self.duration_s
         if holder and holder != self.identity and time.monotonic() < self._observed_at + duration:
+            self._set(False)  # someone else holds it (this one was paused past its lease): stop at once
             return False  # held, and renewed within its duration as far as this instance has seen
         mine = holder == self.identity
         transitions = (spec.leaseTransitions or 0) + (0 if mine else 1)
