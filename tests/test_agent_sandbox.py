@@ -245,19 +245,6 @@ def _until(what: str, check: Callable[[], Any], timeout: float, every: float = 0
 
 
 @pytest.fixture(scope="module")
-def control_plane() -> Iterator[kube.KubeControlPlane]:
-    why = kube.missing()
-    if why:
-        pytest.skip(why)
-    cp = kube.KubeControlPlane()
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
-@pytest.fixture(scope="module")
 def k8s(control_plane: kube.KubeControlPlane) -> Iterator[httpx.Client]:
     with control_plane.client() as c:
         yield c
