@@ -248,8 +248,10 @@ def test_cli_shell_is_an_interactive_terminal(server: Server, sandbox: dict) -> 
 
 
 def test_cli_watch_prints_events(server: Server, api: httpx.Client, sandbox: dict) -> None:
+    import queue
     import subprocess
     import sys
+    import threading
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "cove", "watch", sandbox["id"], "/home/user"],
@@ -257,11 +259,25 @@ def test_cli_watch_prints_events(server: Server, api: httpx.Client, sandbox: dic
         stdout=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     try:
-        time.sleep(1.5)  # the CLI connects and the watch is set up
-        api.put(f"/v1/sandboxes/{sandbox['id']}/files", params={"path": "/home/user/seen.txt"}, content=b"x")
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+        # Written until the CLI reports it: its start (imports, connect, the watch set up) may take
+        # seconds on a loaded machine, and a write before the watch exists is rightly not seen.
+        line = None
+        for i in range(60):
+            api.put(
+                f"/v1/sandboxes/{sandbox['id']}/files",
+                params={"path": f"/home/user/seen{i}.txt"},
+                content=b"x",
+            )
+            try:
+                line = lines.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        assert line is not None, "the CLI printed no event in 30 s"
         assert "/home/user/" in line and line.split()[0] in ("create", "write", "rename"), line
     finally:
         proc.terminate()
