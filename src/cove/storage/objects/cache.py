@@ -114,6 +114,9 @@ class ChunkCache:
             if sha not in self._lru:
                 self._lru[sha] = size
                 self._used += size
+            # Puts on other threads may have filled the room this one made: evict again (oldest first,
+            # so never the chunk just written).
+            self._evict_to(self.limit)
         return True
 
     def _write(self, sha: str, data: bytes) -> None:
