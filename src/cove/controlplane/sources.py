@@ -55,7 +55,9 @@ class Sources:
         """The node whose disk holds the source's layers (a built template's, a snapshot's), or
         None for the base template, which every node has (docs/fleet.md). 404 if unknown."""
         if snapshot is not None:
-            return (await self.snapshot(who, snapshot)).node_id
+            snap = await self.snapshot(who, snapshot)
+            # One copied to the object store starts on any node, which fetches it (docs/object-storage.md).
+            return None if snap.config.get("durable") is True else snap.node_id
         if template == BASE:
             return None
         rec = await self.store.get_template(who.tenant, template)
