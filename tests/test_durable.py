@@ -24,6 +24,7 @@ import pg
 import s3
 from cove.devserver import Server
 from cove.node import checkpoint
+from cove.storage.objects import Manifest
 
 KEY = "cove_test_durable_" + "cd" * 8
 
@@ -330,3 +331,47 @@ def test_a_running_sandbox_with_periodic_copies_comes_back_from_its_copy_when_it
         assert _node_of(url, sid) == survivor.extra_env["COVE_NODE_ID"]
         print(f"\nnode loss noticed and the sandbox hibernated from its copy {noticed:.1f} s after the kill")
         assert cs.delete(f"/v1/sandboxes/{sid}").status_code == 204
+
+
+def test_a_corrupt_chunk_fails_the_start_naming_the_snapshot_and_leaves_nothing_behind(
+    pair: list[Server], bucket: s3.Moto
+) -> None:
+    url = pair[0].db_url  # type: ignore[attr-defined]
+    prefix = pair[0].prefix  # type: ignore[attr-defined]
+    with pair[0].client() as c:
+        sid = c.post("/v1/sandboxes", json={"timeout": 900}).json()["id"]
+    victim, survivor = _victim(pair, url, sid)
+    with victim.client() as cv:
+        _exec(cv, sid, "head -c 1000000 /dev/urandom > /home/user/blob")
+        r = cv.post(f"/v1/sandboxes/{sid}/snapshots", json={})
+        assert r.status_code == 201, r.text
+        snap = r.json()["id"]
+        _wait(lambda: cv.get(f"/v1/snapshots/{snap}").json()["durable"], "the snapshot is copied")
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT layers FROM snapshots WHERE id = %s", (snap,)).fetchone()
+    assert row is not None
+    own = row[0][-1]  # the snapshot's own layer (the chain below is the base template's)
+    client = bucket.client()
+    body = client.get_object(Bucket=bucket.bucket, Key=f"{prefix}/manifests/layer/{own}.json")["Body"].read()
+    shas = Manifest.from_bytes(body, own).chunk_shas()
+    assert shas
+    for sha in shas:  # flip the stored bytes: each read must fail its checksum
+        key = f"{prefix}/chunks/{sha}"
+        data = bytearray(client.get_object(Bucket=bucket.bucket, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        client.put_object(Bucket=bucket.bucket, Key=key, Body=bytes(data))
+    _kill_and_wipe(victim)
+
+    with survivor.client() as cs:
+        r = cs.post("/v1/sandboxes", json={"snapshot": snap, "timeout": 300})
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert f"snapshot {snap}" in message and "corrupt" in message.lower(), message
+        # Nothing of the failed download is left where a sandbox could start from it.
+        assert not list((survivor.home / "storage" / "layers").glob(f"*{own}*"))
+        failed = [s for s in cs.get("/v1/sandboxes", params={"state": "error"}).json()["items"]]
+        assert any(f"snapshot {snap}" in (s["end_reason"] or "") for s in failed)
+        # The source sandbox's node is gone: its kill is recorded (the node sweeps it if it returns).
+        assert cs.delete(f"/v1/sandboxes/{sid}").status_code == 204
+        r = cs.get(f"/v1/sandboxes/{sid}").json()
+        assert r["state"] == "killed" and "did not answer" in r["end_reason"], r

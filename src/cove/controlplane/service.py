@@ -377,9 +377,10 @@ class SandboxService:
                 if defaults.get("start") and not defaults.get("checkpoint"):  # a cold template's service
                     await start_template_service(self.guest(rec), rec, defaults["start"])
             except (NodeError, OSError) as e:
-                await self.transition(rec, "error", end_reason=str(e)[:2000])
+                why = f"snapshot {defaults['snapshot']}: {e}" if defaults.get("snapshot") else str(e)
+                await self.transition(rec, "error", end_reason=why[:2000])
                 await self.volumes.drop(made)
-                raise ApiError(503, "sandbox_failed", str(e)) from e
+                raise ApiError(503, "sandbox_failed", why) from e
             except BaseException:
                 # Cancelled (client went away) or a bug: never leave half a sandbox behind.
                 with contextlib.suppress(Exception):
@@ -468,18 +469,43 @@ class SandboxService:
                 return
             if fresh is None or fresh.state not in LIVE:
                 return  # already ended: kill is idempotent
-            node = self.node_of(fresh)
+            node = self._reachable(fresh)
+            if node is None and check is None:
+                await self._end_unreachable(fresh, state, reason, "its node is not reachable")
+                return
+            node = node or self.node_of(fresh)  # a background check: 503 and it tries again later
             if check == "dead" and (fresh.state not in ACTIVE or await node.alive(fresh.id, fresh.node)):
                 return
             if check == "expired" and (fresh.expires_at is None or fresh.expires_at > time.time()):
                 return
-            await self.starter.stop(fresh.id, fresh.node, node)
+            try:
+                await self.starter.stop(fresh.id, fresh.node, node)
+            except NodeError as e:
+                if check is not None:
+                    raise
+                await self._end_unreachable(fresh, state, reason, str(e))
+                return
             faults.point("kill.stopped")
             await self.transition(fresh, state, end_reason=reason)
+            await self._forget_copy(fresh, node)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
         self._shared.pop(rec.id, None)
         self.refs.collect_soon()
+
+    async def _end_unreachable(self, rec: SandboxRecord, state: str, reason: str, why: str) -> None:
+        """A kill of a sandbox whose node does not answer: recorded now, as for a lost node; the node
+        removes the sandbox when it is back (adoption sweeps what no live record names)."""
+        log.warning("sandbox ended while its node is out of reach", extra={"sandbox": rec.id, "error": why})
+        await self.transition(
+            rec, state, end_reason=f"{reason} (its node {rec.node_id} did not answer: {why})"[:2000]
+        )
+        await self._forget_copy(rec, self.node)
+
+    async def _forget_copy(self, rec: SandboxRecord, node: NodeAgent) -> None:
+        """An ended sandbox's copy goes from the bucket (any node with the store can delete it)."""
+        if (copy := copy_of(rec)) is not None:
+            await self.durability.forget(copy, node, keep=set(rec.layers))
 
     async def set_timeout(
         self, who: Caller, sandbox_id: str, timeout: int | None, on_timeout: str | None = None

@@ -49,7 +49,7 @@ class Sources:
             layers=tuple(snap.layers),
             config=snap.config.get("template_config") or base.config,
         )
-        return spec, {**snap.config, "checkpoint": snap.id if snap.memory else None}
+        return spec, {**snap.config, "checkpoint": snap.id if snap.memory else None, "snapshot": snap.id}
 
     async def home(self, who: Caller, template: str, snapshot: str | None = None) -> str | None:
         """The node whose disk holds the source's layers (a built template's, a snapshot's), or
