@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,3 +376,42 @@ def test_a_corrupt_chunk_fails_the_start_naming_the_snapshot_and_leaves_nothing_
         assert cs.delete(f"/v1/sandboxes/{sid}").status_code == 204
         r = cs.get(f"/v1/sandboxes/{sid}").json()
         assert r["state"] == "killed" and "did not answer" in r["end_reason"], r
+
+
+def test_periodic_copies_are_asked_through_the_sdk_the_cli_and_e2b_and_refused_without_a_store(
+    pair: list[Server], server: Server
+) -> None:
+    from e2b import Sandbox as E2bSandbox
+    from e2b.exceptions import SandboxException
+
+    from cove.sdk import Sandbox
+
+    a = pair[0]
+    with Sandbox.create(snapshot_every=40, url=a.url, api_key=KEY) as sb:
+        assert sb.info().durability["snapshot_every"] == 40
+        assert sb.set_durability(0).durability["snapshot_every"] == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "cove", "create", "--snapshot-every", "45"],
+        env={**os.environ, "COVE_URL": a.url, "COVE_API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with a.client() as c:
+        sid = done.stdout.strip()
+        assert c.get(f"/v1/sandboxes/{sid}").json()["durability"]["snapshot_every"] == 45
+        assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204
+    e2b = {"api_key": KEY, "api_url": a.url, "sandbox_url": a.url}
+    sbx = E2bSandbox.create(metadata={"cove:snapshot_every": "60"}, **e2b)
+    try:
+        with a.client() as c:
+            assert c.get(f"/v1/sandboxes/{sbx.sandbox_id}").json()["durability"]["snapshot_every"] == 60
+    finally:
+        sbx.kill()
+    with pytest.raises(SandboxException, match="cove:snapshot_every"):
+        E2bSandbox.create(metadata={"cove:snapshot_every": "often"}, **e2b)
+    # A server without an object store says what is missing.
+    with server.client() as c:
+        r = c.post("/v1/sandboxes", json={"snapshot_every": 60})
+        assert r.status_code == 409 and "COVE_OBJECT_STORE" in r.json()["error"]["message"], r.text
