@@ -8,6 +8,7 @@ each a node with its own data dir, sharing both; real CRIU images and btrfs laye
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -415,3 +416,32 @@ def test_periodic_copies_are_asked_through_the_sdk_the_cli_and_e2b_and_refused_w
     with server.client() as c:
         r = c.post("/v1/sandboxes", json={"snapshot_every": 60})
         assert r.status_code == 409 and "COVE_OBJECT_STORE" in r.json()["error"]["message"], r.text
+
+
+def test_a_template_built_on_one_node_starts_on_another_after_that_node_is_gone(pair: list[Server]) -> None:
+    url = pair[0].db_url  # type: ignore[attr-defined]
+    builder, other = pair
+    with builder.client() as c:
+        body = {
+            "name": "durable-tpl",
+            "from": "base",
+            "steps": [
+                {
+                    "type": "run",
+                    "cmd": "echo built > /home/user/mark",
+                }
+            ],
+        }
+        r = c.post("/v1/templates", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+        assert events[-1]["type"] == "done", events[-3:]
+        assert any("copied:" in (e.get("data") or "") for e in events), events
+    _kill_and_wipe(builder)
+    with other.client() as c:
+        r = c.post("/v1/sandboxes", json={"template": "durable-tpl", "timeout": 120})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        assert _node_of(url, sid) == other.extra_env["COVE_NODE_ID"]
+        assert _exec(c, sid, "cat /home/user/mark").strip() == "built"
+        assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204

@@ -63,7 +63,7 @@ class Sources:
         rec = await self.store.get_template(who.tenant, template)
         if rec is None:
             raise not_found("template", template)
-        return rec.node_id
+        return None if rec.config.get("durable") is True else rec.node_id
 
     async def template(self, who: Caller, name: str) -> Source | None:
         """A built template's layers and defaults (None: no such template)."""
@@ -78,6 +78,7 @@ class Sources:
             "template_config": rc,
             "checkpoint": rec.config.get("checkpoint"),
             "start": None if rec.config.get("checkpoint") else rec.config.get("start"),
+            "durable": rec.config.get("durable") is True,  # in the object store: any node fetches it
         }
         return TemplateSpec(name=name, layers=tuple(rec.layers), config=rc), defaults
 
