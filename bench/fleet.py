@@ -36,7 +36,7 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [0.0])[0]
 
 
-async def run(rate: float, seconds: float, kill: bool) -> None:
+async def run(rate: float, seconds: float, kill: bool, exec_: bool = True) -> None:
     postgres = pg.Postgres()
     postgres.start()
     url = postgres.create_database()
@@ -52,6 +52,8 @@ async def run(rate: float, seconds: float, kill: bool) -> None:
     creates: list[float] = []
     execs: list[float] = []
     errors: dict[str, Counter[str]] = {"before": Counter(), "after": Counter()}
+    examples: dict[str, str] = {}  # one message of each kind of error
+    ends: list[float] = []  # when each cycle finished (the rate actually sustained)
     made: list[str] = []
     killed_at: float | None = None
 
@@ -64,12 +66,15 @@ async def run(rate: float, seconds: float, kill: bool) -> None:
             sb = await clients[first].request("POST", "/v1/sandboxes", {"timeout": 300})
             creates.append(time.perf_counter() - t0)
             made.append(sb["id"])
-            t0 = time.perf_counter()
-            await clients[second].request("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": "true"})
-            execs.append(time.perf_counter() - t0)
+            if exec_:
+                t0 = time.perf_counter()
+                await clients[second].request("POST", f"/v1/sandboxes/{sb['id']}/exec", {"cmd": "true"})
+                execs.append(time.perf_counter() - t0)
             await clients[second].request("DELETE", f"/v1/sandboxes/{sb['id']}")
+            ends.append(time.monotonic())
         except HTTPError as e:
             errors[phase][f"{e.status} {e.code}"] += 1
+            examples.setdefault(f"{e.status} {e.code}", str(e))
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
             # A request in flight on the replica that was killed: expected once, only "before".
             errors[phase][type(e).__name__] += 1
@@ -96,10 +101,19 @@ async def run(rate: float, seconds: float, kill: bool) -> None:
     print("|---|---|")
     for phase, c in errors.items():
         print(f"| {phase} the kill | {sum(c.values())} {dict(c) or ''} |")
+    for kind, message in examples.items():
+        print(f"  {kind}: {message}")
     print("\n| measure | p50 ms | p99 ms |")
     print("|---|---|---|")
     print(f"| create (pool or cold) | {pct(creates, 50) * 1000:.1f} | {pct(creates, 99) * 1000:.1f} |")
-    print(f"| exec through the other replica | {pct(execs, 50) * 1000:.1f} | {pct(execs, 99) * 1000:.1f} |")
+    if execs:
+        print(
+            f"| exec through the other replica | {pct(execs, 50) * 1000:.1f} | {pct(execs, 99) * 1000:.1f} |"
+        )
+    finished = max(ends) - start if ends else 0.0
+    print(
+        f"\ncycles finished within {finished:.1f} s of the first start ({len(ends) / max(finished, 1e-9):.1f}/s)"
+    )
     print(f"\nsandbox states afterwards: {dict(states)} (anything but killed/lost would be a leak)")
     b.close()
     if kill:
@@ -183,6 +197,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=10, help="cycles started per second")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--no-kill", action="store_true", help="do not kill replica A half-way")
+    p.add_argument("--no-exec", action="store_true", help="cycles are create and kill only (creates/s)")
     p.add_argument(
         "--spread", type=int, metavar="N", help="instead: N sandboxes over three nodes, checked each"
     )
@@ -190,7 +205,7 @@ def main() -> None:
     if args.spread:
         asyncio.run(spread(args.spread))
     else:
-        asyncio.run(run(args.rate, args.seconds, not args.no_kill))
+        asyncio.run(run(args.rate, args.seconds, not args.no_kill, not args.no_exec))
 
 
 if __name__ == "__main__":

@@ -486,7 +486,14 @@ class SandboxService:
                 await self._end_unreachable(fresh, state, reason, str(e))
                 return
             faults.point("kill.stopped")
-            await self.transition(fresh, state, end_reason=reason)
+            try:
+                await self.transition(fresh, state, end_reason=reason)
+            except ApiError as e:
+                # Another server ended it meanwhile (its reaper saw the processes gone while this kill
+                # stopped them: the sandbox lock is per server). Ended is what was asked: done.
+                now = await self.store.get_sandbox(rec.id)
+                if e.status != 409 or (now is not None and now.state in LIVE):
+                    raise
             await self._forget_copy(fresh, node)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
