@@ -167,6 +167,18 @@ class SandboxService:
         URLs and their tokens), never for a caller's request."""
         return await self.store.get_sandbox(sandbox_id)
 
+    async def lookup_any(self, states: list[str]) -> list[SandboxRecord]:
+        """Every tenant's sandboxes in `states`: for front ends that find a sandbox by a secret only
+        it can have made (a signed URL naming no sandbox), never for a caller's request."""
+        out: list[SandboxRecord] = []
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_sandboxes(None, states, None, 1000, cursor)
+            out.extend(page.items)
+            if not page.next_cursor:
+                return out
+            cursor = page.next_cursor
+
     async def stats(self, rec: SandboxRecord) -> dict[str, Any]:
         """Resource use of a sandbox with processes (memory, cpu, pids, disk)."""
         return await self.node_of(rec).stats(rec.id)
