@@ -199,7 +199,8 @@ class CreateSandbox(Strict):
         default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle"
     )
     on_idle: Literal["pause", "hibernate"] = "pause"
-    on_timeout: Literal["kill", "hibernate"] = "kill"
+    # hibernate_files: hibernate keeping only the files (processes restart on resume)
+    on_timeout: Literal["kill", "hibernate", "hibernate_files"] = "kill"
     snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
         default=None, description="start from this snapshot instead of a template"
     )

@@ -32,7 +32,7 @@ from cove.controlplane.quotas import Quotas
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.sources import BASE, Sources
 from cove.controlplane.starter import Starter, new_sandbox_id
-from cove.controlplane.states import ACTIVE, LIVE, TRANSITIONS
+from cove.controlplane.states import ACTIVE, LIVE, ON_TIMEOUT, TRANSITIONS
 from cove.controlplane.templates import start_template_service
 from cove.controlplane.volumes import Volumes
 from cove.network.egress_policy import Policy
@@ -487,10 +487,12 @@ class SandboxService:
         self, who: Caller, sandbox_id: str, timeout: int | None, on_timeout: str | None = None
     ) -> SandboxRecord:
         """End the sandbox `timeout` seconds from now (0: never; None: keep its end), and with
-        `on_timeout` change what its end does (kill | hibernate)."""
-        if on_timeout not in (None, "kill", "hibernate"):
+        `on_timeout` change what its end does (kill | hibernate | hibernate_files)."""
+        if on_timeout not in (None, *ON_TIMEOUT):
             raise ApiError(
-                422, "validation_error", f"on_timeout: expected kill or hibernate, got {on_timeout!r}"
+                422,
+                "validation_error",
+                f"on_timeout: expected kill, hibernate or hibernate_files, got {on_timeout!r}",
             )
         rec = await self.get(who, sandbox_id)
         async with self._locks[rec.id]:

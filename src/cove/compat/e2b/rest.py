@@ -9,8 +9,9 @@ bad input is a 400, which the SDK raises as its argument error.
 How e2b's model maps onto cove's:
 - e2b "paused" = cove `paused` or `hibernated`. `pause` hibernates (CRIU keeps the processes'
   memory where the node can checkpoint) and stops the timeout; `connect` resumes and restarts it.
-- `autoPause` = `on_timeout="hibernate"`; `autoResume.enabled` = cove's `auto_resume` (off unless
-  asked: a paused e2b sandbox does not wake on traffic).
+- `autoPause` = `on_timeout="hibernate"` (`"hibernate_files"` with `autoPauseMemory: false`);
+  `autoResume.enabled` = cove's `auto_resume` (off unless asked: a paused e2b sandbox does not
+  wake on traffic).
 - snapshot ids double as template ids, so `Sandbox.create(snapshot_id)` starts from a snapshot.
 - network settings are recorded in the sandbox's `network` and returned; `allow_internet_access`,
   `allowOut` and `denyOut` become cove's egress policy, enforced by its proxy (docs/network.md).
@@ -175,7 +176,7 @@ def _detail(cove: Cove, rec: SandboxRecord) -> dict[str, Any]:
         "network": m.network_out(rec.network),
         "lifecycle": {
             "autoResume": rec.auto_resume,
-            "onTimeout": "pause" if rec.on_timeout == "hibernate" else "kill",
+            "onTimeout": "kill" if rec.on_timeout == "kill" else "pause",
         },
     }
 
@@ -255,12 +256,20 @@ async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSON
         metadata=body.metadata or {},
         timeout=None if body.timeout is None else _seconds(body.timeout),
         auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
-        on_timeout="hibernate" if body.auto_pause else "kill",
+        on_timeout=_on_timeout(body.auto_pause, body.auto_pause_memory),
     )
     rec = await cove.service.create(
         who, req, network=m.network_record(body.network, body.allow_internet_access)
     )
     return JSONResponse(_created(cove, rec), 201)
+
+
+def _on_timeout(auto_pause: bool | None, memory: bool | None) -> str:
+    """cove's on_timeout for e2b's autoPause (memory unless autoPauseMemory is false: the SDK's
+    `lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}}`)."""
+    if not auto_pause:
+        return "kill"
+    return "hibernate_files" if memory is False else "hibernate"
 
 
 def _parse_metadata(query: str | None) -> dict[str, str]:
@@ -524,7 +533,7 @@ async def resume(
     if rec.state not in _E2B_STATES["paused"]:
         raise ApiError(409, "conflict", f"sandbox {sandbox_id} is already running")
     if body.auto_pause is not None:
-        await cove.service.set_timeout(who, rec.id, None, "hibernate" if body.auto_pause else "kill")
+        await cove.service.set_timeout(who, rec.id, None, _on_timeout(body.auto_pause, None))
     return await _connect(cove, who, sandbox_id, body.timeout, None)
 
 
