@@ -46,6 +46,19 @@ def test_base_template_has_sudo_and_python(sbx: Sandbox) -> None:
         sbx.commands.run("sudo sh -c 'exit 7'")
     assert e.value.exit_code == 7
     assert sbx.commands.run("sudo -E env | grep -c '^HOME='").stdout.strip() == "1"
+    assert sbx.commands.run("sudo -i pwd").stdout == "/root\n"
+    assert sbx.commands.run("sudo FOO=bar sh -c 'echo $FOO $SUDO_USER'").stdout == "bar user\n"
+    # Killing the command kills what it runs as root.
+    h = sbx.commands.run("sudo sleep 600", background=True)
+    deadline = time.monotonic() + 10
+    as_root = "pgrep -u root -xf 'sleep 600' || true"
+    while not sbx.commands.run(as_root).stdout:
+        assert time.monotonic() < deadline, "sudo sleep never started"
+        time.sleep(0.1)
+    assert sbx.commands.kill(h.pid)
+    while sbx.commands.run(as_root).stdout:
+        assert time.monotonic() < deadline + 10, "the root command outlived its sudo"
+        time.sleep(0.1)
     assert sbx.commands.run("python -c 'import sys; print(sys.version_info.major)'").stdout == "3\n"
     assert sbx.commands.run("python --version").stdout.startswith("Python 3")
 
