@@ -50,6 +50,9 @@ def bucket_mounts(rec: SandboxRecord) -> bool:
     return any(m["type"] != "volume" for m in rec.mounts)
 
 
+GUEST_SETTLE = 10.0  # seconds a failed guest call waits for a kill or hibernate under way to end
+
+
 class SandboxService:
     def __init__(
         self,
@@ -655,6 +658,19 @@ class SandboxService:
             return ApiError(GUEST_STATUS.get(exc.code, 500), exc.code, exc.message)
         if not await self.check_alive(rec):
             return ApiError(409, "not_running", f"sandbox {rec.id} stopped while the call ran")
+        lock = self._locks.get(rec.id)
+        if lock is not None and lock.locked():
+            # A kill, hibernate or pause under way cut the call: say what it made of the sandbox.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GUEST_SETTLE):
+                    async with lock:
+                        pass
+            fresh = await self.store.get_sandbox(rec.id)
+            if fresh is None or fresh.state not in ACTIVE:
+                state = fresh.state if fresh is not None else "gone"
+                return ApiError(
+                    409, "not_running", f"sandbox {rec.id} is {state}: it stopped while the call ran"
+                )
         return ApiError(503, "guest_unavailable", f"the sandbox's guest agent did not answer: {exc}")
 
     @contextlib.asynccontextmanager
