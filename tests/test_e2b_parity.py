@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import e2b
 import httpx
 import pytest
-from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import Sandbox, SandboxQuery, SandboxState, Volume
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
 from conftest import Server
@@ -223,3 +223,75 @@ def test_auto_pause_on_timeout_as_the_sdk_sends_it(sandboxes: list[str]) -> None
         assert sb.files.read("mark") == "kept"
         alive = h.pid in [p.pid for p in sb.commands.list()]
         assert alive is (lifecycle["on_timeout"] == "pause" and checkpoint.available()), lifecycle
+
+
+# -- volumes ---------------------------------------------------------------------------------------
+VOLUME_ERRORS = (e2b.VolumeException, e2b.SandboxException)
+
+
+def test_volumes_through_the_sdk(
+    e2b_env: Server, monkeypatch: pytest.MonkeyPatch, sandboxes: list[str]
+) -> None:
+    monkeypatch.setenv("E2B_VOLUME_API_URL", e2b_env.url)  # the content API: the same server
+    name = f"vol-{uuid.uuid4().hex[:8]}"
+    vol = Volume.create(name)
+    try:
+        assert vol.name == name and vol.volume_id and vol.token
+        assert name in [v.name for v in Volume.list()]
+        assert Volume.get_info(vol.volume_id).name == name
+        with pytest.raises(VOLUME_ERRORS):
+            Volume.create(name)  # names are unique
+
+        # Content through the volume's token.
+        vol.make_dir("data/nested", force=True)
+        written = vol.write_file("data/nested/hello.txt", "hello volume")
+        assert written.size == 12 and written.path == "/data/nested/hello.txt"
+        assert vol.read_file("data/nested/hello.txt") == "hello volume"
+        assert {e.name for e in vol.list("data", depth=2)} == {"nested", "hello.txt"}
+        assert vol.exists("data/nested/hello.txt") and not vol.exists("data/none")
+        vol.update_metadata("data/nested/hello.txt", mode=0o600)
+        assert vol.get_info("data/nested/hello.txt").mode == 0o600
+
+        # Mounted in a sandbox: the same files, both ways.
+        sb = Sandbox.create(volume_mounts={"/mnt/shared": vol}, timeout=120)
+        sandboxes.append(sb.sandbox_id)
+        assert sb.files.read("/mnt/shared/data/nested/hello.txt") == "hello volume"
+        assert {"name": name, "path": "/mnt/shared"} in sb.get_info().volume_mounts
+        sb.commands.run("echo from-sandbox > /mnt/shared/back.txt && ln -s /etc/passwd /mnt/shared/link")
+        assert vol.read_file("back.txt") == "from-sandbox\n"
+        # A link planted by a sandbox is an entry, never followed to the host's files.
+        assert vol.get_info("link").type.value == "symlink"
+        with pytest.raises(VOLUME_ERRORS):
+            vol.read_file("link")
+        with pytest.raises(VOLUME_ERRORS):
+            vol.read_file("../../etc/passwd")
+
+        # A sandbox by the volume's name works too; a mounted volume cannot be destroyed.
+        by_name = Sandbox.create(volume_mounts={"/v": name}, timeout=60)
+        sandboxes.append(by_name.sandbox_id)
+        assert by_name.files.read("/v/back.txt") == "from-sandbox\n"
+        with pytest.raises(VOLUME_ERRORS):
+            Volume.destroy(vol.volume_id)
+        sb.kill()
+        by_name.kill()
+
+        # Another volume's token, or none, is refused.
+        other = Volume.create(f"{name}-2")
+        try:
+            stranger = Volume.connect(vol.volume_id)
+            stranger._token = other.token  # type: ignore[attr-defined]
+            with pytest.raises(e2b.AuthenticationException):
+                stranger.read_file("back.txt")
+        finally:
+            Volume.destroy(other.volume_id)
+        r = httpx.get(f"{e2b_env.url}/volumecontent/{vol.volume_id}/file", params={"path": "back.txt"})
+        assert r.status_code == 401 and r.json()["code"] == 401
+        vol.remove("data")
+        assert not vol.exists("data")
+    finally:
+        for sid in sandboxes:
+            Sandbox.kill(sid)
+        Volume.destroy(vol.volume_id)
+    assert Volume.destroy(vol.volume_id) is False
+    with pytest.raises(VOLUME_ERRORS):
+        Volume.get_info(vol.volume_id)

@@ -66,6 +66,10 @@ class LocalVolumes:
     async def ids(self) -> tuple[set[str], set[str]]:
         return await asyncio.to_thread(lambda: (self.store.ids(), self.store.sealed_ids()))
 
+    def content_path(self, volume_id: str) -> str | None:
+        path = self.store.path(volume_id)
+        return str(path) if path.is_dir() else None
+
     def buckets_available(self) -> bool:
         return bucket_mounts.available()
 

@@ -2,6 +2,7 @@
 
 - `rest`: e2b's control-plane REST API (`/v2/sandboxes`, `/sandboxes/{id}/...`, `/snapshots`),
   authenticated with `X-API-KEY` = a cove API key.
+- `volumes`: e2b's volumes (`/volumes`, `/volumecontent`) on cove's volumes.
 - `routing`: picks the sandbox and port of sandbox traffic (headers or host name).
 - `envd`: the in-sandbox daemon's protocol (Connect RPC `process.Process`, `filesystem.Filesystem`,
   `/files`, `/health`), served by the cove server on top of cove's guest agent.
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from . import envd, interpreter, ports, rest
+from . import envd, interpreter, ports, rest, volumes
 from .routing import SandboxRouter
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 def install(app: FastAPI, cove: Cove) -> None:
     app.include_router(rest.router)
+    app.include_router(volumes.router)
     app.add_middleware(
         SandboxRouter,
         cove=cove,

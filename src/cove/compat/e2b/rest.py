@@ -163,7 +163,7 @@ def _listed(cove: Cove, rec: SandboxRecord) -> dict[str, Any]:
         "state": _e2b_state(rec),
         "envdVersion": ENVD_VERSION,
         "metadata": rec.metadata,
-        "volumeMounts": [],
+        "volumeMounts": [{"name": v["name"], "path": v["path"]} for v in rec.mounts if v["type"] == "volume"],
     }
 
 
@@ -246,12 +246,13 @@ def _running_only(rec: SandboxRecord) -> None:
 @router.post("/sandboxes", status_code=201)
 async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSONResponse:
     cove = _cove(request)
-    for name, value in (("mcp", body.mcp), ("iam", body.iam), ("volumeMounts", body.volume_mounts)):
+    for name, value in (("mcp", body.mcp), ("iam", body.iam)):
         if value:
             raise ApiError(400, "unsupported", f"{name} is not supported by cove yet")
     source = await _source(cove, who, body.template_id)
     req = CreateSandbox(
         **source,
+        volumes=[{"name": v.name, "path": v.path} for v in body.volume_mounts or []],
         env=body.env_vars or {},
         metadata=body.metadata or {},
         timeout=None if body.timeout is None else _seconds(body.timeout),
