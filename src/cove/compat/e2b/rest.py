@@ -605,10 +605,15 @@ async def list_snapshots(
 
 @router.delete("/templates/{template_id:path}", status_code=204)
 async def delete_template(template_id: str, request: Request, who: Who) -> Response:
-    """Delete a snapshot (e2b names snapshots as templates). Sandboxes started from it keep running."""
+    """Delete a cove template or a snapshot (e2b names snapshots as templates). Sandboxes started
+    from it keep running."""
     cove = _cove(request)
     if any(r in BASE_ALIASES for r in _refs(template_id)):
         raise ApiError(400, "invalid", f"'{template_id}' is cove's built-in template; it cannot be deleted")
+    for ref in _refs(template_id):  # a template built with cove (or through e2b's Template.build)
+        if await cove.service.sources.template(who, ref) is not None:
+            await cove.templates.delete(who, ref)
+            return Response(status_code=204)
     snap = await _find_snapshot(cove, who, template_id)
     if snap is None:
         raise ApiError(404, "template_not_found", f"template '{template_id}' not found")
