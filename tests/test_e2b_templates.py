@@ -52,6 +52,16 @@ def test_template_build_copy_run_env_workdir_start(
         fetch = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080').status)\""
         assert sb.commands.run(fetch).stdout == "200\n"
 
+    # Tags: more of them, listed, removed.
+    assigned = Template.assign_tags(f"{name}:v1", ["stable", "prod"])
+    assert sorted(assigned.tags) == ["prod", "stable"]
+    assert {t.tag for t in Template.get_tags(name)} == {"v1", "stable", "prod"}
+    sb = Sandbox.create(f"{name}:stable", timeout=60)
+    sandboxes.append(sb.sandbox_id)
+    assert sb.files.read("/home/user/notes.txt") == "my notes"
+    Template.remove_tags(name, ["prod"])
+    assert {t.tag for t in Template.get_tags(name)} == {"v1", "stable"}
+
     # A second build uploads nothing: the files are known by their hash.
     again: list[e2b.LogEntry] = []
     Template.build(template, name, on_build_logs=again.append)

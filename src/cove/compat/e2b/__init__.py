@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 
 def install(app: FastAPI, cove: Cove) -> None:
+    app.include_router(templates.router)  # first: DELETE /templates/tags before /templates/{id}
     app.include_router(rest.router)
     app.include_router(volumes.router)
-    app.include_router(templates.router)
     app.add_middleware(
         SandboxRouter,
         cove=cove,

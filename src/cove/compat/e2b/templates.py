@@ -27,6 +27,7 @@ import re
 import secrets
 import tarfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,7 +150,7 @@ async def request_build(body: BuildRequest, request: Request, who: Who) -> JSONR
     tags = [*([tag] if tag else []), *(body.tags or [])]
     if any(r in BASE_ALIASES for r in _refs(name)):
         raise ApiError(400, "invalid", f"{name!r} is cove's built-in template: choose another name")
-    b = _Build(build_id="b" + secrets.token_hex(8), tenant=who.tenant, name=name, tags=tags)
+    b = _Build(build_id=str(uuid.uuid4()), tenant=who.tenant, name=name, tags=tags)
     _forget_old()
     _builds[b.build_id] = b
     return JSONResponse(
@@ -414,3 +415,66 @@ async def alias(alias: str, request: Request, who: Who) -> JSONResponse:
     if ref in BASE_ALIASES or await cove.service.sources.template(who, ref) is not None:
         return JSONResponse({"templateID": ref, "public": ref in BASE_ALIASES})
     raise ApiError(404, "template_not_found", f"template '{alias}' not found")
+
+
+# -- tags --------------------------------------------------------------------------------------
+def _build_uuid(build_id: str) -> str:
+    """e2b's build ids are UUIDs; cove's (shared by a build's tags) map onto one."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cove-build:{build_id}"))
+
+
+class AssignTags(E2bBody):
+    target: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=32
+    )
+
+
+class RemoveTags(E2bBody):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=32
+    )
+
+
+@router.post("/templates/tags", status_code=201)
+async def assign_tags(body: AssignTags, request: Request, who: Who) -> JSONResponse:
+    """Tag the build `target` names (`name` or `name:tag`) with more tags."""
+    cove = _cove(request)
+    target = _name_of(body.target)
+    rec = None
+    for tag in body.tags:
+        rec = await cove.templates.tag(who, target, tag)
+    assert rec is not None
+    return JSONResponse({"tags": body.tags, "buildID": _build_uuid(rec.build_id)}, 201)
+
+
+@router.delete("/templates/tags", status_code=204)
+async def remove_tags(body: RemoveTags, request: Request, who: Who) -> Response:
+    cove = _cove(request)
+    name = _name_of(body.name).split(":", 1)[0]
+    for tag in body.tags:
+        await cove.templates.delete(who, f"{name}:{tag}")
+    return Response(status_code=204)
+
+
+@router.get("/templates/{template_id}/tags")
+async def list_tags(template_id: str, request: Request, who: Who) -> JSONResponse:
+    cove = _cove(request)
+    name = _name_of(template_id).split(":", 1)[0]
+    await cove.templates.get(who, name)  # 404 for an unknown template
+    tagged = [
+        t
+        for t in await cove.store.list_templates(who.tenant)
+        if t.state == "ready" and t.name.startswith(name + ":")
+    ]
+    return JSONResponse(
+        [
+            {
+                "tag": t.name.split(":", 1)[1],
+                "buildID": _build_uuid(t.build_id),
+                "createdAt": datetime.fromtimestamp(t.created_at, UTC).isoformat().replace("+00:00", "Z"),
+            }
+            for t in sorted(tagged, key=lambda t: t.created_at)
+        ]
+    )
