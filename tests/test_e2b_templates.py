@@ -75,6 +75,9 @@ def test_template_build_failures_are_clear(e2b_env: Server, tmp_path: Path) -> N
         Template.build(failing, name)
     assert "exit" in str(e.value) or "3" in str(e.value), str(e.value)
     assert not Template.exists(name)
+    # The SDK's apt_install over the base template's read-only /usr: cove says what it needs.
+    with pytest.raises(e2b.BuildException, match="debian"):
+        Template.build(Template().from_base_image().apt_install(["curl"]), name)
     with pytest.raises(e2b.BuildException, match="does not pull images"):
         Template.build(Template().from_image("python:3.11").run_cmd("true"), name)
     with pytest.raises(e2b.BuildException, match="unknown base"):

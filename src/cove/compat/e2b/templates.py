@@ -249,7 +249,10 @@ def _steps(body: BuildStart) -> tuple[list[dict[str, Any]], list[tuple[str, str]
             if not args or not args[0].strip():
                 raise ApiError(400, "invalid", f"step {i + 1}: RUN needs a command")
             as_user = args[1] if len(args) > 1 and args[1] else None
-            if as_user and as_user != user:
+            native = _native(args[0])
+            if native is not None:  # the SDK's pip_install / apt_install / npm_install
+                out.append(native)
+            elif as_user and as_user != user:
                 out += [{"type": "user", "user": as_user}, {"type": "run", "cmd": args[0]}]
                 out.append({"type": "user", "user": user})
             else:
@@ -299,6 +302,26 @@ def _steps(body: BuildStart) -> tuple[list[dict[str, Any]], list[tuple[str, str]
         else:
             raise ApiError(400, "unsupported", f"step {i + 1}: {s.type} steps are not supported by cove")
     return out, files
+
+
+_APT = re.compile(
+    r"^apt-get update && DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get install -y "
+    r"(?:--no-install-recommends )?(?:--fix-missing )?(?P<pkgs>[^&|;<>`$()]+)$"
+)
+_PIP = re.compile(r"^pip install (?:--user )?(?P<pkgs>[^&|;<>`$()-][^&|;<>`$()]*)$")
+_NPM = re.compile(r"^npm install (?P<g>-g )?(?P<pkgs>[^&|;<>`$()-][^&|;<>`$()]*)$")
+
+
+def _native(cmd: str) -> dict[str, Any] | None:
+    """cove's own step for what the SDK's package helpers run, which knows the base template: pip
+    installs into the user's site-packages over its read-only /usr, apt says it needs a Debian base."""
+    if m := _APT.match(cmd):
+        return {"type": "apt", "packages": m["pkgs"].split()}
+    if m := _PIP.match(cmd):
+        return {"type": "pip", "packages": m["pkgs"].split()}
+    if (m := _NPM.match(cmd)) and "--save-dev" not in cmd:
+        return {"type": "npm", "packages": m["pkgs"].split(), "global": bool(m["g"])}
+    return None
 
 
 def _sh(text: str) -> str:
