@@ -485,12 +485,7 @@ async def remove_tags(body: RemoveTags, request: Request, who: Who) -> Response:
 async def list_tags(template_id: str, request: Request, who: Who) -> JSONResponse:
     cove = _cove(request)
     name = _name_of(template_id).split(":", 1)[0]
-    await cove.templates.get(who, name)  # 404 for an unknown template
-    tagged = [
-        t
-        for t in await cove.store.list_templates(who.tenant)
-        if t.state == "ready" and t.name.startswith(name + ":")
-    ]
+    tagged = await cove.templates.tagged(who, name)
     return JSONResponse(
         [
             {
@@ -498,6 +493,6 @@ async def list_tags(template_id: str, request: Request, who: Who) -> JSONRespons
                 "buildID": _build_uuid(t.build_id),
                 "createdAt": datetime.fromtimestamp(t.created_at, UTC).isoformat().replace("+00:00", "Z"),
             }
-            for t in sorted(tagged, key=lambda t: t.created_at)
+            for t in tagged
         ]
     )

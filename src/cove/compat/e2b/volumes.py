@@ -76,10 +76,7 @@ def _with_token(cove: Cove, rec: VolumeRecord) -> dict[str, Any]:
 
 
 async def _owned(cove: Cove, who: Caller, volume_id: str) -> VolumeRecord:
-    rec = await cove.store.get_volume_by_id(volume_id)
-    if rec is None or rec.tenant != who.tenant:
-        raise ApiError(404, "not_found", f"volume '{volume_id}' not found")
-    return rec
+    return await cove.volumes.by_id(volume_id, who)
 
 
 # -- /volumes ----------------------------------------------------------------------------------
@@ -127,13 +124,8 @@ async def _content(request: Request, volume_id: str) -> tuple[Cove, VolumeRecord
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not cove.signer.check("e2b-volume", volume_id, token.strip()):
         raise ApiError(401, "unauthorized", "invalid or missing volume token (Authorization: Bearer)")
-    rec = await cove.store.get_volume_by_id(volume_id)
-    if rec is None:
-        raise ApiError(404, "not_found", f"volume '{volume_id}' not found")
-    root = cove.node.volumes.content_path(rec.id) if rec.node_id in ("", cove.fleet.id) else None
-    if root is None:
-        raise ApiError(409, "not_supported", f"volume {rec.name!r} is kept on node {rec.node_id}")
-    return cove, rec, root
+    rec = await cove.volumes.by_id(volume_id)
+    return cove, rec, cove.volumes.content_path(rec)
 
 
 def _parts(path: str) -> list[str]:
