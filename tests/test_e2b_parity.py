@@ -19,6 +19,7 @@ from cove.node import checkpoint
 
 # When the sandbox's init started (clock ticks since the host booted): a reboot starts a new one.
 BOOT = "cut -d' ' -f22 /proc/1/stat"
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 
 
 def _events(
@@ -157,6 +158,8 @@ def test_list_pages_over_running_and_paused_with_the_sdks_filters(sandboxes: lis
 # -- lifecycle -------------------------------------------------------------------------------------
 def test_pause_without_memory_reboots_on_resume(sbx: Sandbox) -> None:
     boot = sbx.commands.run(BOOT).stdout
+    boot_id = sbx.commands.run(BOOT_ID).stdout
+    assert boot_id != open("/proc/sys/kernel/random/boot_id").read()  # its own, not the host's
     h = sbx.commands.run("sleep 600", background=True)
     sbx.files.write("kept.txt", "still here")
     assert sbx.pause(keep_memory=False) is True
@@ -164,6 +167,7 @@ def test_pause_without_memory_reboots_on_resume(sbx: Sandbox) -> None:
     sbx.connect()
     assert sbx.files.read("kept.txt") == "still here"
     assert int(sbx.commands.run(BOOT).stdout) > int(boot), "a filesystem pause must reboot the sandbox"
+    assert sbx.commands.run(BOOT_ID).stdout != boot_id, "a reboot has a new boot id"
     assert h.pid not in [p.pid for p in sbx.commands.list()]
 
 
@@ -190,11 +194,14 @@ def test_kill_during_a_foreground_command_is_the_killed_error(sbx: Sandbox) -> N
 
 def test_connect_resumes_a_paused_sandbox(sbx: Sandbox) -> None:
     sbx.files.write("mark", "1")
+    boot_id = sbx.commands.run(BOOT_ID).stdout
     assert sbx.pause() is True
     same = Sandbox.connect(sbx.sandbox_id, timeout=90)
     assert same.get_info().state == SandboxState.RUNNING
     assert same.files.read("mark") == "1" and same.commands.run("echo ok").stdout == "ok\n"
     assert abs((same.get_info().end_at - datetime.now(UTC)).total_seconds() - 90) < 10
+    if checkpoint.available():  # restored from its memory: the same boot
+        assert same.commands.run(BOOT_ID).stdout == boot_id
 
 
 def test_beta_pause_then_connect(sbx: Sandbox) -> None:
