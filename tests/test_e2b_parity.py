@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import e2b
 import httpx
@@ -159,7 +160,7 @@ def test_list_pages_over_running_and_paused_with_the_sdks_filters(sandboxes: lis
 def test_pause_without_memory_reboots_on_resume(sbx: Sandbox) -> None:
     boot = sbx.commands.run(BOOT).stdout
     boot_id = sbx.commands.run(BOOT_ID).stdout
-    assert boot_id != open("/proc/sys/kernel/random/boot_id").read()  # its own, not the host's
+    assert boot_id != Path("/proc/sys/kernel/random/boot_id").read_text()  # its own, not the host's
     h = sbx.commands.run("sleep 600", background=True)
     sbx.files.write("kept.txt", "still here")
     assert sbx.pause(keep_memory=False) is True
@@ -302,3 +303,20 @@ def test_volumes_through_the_sdk(
     assert Volume.destroy(vol.volume_id) is False
     with pytest.raises(VOLUME_ERRORS):
         Volume.get_info(vol.volume_id)
+
+
+def test_unserved_e2b_endpoints_say_so_in_e2bs_shape(e2b_env: Server, sbx: Sandbox) -> None:
+    headers = {"X-API-KEY": e2b_env.api_key}
+    with httpx.Client(base_url=e2b_env.url, headers=headers, timeout=30) as c:
+        for method, path in (
+            ("GET", f"/sandboxes/{sbx.sandbox_id}/logs"),
+            ("GET", f"/v2/sandboxes/{sbx.sandbox_id}/logs"),
+            ("GET", "/secrets"),
+            ("POST", "/secrets"),
+            ("GET", "/default-templates"),
+            ("PUT", f"/sandboxes/{sbx.sandbox_id}"),
+        ):
+            r = c.request(method, path)
+            assert r.status_code == 501, (method, path, r.text)
+            assert r.json()["code"] == 501 and "cove does not serve" in r.json()["message"]
+        assert c.get("/v1/no-such-route").status_code == 404  # cove's own paths are untouched

@@ -30,6 +30,7 @@ def install(app: FastAPI, cove: Cove) -> None:
     app.include_router(templates.router)  # first: DELETE /templates/tags before /templates/{id}
     app.include_router(rest.router)
     app.include_router(volumes.router)
+    app.include_router(rest.unserved)  # last: e2b's paths that nothing above serves
     app.add_middleware(
         SandboxRouter,
         cove=cove,

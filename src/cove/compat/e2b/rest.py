@@ -641,3 +641,27 @@ async def update_network(sandbox_id: str, body: m.NetworkUpdate, request: Reques
 
     await cove.service.set_network(who, rec.id, change)
     return Response(status_code=204)
+
+
+# -- what cove does not serve ------------------------------------------------------------------
+# e2b's API paths (its OpenAPI spec) that no route above serves: answered in e2b's error shape with
+# a message that says so, never a bare 404. Registered after every e2b router (__init__.py).
+unserved = APIRouter(tags=["e2b"], route_class=E2bRoute)
+_E2B_PREFIXES = (
+    "sandboxes", "v2/sandboxes", "templates", "v2/templates", "v3/templates", "default-templates",
+    "secrets", "snapshots", "volumes", "volumecontent", "teams", "api-keys", "access-tokens",
+)  # fmt: skip
+
+
+async def not_served(request: Request) -> JSONResponse:
+    return _error(
+        501,
+        f"cove does not serve e2b's {request.method} {request.url.path} (docs/e2b.md lists what it serves)",
+    )
+
+
+for _prefix in _E2B_PREFIXES:
+    for _path in (f"/{_prefix}", f"/{_prefix}/{{rest:path}}"):
+        unserved.add_api_route(
+            _path, not_served, methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+        )
