@@ -115,7 +115,10 @@ def target(spec: str) -> pwd.struct_passwd:
 
 
 def environment(opts: dict[str, object], to: pwd.struct_passwd, assigned: dict[str, str]) -> dict[str, str]:
-    me = pwd.getpwuid(os.getuid())
+    try:
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # an unnamed uid
+        me = str(os.getuid())
     if opts["preserve"]:
         env = dict(os.environ)
     else:
@@ -132,7 +135,7 @@ def environment(opts: dict[str, object], to: pwd.struct_passwd, assigned: dict[s
             if name in os.environ:
                 env[name] = os.environ[name]
     env.update(
-        SUDO_USER=me.pw_name,
+        SUDO_USER=me,
         SUDO_UID=str(os.getuid()),
         SUDO_GID=str(os.getgid()),
     )
