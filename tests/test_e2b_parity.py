@@ -21,6 +21,7 @@ from cove.node import checkpoint
 # When the sandbox's init started (clock ticks since the host booted): a reboot starts a new one.
 BOOT = "cut -d' ' -f22 /proc/1/stat"
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+needs_criu = pytest.mark.skipif(not checkpoint.available(), reason="needs CRIU >= 4.1")
 
 
 def _events(
@@ -320,3 +321,16 @@ def test_unserved_e2b_endpoints_say_so_in_e2bs_shape(e2b_env: Server, sbx: Sandb
             assert r.status_code == 501, (method, path, r.text)
             assert r.json()["code"] == 501 and "cove does not serve" in r.json()["message"]
         assert c.get("/v1/no-such-route").status_code == 404  # cove's own paths are untouched
+
+
+@needs_criu
+def test_a_commands_timeout_runs_on_after_a_pause(sbx: Sandbox) -> None:
+    h = sbx.commands.run("sleep 600", background=True, timeout=6)
+    assert sbx.pause() is True  # ends the command's stream; its process sleeps on in the image
+    time.sleep(1)
+    sbx.connect()
+    assert h.pid in [p.pid for p in sbx.commands.list()]
+    deadline = time.monotonic() + 20
+    while h.pid in [p.pid for p in sbx.commands.list()]:
+        assert time.monotonic() < deadline, "the command outlived its timeout after the pause"
+        time.sleep(0.3)
