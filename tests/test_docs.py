@@ -36,12 +36,13 @@ def test_example_runs(
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        # docs/e2b.md tells users to set these three variables; nothing else configures the e2b SDK.
+        # docs/e2b.md tells users to set these variables; nothing else configures the e2b SDK.
         env={
             **server.env,
             "E2B_API_URL": server.url,
             "E2B_SANDBOX_URL": server.url,
             "E2B_API_KEY": server.api_key,
+            "E2B_VOLUME_API_URL": server.url,  # and this fourth one for e2b's volume content API
         },
         capture_output=True,
         text=True,

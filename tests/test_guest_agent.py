@@ -188,7 +188,7 @@ def test_client_disconnect_kills_the_command(client: GuestClient) -> None:
 def test_env(client: GuestClient) -> None:
     out, _, _ = sh(client, "env", env={"SHADOWED": "request", "EXTRA": "x y", "LANG": None})
     env = dict(line.split("=", 1) for line in out.decode().splitlines())
-    assert env["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert env["PATH"] == "/opt/cove/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert (env["HOME"], env["USER"], env["LOGNAME"], env["SHELL"]) == ("/root", "root", "root", "/bin/bash")
     assert env["FROM_CONFIG"] == "config"
     assert env["SHADOWED"] == "request"

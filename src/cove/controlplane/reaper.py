@@ -157,8 +157,9 @@ class Reaper:
         for rec in page.items:
             try:
                 if rec.expires_at is not None and rec.expires_at <= now:
-                    if rec.on_timeout == "hibernate" and rec.state in ACTIVE:
-                        await self.sandboxes.hibernate_record(rec, stop_clock=True)
+                    if rec.on_timeout in ("hibernate", "hibernate_files") and rec.state in ACTIVE:
+                        memory = rec.on_timeout == "hibernate"
+                        await self.sandboxes.hibernate_record(rec, memory, stop_clock=True)
                     else:
                         await self.sandboxes.end(rec, "killed", "timeout", check="expired")
                 elif rec.state == "hibernated":

@@ -205,7 +205,8 @@ class CreateSandbox(Strict):
         default=0, ge=0, le=30 * 86400, description="seconds without API calls before on_idle"
     )
     on_idle: Literal["pause", "hibernate"] = "pause"
-    on_timeout: Literal["kill", "hibernate"] = "kill"
+    # hibernate_files: hibernate keeping only the files (processes restart on resume)
+    on_timeout: Literal["kill", "hibernate", "hibernate_files"] = "kill"
     snapshot_every: int = Field(
         default=0,
         ge=0,

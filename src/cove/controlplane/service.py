@@ -33,7 +33,7 @@ from cove.controlplane.quotas import Quotas
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.sources import BASE, Sources
 from cove.controlplane.starter import Starter, new_sandbox_id
-from cove.controlplane.states import ACTIVE, LIVE, TRANSITIONS
+from cove.controlplane.states import ACTIVE, LIVE, ON_TIMEOUT, TRANSITIONS
 from cove.controlplane.templates import start_template_service
 from cove.controlplane.volumes import Volumes
 from cove.network.egress_policy import Policy
@@ -49,6 +49,9 @@ ACTIVITY_SHARED_S = 2.0  # a sandbox's use is written to a shared store at most 
 def bucket_mounts(rec: SandboxRecord) -> bool:
     """Has the sandbox S3 bucket mounts (FUSE: they cannot be checkpointed)?"""
     return any(m["type"] != "volume" for m in rec.mounts)
+
+
+GUEST_SETTLE = 10.0  # seconds a failed guest call waits for a kill or hibernate under way to end
 
 
 class _UseCopy(Exception):
@@ -172,6 +175,18 @@ class SandboxService:
         """Any tenant's sandbox: for front ends that authorise by the sandbox itself (its port
         URLs and their tokens), never for a caller's request."""
         return await self.store.get_sandbox(sandbox_id)
+
+    async def lookup_any(self, states: list[str]) -> list[SandboxRecord]:
+        """Every tenant's sandboxes in `states`: for front ends that find a sandbox by a secret only
+        it can have made (a signed URL naming no sandbox), never for a caller's request."""
+        out: list[SandboxRecord] = []
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_sandboxes(None, states, None, 1000, cursor)
+            out.extend(page.items)
+            if not page.next_cursor:
+                return out
+            cursor = page.next_cursor
 
     async def stats(self, rec: SandboxRecord) -> dict[str, Any]:
         """Resource use of a sandbox with processes (memory, cpu, pids, disk)."""
@@ -518,10 +533,12 @@ class SandboxService:
         self, who: Caller, sandbox_id: str, timeout: int | None, on_timeout: str | None = None
     ) -> SandboxRecord:
         """End the sandbox `timeout` seconds from now (0: never; None: keep its end), and with
-        `on_timeout` change what its end does (kill | hibernate)."""
-        if on_timeout not in (None, "kill", "hibernate"):
+        `on_timeout` change what its end does (kill | hibernate | hibernate_files)."""
+        if on_timeout not in (None, *ON_TIMEOUT):
             raise ApiError(
-                422, "validation_error", f"on_timeout: expected kill or hibernate, got {on_timeout!r}"
+                422,
+                "validation_error",
+                f"on_timeout: expected kill, hibernate or hibernate_files, got {on_timeout!r}",
             )
         rec = await self.get(who, sandbox_id)
         async with self._locks[rec.id]:
@@ -810,6 +827,19 @@ class SandboxService:
             return ApiError(GUEST_STATUS.get(exc.code, 500), exc.code, exc.message)
         if not await self.check_alive(rec):
             return ApiError(409, "not_running", f"sandbox {rec.id} stopped while the call ran")
+        lock = self._locks.get(rec.id)
+        if lock is not None and lock.locked():
+            # A kill, hibernate or pause under way cut the call: say what it made of the sandbox.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GUEST_SETTLE):
+                    async with lock:
+                        pass
+            fresh = await self.store.get_sandbox(rec.id)
+            if fresh is None or fresh.state not in ACTIVE:
+                state = fresh.state if fresh is not None else "gone"
+                return ApiError(
+                    409, "not_running", f"sandbox {rec.id} is {state}: it stopped while the call ran"
+                )
         return ApiError(503, "guest_unavailable", f"the sandbox's guest agent did not answer: {exc}")
 
     @contextlib.asynccontextmanager

@@ -24,3 +24,5 @@ TRANSITIONS = {
 }
 LIVE = ("starting", "running", "paused", "hibernated")  # states that hold resources
 ACTIVE = ("running", "paused")  # states with processes
+# What a sandbox's timeout does: kill it, hibernate it, or hibernate it keeping only its files.
+ON_TIMEOUT = ("kill", "hibernate", "hibernate_files")

@@ -276,6 +276,18 @@ class Templates:
         ):
             await self.node.checkpoints.drop(ckpt)
 
+    async def tagged(self, who: Caller, name: str) -> list[TemplateRecord]:
+        """The ready `name:tag` records of a template, oldest first (404 for an unknown name)."""
+        await self.get(who, name)
+        return sorted(
+            (
+                t
+                for t in await self.store.list_templates(who.tenant)
+                if t.state == "ready" and t.name.startswith(name + ":")
+            ),
+            key=lambda t: t.created_at,
+        )
+
     async def tags_of(self, who: Caller, rec: TemplateRecord) -> list[str]:
         bare = rec.name.split(":", 1)[0]
         return sorted(

@@ -92,6 +92,23 @@ class Volumes:
             raise not_found("volume", name)
         return rec
 
+    async def by_id(self, volume_id: str, who: Caller | None = None) -> VolumeRecord:
+        """A volume by its id: the caller's (another tenant's is a 404), or with `who=None` any
+        tenant's, for front ends that authorise by the volume itself (its content token)."""
+        rec = await self.store.get_volume_by_id(volume_id)
+        if rec is None or (who is not None and rec.tenant != who.tenant):
+            raise not_found("volume", volume_id)
+        return rec
+
+    def content_path(self, rec: VolumeRecord) -> str:
+        """The volume's directory on this server's host, for front ends that edit its files;
+        409 where another node keeps it."""
+        self._here(rec)
+        path = self.node.volumes.content_path(rec.id)
+        if path is None:
+            raise ApiError(409, "not_supported", f"volume {rec.name!r} is not on this server's host")
+        return path
+
     async def list(self, who: Caller) -> list[VolumeRecord]:
         return await self.store.list_volumes(who.tenant)
 

@@ -9,7 +9,8 @@ from .config import CONFIG
 from .errors import OpError
 from .users import User, norm_path, resolve_user
 
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# /opt/cove/bin: what cove's templates add (the base template's sudo and python).
+BASE_PATH = "/opt/cove/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STDIN_HIGH_WATER = 4 * 1024 * 1024  # stop reading the host while this much stdin is unread
 EXIT_IDLE = 0.1  # after the command exits: stop once its pipes are quiet this long...
 EXIT_GRACE = 1.0  # ...or after this long, if a background process keeps them open

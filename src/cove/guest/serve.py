@@ -15,7 +15,7 @@ import select
 import sys
 import time
 
-from . import handler, protocol, registry
+from . import handler, protocol, registry, sudo
 from .config import CONFIG_PATH, load_config
 from .errors import log_exception
 from .files import UMASK
@@ -76,7 +76,35 @@ def reap() -> list[int]:
         done.append(pid)
 
 
-def serve(listener: _socket.socket, ready_fd: int | None) -> None:
+def _serve_sudo(sudo_listener: _socket.socket, wake: tuple[int, int], taken_w: int) -> None:
+    """A `sudo` request: a process of its own serves it (sudo.py), pid 1 only forks it."""
+    try:
+        fd, _ = sudo_listener._accept()
+    except OSError:
+        return  # taken meanwhile, or the client gave up
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(fd)
+        return
+    if pid:
+        os.close(fd)
+        return
+    try:
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        for own in (*wake, taken_w, sudo_listener.fileno()):
+            os.close(own)
+        sudo.serve(_socket.socket(fileno=fd))
+    except BaseException:
+        pass
+    finally:
+        os._exit(0)
+
+
+def serve(
+    listener: _socket.socket, ready_fd: int | None, sudo_listener: _socket.socket | None = None
+) -> None:
     """Pid 1's loop: keep SPARES handlers waiting in accept(), reap every child and orphan.
 
     A taken spare is replaced SPARE_DELAY later, or at once when a connection finds none: a fork
@@ -90,6 +118,8 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
     poller.register(taken_r, select.POLLIN)
+    if sudo_listener is not None:
+        poller.register(sudo_listener.fileno(), select.POLLIN)
     watching_listener = False
     due: float | None = 0.0  # when to fork the next spare; None while there are enough
 
@@ -138,6 +168,8 @@ def serve(listener: _socket.socket, ready_fd: int | None) -> None:
                     for pid in reap():
                         idle.discard(pid)  # a spare that died before it was taken
                     replace_after(SPARE_DELAY)
+                elif sudo_listener is not None and fd == sudo_listener.fileno():
+                    _serve_sudo(sudo_listener, (wake_r, wake_w), taken_w)
                 elif fd == taken_r:
                     refresh_config()  # so the next spare forks with the current config
                     try:
@@ -252,4 +284,8 @@ def main(args: list[str]) -> None:
     # Our own variables never reach a command (commands get a fresh env anyway, see build_env).
     for key in [k for k in os.environ if k.startswith("COVE_")]:
         del os.environ[key]
-    serve(listener, ready_fd)
+    try:
+        sudo_listener = sudo.listen(listener.getsockname())
+    except Exception:
+        sudo_listener = None
+    serve(listener, ready_fd, sudo_listener)

@@ -113,6 +113,10 @@ class Volumes(Protocol):
     async def ids(self) -> tuple[set[str], set[str]]:
         """Ids of the volumes and of the sealed copies on this node."""
 
+    def content_path(self, volume_id: str) -> str | None:
+        """The volume's directory on this host, for front ends that read and write its files
+        (e2b's volume content API); None where the node keeps it out of this host's reach."""
+
     def buckets_available(self) -> bool:
         """Can sandboxes mount S3-compatible buckets here?"""
 

@@ -58,12 +58,25 @@ class GuestUnavailable(Exception):
 class _Conn:
     """One connection to the agent; `reuse` once its final reply said the agent keeps serving it."""
 
-    __slots__ = ("reader", "reuse", "writer")
+    __slots__ = ("reader", "reuse", "use", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.reuse = False
+        self.use: _Stream | None = None  # while leased
+
+
+class _Stream:
+    """A connection in use (a stream, or a call that may wait long); `done` once its user has
+    finished with it; `cut` once a checkpoint ended it (it must not be kept then)."""
+
+    __slots__ = ("cut", "done", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, done: asyncio.Event) -> None:
+        self.writer = writer
+        self.done = done
+        self.cut = False
 
 
 class Idle:
@@ -76,6 +89,21 @@ class Idle:
     def __init__(self) -> None:
         self._conns: dict[str, list[tuple[float, _Conn]]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        # Connections in use (streams, calls) by socket path: a checkpoint must end them too.
+        self._streams: dict[str, set[_Stream]] = {}
+
+    def stream(self, path: str, writer: asyncio.StreamWriter) -> _Stream:
+        s = _Stream(writer, asyncio.Event())
+        self._streams.setdefault(path, set()).add(s)
+        return s
+
+    def unstream(self, path: str, s: _Stream) -> None:
+        s.done.set()
+        live = self._streams.get(path)
+        if live is not None:
+            live.discard(s)
+            if not live:
+                del self._streams[path]
 
     def take(self, path: str) -> _Conn | None:
         kept = self._conns.get(path)
@@ -98,15 +126,31 @@ class Idle:
         if self._timer is None:  # so idle sandboxes keep no handler
             self._timer = asyncio.get_running_loop().call_later(self.EXPIRY, self.expire)
 
-    async def drop(self, path: str, wait: bool = True) -> None:
+    async def drop(self, path: str, wait: bool = True, in_use: bool = False) -> None:
         """Close a sandbox's kept connections (before it is frozen, dumped or killed); their
         handlers then exit. `wait`: until each handler has closed its end, so that no frozen
-        handler holds a socket whose peer is gone (CRIU refuses to dump one)."""
+        handler holds a socket whose peer is gone. `in_use` (before a dump, with `wait`): end the
+        connections in use too (streams, long waits): CRIU refuses to dump a socket whose peer is
+        outside the sandbox."""
         conns = [conn for _, conn in self._conns.pop(path, [])]
         if not wait:
             for conn in conns:
                 conn.writer.close()
             return
+        # Stopped or killed, connections in use break as the sandbox ends, and their users then
+        # learn it ended (cut earlier, they would find it still running); frozen, they wait.
+        streams = list(self._streams.pop(path, ())) if in_use else []
+        for s in streams:
+            s.cut = True
+        # A handler in use (attach, watch, a wait relayed to a process) ends when the host closes
+        # its side; the host's reader then sees the end (a call already sent is still answered).
+        for s in streams:
+            with contextlib.suppress(OSError, RuntimeError):
+                s.writer.write_eof()
+        if streams:
+            await asyncio.wait([asyncio.create_task(s.done.wait()) for s in streams], timeout=DROP_WAIT)
+            for s in streams:
+                s.writer.close()
         for conn in conns:
             with contextlib.suppress(OSError, RuntimeError):
                 conn.writer.write_eof()
@@ -276,13 +320,35 @@ class GuestClient:
         finally:
             os.close(fd)
 
+    @contextlib.asynccontextmanager
+    async def _streaming(self) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A connection of its own for a streamed operation, known to `idle` while it lasts (so a
+        checkpoint can end it: CRIU cannot dump a socket whose peer is outside the sandbox)."""
+        reader, writer = await self._open()
+        s = self.idle.stream(self.key, writer) if self.idle is not None else None
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+            if s is not None and self.idle is not None:
+                self.idle.unstream(self.key, s)
+
     async def _lease(self) -> _Conn:
-        """A kept connection to this agent, or a new one (for operations the agent may keep serving)."""
-        if self.idle is not None and (conn := self.idle.take(self.key)):
-            return conn
-        return _Conn(*await self._open())
+        """A kept connection to this agent, or a new one (for operations the agent may keep serving);
+        known to `idle` as in use until released."""
+        conn = self.idle.take(self.key) if self.idle is not None else None
+        if conn is None:
+            conn = _Conn(*await self._open())
+        if self.idle is not None:
+            conn.use = self.idle.stream(self.key, conn.writer)
+        return conn
 
     def _release(self, conn: _Conn) -> None:
+        use, conn.use = conn.use, None
+        if use is not None and self.idle is not None:
+            self.idle.unstream(self.key, use)
+            if use.cut:
+                conn.reuse = False
         if conn.reuse and self.idle is not None:
             self.idle.give(self.key, conn)
         else:
@@ -302,8 +368,7 @@ class GuestClient:
 
     async def events(self, op: str, **fields: Any) -> AsyncIterator[dict[str, Any]]:
         """A request answered by `J` events, the last of which has `ok` (used by code contexts)."""
-        reader, writer = await self._open()
-        try:
+        async with self._streaming() as (reader, writer):
             await _send_request(writer, op, fields)
             while True:
                 frame = await _read_frame(reader)
@@ -317,8 +382,6 @@ class GuestClient:
                     yield _reply(payload)
                     return
                 yield message
-        finally:
-            writer.close()
 
     async def exec(
         self,
@@ -478,8 +541,7 @@ class GuestClient:
         process is not touched. `offset=-1`: live output only. `block`: a reader that falls behind
         holds the process's output back (its writes block) instead of missing bytes.
         Unknown id: GuestError("not_found")."""
-        reader, writer = await self._open()
-        try:
+        async with self._streaming() as (reader, writer):
             fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
             await _send_request(writer, "attach", fields)
             while True:
@@ -499,8 +561,6 @@ class GuestClient:
                     reply = _reply(payload)
                     yield "exit", {"exit_code": reply["exit_code"], "end_offset": reply["end_offset"]}
                     return
-        finally:
-            writer.close()
 
     async def input(self, id: str, data: ByteSource) -> None:
         """Write to a process's stdin (or terminal). GuestError("conflict") if it has exited or its
@@ -559,8 +619,7 @@ class GuestClient:
         {"event": "overflow"} if events were lost). Ends when the directory itself is removed;
         closing the iterator stops watching. Errors (not_found, not_a_directory, ...) are raised by
         the first iteration step."""
-        reader, writer = await self._open()
-        try:
+        async with self._streaming() as (reader, writer):
             await _send_request(
                 writer, "watch", {"path": path, "recursive": recursive, "user": user, "owner": owner}
             )
@@ -576,8 +635,6 @@ class GuestClient:
                     _reply(payload)
                     return
                 yield event
-        finally:
-            writer.close()
 
 
 def _event(payload: bytes) -> dict[str, Any] | None:

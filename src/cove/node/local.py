@@ -75,6 +75,10 @@ class LocalVolumes:
     async def ids(self) -> tuple[set[str], set[str]]:
         return await asyncio.to_thread(lambda: (self.store.ids(), self.store.sealed_ids()))
 
+    def content_path(self, volume_id: str) -> str | None:
+        path = self.store.path(volume_id)
+        return str(path) if path.is_dir() else None
+
     def buckets_available(self) -> bool:
         return bucket_mounts.available()
 
@@ -130,14 +134,14 @@ class LocalCheckpoints:
 
     async def hibernate(self, sandbox_id: str, handle: Handle) -> None:
         checkpointer = self._of(self.node._of(sandbox_id))
-        await self.node._forget_connections(sandbox_id)
+        await self.node._forget_connections(sandbox_id, in_use=True)
         await checkpointer.hibernate(sandbox_id, handle)
 
     async def snapshot_with_memory(
         self, sandbox_id: str, handle: Handle, key: str, layer_id: str, seal: Seal = ()
     ) -> str:
         checkpointer = self._of(self.node._of(sandbox_id))
-        await self.node._forget_connections(sandbox_id)
+        await self.node._forget_connections(sandbox_id, in_use=True)
         return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
@@ -339,10 +343,10 @@ class LocalNode(NodeAgent):
     async def configure(self, spec: SandboxSpec, thaw: bool = False) -> None:
         await self._of(spec.id).configure(spec, thaw)
 
-    async def _forget_connections(self, sandbox_id: str, wait: bool = True) -> None:
+    async def _forget_connections(self, sandbox_id: str, wait: bool = True, in_use: bool = False) -> None:
         """Before a sandbox is frozen, dumped, stopped or killed: a kept connection would hold a
         handler (and CRIU cannot dump a socket whose peer is outside the sandbox)."""
-        await self.idle.drop(self.host.socket_path(sandbox_id), wait)
+        await self.idle.drop(self.host.socket_path(sandbox_id), wait, in_use)
 
     async def stop(self, sandbox_id: str) -> None:
         await self._forget_connections(sandbox_id, wait=False)

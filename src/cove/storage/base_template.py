@@ -1,7 +1,9 @@
 """The default template `base`: the host's /usr, read-only, under a small root layer of its own.
 
 The layer holds an allow-listed copy of /etc (never the host's passwd, shadow, keys or machine-id),
-a user `user` (uid 1000, home /home/user) and root, and mount points. Files are owned by the
+a user `user` (uid 1000, home /home/user) and root, mount points, and in /opt/cove/bin what e2b's
+base image has and code written for it assumes: `sudo` (no password; through the sandbox's agent,
+see cove/guest/sudo.py) and `python` (the host's python3), first on every PATH. Files are owned by the
 sandbox's mapped ids (uid 0 inside = `uid_base` outside) so root inside can change its own copy of
 them; the layer itself never changes, writes land in each sandbox's upper dir.
 """
@@ -12,7 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
-VERSION = 1  # bump when the layer's recipe changes
+VERSION = 2  # bump when the layer's recipe changes
+
+BIN = "opt/cove/bin"  # on every command's PATH (the guest's BASE_PATH, and login shells: PROFILE)
+PROFILE = (
+    "# cove: its commands (sudo, python) come first, as in a command's environment\n"
+    'case ":$PATH:" in *:/opt/cove/bin:*) ;; *) PATH="/opt/cove/bin:$PATH" ;; esac\n'
+    "export PATH\n"
+)
 
 # /etc entries copied from the host: what programs need to run; nothing that identifies or unlocks it.
 ETC_ALLOWLIST = (
@@ -89,6 +98,14 @@ def fill(root: Path, uid_base: int) -> None:
             continue
         p.write_text(text)
         os.chmod(p, mode)
+
+    (etc / "profile.d").mkdir(exist_ok=True)
+    (etc / "profile.d/cove-path.sh").write_text(PROFILE)
+    bin_dir = root / BIN
+    bin_dir.mkdir(parents=True)
+    shutil.copyfile(Path(__file__).with_name("sudo_command.py"), bin_dir / "sudo")
+    os.chmod(bin_dir / "sudo", 0o755)
+    os.symlink("/usr/bin/python3", bin_dir / "python")
 
     home = root / "home/user"
     shutil.copytree("/etc/skel", home) if os.path.isdir("/etc/skel") else home.mkdir()

@@ -35,7 +35,7 @@ class SandboxRecord:
     auto_resume: bool = True  # calls on a paused/hibernated sandbox resume it (else 409)
     idle_timeout: int = 0  # seconds without API activity before `on_idle` (0 = never)
     on_idle: str = "pause"  # pause | hibernate
-    on_timeout: str = "kill"  # kill | hibernate
+    on_timeout: str = "kill"  # kill | hibernate | hibernate_files (without memory)
     checkpoint: dict[str, Any] = field(default_factory=dict)  # how it was hibernated
     # Network and traffic settings ({"public_traffic": bool, ...}); the e2b front end keeps its own here.
     network: dict[str, Any] = field(default_factory=dict)

@@ -2,6 +2,8 @@
 
 - `rest`: e2b's control-plane REST API (`/v2/sandboxes`, `/sandboxes/{id}/...`, `/snapshots`),
   authenticated with `X-API-KEY` = a cove API key.
+- `templates`: e2b's template builds (`/v3/templates`, file uploads, build status) on cove's builder.
+- `volumes`: e2b's volumes (`/volumes`, `/volumecontent`) on cove's volumes.
 - `routing`: picks the sandbox and port of sandbox traffic (headers or host name).
 - `envd`: the in-sandbox daemon's protocol (Connect RPC `process.Process`, `filesystem.Filesystem`,
   `/files`, `/health`), served by the cove server on top of cove's guest agent.
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from . import envd, interpreter, ports, rest
+from . import envd, interpreter, ports, rest, templates, volumes
 from .routing import SandboxRouter
 
 if TYPE_CHECKING:
@@ -25,7 +27,10 @@ if TYPE_CHECKING:
 
 
 def install(app: FastAPI, cove: Cove) -> None:
+    app.include_router(templates.router)  # first: DELETE /templates/tags before /templates/{id}
     app.include_router(rest.router)
+    app.include_router(volumes.router)
+    app.include_router(rest.unserved)  # last: e2b's paths that nothing above serves
     app.add_middleware(
         SandboxRouter,
         cove=cove,

@@ -10,8 +10,6 @@ signature made with it (e2b's `download_url` / `upload_url`).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import hmac
 import json
 import mimetypes
@@ -31,7 +29,7 @@ from cove.node.guest_client import GuestError, GuestUnavailable
 
 from . import fsops
 from .fsops import EnvdError, Session
-from .routing import envd_token, target
+from .routing import envd_token, signature, target
 
 if TYPE_CHECKING:
     from cove.controlplane.app import Cove
@@ -72,13 +70,6 @@ async def _error(send: Send, err: EnvdError) -> None:
 
 
 # --- authorization ---------------------------------------------------------------------------
-
-
-def signature(path: str, operation: str, user: str, token: str, expiration: int | None) -> str:
-    """e2b's v1 file URL signature: sha256 over path, operation, user and the envd token."""
-    parts = [path, operation, user, token] + ([str(expiration)] if expiration is not None else [])
-    digest = hashlib.sha256(":".join(parts).encode()).digest()
-    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
 
 
 def _authorize(cove: Cove, scope: Scope, request: Request, operation: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,9 @@ def _status(exit_code: int, sig: int | None) -> pb.ProcessEvent.EndEvent:
     if exit_code != 0:
         end.error = status
     return end
+
+
+REAP_RETRIES = 100  # cut waits a command's deadline survives (each a pause, or a failed call)
 
 
 class Service:
@@ -214,16 +218,42 @@ class Service:
             yield event
 
     def _kill_at(self, session: fsops.Session, proc_id: str, timeout: float) -> None:
-        """envd's command lifetime: kill the process when the Start call's deadline passes."""
+        """envd's command lifetime: kill the process when the Start call's deadline passes. Time
+        spent paused does not count (as in e2b's frozen VM): a wait cut by a pause waits out the
+        rest once the sandbox runs again, and ends with the sandbox."""
 
         async def reap() -> None:
-            with contextlib.suppress(GuestError, GuestUnavailable):
-                if (await session.guest.wait(proc_id, timeout))["running"]:
-                    await session.guest.kill(proc_id)
+            left = timeout
+            for _ in range(REAP_RETRIES):
+                started = time.monotonic()
+                try:
+                    if (await session.guest.wait(proc_id, left))["running"]:
+                        await session.guest.kill(proc_id)
+                    return
+                except GuestError:
+                    return
+                except GuestUnavailable:
+                    left = max(0.0, left - (time.monotonic() - started))
+                    await asyncio.sleep(0.5)  # an agent that does not answer is not asked at once again
+                    if not await self._running_again(session.rec.id):
+                        return
 
         task = asyncio.create_task(reap())
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
+
+    async def _running_again(self, sandbox_id: str) -> bool:
+        """After a guest call was cut: wait while the sandbox is paused (polling, ever less often);
+        True once it runs again, False when it ended."""
+        pause = 0.5
+        while True:
+            rec = await self.cove.service.lookup(sandbox_id)
+            if rec is None or rec.state not in ("starting", "running", "paused", "hibernated"):
+                return False
+            if rec.state == "running":
+                return True
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
     async def connect(self, req: pb.ConnectRequest, ctx: Context) -> AsyncIterator[pb.ConnectResponse]:
         proc = await self._find(ctx, req.process)

@@ -9,8 +9,9 @@ bad input is a 400, which the SDK raises as its argument error.
 How e2b's model maps onto cove's:
 - e2b "paused" = cove `paused` or `hibernated`. `pause` hibernates (CRIU keeps the processes'
   memory where the node can checkpoint) and stops the timeout; `connect` resumes and restarts it.
-- `autoPause` = `on_timeout="hibernate"`; `autoResume.enabled` = cove's `auto_resume` (off unless
-  asked: a paused e2b sandbox does not wake on traffic).
+- `autoPause` = `on_timeout="hibernate"` (`"hibernate_files"` with `autoPauseMemory: false`);
+  `autoResume.enabled` = cove's `auto_resume` (off unless asked: a paused e2b sandbox does not
+  wake on traffic).
 - snapshot ids double as template ids, so `Sandbox.create(snapshot_id)` starts from a snapshot.
 - network settings are recorded in the sandbox's `network` and returned; `allow_internet_access`,
   `allowOut` and `denyOut` become cove's egress policy, enforced by its proxy (docs/network.md).
@@ -162,7 +163,7 @@ def _listed(cove: Cove, rec: SandboxRecord) -> dict[str, Any]:
         "state": _e2b_state(rec),
         "envdVersion": ENVD_VERSION,
         "metadata": rec.metadata,
-        "volumeMounts": [],
+        "volumeMounts": [{"name": v["name"], "path": v["path"]} for v in rec.mounts if v["type"] == "volume"],
     }
 
 
@@ -175,7 +176,7 @@ def _detail(cove: Cove, rec: SandboxRecord) -> dict[str, Any]:
         "network": m.network_out(rec.network),
         "lifecycle": {
             "autoResume": rec.auto_resume,
-            "onTimeout": "pause" if rec.on_timeout == "hibernate" else "kill",
+            "onTimeout": "kill" if rec.on_timeout == "kill" else "pause",
         },
     }
 
@@ -266,23 +267,32 @@ def _snapshot_every(metadata: dict[str, str]) -> int:
 @router.post("/sandboxes", status_code=201)
 async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSONResponse:
     cove = _cove(request)
-    for name, value in (("mcp", body.mcp), ("iam", body.iam), ("volumeMounts", body.volume_mounts)):
+    for name, value in (("mcp", body.mcp), ("iam", body.iam)):
         if value:
             raise ApiError(400, "unsupported", f"{name} is not supported by cove yet")
     source = await _source(cove, who, body.template_id)
     req = CreateSandbox(
         **source,
         snapshot_every=_snapshot_every(body.metadata or {}),
+        volumes=[{"name": v.name, "path": v.path} for v in body.volume_mounts or []],
         env=body.env_vars or {},
         metadata=body.metadata or {},
         timeout=None if body.timeout is None else _seconds(body.timeout),
         auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
-        on_timeout="hibernate" if body.auto_pause else "kill",
+        on_timeout=_on_timeout(body.auto_pause, body.auto_pause_memory),
     )
     rec = await cove.service.create(
         who, req, network=m.network_record(body.network, body.allow_internet_access)
     )
     return JSONResponse(_created(cove, rec), 201)
+
+
+def _on_timeout(auto_pause: bool | None, memory: bool | None) -> str:
+    """cove's on_timeout for e2b's autoPause (memory unless autoPauseMemory is false: the SDK's
+    `lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}}`)."""
+    if not auto_pause:
+        return "kill"
+    return "hibernate_files" if memory is False else "hibernate"
 
 
 def _parse_metadata(query: str | None) -> dict[str, str]:
@@ -546,7 +556,7 @@ async def resume(
     if rec.state not in _E2B_STATES["paused"]:
         raise ApiError(409, "conflict", f"sandbox {sandbox_id} is already running")
     if body.auto_pause is not None:
-        await cove.service.set_timeout(who, rec.id, None, "hibernate" if body.auto_pause else "kill")
+        await cove.service.set_timeout(who, rec.id, None, _on_timeout(body.auto_pause, None))
     return await _connect(cove, who, sandbox_id, body.timeout, None)
 
 
@@ -617,10 +627,15 @@ async def list_snapshots(
 
 @router.delete("/templates/{template_id:path}", status_code=204)
 async def delete_template(template_id: str, request: Request, who: Who) -> Response:
-    """Delete a snapshot (e2b names snapshots as templates). Sandboxes started from it keep running."""
+    """Delete a cove template or a snapshot (e2b names snapshots as templates). Sandboxes started
+    from it keep running."""
     cove = _cove(request)
     if any(r in BASE_ALIASES for r in _refs(template_id)):
         raise ApiError(400, "invalid", f"'{template_id}' is cove's built-in template; it cannot be deleted")
+    for ref in _refs(template_id):  # a template built with cove (or through e2b's Template.build)
+        if await cove.service.sources.template(who, ref) is not None:
+            await cove.templates.delete(who, ref)
+            return Response(status_code=204)
     snap = await _find_snapshot(cove, who, template_id)
     if snap is None:
         raise ApiError(404, "template_not_found", f"template '{template_id}' not found")
@@ -648,3 +663,27 @@ async def update_network(sandbox_id: str, body: m.NetworkUpdate, request: Reques
 
     await cove.service.set_network(who, rec.id, change)
     return Response(status_code=204)
+
+
+# -- what cove does not serve ------------------------------------------------------------------
+# e2b's API paths (its OpenAPI spec) that no route above serves: answered in e2b's error shape with
+# a message that says so, never a bare 404. Registered after every e2b router (__init__.py).
+unserved = APIRouter(tags=["e2b"], route_class=E2bRoute)
+_E2B_PREFIXES = (
+    "sandboxes", "v2/sandboxes", "templates", "v2/templates", "v3/templates", "default-templates",
+    "secrets", "snapshots", "volumes", "volumecontent", "teams", "api-keys", "access-tokens",
+)  # fmt: skip
+
+
+async def not_served(request: Request) -> JSONResponse:
+    return _error(
+        501,
+        f"cove does not serve e2b's {request.method} {request.url.path} (docs/e2b.md lists what it serves)",
+    )
+
+
+for _prefix in _E2B_PREFIXES:
+    for _path in (f"/{_prefix}", f"/{_prefix}/{{rest:path}}"):
+        unserved.add_api_route(
+            _path, not_served, methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+        )

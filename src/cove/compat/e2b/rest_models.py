@@ -49,6 +49,11 @@ class NetworkUpdate(NetworkConfig):
     allow_internet_access: bool | None = Field(default=None, alias="allow_internet_access")
 
 
+class VolumeMount(E2bBody):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=63)]
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
 class NewSandbox(E2bBody):
     template_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(alias="templateID")
     timeout: Timeout | None = None
@@ -62,7 +67,7 @@ class NewSandbox(E2bBody):
     env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
     mcp: dict[str, Any] | None = None
     iam: dict[str, Any] | None = None
-    volume_mounts: list[dict[str, Any]] | None = Field(default=None, alias="volumeMounts")
+    volume_mounts: list[VolumeMount] | None = Field(default=None, alias="volumeMounts", max_length=16)
 
 
 class ConnectSandbox(E2bBody):

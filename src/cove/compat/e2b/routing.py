@@ -9,10 +9,14 @@ inside the sandbox. Requests with neither pass through to cove's own API.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,6 +63,37 @@ def traffic_token(cove: Cove, sandbox_id: str) -> str:
     return cove.signer.token("e2b-traffic", sandbox_id)
 
 
+def signature(path: str, operation: str, user: str, token: str, expiration: int | None) -> str:
+    """e2b's v1 file URL signature: sha256 over path, operation, user and the envd token."""
+    parts = [path, operation, user, token] + ([str(expiration)] if expiration is not None else [])
+    digest = hashlib.sha256(":".join(parts).encode()).digest()
+    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
+
+
+def _files_query(scope: Scope) -> dict[str, str] | None:
+    """The query of a `/files` request (envd's; cove's own API has no such path), else None."""
+    if scope["type"] != "http" or scope["path"] != "/files":
+        return None
+    return {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+
+
+async def signed_sandbox(cove: Cove, query: dict[str, str], operation: str) -> SandboxRecord | None:
+    """The live sandbox whose envd token made this signature, found without its id: with
+    E2B_SANDBOX_URL the SDK's signed URLs name no sandbox (no header can go with a URL). The
+    signature covers path, operation, user and expiry, so only its sandbox's token reproduces it."""
+    exp = query.get("signature_expiration") or None
+    try:
+        expiration = int(exp) if exp is not None else None
+    except ValueError:
+        return None
+    sig = query["signature"]
+    path, user = query.get("path", ""), query.get("username", "")
+    for rec in await cove.service.lookup_any(list(_LIVE)):
+        if hmac.compare_digest(signature(path, operation, user, envd_token(cove, rec.id), expiration), sig):
+            return rec
+    return None
+
+
 async def send_error(send: Send, status: int, message: str, sandbox_id: str | None = None) -> None:
     """An error in the shape e2b's proxy answers with (the SDK matches on its message)."""
     body = json.dumps({"code": status, "message": message, "sandboxId": sandbox_id}).encode()
@@ -100,6 +135,18 @@ class SandboxRouter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         selected = _selector(scope) if scope["type"] in ("http", "websocket") else None
+        if selected is None and (query := _files_query(scope)) is not None:
+            # A file URL without the sandbox's headers: e2b's signed download_url / upload_url.
+            if "signature" not in query:
+                msg = "unauthorized access: name the sandbox (E2b-Sandbox-Id) or use a signed file URL"
+                await send_error(send, 401, msg)
+                return
+            operation = "write" if scope["method"] == "POST" else "read"
+            found = await signed_sandbox(self.cove, query, operation)
+            if found is None:
+                await send_error(send, 401, "invalid signature: it is for no sandbox of this server")
+                return
+            selected = (found.id, str(ENVD_PORT))
         if selected is None:
             await self.app(scope, receive, send)
             return

@@ -64,6 +64,7 @@ PROC_MASKED = (
     "latency_stats",
     "sysrq-trigger",
 )
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PROC_MASKED_DIRS = ("acpi", "scsi", "asound", "driver")
 PROC_READONLY = ("sys", "bus", "fs", "irq")
 AGENT_SOCKET = "/run/cove/sock/agent.sock"
@@ -108,6 +109,7 @@ def _setup_mounts(spec: dict) -> None:
         "devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5"
     )
     syscalls.mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    _boot_id(root, dev)
     agent_dir = root + "/run/cove"
     os.makedirs(agent_dir, exist_ok=True)
     # Read-write, but only sock/ belongs to the sandbox's root: the rest is host root's (unmapped here).
@@ -117,6 +119,25 @@ def _setup_mounts(spec: dict) -> None:
     syscalls.pivot_root(".", ".")
     syscalls.umount(".", MNT_DETACH)
     os.chdir("/")
+
+
+def _boot_id(root: str, dev: str) -> None:
+    """This boot's own /proc/sys/kernel/random/boot_id (the host's never changes when a sandbox
+    reboots): a file in the sandbox's /dev bound over it, so a restore (CRIU) keeps it and a
+    restart gets a new one, as a VM's reboot does."""
+    target = root + BOOT_ID
+    if not os.path.exists(target):
+        return
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # a version 4 (random) UUID, as the kernel's
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    path = f"{dev}/.boot_id"
+    with open(path, "w") as f:
+        f.write(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}\n")
+    os.chmod(path, 0o444)
+    syscalls.mount(path, target, None, MS_BIND)
+    syscalls.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _mask_proc(proc: str) -> None:

@@ -320,6 +320,9 @@ class RemoteVolumes:
         volumes, sealed = await self.node.call("volumes.ids")
         return set(volumes), set(sealed)
 
+    def content_path(self, volume_id: str) -> str | None:
+        return None  # on another host
+
     def buckets_available(self) -> bool:
         return bool(self.node.described("buckets_available"))
 
