@@ -1,11 +1,15 @@
-"""API keys: random secrets shown once, stored as sha256 hashes, each belonging to a tenant."""
+"""API keys: random secrets shown once, stored as sha256 hashes, each belonging to a tenant; and
+browser sessions (the web console's): a server-side session id in an HttpOnly, SameSite=Strict
+cookie standing for a key, with a CSRF token that every state-changing request must echo."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fastapi import Request, WebSocket
 
@@ -13,6 +17,9 @@ from cove.controlplane.errors import ApiError
 from cove.store.base import KeyRecord, Store
 
 KEY_PREFIX = "cove_"
+SESSION_COOKIE = "cove_session"  # the console's session id (never the key itself)
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,92 @@ class KeyCache:
                 del self._entries[h]
 
 
+@dataclass
+class Session:
+    """A signed-in browser: which key it stands for (by hash: the key itself is not kept), and the
+    CSRF token its pages echo in `X-CSRF-Token`."""
+
+    id: str
+    key_hash: str
+    csrf: str
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Sessions:
+    """Console sessions, in this server's memory: a restart signs every browser out (they sign in
+    again with their key). A session ends at sign-out, after `idle` seconds unused, after `lifetime`
+    seconds, or as soon as its key is revoked (every use looks the key up again)."""
+
+    def __init__(self, keys: KeyCache, idle: float = 8 * 3600, lifetime: float = 7 * 86400) -> None:
+        self.keys = keys
+        self.idle = idle
+        self.lifetime = lifetime
+        self._by_id: dict[str, Session] = {}
+
+    def create(self, key_hash: str) -> Session:
+        self._expire()
+        session = Session(id=secrets.token_urlsafe(32), key_hash=key_hash, csrf=secrets.token_urlsafe(32))
+        self._by_id[hash_key(session.id)] = session
+        return session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        session = self._by_id.get(hash_key(session_id))
+        if session is None:
+            return None
+        if time.monotonic() - session.last_used > self.idle or time.time() - session.created > self.lifetime:
+            self._by_id.pop(hash_key(session_id), None)
+            return None
+        session.last_used = time.monotonic()
+        return session
+
+    def end(self, session_id: str | None) -> None:
+        if session_id:
+            self._by_id.pop(hash_key(session_id), None)
+
+    def _expire(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for k, s in list(self._by_id.items()):
+            if now - s.last_used > self.idle or wall - s.created > self.lifetime:
+                del self._by_id[k]
+
+    async def caller(self, session: Session) -> Caller | None:
+        """The caller a session stands for, or None once its key is gone."""
+        rec = await self.keys.lookup(session.key_hash)
+        if rec is None:
+            self._by_id.pop(hash_key(session.id), None)
+            return None
+        return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)
+
+
+def same_origin(request: Request | WebSocket) -> bool:
+    """Does the request's Origin (when the browser sent one) name this server's own host?"""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
+async def session_caller(request: Request | WebSocket, csrf: str | None) -> Caller:
+    """The caller of a request authenticated by the console's session cookie. `csrf`: the token the
+    request presented (None on safe methods, which need none); a missing or wrong one is 403."""
+    sessions: Sessions = request.app.state.cove.sessions
+    session = sessions.get(request.cookies.get(SESSION_COOKIE))
+    if session is None:
+        raise ApiError(401, "unauthorized", "the console session has ended: sign in again")
+    if csrf is not None and not (csrf and hmac.compare_digest(csrf, session.csrf)):
+        raise ApiError(403, "csrf_failed", "missing or wrong X-CSRF-Token for this session")
+    if not same_origin(request):
+        raise ApiError(403, "csrf_failed", "cross-origin request with the console's session refused")
+    who = await sessions.caller(session)
+    if who is None:
+        raise ApiError(401, "unauthorized", "the console session's API key was revoked: sign in again")
+    return who
+
+
 def _presented_key(request: Request | WebSocket) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
@@ -89,6 +182,9 @@ def _presented_key(request: Request | WebSocket) -> str | None:
 async def caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller, or 401."""
     key = _presented_key(request)
+    if not key and SESSION_COOKIE in request.cookies:  # the web console (docs/console.md)
+        safe = request.method in SAFE_METHODS
+        return await session_caller(request, None if safe else request.headers.get(CSRF_HEADER, ""))
     if not key:
         raise ApiError(
             401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
@@ -101,8 +197,11 @@ async def caller(request: Request) -> Caller:
 
 async def websocket_caller(websocket: WebSocket) -> Caller:
     """The caller of a WebSocket: the same keys, also accepted as `?api_key=` (browsers cannot set
-    headers on a WebSocket)."""
+    headers on a WebSocket), or the console's session cookie with its CSRF token as `?csrf=` (a
+    WebSocket is never a safe method: its other end can act)."""
     key = _presented_key(websocket) or websocket.query_params.get("api_key")  # type: ignore[arg-type]
+    if not key and SESSION_COOKIE in websocket.cookies:
+        return await session_caller(websocket, websocket.query_params.get("csrf", ""))
     if not key:
         raise ApiError(401, "unauthorized", "missing API key")
     rec = await websocket.app.state.cove.keys.lookup(hash_key(key))

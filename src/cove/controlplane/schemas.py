@@ -266,6 +266,7 @@ class SandboxOut(BaseModel):
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="mounted volumes")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounted buckets (no credentials)")
     network: NetworkOut = Field(default_factory=NetworkOut, description="egress policy")
+    node: str = Field(default="", description="the node that holds it; empty for the server's own")
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -294,6 +295,7 @@ class SandboxOut(BaseModel):
             ],
             mounts=[m for m in r.mounts if m["type"] != "volume"],
             network=NetworkOut.of(r.network),
+            node=r.node_id,
         )
 
 

@@ -1,0 +1,325 @@
+// One sandbox: its state and lifecycle buttons, a terminal (xterm.js over the process WebSocket of
+// /v1/sandboxes/{id}/processes), a file browser (/v1/sandboxes/{id}/files…) and usage charts (uPlot
+// over GET /v1/sandboxes/{id}/metrics). Every call is a public /v1 route.
+import { Terminal } from "../vendor/xterm/xterm.mjs";
+import { FitAddon } from "../vendor/addon-fit/addon-fit.mjs";
+import uPlot from "../vendor/uplot/uPlot.esm.js";
+import { CSRF, api, bytes, h, toast } from "./common.js";
+
+const root = document.getElementById("sandbox");
+let sb = JSON.parse(root.dataset.sandbox);
+const ID = sb.id;
+const base = `/v1/sandboxes/${encodeURIComponent(ID)}`;
+const stateEl = document.getElementById("state");
+const actionError = document.getElementById("action-error");
+let busy = null; // the action in flight ("pausing", …)
+
+// -- state and actions ----------------------------------------------------------------------
+const ENABLED = {
+  running: ["pause", "hibernate", "snapshot", "fork", "kill"],
+  paused: ["resume", "hibernate", "snapshot", "fork", "kill"],
+  hibernated: ["resume", "kill"],
+  starting: ["kill"],
+};
+const DOING = { pause: "pausing", resume: "resuming", hibernate: "hibernating", snapshot: "snapshotting", fork: "forking", kill: "killing" };
+
+function showState() {
+  const s = busy ?? sb.state;
+  stateEl.textContent = s;
+  stateEl.className = `state state-${busy ? "busy" : sb.state}`;
+  const ok = ENABLED[sb.state] ?? [];
+  for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = busy !== null || !ok.includes(b.dataset.action);
+}
+
+async function act(action) {
+  actionError.hidden = true;
+  busy = `${DOING[action]}…`;
+  showState();
+  try {
+    if (action === "kill") {
+      if (!confirm(`Kill ${ID}? Its processes and files go.`)) return;
+      await api("DELETE", base);
+      sb = await api("GET", base);
+    } else if (action === "snapshot") {
+      const snap = await api("POST", `${base}/snapshots`, { json: {} });
+      toast(`snapshot ${snap.id}`);
+      sb = await api("GET", base);
+    } else if (action === "fork") {
+      const count = Number(document.getElementById("fork-count").value || 1);
+      const forked = await api("POST", `${base}/fork`, { json: { count } });
+      toast(`forked: ${forked.items.map((c) => c.id).join(", ")}`);
+      sb = await api("GET", base);
+    } else {
+      sb = await api("POST", `${base}/${action}`);
+    }
+  } catch (e) {
+    actionError.textContent = `${action}: ${e.message}`;
+    actionError.hidden = false;
+  } finally {
+    busy = null;
+    showState();
+    stateChanged();
+  }
+}
+
+for (const b of document.querySelectorAll("#actions [data-action]")) b.addEventListener("click", () => act(b.dataset.action));
+
+let lastState = sb.state;
+function stateChanged() {
+  if (sb.state === lastState) return;
+  lastState = sb.state;
+  if (sb.state === "running") { terminal.connect(); files.load(); }
+  else terminal.status(`the sandbox is ${sb.state}`);
+}
+
+async function pollState() {
+  try {
+    if (!busy) {
+      sb = await api("GET", base);
+      showState();
+      stateChanged();
+    }
+  } catch (e) { if (e.status === 404) { stateEl.textContent = "gone"; return; } }
+  setTimeout(pollState, document.hidden ? 10000 : 2000);
+}
+
+// -- terminal ---------------------------------------------------------------------------------
+const terminal = (() => {
+  const el = document.getElementById("terminal");
+  const statusEl = document.getElementById("term-status");
+  const dark = matchMedia("(prefers-color-scheme: dark)").matches;
+  const term = new Terminal({
+    cursorBlink: true, fontSize: 13, scrollback: 5000, convertEol: false,
+    fontFamily: "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace",
+    theme: dark ? { background: "#0d1117", foreground: "#e6edf3" } : { background: "#ffffff", foreground: "#1f2328", cursor: "#1f2328", selectionBackground: "#b6d7ff" },
+  });
+  const fit = new FitAddon();
+  term.loadAddon(fit);
+  term.open(el);
+  fit.fit();
+  const enc = new TextEncoder();
+  // Keystroke-to-echo round trips (ms), for the browser test and anyone curious (window.coveTerminal).
+  const stats = { rtts: [], connected: false, process: null };
+  window.coveTerminal = stats;
+  let ws = null, pid = null, offset = 0, sentAt = null, connecting = false;
+
+  const status = (text) => { statusEl.textContent = text; };
+
+  async function shell() {
+    const procs = await api("GET", `${base}/processes`);
+    const mine = procs.items.find((p) => p.tag === "console" && p.running && p.pty);
+    if (mine) return mine.id;
+    offset = 0;
+    const p = await api("POST", `${base}/processes`, {
+      json: { cmd: "bash -l", pty: { rows: term.rows, cols: term.cols }, tag: "console", env: { TERM: "xterm-256color" } },
+    });
+    return p.id;
+  }
+
+  async function connect() {
+    if (connecting || (ws && ws.readyState <= 1) || sb.state !== "running") return;
+    connecting = true;
+    try {
+      const id = await shell();
+      if (id !== pid) { pid = id; offset = 0; term.reset(); }
+      stats.process = pid;
+      const proto = location.protocol === "https:" ? "wss" : "ws";
+      const q = new URLSearchParams({ offset: String(offset), csrf: CSRF });
+      ws = new WebSocket(`${proto}://${location.host}${base}/processes/${pid}/ws?${q}`);
+      ws.binaryType = "arraybuffer";
+      ws.onopen = () => {
+        stats.connected = true;
+        status("connected");
+        ws.send(JSON.stringify({ resize: [term.rows, term.cols] }));
+        term.focus();
+      };
+      ws.onmessage = (ev) => {
+        if (typeof ev.data === "string") {
+          const msg = JSON.parse(ev.data);
+          if ("exit_code" in msg) { status(`exited (${msg.exit_code}); press Enter for a new shell`); pid = null; }
+          return;
+        }
+        if (sentAt !== null) { stats.rtts.push(performance.now() - sentAt); sentAt = null; }
+        const data = new Uint8Array(ev.data);
+        offset += data.length;
+        term.write(data);
+      };
+      ws.onclose = () => {
+        stats.connected = false;
+        ws = null;
+        if (sb.state === "running" && pid) { status("reconnecting…"); setTimeout(connect, 1000); }
+      };
+    } catch (e) {
+      status(e.message);
+    } finally {
+      connecting = false;
+    }
+  }
+
+  term.onData((data) => {
+    if (ws && ws.readyState === 1) {
+      sentAt = performance.now();
+      ws.send(enc.encode(data));
+    } else if (!pid && sb.state === "running") {
+      connect();
+    }
+  });
+  term.onResize(({ rows, cols }) => { if (ws && ws.readyState === 1) ws.send(JSON.stringify({ resize: [rows, cols] })); });
+  new ResizeObserver(() => { try { fit.fit(); } catch { /* hidden */ } }).observe(el);
+  return { connect, status, term };
+})();
+
+// -- files --------------------------------------------------------------------------------------
+const files = (() => {
+  const tree = document.getElementById("tree");
+  const pathEl = document.getElementById("files-path");
+  const editor = document.getElementById("editor");
+  const text = document.getElementById("editor-text");
+  const editorPath = document.getElementById("editor-path");
+  const download = document.getElementById("editor-download");
+  let cwd = sb.workdir || "/";
+  let open = null;
+  const MAX_EDIT = 1 << 20;
+
+  const join = (dir, name) => (dir.endsWith("/") ? dir : `${dir}/`) + name;
+  const fileUrl = (path) => `${base}/files?${new URLSearchParams({ path })}`;
+
+  async function list(path) {
+    return (await api("GET", `${base}/files/list`, { query: { path, depth: 1 } })).entries
+      .sort((a, b) => (a.type === "dir") === (b.type === "dir") ? a.name.localeCompare(b.name) : a.type === "dir" ? -1 : 1);
+  }
+
+  function item(entry) {
+    const li = h("li", { class: `entry ${entry.type}`, dataset: { path: entry.path, type: entry.type } });
+    const name = h("button", { class: "name link", title: entry.path }, entry.type === "dir" ? `▸ ${entry.name}/` : entry.name);
+    const meta = h("span", { class: "muted small" }, entry.type === "dir" ? "" : bytes(entry.size));
+    li.append(name, " ", meta);
+    if (entry.type === "dir") {
+      let children = null;
+      name.addEventListener("click", async () => {
+        if (children) { children.remove(); children = null; name.textContent = `▸ ${entry.name}/`; return; }
+        children = h("ul", { class: "tree" });
+        li.append(children);
+        name.textContent = `▾ ${entry.name}/`;
+        try { children.append(...(await list(entry.path)).map(item)); } catch (e) { children.append(h("li", { class: "error" }, e.message)); }
+      });
+      name.addEventListener("dblclick", () => load(entry.path));
+    } else {
+      name.addEventListener("click", () => edit(entry));
+    }
+    return li;
+  }
+
+  async function load(path = cwd) {
+    cwd = path;
+    pathEl.textContent = cwd;
+    if (!["running", "paused"].includes(sb.state)) {
+      tree.replaceChildren(h("li", { class: "muted" }, `the sandbox is ${sb.state}: resume it to browse its files`));
+      return;
+    }
+    try {
+      const entries = await list(cwd);
+      tree.replaceChildren(...(entries.length ? entries.map(item) : [h("li", { class: "muted" }, "empty: drop files here to upload")]));
+    } catch (e) {
+      tree.replaceChildren(h("li", { class: "error" }, e.message));
+    }
+  }
+
+  async function edit(entry) {
+    open = entry.path;
+    editorPath.textContent = entry.path;
+    download.href = fileUrl(entry.path);
+    download.setAttribute("download", entry.name);
+    editor.hidden = false;
+    if (entry.size > MAX_EDIT) {
+      text.value = `(${bytes(entry.size)}: too large to edit here; download it)`;
+      text.readOnly = true;
+      return;
+    }
+    const r = await api("GET", `${base}/files`, { query: { path: entry.path }, raw: true });
+    const buf = new Uint8Array(await r.arrayBuffer());
+    const binary = buf.subarray(0, 8000).includes(0);
+    text.readOnly = binary;
+    text.value = binary ? "(binary file: download it)" : new TextDecoder().decode(buf);
+    text.focus();
+  }
+
+  async function save() {
+    if (!open || text.readOnly) return;
+    try {
+      await api("PUT", `${base}/files`, { query: { path: open }, body: text.value });
+      toast(`saved ${open}`);
+      load();
+    } catch (e) { toast(`save: ${e.message}`, true); }
+  }
+
+  async function upload(fileList) {
+    for (const f of fileList) {
+      try {
+        await api("PUT", `${base}/files`, { query: { path: join(cwd, f.name) }, body: f });
+        toast(`uploaded ${f.name}`);
+      } catch (e) { toast(`${f.name}: ${e.message}`, true); }
+    }
+    load();
+  }
+
+  document.getElementById("editor-save").addEventListener("click", save);
+  document.getElementById("editor-close").addEventListener("click", () => { editor.hidden = true; open = null; });
+  text.addEventListener("keydown", (ev) => { if ((ev.ctrlKey || ev.metaKey) && ev.key === "s") { ev.preventDefault(); save(); } });
+  document.getElementById("files-up").addEventListener("click", () => load(cwd.replace(/\/[^/]+\/?$/, "") || "/"));
+  document.getElementById("files-refresh").addEventListener("click", () => load());
+  document.getElementById("upload").addEventListener("change", (ev) => upload(ev.target.files));
+  const drop = document.getElementById("files");
+  drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("drop"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("drop"));
+  drop.addEventListener("drop", (ev) => { ev.preventDefault(); drop.classList.remove("drop"); upload(ev.dataTransfer.files); });
+  return { load };
+})();
+
+// -- usage charts --------------------------------------------------------------------------------
+const charts = (() => {
+  const css = getComputedStyle(document.documentElement);
+  const fg = css.getPropertyValue("--fg").trim() || "#888";
+  const accent = css.getPropertyValue("--accent").trim() || "#0969da";
+  const warn = css.getPropertyValue("--warn").trim() || "#bf8700";
+  const data = { t: [], cpu: [], mem: [], disk: [] };
+  let since = null;
+  const stats = { points: 0 };
+  window.coveMetrics = stats;
+  const axes = [{ stroke: fg, grid: { stroke: "#8884" } }, { stroke: fg, grid: { stroke: "#8884" } }];
+  const width = (id) => Math.max(300, document.getElementById(id).clientWidth - 10);
+  const cpu = new uPlot({ title: "CPU %", width: width("chart-cpu"), height: 180, axes,
+    scales: { y: { range: [0, 100] } }, series: [{}, { label: "cpu %", stroke: accent, width: 2 }] },
+  [[], []], document.getElementById("chart-cpu"));
+  const mem = new uPlot({ title: "Memory and disk (MiB)", width: width("chart-mem"), height: 180, axes,
+    series: [{}, { label: "memory", stroke: accent, width: 2 }, { label: "disk", stroke: warn, width: 2 }] },
+  [[], [], []], document.getElementById("chart-mem"));
+
+  async function poll() {
+    try {
+      const points = await api("GET", `${base}/metrics`, { query: since ? { since } : {} });
+      for (const p of points) {
+        data.t.push(p.timestampUnix); data.cpu.push(p.cpuUsedPct);
+        data.mem.push(p.memUsed / 1048576); data.disk.push(p.diskUsed / 1048576);
+        since = p.timestampUnix;
+      }
+      for (const k of Object.keys(data)) data[k].splice(0, Math.max(0, data[k].length - 720));
+      stats.points = data.t.length;
+      cpu.setData([data.t, data.cpu]);
+      mem.setData([data.t, data.mem, data.disk]);
+    } catch (e) { if (e.status === 404) return; }
+    setTimeout(poll, document.hidden ? 15000 : 3000);
+  }
+  addEventListener("resize", () => {
+    cpu.setSize({ width: width("chart-cpu"), height: 180 });
+    mem.setSize({ width: width("chart-mem"), height: 180 });
+  });
+  return { poll };
+})();
+
+showState();
+if (sb.state === "running") terminal.connect();
+else terminal.status(`the sandbox is ${sb.state}`);
+files.load();
+charts.poll();
+setTimeout(pollState, 2000);
