@@ -18,8 +18,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from cove import __version__
-from cove import console
+from cove import __version__, console
 from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import app as controlplane

@@ -154,8 +154,10 @@ class Usage:
         """The sandbox's kept points (after `since`, unix seconds), oldest first; a live sandbox
         with no point in the last interval is sampled first."""
         history = self._history.get(rec.id)
-        fresh = history is not None and history.points and time.time() - history.points[-1].time < min(
-            self.interval, 5.0
+        fresh = (
+            history is not None
+            and history.points
+            and time.time() - history.points[-1].time < min(self.interval, 5.0)
         )
         if rec.state == "running" and not fresh:
             await self.sample(rec)

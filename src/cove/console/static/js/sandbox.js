@@ -99,7 +99,7 @@ const terminal = (() => {
   fit.fit();
   const enc = new TextEncoder();
   // Keystroke-to-echo round trips (ms), for the browser test and anyone curious (window.coveTerminal).
-  const stats = { rtts: [], connected: false, process: null };
+  const stats = { rtts: [], connected: false, process: null, size: [term.rows, term.cols] };
   window.coveTerminal = stats;
   let ws = null, pid = null, offset = 0, sentAt = null, connecting = false;
 
@@ -164,7 +164,7 @@ const terminal = (() => {
       connect();
     }
   });
-  term.onResize(({ rows, cols }) => { if (ws && ws.readyState === 1) ws.send(JSON.stringify({ resize: [rows, cols] })); });
+  term.onResize(({ rows, cols }) => { stats.size = [rows, cols]; if (ws && ws.readyState === 1) ws.send(JSON.stringify({ resize: [rows, cols] })); });
   new ResizeObserver(() => { try { fit.fit(); } catch { /* hidden */ } }).observe(el);
   return { connect, status, term };
 })();

@@ -1,0 +1,378 @@
+"""The web console (docs/console.md) in a real browser: Debian's chromium driven by Playwright against
+a real `cove serve`. Sign-in, the sandbox list, one sandbox's terminal, files, lifecycle and charts,
+tenancy, and the session's CSRF defence. Screenshots of every page go to docs/images/console-*.png."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Server
+
+CHROMIUM = os.environ.get("COVE_TEST_CHROMIUM", "/usr/bin/chromium")
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+XSS = "<img src=x onerror=alert(1)>"
+
+try:
+    from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the dev extra brings it
+    sync_playwright = None  # type: ignore[assignment]
+
+pytestmark = [
+    pytest.mark.skipif(
+        sync_playwright is None, reason="playwright is not installed (pip install -e '.[dev]')"
+    ),
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+        reason=f"no chromium at {CHROMIUM}: apt-get install chromium (setup.sh does)",
+    ),
+]
+
+
+def _key(api: httpx.Client, tenant: str, admin: bool = False) -> str:
+    r = api.post(
+        "/v1/keys", json={"name": f"{tenant}-{secrets.token_hex(3)}", "tenant": tenant, "admin": admin}
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["key"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        exe = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def tenant(server: Server) -> dict[str, str]:
+    """Two tenants of their own: A signs in to the console; B owns a sandbox A must never see."""
+    suffix = secrets.token_hex(3)
+    with server.client() as admin:
+        a, b = _key(admin, f"console-a-{suffix}"), _key(admin, f"console-b-{suffix}")
+    with server.client(b) as api_b:
+        r = api_b.post("/v1/sandboxes", json={"timeout": 600, "metadata": {"owner": "tenant-b"}})
+        assert r.status_code == 201, r.text
+        b_sandbox = r.json()["id"]
+    yield {"a": a, "b": b, "b_sandbox": b_sandbox}
+    with server.client(b) as api_b:
+        api_b.delete(f"/v1/sandboxes/{b_sandbox}")
+    with server.client(a) as api_a:
+        for sb in api_a.get("/v1/sandboxes", params={"limit": 1000}).json()["items"]:
+            api_a.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+@pytest.fixture(scope="module")
+def context(browser: Browser, server: Server) -> Iterator[BrowserContext]:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 950}, base_url=server.url)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context: BrowserContext) -> Iterator[Page]:
+    p = context.new_page()
+    p.errors = []  # type: ignore[attr-defined]
+    p.dialogs = []  # type: ignore[attr-defined]
+    p.on("pageerror", lambda e: p.errors.append(str(e)))  # type: ignore[attr-defined]
+
+    def on_dialog(d: Any) -> None:
+        p.dialogs.append(d.message)  # type: ignore[attr-defined]
+        d.accept()
+
+    p.on("dialog", on_dialog)
+    yield p
+    assert not p.errors, f"errors in the console's pages: {p.errors}"  # type: ignore[attr-defined]
+
+
+def _shot(page: Page, name: str) -> None:
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=False)
+
+
+def _session_cookie(context: BrowserContext) -> dict[str, Any]:
+    found = [c for c in context.cookies() if c["name"] == "cove_session"]
+    assert found, context.cookies()
+    return found[0]
+
+
+def _csrf(page: Page) -> str:
+    return page.locator('meta[name="csrf-token"]').get_attribute("content") or ""
+
+
+def _sign_in(page: Page, key: str) -> None:
+    page.goto("/console")
+    page.fill("#api_key", key)
+    page.click("#sign-in")
+    page.wait_for_url("**/console/sandboxes")
+
+
+# -- sign-in -----------------------------------------------------------------------------------
+
+
+def test_sign_in_keeps_only_a_session_id_in_an_httponly_strict_cookie(
+    page: Page, context: BrowserContext, tenant: dict[str, str]
+) -> None:
+    page.goto("/console")
+    page.wait_for_url("**/console/login")
+    _shot(page, "login")
+    page.fill("#api_key", "cove_not_a_key")
+    page.click("#sign-in")
+    expect(page.locator("#login-error")).to_have_text("That is not a valid API key.")
+    assert not [c for c in context.cookies() if c["name"] == "cove_session"]
+
+    _sign_in(page, tenant["a"])
+    cookie = _session_cookie(context)
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert tenant["a"] not in cookie["value"]
+    assert tenant["a"] not in page.url
+    assert page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage)") == "{}{}"
+    assert page.evaluate("() => document.cookie") == ""  # HttpOnly: scripts cannot read it
+
+
+# -- the sandboxes list --------------------------------------------------------------------------
+
+
+def test_create_a_sandbox_from_the_list(page: Page, server: Server, tenant: dict[str, str]) -> None:
+    page.goto("/console/sandboxes")
+    expect(page.locator("#empty")).to_be_visible()  # nothing yet: the page says what to do
+    page.click("#new")
+    page.fill("#create-labels", "made-by=console")
+    page.click("#create-submit")
+    row = page.locator("#sandboxes tbody tr").filter(has_text="made-by=console")
+    expect(row).to_have_count(1, timeout=20_000)
+    expect(row.locator(".state")).to_have_text("running")
+    with server.client(tenant["a"]) as api:
+        items = api.get("/v1/sandboxes", params={"metadata": "made-by=console"}).json()["items"]
+    assert len(items) == 1 and items[0]["state"] == "running"
+    assert row.get_attribute("data-id") == items[0]["id"]
+
+
+def test_a_label_holding_html_renders_as_text(page: Page, server: Server, tenant: dict[str, str]) -> None:
+    with server.client(tenant["a"]) as api:
+        r = api.post("/v1/sandboxes", json={"timeout": 600, "metadata": {"note": XSS}})
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+    # The list (rendered by script with textContent) updates without a reload.
+    row = page.locator(f'#sandboxes tbody tr[data-id="{sid}"]')
+    expect(row).to_have_count(1, timeout=10_000)
+    expect(row.locator(".label")).to_have_text(f"note={XSS}")
+    assert page.locator("#sandboxes img").count() == 0
+    page.fill("#search", "made-by note")
+    expect(page.locator("#sandboxes tbody tr")).to_have_count(0)
+    page.fill("#search", "")
+    _shot(page, "sandboxes")
+    # The sandbox's own page (rendered by Jinja2, autoescaped).
+    page.goto(f"/console/sandboxes/{sid}")
+    expect(page.locator("#labels .label")).to_have_text(f"note={XSS}")
+    assert page.locator("main img").count() == 0
+    page.wait_for_timeout(300)
+    assert not page.dialogs, page.dialogs  # type: ignore[attr-defined]
+
+
+def test_another_tenants_sandbox_is_not_listed_and_its_page_is_404(
+    page: Page, context: BrowserContext, server: Server, tenant: dict[str, str]
+) -> None:
+    page.goto("/console/sandboxes")
+    expect(page.locator("#sandboxes tbody tr").first).to_be_visible()
+    page.select_option("#state", "")  # every state
+    page.wait_for_timeout(500)
+    assert page.locator(f'tr[data-id="{tenant["b_sandbox"]}"]').count() == 0
+    assert "tenant-b" not in page.locator("#sandboxes").inner_text()
+    response = page.goto(f"/console/sandboxes/{tenant['b_sandbox']}")
+    assert response is not None and response.status == 404
+    expect(page.locator("h1")).to_have_text("Not found")
+    # The API answers the session the same way.
+    cookies = {"cove_session": _session_cookie(context)["value"]}
+    with httpx.Client(base_url=server.url, cookies=cookies) as c:
+        assert c.get(f"/v1/sandboxes/{tenant['b_sandbox']}").status_code == 404
+        assert c.get(f"/v1/sandboxes/{tenant['b_sandbox']}/metrics").status_code == 404
+
+
+# -- one sandbox ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox_id(server: Server, tenant: dict[str, str]) -> str:
+    with server.client(tenant["a"]) as api:
+        r = api.post("/v1/sandboxes", json={"timeout": 600, "metadata": {"role": "workbench"}})
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+
+def _rows(page: Page) -> list[str]:
+    return page.evaluate("() => [...document.querySelectorAll('.xterm-rows > div')].map(d => d.textContent)")
+
+
+def test_the_terminal_runs_echo_hello(page: Page, sandbox_id: str) -> None:
+    page.goto(f"/console/sandboxes/{sandbox_id}")
+    page.wait_for_function("() => window.coveTerminal && window.coveTerminal.connected", timeout=20_000)
+    page.click("#terminal")
+    page.keyboard.type("echo hello\n")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.xterm-rows > div')].some(d => d.textContent.trim() === 'hello')",
+        timeout=10_000,
+    )
+    # Keystroke-to-echo round trips: one key at a time, each waited for (reported, not asserted).
+    page.keyboard.press("Control+u")
+    rtts = []
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
+        before = page.evaluate("() => window.coveTerminal.rtts.length")
+        page.keyboard.type(ch)
+        page.wait_for_function(f"() => window.coveTerminal.rtts.length > {before}", timeout=5000)
+        rtts.append(page.evaluate("() => window.coveTerminal.rtts.at(-1)"))
+    page.keyboard.press("Control+u")
+    print(
+        f"\nterminal keystroke→echo round trip over {len(rtts)} keys: median {statistics.median(rtts):.1f} ms, "
+        f"p90 {sorted(rtts)[int(len(rtts) * 0.9)]:.1f} ms, min {min(rtts):.1f} ms, max {max(rtts):.1f} ms"
+    )
+    _shot(page, "sandbox")
+
+
+def test_the_terminal_follows_the_page_size(page: Page, sandbox_id: str) -> None:
+    page.set_viewport_size({"width": 1000, "height": 900})  # narrower: fewer columns
+    page.wait_for_timeout(500)
+    cols = page.evaluate("() => window.coveTerminal.size[1]")
+    page.keyboard.type("stty size\n")
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('.xterm-rows > div')].some(d => /^\\d+ {cols}$/.test(d.textContent.trim()))",
+        timeout=10_000,
+    )
+    page.set_viewport_size({"width": 1400, "height": 950})
+
+
+def test_upload_a_file_and_see_it_in_the_tree(page: Page, sandbox_id: str, tmp_path: Path) -> None:
+    local = tmp_path / "notes.txt"
+    local.write_text("first draft\n")
+    page.set_input_files("#upload", str(local))
+    entry = page.locator('#tree li.file[data-path$="/notes.txt"]')
+    expect(entry).to_have_count(1, timeout=10_000)
+
+
+def test_edit_and_save_a_file_then_read_it_through_the_api(
+    page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    entry = page.locator('#tree li.file[data-path$="/notes.txt"]')
+    path = entry.get_attribute("data-path")
+    entry.locator(".name").click()
+    expect(page.locator("#editor-text")).to_have_value("first draft\n")
+    page.fill("#editor-text", "second draft, saved from the console\n")
+    page.click("#editor-save")
+    with server.client(tenant["a"]) as api:
+        deadline = time.monotonic() + 10
+        while True:
+            body = api.get(f"/v1/sandboxes/{sandbox_id}/files", params={"path": path}).text
+            if body == "second draft, saved from the console\n" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert body == "second draft, saved from the console\n"
+    _shot(page, "files")
+
+
+def test_the_usage_chart_shows_points(page: Page, sandbox_id: str) -> None:
+    page.wait_for_function("() => window.coveMetrics && window.coveMetrics.points >= 2", timeout=30_000)
+    assert page.locator("#chart-cpu canvas").count() == 1
+    assert page.locator("#chart-mem canvas").count() == 1
+
+
+def test_hibernate_and_resume_show_their_states(
+    page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    page.click('[data-action="hibernate"]')
+    expect(page.locator("#state")).to_have_text("hibernated", timeout=60_000)
+    with server.client(tenant["a"]) as api:
+        assert api.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "hibernated"
+    expect(page.locator('[data-action="pause"]')).to_be_disabled()
+    _shot(page, "hibernated")
+    page.click('[data-action="resume"]')
+    expect(page.locator("#state")).to_have_text("running", timeout=60_000)
+
+
+# -- the session's CSRF defence ---------------------------------------------------------------------
+
+
+def test_a_cross_site_post_without_the_csrf_token_is_refused(
+    page: Page, context: BrowserContext, server: Server, sandbox_id: str
+) -> None:
+    page.goto("/console/sandboxes")
+    cookies = {"cove_session": _session_cookie(context)["value"]}
+    token = _csrf(page)
+    assert token
+    with httpx.Client(base_url=server.url, cookies=cookies) as c:
+        # What a form on another site would send: the cookie (were the browser to attach it), no token.
+        r = c.post(f"/v1/sandboxes/{sandbox_id}/pause", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+        assert c.post(f"/v1/sandboxes/{sandbox_id}/pause").status_code == 403
+        assert c.delete(f"/v1/sandboxes/{sandbox_id}", headers={"X-CSRF-Token": "wrong"}).status_code == 403
+        r = c.post(
+            f"/v1/sandboxes/{sandbox_id}/pause",
+            headers={"X-CSRF-Token": token, "Origin": "http://evil.example"},
+        )
+        assert r.status_code == 403  # a stolen token still needs this server's own origin
+        assert c.post("/console/logout").status_code == 403
+        assert c.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "running"  # nothing happened
+        # The page's own calls carry the token, and work.
+        r = c.post(f"/v1/sandboxes/{sandbox_id}/pause", headers={"X-CSRF-Token": token})
+        assert r.status_code == 200 and r.json()["state"] == "paused"
+        assert (
+            c.post(f"/v1/sandboxes/{sandbox_id}/resume", headers={"X-CSRF-Token": token}).status_code == 200
+        )
+    # A real cross-site page: the browser withholds the SameSite=Strict cookie, so the form is anonymous.
+    other = server.url.replace("127.0.0.1", "localhost")
+    evil = context.new_page()
+    evil.goto(f"{other}/healthz")
+    evil.set_content(
+        f'<form method="post" action="{server.url}/v1/sandboxes/{sandbox_id}/pause"></form>'
+        "<script>document.forms[0].submit()</script>"
+    )
+    evil.wait_for_load_state()
+    assert '"unauthorized"' in evil.content()
+    evil.close()
+    with server.client() as api:
+        assert api.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "running"
+
+
+# -- the other pages -----------------------------------------------------------------------------------
+
+
+def test_every_page_renders_as_an_admin(browser: Browser, server: Server, sandbox_id: str) -> None:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 800}, base_url=server.url)
+    p = ctx.new_page()
+    errors: list[str] = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    _sign_in(p, server.api_key)
+    with server.client() as api:
+        api.post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "from-console-test"})
+    for name in ("snapshots", "templates", "volumes", "pools", "keys", "quota", "audit"):
+        p.goto(f"/console/{name}")
+        p.wait_for_function("() => document.getElementById('count').textContent !== ''", timeout=10_000)
+        _shot(p, name)
+    expect(p.locator("#table tbody tr").first).to_be_visible()  # the audit log has entries
+    p.click("#sign-out")
+    p.wait_for_url("**/console/login")
+    ctx.close()
+    assert not errors, errors
+
+
+def test_sign_out_ends_the_session(page: Page, context: BrowserContext, server: Server) -> None:
+    page.goto("/console/sandboxes")
+    old = _session_cookie(context)["value"]
+    page.click("#sign-out")
+    page.wait_for_url("**/console/login")
+    assert not [c for c in context.cookies() if c["name"] == "cove_session"]
+    with httpx.Client(base_url=server.url, cookies={"cove_session": old}) as c:
+        assert c.get("/v1/sandboxes").status_code == 401
+    page.goto("/console/sandboxes")
+    page.wait_for_url("**/console/login")
