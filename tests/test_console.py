@@ -291,7 +291,9 @@ def test_hibernate_and_resume_show_their_states(
     page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
 ) -> None:
     page.click('[data-action="hibernate"]')
-    expect(page.locator("#state")).to_have_text("hibernated", timeout=60_000)
+    expect(page.locator("#state")).not_to_have_text("hibernating…", timeout=60_000)
+    assert page.locator("#action-error").is_hidden(), page.locator("#action-error").text_content()
+    expect(page.locator("#state")).to_have_text("hibernated")
     with server.client(tenant["a"]) as api:
         assert api.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "hibernated"
     expect(page.locator('[data-action="pause"]')).to_be_disabled()
@@ -304,7 +306,7 @@ def test_hibernate_and_resume_show_their_states(
 
 
 def test_a_cross_site_post_without_the_csrf_token_is_refused(
-    page: Page, context: BrowserContext, server: Server, sandbox_id: str
+    page: Page, context: BrowserContext, server: Server, sandbox_id: str, tenant: dict[str, str]
 ) -> None:
     page.goto("/console/sandboxes")
     cookies = {"cove_session": _session_cookie(context)["value"]}
@@ -325,7 +327,7 @@ def test_a_cross_site_post_without_the_csrf_token_is_refused(
         assert c.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "running"  # nothing happened
         # The page's own calls carry the token, and work.
         r = c.post(f"/v1/sandboxes/{sandbox_id}/pause", headers={"X-CSRF-Token": token})
-        assert r.status_code == 200 and r.json()["state"] == "paused"
+        assert r.status_code == 200 and r.json()["state"] == "paused", r.text
         assert (
             c.post(f"/v1/sandboxes/{sandbox_id}/resume", headers={"X-CSRF-Token": token}).status_code == 200
         )
@@ -340,21 +342,24 @@ def test_a_cross_site_post_without_the_csrf_token_is_refused(
     evil.wait_for_load_state()
     assert '"unauthorized"' in evil.content()
     evil.close()
-    with server.client() as api:
+    with server.client(tenant["a"]) as api:
         assert api.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "running"
 
 
 # -- the other pages -----------------------------------------------------------------------------------
 
 
-def test_every_page_renders_as_an_admin(browser: Browser, server: Server, sandbox_id: str) -> None:
+def test_every_page_renders_as_an_admin(
+    browser: Browser, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
     ctx = browser.new_context(viewport={"width": 1400, "height": 800}, base_url=server.url)
     p = ctx.new_page()
     errors: list[str] = []
     p.on("pageerror", lambda e: errors.append(str(e)))
     _sign_in(p, server.api_key)
-    with server.client() as api:
-        api.post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "from-console-test"})
+    with server.client(tenant["a"]) as api:  # the admin's tenant sees none of A's objects
+        r = api.post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "from-console-test"})
+        assert r.status_code == 201, r.text
     for name in ("snapshots", "templates", "volumes", "pools", "keys", "quota", "audit"):
         p.goto(f"/console/{name}")
         p.wait_for_function("() => document.getElementById('count').textContent !== ''", timeout=10_000)

@@ -80,7 +80,11 @@ def _without_cookie(scope: Scope) -> list[tuple[bytes, bytes]]:
     headers = []
     for k, v in scope["headers"]:
         if k.lower() == b"cookie":
-            kept = [c for c in v.decode("latin-1").split(";") if c.strip().split("=", 1)[0] not in (COOKIE, SESSION_COOKIE)]
+            kept = [
+                c
+                for c in v.decode("latin-1").split(";")
+                if c.strip().split("=", 1)[0] not in (COOKIE, SESSION_COOKIE)
+            ]
             if not any(c.strip() for c in kept):
                 continue
             v = ";".join(kept).strip().encode("latin-1")

@@ -35,7 +35,9 @@ async function act(action) {
   actionError.hidden = true;
   busy = `${DOING[action]}…`;
   showState();
+  const checkpoint = ["hibernate", "snapshot", "fork"].includes(action);
   try {
+    if (checkpoint) await terminal.detach();
     if (action === "kill") {
       if (!confirm(`Kill ${ID}? Its processes and files go.`)) return;
       await api("DELETE", base);
@@ -59,6 +61,7 @@ async function act(action) {
     busy = null;
     showState();
     stateChanged();
+    if (checkpoint && sb.state === "running") terminal.connect();
   }
 }
 
@@ -147,13 +150,39 @@ const terminal = (() => {
       ws.onclose = () => {
         stats.connected = false;
         ws = null;
-        if (sb.state === "running" && pid) { status("reconnecting…"); setTimeout(connect, 1000); }
+        if (!pid) return;
+        // Reconnect only to a sandbox that still runs: a call for its processes would resume a
+        // sandbox that was paused or hibernated meanwhile (auto_resume).
+        setTimeout(async () => {
+          if (busy) return;
+          try { sb = await api("GET", base); } catch { return; }
+          showState();
+          if (sb.state === "running" && lastState === "running") { status("reconnecting…"); connect(); }
+          else stateChanged();
+        }, 1000);
       };
     } catch (e) {
       status(e.message);
     } finally {
       connecting = false;
     }
+  }
+
+  // Close the connection and wait until it is closed. A checkpoint (hibernate, fork, snapshot) must
+  // not find a reader attached to the shell: CRIU refuses to dump a socket whose peer is outside.
+  async function detach() {
+    const open = ws;
+    if (!open) return;
+    ws = null;
+    open.onclose = null;
+    stats.connected = false;
+    await new Promise((resolve) => {
+      open.addEventListener("close", resolve, { once: true });
+      open.close();
+      setTimeout(resolve, 2000);
+    });
+    await new Promise((resolve) => setTimeout(resolve, 150)); // the server lets go of the guest
+    status("detached");
   }
 
   term.onData((data) => {
@@ -166,7 +195,7 @@ const terminal = (() => {
   });
   term.onResize(({ rows, cols }) => { stats.size = [rows, cols]; if (ws && ws.readyState === 1) ws.send(JSON.stringify({ resize: [rows, cols] })); });
   new ResizeObserver(() => { try { fit.fit(); } catch { /* hidden */ } }).observe(el);
-  return { connect, status, term };
+  return { connect, detach, status, term };
 })();
 
 // -- files --------------------------------------------------------------------------------------
