@@ -316,12 +316,14 @@ const charts = (() => {
   const stats = { points: 0 };
   window.coveMetrics = stats;
   const axes = [{ stroke: fg, grid: { stroke: "#8884" } }, { stroke: fg, grid: { stroke: "#8884" } }];
+  // At least the last two minutes on the time axis, so one point is not stretched over years.
+  const x = { time: true, range: (u, min, max) => (min == null ? [Date.now() / 1000 - 120, Date.now() / 1000] : [Math.min(min, max - 120), max + 1]) };
   const width = (id) => Math.max(300, document.getElementById(id).clientWidth - 10);
   const cpu = new uPlot({ title: "CPU %", width: width("chart-cpu"), height: 180, axes,
-    scales: { y: { range: [0, 100] } }, series: [{}, { label: "cpu %", stroke: accent, width: 2 }] },
+    scales: { x, y: { range: [0, 100] } }, series: [{}, { label: "cpu %", stroke: accent, width: 2 }] },
   [[], []], document.getElementById("chart-cpu"));
   const mem = new uPlot({ title: "Memory and disk (MiB)", width: width("chart-mem"), height: 180, axes,
-    series: [{}, { label: "memory", stroke: accent, width: 2 }, { label: "disk", stroke: warn, width: 2 }] },
+    scales: { x, y: { range: (u, min, max) => [0, Math.max(1, max * 1.2)] } }, series: [{}, { label: "memory", stroke: accent, width: 2 }, { label: "disk", stroke: warn, width: 2 }] },
   [[], [], []], document.getElementById("chart-mem"));
 
   async function poll() {

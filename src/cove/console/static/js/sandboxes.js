@@ -59,7 +59,7 @@ function row(sb) {
     h("td", {}, sb.node || "local"),
     h("td", { class: "labels" }, labels),
     h("td", { class: "age", title: sb.created_at, dataset: { created: sb.created_at } }, age(sb.created_at)),
-    h("td", { class: "muted" }, `${l.cpu ?? "-"} cpu · ${l.memory_mb} MiB`),
+    h("td", { class: "muted" }, `${l.cpu ? `${l.cpu} cpu` : "any cpu"} · ${l.memory_mb} MiB`),
   );
 }
 
