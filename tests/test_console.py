@@ -303,6 +303,39 @@ def test_hibernate_and_resume_show_their_states(
     expect(page.locator("#state")).to_have_text("running", timeout=60_000)
 
 
+def test_processes_show_their_output_and_a_port_opens_in_a_new_tab(
+    page: Page, context: BrowserContext, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    with server.client(tenant["a"]) as api:
+        r = api.post(
+            f"/v1/sandboxes/{sandbox_id}/processes",
+            json={"cmd": "echo serving; exec python3 -m http.server 8000 --bind 127.0.0.1", "tag": "web"},
+        )
+        assert r.status_code == 201, r.text
+    row = page.locator("#processes tbody tr").filter(has_text="web")
+    expect(row).to_have_count(1, timeout=10_000)
+    row.get_by_role("button", name="output").click()
+    expect(page.locator("#log-text")).to_contain_text("serving", timeout=10_000)
+    page.click("#log-close")
+    page.fill("#port", "8000")
+    deadline = time.monotonic() + 10
+    while True:  # the server may take a moment to listen
+        with context.expect_page() as opened:
+            page.click("#port-form button[type=submit]")
+        tab = opened.value
+        tab.wait_for_url(f"http://8000-{sandbox_id}.localhost:*/**")
+        tab.wait_for_load_state()
+        if "Directory listing" in tab.content() or time.monotonic() > deadline:
+            break
+        tab.close()
+        time.sleep(0.5)
+    assert "Directory listing" in tab.content(), tab.content()[:500]
+    assert tab.url.startswith(f"http://8000-{sandbox_id}.localhost:")  # the sandbox's own origin
+    tab.close()
+    row.get_by_role("button", name="kill").click()
+    expect(row.locator(".state")).to_have_count(0, timeout=10_000)  # exited
+
+
 # -- the session's CSRF defence ---------------------------------------------------------------------
 
 

@@ -112,6 +112,7 @@ class SandboxInfo:
     network: NetworkInfo = field(default_factory=NetworkInfo)
     volumes: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "path", "read_only"}]
     mounts: list[dict[str, Any]] = field(default_factory=list)  # buckets, without their keys
+    node: str = ""  # the node that holds it (docs/fleet.md)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -132,6 +133,7 @@ class SandboxInfo:
             network=NetworkInfo.from_dict(data.get("network")),
             volumes=list(data.get("volumes") or []),
             mounts=list(data.get("mounts") or []),
+            node=str(data.get("node") or ""),
         )
 
     @property

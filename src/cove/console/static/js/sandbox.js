@@ -37,7 +37,7 @@ async function act(action) {
   showState();
   const checkpoint = ["hibernate", "snapshot", "fork"].includes(action);
   try {
-    if (checkpoint) await terminal.detach();
+    if (checkpoint) { processes.stop(); await terminal.detach(); }
     if (action === "kill") {
       if (!confirm(`Kill ${ID}? Its processes and files go.`)) return;
       await api("DELETE", base);
@@ -80,6 +80,7 @@ async function pollState() {
     if (!busy) {
       sb = await api("GET", base);
       showState();
+      showNetwork();
       stateChanged();
     }
   } catch (e) { if (e.status === 404) { stateEl.textContent = "gone"; return; } }
@@ -305,6 +306,93 @@ const files = (() => {
   return { load };
 })();
 
+// -- processes and their output ---------------------------------------------------------------------
+const processes = (() => {
+  const tbody = document.querySelector("#processes tbody");
+  const emptyEl = document.getElementById("processes-empty");
+  const log = document.getElementById("log");
+  const logText = document.getElementById("log-text");
+  let reading = null; // the AbortController of the output being followed
+
+  async function follow(p) {
+    reading?.abort();
+    reading = new AbortController();
+    log.hidden = false;
+    document.getElementById("log-title").textContent = `${p.id} · ${p.cmd ?? (p.argv ?? []).join(" ")}`;
+    logText.textContent = "";
+    try {
+      const r = await api("GET", `${base}/processes/${p.id}/output`, { query: { offset: 0 }, raw: true, signal: reading.signal });
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let rest = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        rest += value;
+        const lines = rest.split("\n");
+        rest = lines.pop();
+        for (const line of lines) {
+          if (!line) continue;
+          const ev = JSON.parse(line);
+          if (ev.type === "stdout" || ev.type === "stderr") logText.append(ev.data);
+          else if (ev.type === "exit") logText.append(`\n[exited with ${ev.exit_code}]\n`);
+          else if (ev.type === "truncated") logText.append("\n[older output dropped]\n");
+        }
+        logText.scrollTop = logText.scrollHeight;
+      }
+    } catch (e) { if (e.name !== "AbortError") logText.append(`\n[${e.message}]`); }
+  }
+
+  async function load(fresh = false) {
+    // Asking for a paused sandbox's processes would resume it: look at its state first.
+    if (fresh) { try { sb = await api("GET", base); showState(); } catch { return; } }
+    if (sb.state !== "running") {
+      tbody.replaceChildren();
+      emptyEl.hidden = false;
+      emptyEl.textContent = `The sandbox is ${sb.state}: its processes show when it runs.`;
+      return;
+    }
+    try {
+      const items = (await api("GET", `${base}/processes`)).items;
+      tbody.replaceChildren(...items.map((p) => h("tr", {},
+        h("td", { class: "id" }, p.id),
+        h("td", {}, p.pid ?? ""),
+        h("td", { class: "cmd" }, (p.cmd ?? (p.argv ?? []).join(" ")).slice(0, 80)),
+        h("td", {}, p.tag ?? ""),
+        h("td", {}, p.running ? h("span", { class: "state state-running" }, p.pty ? "terminal" : "running") : `exit ${p.exit_code}`),
+        h("td", {}, h("button", { onclick: () => follow(p) }, "output"), " ",
+          p.running ? h("button", { class: "danger", onclick: async () => {
+            if (!confirm(`Kill process ${p.id}?`)) return;
+            try { await api("DELETE", `${base}/processes/${p.id}`); load(); } catch (e) { toast(e.message, true); }
+          } }, "kill") : ""),
+      )));
+      emptyEl.hidden = items.length > 0;
+    } catch (e) { if (e.status !== 409) toast(`processes: ${e.message}`, true); }
+  }
+  document.getElementById("log-close").addEventListener("click", () => { reading?.abort(); log.hidden = true; });
+  return { load, stop: () => reading?.abort() };
+})();
+
+// -- network policy and ports -------------------------------------------------------------------------
+function showNetwork() {
+  const n = sb.network ?? {};
+  const rules = (v) => (v && v.length ? v.join(", ") : "none");
+  document.getElementById("network").replaceChildren(
+    h("dt", {}, "egress"), h("dd", {}, n.mode ?? "none"),
+    h("dt", {}, "allow"), h("dd", {}, rules(n.allow)),
+    h("dt", {}, "deny"), h("dd", {}, rules(n.deny)),
+    h("dt", {}, "public ports"), h("dd", {}, n.public_traffic ? "yes: anyone with the URL" : "no: a key or a signed URL"),
+  );
+}
+document.getElementById("port-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const port = Number(document.getElementById("port").value);
+  const tab = window.open("about:blank", "_blank");
+  try {
+    const signed = await api("POST", `${base}/urls`, { json: { port, path: "/", expires_in: 3600 } });
+    if (tab) { tab.opener = null; tab.location = signed.url; } else location.assign(signed.url);
+  } catch (e) { tab?.close(); toast(`port ${port}: ${e.message}`, true); }
+});
+
 // -- usage charts --------------------------------------------------------------------------------
 const charts = (() => {
   const css = getComputedStyle(document.documentElement);
@@ -349,6 +437,9 @@ const charts = (() => {
 })();
 
 showState();
+showNetwork();
+processes.load();
+setInterval(() => { if (!document.hidden && !busy) processes.load(true); }, 5000);
 if (sb.state === "running") terminal.connect();
 else terminal.status(`the sandbox is ${sb.state}`);
 files.load();
