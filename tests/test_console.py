@@ -4,6 +4,7 @@ tenancy, and the session's CSRF defence. Screenshots of every page go to docs/im
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -390,6 +391,7 @@ def test_every_page_renders_as_an_admin(
     p = ctx.new_page()
     errors: list[str] = []
     p.on("pageerror", lambda e: errors.append(str(e)))
+    p.on("dialog", lambda d: d.accept())
     _sign_in(p, server.api_key)
     with server.client(tenant["a"]) as api:  # the admin's tenant sees none of A's objects
         r = api.post(f"/v1/sandboxes/{sandbox_id}/snapshots", json={"name": "from-console-test"})
@@ -399,10 +401,91 @@ def test_every_page_renders_as_an_admin(
         p.wait_for_function("() => document.getElementById('count').textContent !== ''", timeout=10_000)
         _shot(p, name)
     expect(p.locator("#table tbody tr").first).to_be_visible()  # the audit log has entries
+    # Keys: made on the page (shown once), then revoked.
+    p.goto("/console/keys")
+    p.fill("#keys-form input[name=name]", "made-in-console")
+    p.fill("#keys-form input[name=tenant]", "console-c")
+    p.click("#keys-form button[type=submit]")
+    new_key = p.locator("#new-key code").text_content() or ""
+    assert new_key.startswith("cove_")
+    with server.client(new_key) as c:
+        assert c.get("/v1/sandboxes").status_code == 200
+    row = p.locator("#table tbody tr").filter(has_text="made-in-console")
+    row.get_by_role("button", name="revoke").click()
+    expect(row).to_have_count(0)
+    with server.client(new_key) as c:
+        assert c.get("/v1/sandboxes").status_code == 401
     p.click("#sign-out")
     p.wait_for_url("**/console/login")
     ctx.close()
     assert not errors, errors
+
+
+def test_websocket_with_the_session_needs_its_token_and_this_origin(
+    page: Page, context: BrowserContext, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    from websockets.exceptions import InvalidHandshake, InvalidStatus
+    from websockets.sync.client import connect
+
+    page.goto("/console/sandboxes")
+    token = _csrf(page)
+    with server.client(tenant["a"]) as api:
+        proc = api.post(f"/v1/sandboxes/{sandbox_id}/processes", json={"cmd": "cat", "stdin": True}).json()
+    url = server.url.replace("http://", "ws://") + f"/v1/sandboxes/{sandbox_id}/processes/{proc['id']}/ws"
+    cookie = {"Cookie": f"cove_session={_session_cookie(context)['value']}"}
+    origin = server.url
+
+    def refused(target: str, headers: dict[str, str], origin: str) -> bool:
+        try:
+            with connect(target, additional_headers=headers, origin=origin, open_timeout=10) as ws:
+                ws.recv(timeout=5)
+        except (InvalidStatus, InvalidHandshake, OSError):
+            return True
+        except Exception as e:  # closed by the server before or after accepting
+            return "4403" in str(e) or "4401" in str(e)
+        return False
+
+    assert refused(url, cookie, origin)  # no token
+    assert refused(f"{url}?csrf=wrong", cookie, origin)
+    assert refused(f"{url}?csrf={token}", cookie, "http://evil.example")  # a token from another site's page
+    with connect(f"{url}?csrf={token}", additional_headers=cookie, origin=origin, open_timeout=10) as ws:
+        ws.send(b"over the session\n")
+        assert b"over the session" in ws.recv(timeout=10)
+
+
+def test_volumes_and_templates_are_made_from_their_pages(
+    page: Page, server: Server, tenant: dict[str, str]
+) -> None:
+    page.goto("/console/volumes")
+    expect(page.locator("#empty")).to_be_visible()
+    page.fill("#volumes-form input[name=name]", "console-vol")
+    page.click("#volumes-form button[type=submit]")
+    row = page.locator("#table tbody tr").filter(has_text="console-vol")
+    expect(row).to_have_count(1, timeout=10_000)
+    _shot(page, "volumes")
+    row.get_by_role("button", name="delete").click()
+    expect(row).to_have_count(0, timeout=10_000)
+
+    page.goto("/console/templates")
+    name = f"console-tpl-{secrets.token_hex(3)}"
+    spec = {"name": name, "from": "base", "steps": [{"type": "run", "cmd": "echo built-by-console"}]}
+    page.fill("#templates-form textarea", json.dumps(spec))
+    page.click("#templates-form button[type=submit]")
+    expect(page.locator("#build-log")).to_contain_text("built-by-console", timeout=60_000)
+    expect(page.locator("#build-log")).to_contain_text(f"built {name}", timeout=60_000)
+    row = page.locator("#table tbody tr").filter(has_text=name)
+    expect(row).to_have_count(1, timeout=10_000)
+    _shot(page, "templates")
+    row.get_by_role("button", name="new sandbox").click()
+    page.wait_for_url("**/console/sandboxes/*")
+    expect(page.locator("#f-template")).to_have_text(name)
+    page.goto("/console/snapshots")  # the snapshot made above, of tenant A
+    row = page.locator("#table tbody tr").filter(has_text="from-console-test")
+    expect(row).to_have_count(1, timeout=10_000)
+    _shot(page, "snapshots")
+    row.get_by_role("button", name="new sandbox").click()
+    page.wait_for_url("**/console/sandboxes/*")
+    expect(page.locator("#state")).to_have_text("running", timeout=20_000)
 
 
 def test_sign_out_ends_the_session(page: Page, context: BrowserContext, server: Server) -> None:

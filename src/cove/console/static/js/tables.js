@@ -37,6 +37,94 @@ const EMPTY = {
   audit: "Nothing recorded yet: lifecycle actions (create, kill, snapshot…) appear here.",
 };
 
+// -- what each page can do (every action a public route) --------------------------------------------
+const admin = page.dataset.admin === "yes";
+const enc = encodeURIComponent;
+const button = (label, fn, cls = "") => h("button", { class: cls, onclick: async (ev) => {
+  ev.target.disabled = true;
+  try { await fn(); } catch (e) { toast(e.message, true); } finally { ev.target.disabled = false; }
+} }, label);
+const confirmed = (text) => confirm(text);
+
+const ACTIONS = {
+  snapshots: (r) => [
+    button("new sandbox", async () => {
+      const sb = await api("POST", "/v1/sandboxes", { json: { snapshot: r.id } });
+      location.assign(`/console/sandboxes/${enc(sb.id)}`);
+    }),
+    button("delete", async () => { if (confirmed(`Delete snapshot ${r.id}?`)) { await api("DELETE", `/v1/snapshots/${enc(r.id)}`); load(); } }, "danger"),
+  ],
+  templates: (r) => [
+    button("new sandbox", async () => {
+      const sb = await api("POST", "/v1/sandboxes", { json: { template: r.name } });
+      location.assign(`/console/sandboxes/${enc(sb.id)}`);
+    }),
+    r.name === "base" ? "" : button("delete", async () => { if (confirmed(`Delete template ${r.name}?`)) { await api("DELETE", `/v1/templates/${enc(r.name)}`); load(); } }, "danger"),
+  ],
+  volumes: (r) => [button("delete", async () => { if (confirmed(`Delete volume ${r.name}?`)) { await api("DELETE", `/v1/volumes/${enc(r.name)}`); load(); } }, "danger")],
+  pools: (r) => (admin ? [button("delete", async () => { if (confirmed(`Delete pool ${r.name}?`)) { await api("DELETE", `/v1/pools/${enc(r.name)}`); load(); } }, "danger")] : []),
+  keys: (r) => [button("revoke", async () => { if (confirmed(`Revoke key ${r.name} (${r.id})? It stops working at once.`)) { await api("DELETE", `/v1/keys/${enc(r.id)}`); load(); } }, "danger")],
+};
+
+function field(name, label, attrs = {}) {
+  return h("label", {}, label, " ", h("input", { name, ...attrs }));
+}
+
+// A small form above the table: fields, a submit that calls the API, the answer shown below it.
+function form(fields, submit, onSubmit) {
+  const out = h("div", { class: "form-result" });
+  const f = h("form", { class: "files-bar card", id: `${name}-form` }, ...fields, h("button", { type: "submit", class: "primary" }, submit));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const data = Object.fromEntries(new FormData(f));
+    out.replaceChildren();
+    try { await onSubmit(data, out); load(); } catch (e) { out.replaceChildren(h("p", { class: "error" }, e.message)); }
+  });
+  return [f, out];
+}
+
+const FORMS = {
+  volumes: () => form([field("name", "Name", { required: true, pattern: "[a-z0-9][a-z0-9-]*" }), field("size_mb", "Size (MiB)", { type: "number", value: 1024, min: 16 })],
+    "Create volume", (d) => api("POST", "/v1/volumes", { json: { name: d.name, size_mb: Number(d.size_mb) } })),
+  keys: () => form([field("name", "Name", { required: true }), field("tenant", "Tenant", { value: "default", required: true }),
+    h("label", {}, h("input", { type: "checkbox", name: "admin", value: "yes" }), " admin")],
+  "Create key", async (d, out) => {
+    const k = await api("POST", "/v1/keys", { json: { name: d.name, tenant: d.tenant, admin: d.admin === "yes" } });
+    out.replaceChildren(h("p", { class: "card", id: "new-key" }, "The new key, shown only now: ", h("code", {}, k.key), " ", copyButton(k.key)));
+  }),
+  pools: () => (admin ? form([field("name", "Template or snapshot", { required: true, value: "base" }), field("min", "Min", { type: "number", value: 1, min: 0 }), field("max", "Max", { type: "number", value: 4, min: 0 })],
+    "Set pool", (d) => api("PUT", `/v1/pools/${enc(d.name)}`, { json: { min: Number(d.min), max: Number(d.max) } })) : []),
+  templates: () => {
+    const spec = h("textarea", { name: "spec", rows: 6, spellcheck: "false", class: "spec", "aria-label": "build spec" });
+    spec.value = JSON.stringify({ name: "hello", from: "base", steps: [{ type: "run", cmd: "echo built > /etc/motd" }] }, null, 2);
+    const logEl = h("pre", { class: "log", id: "build-log", hidden: true });
+    const [f, out] = form([h("label", { class: "grow" }, "Build (JSON, docs/templates.md)", spec)], "Build", async () => {
+      logEl.hidden = false;
+      logEl.textContent = "";
+      const r = await api("POST", "/v1/templates", { json: JSON.parse(spec.value), raw: true });
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let rest = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        rest += value;
+        const lines = rest.split("\n");
+        rest = lines.pop();
+        for (const line of lines.filter(Boolean)) {
+          const ev = JSON.parse(line);
+          if (ev.type === "log") logEl.append(ev.data ?? "");
+          else if (ev.type === "step") logEl.append(`── step ${ev.step}/${ev.total}: ${ev.description}${ev.cached ? " (cached)" : ""}\n`);
+          else if (ev.type === "step_done") logEl.append(`── step ${ev.step} done${ev.cached ? " (cached)" : ` in ${Number(ev.seconds ?? 0).toFixed(1)} s`}\n`);
+          else if (ev.type === "done") logEl.append(`── built ${typeof ev.template === "object" ? ev.template?.name : ev.template}\n`);
+          else if (ev.type === "error") logEl.append(`── failed: ${ev.message}\n${ev.output ?? ""}\n`);
+          logEl.scrollTop = logEl.scrollHeight;
+        }
+      }
+    });
+    return [f, logEl, out];
+  },
+};
+
 function rowsOf(data) {
   if (name === "quota") {
     return ["sandboxes", "cpu", "memory_mb"].map((dim) => ({ dim, used: data.usage?.[dim] ?? 0, limit: data.quota?.[dim] }));
@@ -46,21 +134,24 @@ function rowsOf(data) {
 
 function render(rows) {
   const cols = COLUMNS[name];
-  thead.replaceChildren(h("tr", {}, cols.map(([label]) => h("th", {}, label))));
+  const actions = ACTIONS[name];
+  thead.replaceChildren(h("tr", {}, cols.map(([label]) => h("th", {}, label)), actions ? h("th", {}, "") : ""));
   const q = search.value.trim().toLowerCase();
   const shown = rows.filter((r) => !q || JSON.stringify(r).toLowerCase().includes(q));
-  tbody.replaceChildren(...shown.map((r) => h("tr", {}, cols.map(([, f]) => h("td", {}, f(r))))));
+  tbody.replaceChildren(...shown.map((r) => h("tr", {}, cols.map(([, f]) => h("td", {}, f(r))), actions ? h("td", { class: "row-actions" }, actions(r)) : "")));
   document.getElementById("count").textContent = `${shown.length}`;
   empty.hidden = rows.length > 0 || !EMPTY[name];
   empty.replaceChildren(h("p", {}, EMPTY[name]));
 }
 
 let rows = [];
+if (FORMS[name]) document.getElementById("extra").replaceChildren(...FORMS[name]().flat());
 async function load() {
   try {
     const data = await api("GET", route);
     if (name === "quota") {
-      document.getElementById("extra").replaceChildren(h("p", {}, "Tenant ", h("b", {}, data.tenant), data.quota ? "" : ": no quota set (no caps)."));
+      document.getElementById("quota-tenant")?.remove();
+      document.getElementById("extra").prepend(h("p", { id: "quota-tenant" }, "Tenant ", h("b", {}, data.tenant), data.quota ? "" : ": no quota set (no caps)."));
     }
     rows = rowsOf(data);
     render(rows);
