@@ -97,9 +97,9 @@ def page(context: BrowserContext) -> Iterator[Page]:
     assert not p.errors, f"errors in the console's pages: {p.errors}"  # type: ignore[attr-defined]
 
 
-def _shot(page: Page, name: str) -> None:
+def _shot(page: Page, name: str, full: bool = False) -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=False)
+    page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=full)
 
 
 def _session_cookie(context: BrowserContext) -> dict[str, Any]:
@@ -159,6 +159,7 @@ def test_create_a_sandbox_from_the_list(page: Page, server: Server, tenant: dict
         items = api.get("/v1/sandboxes", params={"metadata": "made-by=console"}).json()["items"]
     assert len(items) == 1 and items[0]["state"] == "running"
     assert row.get_attribute("data-id") == items[0]["id"]
+    expect(row.locator("td.usage")).to_contain_text("%", timeout=15_000)  # CPU and memory now
 
 
 def test_a_label_holding_html_renders_as_text(page: Page, server: Server, tenant: dict[str, str]) -> None:
@@ -286,7 +287,23 @@ def test_the_usage_chart_shows_points(page: Page, sandbox_id: str) -> None:
     page.wait_for_function("() => window.coveMetrics && window.coveMetrics.points >= 2", timeout=30_000)
     assert page.locator("#chart-cpu canvas").count() == 1
     assert page.locator("#chart-mem canvas").count() == 1
-    _shot(page, "sandbox")
+    with httpx.Client(
+        base_url=page.url.split("/console")[0],
+        cookies={"cove_session": _session_cookie(page.context)["value"]},
+    ) as c:
+        latest = c.get("/v1/sandboxes/metrics").json()["sandboxes"]
+    assert set(latest[sandbox_id]) >= {
+        "timestamp",
+        "cpuUsedPct",
+        "cpuCount",
+        "memUsed",
+        "memTotal",
+        "diskUsed",
+        "diskTotal",
+    }
+    assert latest[sandbox_id]["memUsed"] > 0
+    page.click("#editor-close")
+    _shot(page, "sandbox", full=True)
 
 
 def test_hibernate_and_resume_show_their_states(

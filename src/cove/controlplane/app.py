@@ -233,6 +233,7 @@ def install(app: FastAPI, cove: Cove) -> None:
     errors.install_handlers(app)
     for module in (
         system,
+        usage,  # before sandboxes: /v1/sandboxes/metrics is no sandbox id
         sandboxes,
         network,
         snapshots,
@@ -248,7 +249,6 @@ def install(app: FastAPI, cove: Cove) -> None:
         pools,
         quotas,
         templates,
-        usage,
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through

@@ -166,6 +166,11 @@ class Usage:
             return []
         return [p.json() for p in history.points if since is None or p.time > since]
 
+    def latest(self, rec: SandboxRecord) -> dict[str, Any] | None:
+        """The sandbox's newest kept point, sampling nothing (None before its first)."""
+        history = self._history.get(rec.id)
+        return history.points[-1].json() if history is not None and history.points else None
+
     @staticmethod
     def _cpus(rec: SandboxRecord) -> int:
         cpu = rec.limits.get("cpu")

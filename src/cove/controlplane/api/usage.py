@@ -16,6 +16,25 @@ Svc = Annotated[SandboxService, Depends(service)]
 Who = Annotated[Caller, Depends(caller)]
 
 
+@router.get("/metrics")
+async def latest_metrics(request: Request, who: Who, svc: Svc) -> dict[str, dict[str, dict[str, Any]]]:
+    """The newest point of each of the caller's running or paused sandboxes, from the kept history
+    (nothing is sampled for this call): `{"sandboxes": {id: point}}`; sandboxes without a point yet
+    are left out. Registered before `/v1/sandboxes/{id}`."""
+    usage = request.app.state.cove.usage
+    out: dict[str, dict[str, Any]] = {}
+    cursor: str | None = None
+    while True:
+        page = await svc.list(who, ["running", "paused"], {}, 1000, cursor)
+        for rec in page.items:
+            point = usage.latest(rec)
+            if point is not None:
+                out[rec.id] = point
+        cursor = page.next_cursor
+        if not cursor:
+            return {"sandboxes": out}
+
+
 @router.get("/{sandbox_id}/metrics")
 async def sandbox_metrics(
     sandbox_id: str,

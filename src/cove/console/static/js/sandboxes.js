@@ -1,7 +1,7 @@
 // The sandboxes page: the caller's sandboxes from GET /v1/sandboxes, refreshed every 2 s (rows are
 // updated in place, so selections survive), filtered by state, label and a search; create from a
 // template or snapshot (POST /v1/sandboxes), kill the selected ones (DELETE /v1/sandboxes/{id}).
-import { api, age, copyButton, h, toast } from "./common.js";
+import { api, age, bytes, copyButton, h, toast } from "./common.js";
 
 const LIVE = ["starting", "running", "paused", "hibernated"];
 const POLL_MS = 2000;
@@ -14,6 +14,7 @@ const selectAll = document.getElementById("select-all");
 const rows = new Map(); // id -> {tr, key, sb}
 const selected = new Set();
 let items = [];
+let usage = {}; // id -> the newest point of GET /v1/sandboxes/metrics
 let timer = null;
 
 function states() {
@@ -60,7 +61,18 @@ function row(sb) {
     h("td", { class: "labels" }, labels),
     h("td", { class: "age", title: sb.created_at, dataset: { created: sb.created_at } }, age(sb.created_at)),
     h("td", { class: "muted" }, `${l.cpu ? `${l.cpu} cpu` : "any cpu"} · ${l.memory_mb} MiB`),
+    h("td", { class: "usage" }),
   );
+}
+
+function showUsage(tr, id) {
+  const p = usage[id];
+  const text = p ? `${p.cpuUsedPct.toFixed(1)}% · ${bytes(p.memUsed)}` : "";
+  const td = tr.querySelector("td.usage");
+  if (td.textContent !== text) {
+    td.textContent = text;
+    td.title = p ? `at ${p.timestamp}: ${p.cpuUsedPct}% of ${p.cpuCount} CPUs, ${bytes(p.memUsed)} of ${bytes(p.memTotal)}` : "";
+  }
 }
 
 function render() {
@@ -81,6 +93,7 @@ function render() {
       const td = r.tr.querySelector("td.age");
       td.textContent = age(sb.created_at);
     }
+    showUsage(r.tr, sb.id);
     const want = prev ? prev.nextSibling : tbody.firstChild;
     if (want !== r.tr) tbody.insertBefore(r.tr, want);
     prev = r.tr;
@@ -102,7 +115,9 @@ async function refresh() {
   clearTimeout(timer);
   try {
     const t0 = performance.now();
-    items = (await fetchAll()).sort((a, b) => (a.created_at < b.created_at ? 1 : -1)); // newest first
+    const [all, now] = await Promise.all([fetchAll(), api("GET", "/v1/sandboxes/metrics")]);
+    usage = now.sandboxes;
+    items = all.sort((a, b) => (a.created_at < b.created_at ? 1 : -1)); // newest first
     render();
     document.getElementById("updated").textContent =
       `updated ${new Date().toLocaleTimeString()} (${Math.round(performance.now() - t0)} ms) · refreshes every ${POLL_MS / 1000} s`;

@@ -113,8 +113,8 @@ const FORMS = {
         for (const line of lines.filter(Boolean)) {
           const ev = JSON.parse(line);
           if (ev.type === "log") logEl.append(ev.data ?? "");
-          else if (ev.type === "step") logEl.append(`── step ${ev.step}/${ev.total}: ${ev.description}${ev.cached ? " (cached)" : ""}\n`);
-          else if (ev.type === "step_done") logEl.append(`── step ${ev.step} done${ev.cached ? " (cached)" : ` in ${Number(ev.seconds ?? 0).toFixed(1)} s`}\n`);
+          else if (ev.type === "step") logEl.append(`── ${ev.step === null ? "base" : `step ${ev.step + 1}/${ev.total}`}: ${ev.description}${ev.cached ? " (cached)" : ""}\n`);
+          else if (ev.type === "step_done") logEl.append(`── ${ev.step === null ? "base" : `step ${ev.step + 1}`} done${ev.cached ? " (cached)" : ` in ${Number(ev.seconds ?? 0).toFixed(1)} s`}\n`);
           else if (ev.type === "done") logEl.append(`── built ${typeof ev.template === "object" ? ev.template?.name : ev.template}\n`);
           else if (ev.type === "error") logEl.append(`── failed: ${ev.message}\n${ev.output ?? ""}\n`);
           logEl.scrollTop = logEl.scrollHeight;
