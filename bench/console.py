@@ -72,6 +72,7 @@ def main() -> None:
             params = [("state", s) for s in LIVE] + [("limit", "1000")]
             page = timed(lambda: c.get("/console/sandboxes").raise_for_status(), args.runs)
             listing = timed(lambda: c.get("/v1/sandboxes", params=params).raise_for_status(), args.runs)
+            latest = timed(lambda: c.get("/v1/sandboxes/metrics").raise_for_status(), args.runs)
             floor = timed(lambda: c.get("/healthz").raise_for_status(), args.runs)
             size = len(c.get("/v1/sandboxes", params=params).content)
         print(f"\n{'request (loopback, ' + str(args.runs) + ' runs)':<46} {'median ms':>10} {'p90 ms':>8}")
@@ -80,6 +81,7 @@ def main() -> None:
         print(
             f"{f'GET /v1/sandboxes ({len(ids)} items, {size // 1024} KiB)':<46} {listing[0]:>10.1f} {listing[1]:>8.1f}"
         )
+        print(f"{'GET /v1/sandboxes/metrics (CPU, memory now)':<46} {latest[0]:>10.1f} {latest[1]:>8.1f}")
         browser(srv, key, ids)
     finally:
         if key:  # the server's close() kills its admin tenant's sandboxes only: these are another's
