@@ -1,9 +1,13 @@
 """A short history of each sandbox's resource use, kept in memory (`GET /v1/sandboxes/{id}/metrics`).
 
-Every `interval` seconds the sampler reads the cgroup stats the node already reports (memory, CPU
-time, disk; `NodeAgent.stats`) of every running sandbox and appends one point to that sandbox's ring
-buffer (the last `keep` points). A request for a sandbox with no recent point samples it at once,
-so a page that just opened gets a point without waiting. The history is this server's: a restart
+The sampler reads the cgroup stats the node already reports (memory, CPU time, disk;
+`NodeAgent.stats`) and appends one point to the sandbox's ring buffer (the last `keep` points):
+every `interval` seconds for a sandbox whose history someone asked for in the last `watch` seconds
+(a console page, a script polling it), and every `sweep` seconds for every other running or paused
+sandbox (the disk figure walks the sandbox's writable layer, which costs in proportion to the files
+it wrote: sampling each of hundreds of idle sandboxes every few seconds would keep a core busy). A
+request for a sandbox with no recent point samples it at once, so a page that just opened gets a
+point without waiting. The history is this server's: a restart
 starts it afresh, and a killed sandbox's goes with it. The shape of a point is e2b's
 (`timestamp, cpuUsedPct, cpuCount, memUsed, memTotal, diskUsed, diskTotal`).
 """
@@ -55,11 +59,13 @@ class Point:
 
 
 class _History:
-    __slots__ = ("cpu", "points")
+    __slots__ = ("cpu", "points", "sampled", "watched")
 
     def __init__(self, keep: int) -> None:
         self.points: deque[Point] = deque(maxlen=keep)
         self.cpu: tuple[float, int] | None = None  # (monotonic time, cpu usec) of the last sample
+        self.watched = 0.0  # monotonic time someone last asked for this history
+        self.sampled = 0.0  # monotonic time of the last point
 
 
 class Usage:
@@ -68,6 +74,8 @@ class Usage:
         self.service = service
         self.interval = float(os.environ.get("COVE_METRICS_INTERVAL", "5"))
         self.keep = int(os.environ.get("COVE_METRICS_KEEP", "120"))  # 10 minutes at 5 s
+        self.sweep = float(os.environ.get("COVE_METRICS_SWEEP", "30"))
+        self.watch = 600.0
         self._history: dict[str, _History] = {}
         self._task: asyncio.Task[None] | None = None
         self._sampling: dict[str, asyncio.Future[None]] = {}
@@ -97,9 +105,13 @@ class Usage:
         cursor: str | None = None
         while True:
             page = await self.service.store.list_sandboxes(None, ["running", "paused"], None, 1000, cursor)
+            now = time.monotonic()
             for rec in page.items:
                 live.add(rec.id)
-                await self.sample(rec)
+                history = self._history.get(rec.id)
+                due = history is None or now - history.sampled >= self.sweep - 0.5
+                if due or (history is not None and now - history.watched < self.watch):
+                    await self.sample(rec)
             cursor = page.next_cursor
             if not cursor:
                 break
@@ -131,6 +143,7 @@ class Usage:
             history = self._history[rec.id] = _History(self.keep)
         cpus = self._cpus(rec)
         now, usage = time.monotonic(), stats.get("cpu_usec")
+        history.sampled = now
         pct = 0.0
         if usage is not None:
             if history.cpu is not None and now > history.cpu[0]:
@@ -154,6 +167,8 @@ class Usage:
         """The sandbox's kept points (after `since`, unix seconds), oldest first; a live sandbox
         with no point in the last interval is sampled first."""
         history = self._history.get(rec.id)
+        if history is not None:
+            history.watched = time.monotonic()
         fresh = (
             history is not None
             and history.points
@@ -162,6 +177,8 @@ class Usage:
         if rec.state == "running" and not fresh:
             await self.sample(rec)
             history = self._history.get(rec.id)
+            if history is not None:
+                history.watched = time.monotonic()
         if history is None:
             return []
         return [p.json() for p in history.points if since is None or p.time > since]
