@@ -354,6 +354,34 @@ def test_processes_show_their_output_and_a_port_opens_in_a_new_tab(
     expect(row.locator(".state")).to_have_count(0, timeout=10_000)  # exited
 
 
+def test_the_egress_policy_is_changed_from_the_page(
+    page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    page.locator("#network-edit summary").click()
+    page.select_option("#net-mode", "allow")
+    page.fill("#net-allow", "pypi.org, *.pythonhosted.org:443")
+    page.click("#network-form button[type=submit]")
+    expect(page.locator("#network")).to_contain_text("pypi.org, *.pythonhosted.org:443")
+    with server.client(tenant["a"]) as api:
+        net = api.get(f"/v1/sandboxes/{sandbox_id}/network").json()
+    assert net["mode"] == "allow" and net["allow"] == ["pypi.org", "*.pythonhosted.org:443"]
+
+
+def test_fork_twice_links_both_children(
+    page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    page.fill("#fork-count", "2")
+    page.click('[data-action="fork"]')
+    links = page.locator("#action-result a")
+    expect(links).to_have_count(2, timeout=60_000)
+    expect(page.locator("#state")).to_have_text("running")
+    with server.client(tenant["a"]) as api:
+        for link in links.all():
+            child = (link.text_content() or "").strip()
+            assert api.get(f"/v1/sandboxes/{child}").json()["state"] == "running"
+    page.wait_for_function("() => window.coveTerminal.connected", timeout=20_000)  # back after the fork
+
+
 # -- the session's CSRF defence ---------------------------------------------------------------------
 
 
@@ -418,6 +446,15 @@ def test_every_page_renders_as_an_admin(
         p.wait_for_function("() => document.getElementById('count').textContent !== ''", timeout=10_000)
         _shot(p, name)
     expect(p.locator("#table tbody tr").first).to_be_visible()  # the audit log has entries
+    # Quotas: set for a tenant by an admin.
+    p.goto("/console/quota")
+    p.fill("#quota-form input[name=tenant]", "console-c")
+    p.fill("#quota-form input[name=sandboxes]", "3")
+    p.click("#quota-form button[type=submit]")
+    expect(p.locator("#quota-set")).to_contain_text('"sandboxes":3')
+    with server.client() as api:
+        assert api.get("/v1/tenants/console-c/quota").json()["quota"]["sandboxes"] == 3
+        api.delete("/v1/tenants/console-c/quota")
     # Keys: made on the page (shown once), then revoked.
     p.goto("/console/keys")
     p.fill("#keys-form input[name=name]", "made-in-console")

@@ -31,6 +31,12 @@ function showState() {
   for (const b of document.querySelectorAll("#actions [data-action]")) b.disabled = busy !== null || !ok.includes(b.dataset.action);
 }
 
+function result(...parts) {
+  const el = document.getElementById("action-result");
+  el.replaceChildren(...parts);
+  el.hidden = false;
+}
+
 async function act(action) {
   actionError.hidden = true;
   busy = `${DOING[action]}…`;
@@ -44,12 +50,13 @@ async function act(action) {
       sb = await api("GET", base);
     } else if (action === "snapshot") {
       const snap = await api("POST", `${base}/snapshots`, { json: {} });
-      toast(`snapshot ${snap.id}`);
+      result("Snapshot ", h("code", {}, snap.id), " made: start sandboxes from it on the ", h("a", { href: "/console/snapshots" }, "snapshots page"), ".");
       sb = await api("GET", base);
     } else if (action === "fork") {
       const count = Number(document.getElementById("fork-count").value || 1);
       const forked = await api("POST", `${base}/fork`, { json: { count } });
-      toast(`forked: ${forked.items.map((c) => c.id).join(", ")}`);
+      result("Forked: ", ...forked.items.flatMap((c, i) => [i ? ", " : "", h("a", { href: `/console/sandboxes/${encodeURIComponent(c.id)}` }, c.id)]),
+        forked.memory ? " (processes carried over)" : " (files only)");
       sb = await api("GET", base);
     } else {
       sb = await api("POST", `${base}/${action}`);
@@ -383,6 +390,24 @@ function showNetwork() {
     h("dt", {}, "public ports"), h("dd", {}, n.public_traffic ? "yes: anyone with the URL" : "no: a key or a signed URL"),
   );
 }
+const netForm = document.getElementById("network-form");
+document.getElementById("network-edit").addEventListener("toggle", () => {
+  const n = sb.network ?? {};
+  document.getElementById("net-mode").value = n.mode ?? "none";
+  document.getElementById("net-allow").value = (n.allow ?? []).join(", ");
+  document.getElementById("net-deny").value = (n.deny ?? []).join(", ");
+});
+netForm.addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const d = Object.fromEntries(new FormData(netForm));
+  const rules = (v) => String(v).split(",").map((x) => x.trim()).filter(Boolean);
+  try {
+    await api("PUT", `${base}/network`, { json: { mode: d.mode, allow: rules(d.allow), deny: rules(d.deny) } });
+    sb = await api("GET", base);
+    showNetwork();
+    toast("egress policy applied");
+  } catch (e) { toast(`network: ${e.message}`, true); }
+});
 document.getElementById("port-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const port = Number(document.getElementById("port").value);

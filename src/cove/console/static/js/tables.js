@@ -63,7 +63,11 @@ const ACTIONS = {
   ],
   volumes: (r) => [button("delete", async () => { if (confirmed(`Delete volume ${r.name}?`)) { await api("DELETE", `/v1/volumes/${enc(r.name)}`); load(); } }, "danger")],
   pools: (r) => (admin ? [button("delete", async () => { if (confirmed(`Delete pool ${r.name}?`)) { await api("DELETE", `/v1/pools/${enc(r.name)}`); load(); } }, "danger")] : []),
-  keys: (r) => [button("revoke", async () => { if (confirmed(`Revoke key ${r.name} (${r.id})? It stops working at once.`)) { await api("DELETE", `/v1/keys/${enc(r.id)}`); load(); } }, "danger")],
+  keys: (r) => [button("rotate", async () => {
+    if (!confirmed(`Rotate key ${r.name} (${r.id})? The old secret stops working at once.`)) return;
+    const k = await api("POST", `/v1/keys/${enc(r.id)}/rotate`);
+    document.getElementById("extra").append(h("p", { class: "card" }, `New secret of ${r.name}, shown only now: `, h("code", {}, k.key), " ", copyButton(k.key)));
+  }), " ", button("revoke", async () => { if (confirmed(`Revoke key ${r.name} (${r.id})? It stops working at once.`)) { await api("DELETE", `/v1/keys/${enc(r.id)}`); load(); } }, "danger")],
 };
 
 function field(name, label, attrs = {}) {
@@ -94,6 +98,15 @@ const FORMS = {
   }),
   pools: () => (admin ? form([field("name", "Template or snapshot", { required: true, value: "base" }), field("min", "Min", { type: "number", value: 1, min: 0 }), field("max", "Max", { type: "number", value: 4, min: 0 })],
     "Set pool", (d) => api("PUT", `/v1/pools/${enc(d.name)}`, { json: { min: Number(d.min), max: Number(d.max) } })) : []),
+  quota: () => (admin ? form([field("tenant", "Tenant", { required: true, pattern: "[A-Za-z0-9_.-]{1,64}" }),
+    field("sandboxes", "Sandboxes", { type: "number", min: 0, placeholder: "no cap" }),
+    field("cpu", "CPU (cores)", { type: "number", min: 0, step: "0.5", placeholder: "no cap" }),
+    field("memory_mb", "Memory (MiB)", { type: "number", min: 0, placeholder: "no cap" })],
+  "Set quota", async (d, out) => {
+    const num = (v) => (v === "" || v === undefined ? null : Number(v));
+    const q = await api("PUT", `/v1/tenants/${enc(d.tenant)}/quota`, { json: { sandboxes: num(d.sandboxes), cpu: num(d.cpu), memory_mb: num(d.memory_mb) } });
+    out.replaceChildren(h("p", { class: "card", id: "quota-set" }, `Tenant ${q.tenant}: ${JSON.stringify(q.quota)}; in use ${JSON.stringify(q.usage)}`));
+  }) : []),
   templates: () => {
     const spec = h("textarea", { name: "spec", rows: 6, spellcheck: "false", class: "spec", "aria-label": "build spec" });
     spec.value = JSON.stringify({ name: "hello", from: "base", steps: [{ type: "run", cmd: "echo built > /etc/motd" }] }, null, 2);
