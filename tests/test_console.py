@@ -303,6 +303,8 @@ def test_the_usage_chart_shows_points(page: Page, sandbox_id: str) -> None:
     }
     assert latest[sandbox_id]["memUsed"] > 0
     page.click("#editor-close")
+    page.locator("#chart-mem").scroll_into_view_if_needed()
+    page.wait_for_timeout(500)  # the charts' last redraw
     _shot(page, "sandbox", full=True)
 
 
@@ -473,6 +475,19 @@ def test_every_page_renders_as_an_admin(
     p.wait_for_url("**/console/login")
     ctx.close()
     assert not errors, errors
+    # Dark mode follows the system's preference.
+    dark = browser.new_context(
+        viewport={"width": 1400, "height": 950}, base_url=server.url, color_scheme="dark"
+    )
+    d = dark.new_page()
+    _sign_in(d, tenant["a"])
+    d.goto(f"/console/sandboxes/{sandbox_id}")
+    d.wait_for_function("() => window.coveTerminal && window.coveTerminal.connected", timeout=20_000)
+    background = d.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(13, 17, 23)", background
+    d.wait_for_timeout(500)
+    _shot(d, "dark")
+    dark.close()
 
 
 def test_websocket_with_the_session_needs_its_token_and_this_origin(

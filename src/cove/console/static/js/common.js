@@ -116,8 +116,12 @@ document.addEventListener("keydown", (ev) => {
   }
 });
 
-// Relative times in server-rendered pages (<time class="age" datetime=…>).
-for (const t of document.querySelectorAll("time.age")) {
-  t.title = t.getAttribute("datetime");
-  t.textContent = `${age(t.getAttribute("datetime"))} ago`;
+// Relative times in server-rendered pages (<time class="age" datetime=…>), kept current.
+function ages() {
+  for (const t of document.querySelectorAll("time.age")) {
+    t.title = t.getAttribute("datetime");
+    t.textContent = `${age(t.getAttribute("datetime"))} ago`;
+  }
 }
+ages();
+setInterval(ages, 10000);
