@@ -567,3 +567,26 @@ def test_sign_out_ends_the_session(page: Page, context: BrowserContext, server: 
         assert c.get("/v1/sandboxes").status_code == 401
     page.goto("/console/sandboxes")
     page.wait_for_url("**/console/login")
+
+
+def test_a_session_survives_a_server_restart() -> None:
+    """Sessions live in the store (like keys): a restarted server, or another replica of a shared
+    store, knows them; signing out ends them everywhere."""
+    srv = Server("console-restart")
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url) as browser:
+            assert browser.post("/console/login", data={"api_key": srv.api_key}).status_code == 303
+            page = browser.get("/console/sandboxes").text
+            assert browser.get("/v1/sandboxes").status_code == 200
+            srv.restart()
+            assert browser.get("/v1/sandboxes").status_code == 200
+            csrf = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+            session_id = browser.cookies["cove_session"]
+            assert browser.post("/console/logout", data={"csrf": csrf}).status_code == 303
+            assert "cove_session" not in browser.cookies  # the browser forgot it
+        with httpx.Client(base_url=srv.url, cookies={"cove_session": session_id}) as stale:
+            assert stale.get("/v1/sandboxes").status_code == 401  # and the server too
+    finally:
+        srv.close()
+

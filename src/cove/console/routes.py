@@ -60,7 +60,7 @@ def _cove(request: Request) -> Cove:
 
 async def _signed_in(request: Request) -> tuple[Session, Caller] | None:
     cove = _cove(request)
-    session = cove.sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = await cove.sessions.get(request.cookies.get(SESSION_COOKIE))
     if session is None:
         return None
     who = await cove.sessions.caller(session)
@@ -111,13 +111,12 @@ async def login(request: Request) -> Response:
     if rec is None:
         error = "That is not a valid API key." if key else "Enter an API key."
         return _page(request, "login.html", {"error": error, "page": "login"}, 401)
-    old = request.cookies.get(SESSION_COOKIE)
-    cove.sessions.end(old)  # a new session id at every sign-in (no fixation)
-    session = cove.sessions.create(rec.hash)
+    await cove.sessions.end(request.cookies.get(SESSION_COOKIE))  # a new id at every sign-in (no fixation)
+    session_id, _ = await cove.sessions.create(rec.hash)
     response = RedirectResponse(f"{PREFIX}/sandboxes", status_code=303, headers={"Cache-Control": "no-store"})
     response.set_cookie(
         SESSION_COOKIE,
-        session.id,
+        session_id,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -130,13 +129,14 @@ async def login(request: Request) -> Response:
 @router.post("/logout", response_model=None)
 async def logout(request: Request) -> Response:
     cove = _cove(request)
-    session = cove.sessions.get(request.cookies.get(SESSION_COOKIE))
+    session_id = request.cookies.get(SESSION_COOKIE)
+    session = await cove.sessions.get(session_id)
     form = await request.form()
     token = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
     if session is not None:
         if not hmac.compare_digest(token, session.csrf):
             raise ApiError(403, "csrf_failed", "missing or wrong CSRF token for this session")
-        cove.sessions.end(session.id)
+        await cove.sessions.end(session_id)
     response = _to_login(request)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response

@@ -171,7 +171,7 @@ def assemble(settings: Settings) -> Cove:
         refs=refs,
         reaper=Reaper(settings, service, templates, volumes, refs),
         keys=keys,
-        sessions=auth.Sessions(keys),
+        sessions=auth.Sessions(store, keys),
         usage=Usage(settings, service),
         signer=Signer(settings.home / "secret"),  # access tokens and signed URLs
     )

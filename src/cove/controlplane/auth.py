@@ -87,59 +87,122 @@ class KeyCache:
 @dataclass
 class Session:
     """A signed-in browser: which key it stands for (by hash: the key itself is not kept), and the
-    CSRF token its pages echo in `X-CSRF-Token`."""
+    CSRF token its pages echo in `X-CSRF-Token`. Times are unix seconds."""
 
-    id: str
     key_hash: str
     csrf: str
     created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.time)
+    saved_use: float = 0.0  # the last_used the store holds
+
+    def doc(self) -> dict[str, object]:
+        return {
+            "key_hash": self.key_hash,
+            "csrf": self.csrf,
+            "created": self.created,
+            "last_used": self.last_used,
+        }
 
 
 class Sessions:
-    """Console sessions, in this server's memory: a restart signs every browser out (they sign in
-    again with their key). A session ends at sign-out, after `idle` seconds unused, after `lifetime`
-    seconds, or as soon as its key is revoked (every use looks the key up again)."""
+    """Console sessions, kept in the store (settings `console_session:<sha256 of the id>`), so they
+    survive a restart and every API replica of a shared store knows them; each replica caches one
+    for `ttl` seconds (bounding how long a sign-out elsewhere takes to apply here). A session ends at
+    sign-out, after `idle` seconds unused, after `lifetime` seconds, or as soon as its key is revoked
+    (every use looks the key up again)."""
 
-    def __init__(self, keys: KeyCache, idle: float = 8 * 3600, lifetime: float = 7 * 86400) -> None:
+    PREFIX = "console_session:"
+
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyCache,
+        idle: float = 8 * 3600,
+        lifetime: float = 7 * 86400,
+        ttl: float = 5.0,
+    ) -> None:
+        self.store = store
         self.keys = keys
         self.idle = idle
         self.lifetime = lifetime
-        self._by_id: dict[str, Session] = {}
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Session]] = {}
+        self._swept = 0.0
 
-    def create(self, key_hash: str) -> Session:
-        self._expire()
-        session = Session(id=secrets.token_urlsafe(32), key_hash=key_hash, csrf=secrets.token_urlsafe(32))
-        self._by_id[hash_key(session.id)] = session
-        return session
+    def _expired(self, s: Session, now: float) -> bool:
+        return now - s.last_used > self.idle or now - s.created > self.lifetime
 
-    def get(self, session_id: str | None) -> Session | None:
+    async def create(self, key_hash: str) -> tuple[str, Session]:
+        """A new session: its id (for the cookie; stored only hashed) and the session."""
+        await self._sweep()
+        session_id = secrets.token_urlsafe(32)
+        session = Session(key_hash=key_hash, csrf=secrets.token_urlsafe(32))
+        session.saved_use = session.last_used
+        h = hash_key(session_id)
+        await self.store.put_setting(self.PREFIX + h, session.doc())
+        self._cache[h] = (time.monotonic(), session)
+        return session_id, session
+
+    async def get(self, session_id: str | None) -> Session | None:
         if not session_id:
             return None
-        session = self._by_id.get(hash_key(session_id))
-        if session is None:
+        h = hash_key(session_id)
+        hit = self._cache.get(h)
+        mono = time.monotonic()
+        if hit and mono - hit[0] < self.ttl:
+            session = hit[1]
+        else:
+            doc = await self.store.get_setting(self.PREFIX + h)
+            if not isinstance(doc, dict):
+                self._cache.pop(h, None)
+                return None
+            session = Session(
+                key_hash=str(doc["key_hash"]),
+                csrf=str(doc["csrf"]),
+                created=float(doc["created"]),
+                last_used=max(float(doc["last_used"]), hit[1].last_used if hit else 0.0),
+                saved_use=float(doc["last_used"]),
+            )
+            self._cache[h] = (mono, session)
+        now = time.time()
+        if self._expired(session, now):
+            await self.end(session_id)
             return None
-        if time.monotonic() - session.last_used > self.idle or time.time() - session.created > self.lifetime:
-            self._by_id.pop(hash_key(session_id), None)
-            return None
-        session.last_used = time.monotonic()
+        session.last_used = now
+        if now - session.saved_use > 300:  # idle time is kept to the nearest 5 minutes
+            session.saved_use = now
+            await self.store.put_setting(self.PREFIX + h, session.doc())
         return session
 
-    def end(self, session_id: str | None) -> None:
+    async def end(self, session_id: str | None) -> None:
         if session_id:
-            self._by_id.pop(hash_key(session_id), None)
+            h = hash_key(session_id)
+            self._cache.pop(h, None)
+            await self.store.delete_setting(self.PREFIX + h)
 
-    def _expire(self) -> None:
-        now, wall = time.monotonic(), time.time()
-        for k, s in list(self._by_id.items()):
-            if now - s.last_used > self.idle or wall - s.created > self.lifetime:
-                del self._by_id[k]
+    async def _sweep(self) -> None:
+        """Forget expired sessions (at most hourly, at a sign-in)."""
+        now = time.time()
+        if now - self._swept < 3600:
+            return
+        self._swept = now
+        for key, doc in (await self.store.list_settings(self.PREFIX)).items():
+            try:
+                expired = (
+                    now - float(doc["last_used"]) > self.idle or now - float(doc["created"]) > self.lifetime
+                )
+            except (TypeError, KeyError, ValueError):
+                expired = True
+            if expired:
+                await self.store.delete_setting(key)
+        for h, (_, s) in list(self._cache.items()):
+            if self._expired(s, now):
+                del self._cache[h]
 
     async def caller(self, session: Session) -> Caller | None:
         """The caller a session stands for, or None once its key is gone."""
         rec = await self.keys.lookup(session.key_hash)
         if rec is None:
-            self._by_id.pop(hash_key(session.id), None)
             return None
         return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)
 
@@ -157,7 +220,7 @@ async def session_caller(request: Request | WebSocket, csrf: str | None) -> Call
     """The caller of a request authenticated by the console's session cookie. `csrf`: the token the
     request presented (None on safe methods, which need none); a missing or wrong one is 403."""
     sessions: Sessions = request.app.state.cove.sessions
-    session = sessions.get(request.cookies.get(SESSION_COOKIE))
+    session = await sessions.get(request.cookies.get(SESSION_COOKIE))
     if session is None:
         raise ApiError(401, "unauthorized", "the console session has ended: sign in again")
     if csrf is not None and not (csrf and hmac.compare_digest(csrf, session.csrf)):
