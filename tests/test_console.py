@@ -356,6 +356,42 @@ def test_processes_show_their_output_and_a_port_opens_in_a_new_tab(
     expect(row.locator(".state")).to_have_count(0, timeout=10_000)  # exited
 
 
+ECHO_HEADERS = """
+import http.server as h
+class H(h.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(self.headers).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+h.HTTPServer(("127.0.0.1", 8001), H).serve_forever()
+"""
+
+
+def test_a_sandboxs_port_never_sees_the_session_cookie(
+    context: BrowserContext, server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    with server.client(tenant["a"]) as api:
+        proc = api.post(
+            f"/v1/sandboxes/{sandbox_id}/processes", json={"argv": ["python3", "-c", ECHO_HEADERS]}
+        )
+        assert proc.status_code == 201, proc.text
+        session = _session_cookie(context)["value"]
+        deadline = time.monotonic() + 10
+        while True:
+            r = api.get(
+                f"/v1/sandboxes/{sandbox_id}/ports/8001/",
+                headers={"Cookie": f"cove_session={session}; theirs=1"},
+            )
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        api.delete(f"/v1/sandboxes/{sandbox_id}/processes/{proc.json()['id']}")
+    assert r.status_code == 200, r.text
+    assert "theirs=1" in r.text and "cove_session" not in r.text and session not in r.text
+
+
 def test_the_egress_policy_is_changed_from_the_page(
     page: Page, server: Server, sandbox_id: str, tenant: dict[str, str]
 ) -> None:
@@ -589,4 +625,3 @@ def test_a_session_survives_a_server_restart() -> None:
             assert stale.get("/v1/sandboxes").status_code == 401  # and the server too
     finally:
         srv.close()
-
