@@ -261,6 +261,15 @@ def test_upload_a_file_and_see_it_in_the_tree(page: Page, sandbox_id: str, tmp_p
     page.set_input_files("#upload", str(local))
     entry = page.locator('#tree li.file[data-path$="/notes.txt"]')
     expect(entry).to_have_count(1, timeout=10_000)
+    # Dropped onto the pane, as from a file manager.
+    page.evaluate(
+        """() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["dropped\\n"], "dropped.txt", { type: "text/plain" }));
+            document.getElementById("files").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));
+        }"""
+    )
+    expect(page.locator('#tree li.file[data-path$="/dropped.txt"]')).to_have_count(1, timeout=10_000)
 
 
 def test_edit_and_save_a_file_then_read_it_through_the_api(
