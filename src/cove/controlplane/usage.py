@@ -2,9 +2,9 @@
 
 The sampler reads the cgroup stats the node already reports (memory, CPU time, disk;
 `NodeAgent.stats`) and appends one point to the sandbox's ring buffer (the last `keep` points):
-every `interval` seconds for a sandbox whose history someone asked for in the last `watch` seconds
-(a console page, a script polling it), and every `sweep` seconds for every other running or paused
-sandbox (the disk figure walks the sandbox's writable layer, which costs in proportion to the files
+every `interval` seconds for a sandbox whose history someone asked for here in the last `watch`
+seconds (a console page, a script polling it), and every `sweep` seconds for every other running or
+paused sandbox on this server's own node (the disk figure walks the sandbox's writable layer, which costs in proportion to the files
 it wrote: sampling each of hundreds of idle sandboxes every few seconds would keep a core busy). A
 request for a sandbox with no recent point samples it at once, so a page that just opened gets a
 point without waiting. The history is this server's: a restart
@@ -106,11 +106,15 @@ class Usage:
         while True:
             page = await self.service.store.list_sandboxes(None, ["running", "paused"], None, 1000, cursor)
             now = time.monotonic()
+            here = ("", self.service.fleet.id)
             for rec in page.items:
                 live.add(rec.id)
                 history = self._history.get(rec.id)
-                due = history is None or now - history.sampled >= self.sweep - 0.5
-                if due or (history is not None and now - history.watched < self.watch):
+                watched = history is not None and now - history.watched < self.watch
+                # A sandbox on another node of the fleet is sampled here only while watched here
+                # (its own server sweeps it), so no node is asked by every replica.
+                due = rec.node_id in here and (history is None or now - history.sampled >= self.sweep - 0.5)
+                if due or watched:
                     await self.sample(rec)
             cursor = page.next_cursor
             if not cursor:

@@ -389,14 +389,13 @@ function showNetwork() {
     h("dt", {}, "deny"), h("dd", {}, rules(n.deny)),
     h("dt", {}, "public ports"), h("dd", {}, n.public_traffic ? "yes: anyone with the URL" : "no: a key or a signed URL"),
   );
+  if (!document.getElementById("network-edit").open) { // the form shows the policy until someone edits it
+    document.getElementById("net-mode").value = n.mode ?? "none";
+    document.getElementById("net-allow").value = (n.allow ?? []).join(", ");
+    document.getElementById("net-deny").value = (n.deny ?? []).join(", ");
+  }
 }
 const netForm = document.getElementById("network-form");
-document.getElementById("network-edit").addEventListener("toggle", () => {
-  const n = sb.network ?? {};
-  document.getElementById("net-mode").value = n.mode ?? "none";
-  document.getElementById("net-allow").value = (n.allow ?? []).join(", ");
-  document.getElementById("net-deny").value = (n.deny ?? []).join(", ");
-});
 netForm.addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const d = Object.fromEntries(new FormData(netForm));
