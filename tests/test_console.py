@@ -4,6 +4,7 @@ tenancy, and the session's CSRF defence. Screenshots of every page go to docs/im
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -612,6 +613,24 @@ def test_sign_out_ends_the_session(page: Page, context: BrowserContext, server: 
         assert c.get("/v1/sandboxes").status_code == 401
     page.goto("/console/sandboxes")
     page.wait_for_url("**/console/login")
+
+
+def test_the_metrics_api_answers_bad_input_with_4xx(
+    server: Server, sandbox_id: str, tenant: dict[str, str]
+) -> None:
+    with server.client(tenant["a"]) as api:
+        for since in ("-1", "abc", "nan"):
+            r = api.get(f"/v1/sandboxes/{sandbox_id}/metrics", params={"since": since})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", (since, r.text)
+        assert api.get(f"/v1/sandboxes/{sandbox_id}/metrics", params={"since": "1e400"}).json() == []
+        assert api.get("/v1/sandboxes/nosuchsandbox0000/metrics").status_code == 404
+        points = api.get(f"/v1/sandboxes/{sandbox_id}/metrics").json()
+        assert points and all(a["timestampUnix"] < b["timestampUnix"] for a, b in itertools.pairwise(points))
+        later = api.get(f"/v1/sandboxes/{sandbox_id}/metrics", params={"since": points[-1]["timestampUnix"]})
+        assert all(p["timestampUnix"] > points[-1]["timestampUnix"] for p in later.json())
+    with httpx.Client(base_url=server.url) as anonymous:
+        assert anonymous.get(f"/v1/sandboxes/{sandbox_id}/metrics").status_code == 401
+        assert anonymous.get("/v1/sandboxes/metrics").status_code == 401
 
 
 def test_a_session_survives_a_server_restart() -> None:

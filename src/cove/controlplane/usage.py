@@ -22,6 +22,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from cove.config import Settings
@@ -46,9 +47,8 @@ class Point:
 
     def json(self) -> dict[str, Any]:
         return {
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time))
-            + f".{int(self.time % 1 * 1000):03d}Z",
-            "timestampUnix": round(self.time, 3),
+            "timestamp": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "timestampUnix": self.time,
             "cpuUsedPct": self.cpu_pct,
             "cpuCount": self.cpu_count,
             "memUsed": self.mem_used,
@@ -157,7 +157,7 @@ class Usage:
         mem_mb = int(rec.limits.get("memory_mb") or self.settings.default_memory_mb)
         history.points.append(
             Point(
-                time=time.time(),
+                time=round(time.time(), 3),  # as reported: a client's `since` compares equal
                 cpu_pct=pct,
                 cpu_count=cpus,
                 mem_used=int(stats.get("memory_bytes") or 0),
