@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import secrets
-import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -29,15 +28,14 @@ try:
 except ImportError:  # pragma: no cover - the dev extra brings it
     sync_playwright = None  # type: ignore[assignment]
 
-pytestmark = [
-    pytest.mark.skipif(
-        sync_playwright is None, reason="playwright is not installed (pip install -e '.[dev]')"
-    ),
-    pytest.mark.skipif(
-        not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
-        reason=f"no chromium at {CHROMIUM}: apt-get install chromium (setup.sh does)",
-    ),
-]
+
+def _no_browser() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if sync_playwright is None:
+        return "playwright is not installed (pip install -e '.[dev]' with PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1)"
+    if not os.path.exists(CHROMIUM):
+        return f"no chromium at {CHROMIUM} (COVE_TEST_CHROMIUM): apt-get install chromium (setup.sh does)"
+    return None
 
 
 def _key(api: httpx.Client, tenant: str, admin: bool = False) -> str:
@@ -50,9 +48,11 @@ def _key(api: httpx.Client, tenant: str, admin: bool = False) -> str:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    why = _no_browser()
+    if why:
+        pytest.skip(why)
     with sync_playwright() as p:
-        exe = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         yield b
         b.close()
 
@@ -631,6 +631,42 @@ def test_the_metrics_api_answers_bad_input_with_4xx(
     with httpx.Client(base_url=server.url) as anonymous:
         assert anonymous.get(f"/v1/sandboxes/{sandbox_id}/metrics").status_code == 401
         assert anonymous.get("/v1/sandboxes/metrics").status_code == 401
+
+
+def test_sessions_end_when_idle_too_long_or_when_their_key_is_revoked(tmp_path: Path) -> None:
+    """The session store itself (no server): idle expiry, revocation, sign-out, and the stored
+    record holds neither the key nor the session id."""
+    import asyncio
+
+    from cove.controlplane.auth import KeyCache, Sessions, create_key
+    from cove.store.sqlite import SQLiteStore
+
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "cove.db")
+        await store.open()
+        try:
+            keys = KeyCache(store, ttl=0)
+            rec, key = await create_key(store, "k", "t", admin=False)
+            sessions = Sessions(store, keys, idle=0.5, ttl=0)
+            sid, session = await sessions.create(rec.hash)
+            assert (await sessions.get(sid)) is not None
+            who = await sessions.caller(session)
+            assert who is not None and who.tenant == "t"
+            stored = await store.list_settings(Sessions.PREFIX)
+            assert len(stored) == 1 and sid not in str(stored) and key not in str(stored)
+            await asyncio.sleep(0.6)
+            assert (await sessions.get(sid)) is None  # idle too long
+            assert await store.list_settings(Sessions.PREFIX) == {}
+            sid, session = await sessions.create(rec.hash)
+            await store.delete_key(rec.id)
+            assert (await sessions.caller(session)) is None  # its key was revoked
+            await sessions.end(sid)
+            assert (await sessions.get(sid)) is None
+            assert (await sessions.get("forged")) is None and (await sessions.get(None)) is None
+        finally:
+            await store.close()
+
+    asyncio.run(main())
 
 
 def test_a_session_survives_a_server_restart() -> None:
