@@ -11,6 +11,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -666,7 +667,9 @@ def test_sessions_end_when_idle_too_long_or_when_their_key_is_revoked(tmp_path: 
         finally:
             await store.close()
 
-    asyncio.run(main())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
 
 
 def test_a_session_survives_a_server_restart() -> None:
