@@ -27,7 +27,11 @@ def test_there_are_examples() -> None:
 
 
 @pytest.mark.parametrize(("page", "index", "code"), EXAMPLES)
-def test_example_runs(server: Server, tmp_path: Path, page: Path, index: int, code: str) -> None:
+def test_example_runs(
+    server: Server, tmp_path: Path, page: Path, index: int, code: str, request: pytest.FixtureRequest
+) -> None:
+    if "run_code" in code or "contexts" in code:
+        request.getfixturevalue("kernel_ready")  # code contexts need the kernel environment built
     (tmp_path / "model.bin").write_bytes(b"\0" * 4096)
     done = subprocess.run(
         [sys.executable, "-c", code],

@@ -293,6 +293,11 @@ def test_snapshots(location: str | Path) -> None:
             True,
         )
         assert not await store.update_snapshot("nope", state="ready")
+        # The snapshot service writes memory as 0/1 (SQLite's booleans): both stores take it.
+        assert await store.update_snapshot("sn-3", memory=0)
+        assert (await store.get_snapshot("sn-3")).memory is False  # type: ignore[union-attr]
+        assert await store.update_snapshot("sn-3", memory=1)
+        assert (await store.get_snapshot("sn-3")).memory is True  # type: ignore[union-attr]
 
         assert await store.delete_snapshot("sn-1")
         assert not await store.delete_snapshot("sn-1")

@@ -149,6 +149,7 @@ BODIES = {
     ("post", "/v1/sandboxes/{sandbox_id}/processes"): {"cmd": "true"},
     ("post", "/v1/sandboxes/{sandbox_id}/code"): {"code": "1"},
     ("post", "/v1/sandboxes/{sandbox_id}/urls"): {"port": 8000},
+    ("post", "/v1/sandboxes/{sandbox_id}/durability"): {"snapshot_every": 0},
 }
 QUERIES = {"path": "/tmp", "paths": "/tmp"}  # files routes need a path
 

@@ -99,6 +99,9 @@ class Settings:
     audit_retention_days: float = field(
         default_factory=lambda: float(os.environ.get("COVE_AUDIT_RETENTION_DAYS", "90"))
     )
+    # s3://bucket/prefix: durable copies of snapshots and hibernated sandboxes live in this bucket,
+    # the node's disk is their cache (docs/object-storage.md; endpoint and keys: the AWS_* variables).
+    object_store: str | None = field(default_factory=lambda: os.environ.get("COVE_OBJECT_STORE") or None)
     # postgresql://user@host:port/db: the store is PostgreSQL, shared by every server given the same
     # URL (docs/architecture.md); unset, SQLite in the data dir (`db_path`).
     database_url: str | None = field(default_factory=lambda: os.environ.get("COVE_DATABASE_URL") or None)

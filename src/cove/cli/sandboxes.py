@@ -49,6 +49,14 @@ def create(
     idle_timeout: Annotated[
         int | None, typer.Option("--idle-timeout", help="Pause after this many idle seconds (0 = never).")
     ] = None,
+    snapshot_every: Annotated[
+        int | None,
+        typer.Option(
+            "--snapshot-every",
+            help="Copy it to the server's object store every this many seconds of use (>= 30), so that "
+            "losing its node costs at most that much work (docs/object-storage.md).",
+        ),
+    ] = None,
     network: Annotated[
         str | None,
         typer.Option(
@@ -67,6 +75,7 @@ def create(
                 [cyan]cove create --snapshot snapab12cd34ef56[/]
                 [cyan]cove create --network allow:pypi.org,*.pythonhosted.org[/]
                 [cyan]cove create --volume data:/data --volume models:/models:ro[/]
+                [cyan]cove create --snapshot-every 300[/]   (needs COVE_OBJECT_STORE on the server)
     """
     conn = connection(ctx)
     sandbox = Sandbox.create(
@@ -75,6 +84,7 @@ def create(
         network=network_spec(network) if network is not None else None,
         snapshot=snapshot,
         idle_timeout=idle_timeout,
+        snapshot_every=snapshot_every,
         env=pairs(env, "--env"),
         timeout=timeout,
         metadata=pairs(label, "--label"),

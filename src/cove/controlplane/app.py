@@ -214,6 +214,7 @@ async def stop(cove: Cove) -> None:
         await cove.kubelet.close()
     await cove.usage.close()
     await cove.reaper.stop()
+    await cove.service.durability.close()  # a periodic copy cut short is never recorded
     await cove.refs.close()
     await cove.service.audit.close()  # entries still queued are written
     await cove.pools.close()  # pooled sandboxes are not anyone's: they go

@@ -355,7 +355,9 @@ class Pools:
             self.refs.pin(layers)
             generation = self.node.generation
             # The egress listener opens now; its policy comes with the claim.
-            handle = await self.starter.start(spec, {}, checkpoint=defaults.get("checkpoint"))
+            handle = await self.starter.start(
+                spec, {}, checkpoint=defaults.get("checkpoint"), pull=defaults.get("durable") is True
+            )
             try:
                 await self.node.pause(sid)
             except BaseException:

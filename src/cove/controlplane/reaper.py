@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from cove.config import Settings
+from cove.controlplane.durable import copy_of
 from cove.controlplane.errors import ApiError
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.service import SandboxService, bucket_mounts
@@ -166,6 +167,10 @@ class Reaper:
                     await self.sandboxes.end(
                         rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
                     )
+                elif rec.state == "running" and self.sandboxes.durability.due(
+                    rec, now, self.sandboxes.idle_for(rec, now, mono)
+                ):
+                    self.sandboxes.durability.start_periodic(rec, lambda r=rec: self.sandboxes.copy_now(r))
                 elif (
                     rec.state == "running"
                     and rec.idle_timeout
@@ -211,7 +216,19 @@ class Reaper:
             for rec in lost:
                 async with self.sandboxes.lock(rec.id):
                     fresh = await self.sandboxes.fresh(rec)
-                    if fresh.state in LIVE:
+                    copy = copy_of(fresh)
+                    if fresh.state not in LIVE or (fresh.state == "hibernated" and copy is not None):
+                        continue  # a hibernated sandbox with a copy resumes from it, on any node
+                    if copy is not None and fresh.state != "starting":
+                        # Its last copy is its state now: at most `every` seconds of work are lost.
+                        at = time.strftime("%H:%M:%S", time.gmtime(copy["at"]))
+                        info = {
+                            "memory": bool(copy.get("memory")),
+                            "from_copy": True,
+                            "reason": f"{why}; it resumes from its copy taken at {at} UTC",
+                        }
+                        await self.sandboxes.transition(fresh, "hibernated", node={}, checkpoint=info)
+                    else:
                         await self.sandboxes.transition(fresh, "lost", end_reason=why)
             log.warning("node lost", extra={"node": node.id, "sandboxes": len(lost)})
 

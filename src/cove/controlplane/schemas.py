@@ -24,6 +24,12 @@ SandboxPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pa
 State = Literal["starting", "running", "paused", "hibernated", "killed", "error", "lost"]
 
 
+def _check_every(v: int) -> int:
+    if 0 < v < 30:  # each copy freezes the sandbox for a checkpoint
+        raise ValueError("snapshot_every must be 0 (off) or at least 30 seconds")
+    return v
+
+
 def _check_env(env: dict[str, str]) -> dict[str, str]:
     for k, v in env.items():
         if not k or "=" in k or "\x00" in k or "\x00" in v:
@@ -200,6 +206,13 @@ class CreateSandbox(Strict):
     )
     on_idle: Literal["pause", "hibernate"] = "pause"
     on_timeout: Literal["kill", "hibernate"] = "kill"
+    snapshot_every: int = Field(
+        default=0,
+        ge=0,
+        le=30 * 86400,
+        description="seconds of use between periodic copies to the object store (at least 30; 0: none; "
+        "docs/object-storage.md)",
+    )
     snapshot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,64}$")] | None = Field(
         default=None, description="start from this snapshot instead of a template"
     )
@@ -215,6 +228,8 @@ class CreateSandbox(Strict):
         default_factory=list, max_length=16, description="named volumes to mount"
     )
     mounts: list[BucketMount] = Field(default_factory=list, max_length=8, description="buckets to mount")
+
+    _every = field_validator("snapshot_every")(_check_every)
 
     @model_validator(mode="after")
     def _distinct_paths(self) -> CreateSandbox:
@@ -237,6 +252,31 @@ class LimitsOut(BaseModel):
     memory_mb: int | None = None
     pids: int | None = None
     disk_mb: int | None = None
+
+
+class DurabilityOut(BaseModel):
+    snapshot_every: int = Field(default=0, description="seconds of use between periodic copies (0: none)")
+    copied_at: datetime | None = Field(default=None, description="when its latest copy was made")
+    memory: bool = Field(default=False, description="whether that copy holds its processes")
+
+    @classmethod
+    def of(cls, durable: dict[str, Any]) -> DurabilityOut:
+        copy = durable.get("copy") or {}
+        return cls(
+            snapshot_every=durable.get("every") or 0,
+            copied_at=_iso(copy.get("at")),
+            memory=bool(copy.get("memory")),
+        )
+
+
+class SetDurability(Strict):
+    snapshot_every: int = Field(
+        ge=0,
+        le=30 * 86400,
+        description="seconds of use between copies to the object store (at least 30; 0: none)",
+    )
+
+    _every = field_validator("snapshot_every")(_check_every)
 
 
 def _iso(ts: float | None) -> datetime | None:
@@ -266,6 +306,9 @@ class SandboxOut(BaseModel):
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="mounted volumes")
     mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounted buckets (no credentials)")
     network: NetworkOut = Field(default_factory=NetworkOut, description="egress policy")
+    durability: DurabilityOut = Field(
+        default_factory=lambda: DurabilityOut(), description="its copy in the object store"
+    )
     node: str = Field(default="", description="the node that holds it; empty for the server's own")
 
     @classmethod
@@ -295,6 +338,7 @@ class SandboxOut(BaseModel):
             ],
             mounts=[m for m in r.mounts if m["type"] != "volume"],
             network=NetworkOut.of(r.network),
+            durability=DurabilityOut.of(r.durable),
             node=r.node_id,
         )
 
@@ -380,6 +424,10 @@ class SnapshotOut(BaseModel):
     created_at: datetime
     layers: int = Field(description="length of its layer chain")
     memory: bool
+    durable: bool = Field(
+        default=False,
+        description="copied to the object store: it starts on any node (docs/object-storage.md)",
+    )
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="volumes it mounts or carries")
 
     @classmethod
@@ -391,6 +439,7 @@ class SnapshotOut(BaseModel):
             created_at=_iso(s.created_at),  # type: ignore[arg-type]
             layers=len(s.layers),
             memory=s.memory,
+            durable=s.config.get("durable") is True,
             volumes=[
                 {"name": v["name"], "path": v["path"], "read_only": v["read_only"], "mode": v["mode"]}
                 for v in s.config.get("volumes", [])

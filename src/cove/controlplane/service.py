@@ -23,6 +23,7 @@ from cove.config import Settings
 from cove.controlplane import audit
 from cove.controlplane.admission import Admission, StartSlot
 from cove.controlplane.auth import Caller
+from cove.controlplane.durable import Durability, copy_of, why_not
 from cove.controlplane.errors import GUEST_STATUS, ApiError, not_found
 from cove.controlplane.fleet import Fleet
 from cove.controlplane.layer_refs import LayerRefs
@@ -48,6 +49,10 @@ ACTIVITY_SHARED_S = 2.0  # a sandbox's use is written to a shared store at most 
 def bucket_mounts(rec: SandboxRecord) -> bool:
     """Has the sandbox S3 bucket mounts (FUSE: they cannot be checkpointed)?"""
     return any(m["type"] != "volume" for m in rec.mounts)
+
+
+class _UseCopy(Exception):
+    """Internal: resume from the sandbox's copy in the object store."""
 
 
 class SandboxService:
@@ -80,6 +85,7 @@ class SandboxService:
         self.admission = admission
         self.audit = audit_log
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.durability = Durability(store, refs)  # copies in the object store (docs/object-storage.md)
         self._activity: dict[str, float] = {}  # sandbox id -> monotonic time of its last API call
         self._shared: dict[str, float] = {}  # ...and of the last one written to the store
         self._writes: set[asyncio.Task[None]] = set()
@@ -213,6 +219,8 @@ class SandboxService:
             Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
         except ValueError as e:
             raise ApiError(422, "validation_error", f"network: {e}") from e
+        if req.snapshot_every:
+            self._check_durable()
         await self.admission.check()
         async with self.refs.held():  # the source's layers cannot be collected meanwhile
             home = await self.sources.home(who, req.template, req.snapshot)  # where its files are
@@ -289,6 +297,7 @@ class SandboxService:
                 network=network,
                 template_config=defaults.get("template_config") or {},
                 node_id=node_id,
+                durable={"every": req.snapshot_every} if req.snapshot_every else {},
             )
             if member is not None:
                 try:
@@ -361,15 +370,17 @@ class SandboxService:
                 handle = await self.starter.start(
                     self._node_spec(rec, template, node_mounts),
                     rec.network,
+                    pull=defaults.get("durable") is True,
                     checkpoint=defaults.get("checkpoint"),
                     node=self.node_of(rec),
                 )
                 if defaults.get("start") and not defaults.get("checkpoint"):  # a cold template's service
                     await start_template_service(self.guest(rec), rec, defaults["start"])
             except (NodeError, OSError) as e:
-                await self.transition(rec, "error", end_reason=str(e)[:2000])
+                why = f"snapshot {defaults['snapshot']}: {e}" if defaults.get("snapshot") else str(e)
+                await self.transition(rec, "error", end_reason=why[:2000])
                 await self.volumes.drop(made)
-                raise ApiError(503, "sandbox_failed", str(e)) from e
+                raise ApiError(503, "sandbox_failed", why) from e
             except BaseException:
                 # Cancelled (client went away) or a bug: never leave half a sandbox behind.
                 with contextlib.suppress(Exception):
@@ -458,18 +469,43 @@ class SandboxService:
                 return
             if fresh is None or fresh.state not in LIVE:
                 return  # already ended: kill is idempotent
-            node = self.node_of(fresh)
+            node = self._reachable(fresh)
+            if node is None and check is None:
+                await self._end_unreachable(fresh, state, reason, "its node is not reachable")
+                return
+            node = node or self.node_of(fresh)  # a background check: 503 and it tries again later
             if check == "dead" and (fresh.state not in ACTIVE or await node.alive(fresh.id, fresh.node)):
                 return
             if check == "expired" and (fresh.expires_at is None or fresh.expires_at > time.time()):
                 return
-            await self.starter.stop(fresh.id, fresh.node, node)
+            try:
+                await self.starter.stop(fresh.id, fresh.node, node)
+            except NodeError as e:
+                if check is not None:
+                    raise
+                await self._end_unreachable(fresh, state, reason, str(e))
+                return
             faults.point("kill.stopped")
             await self.transition(fresh, state, end_reason=reason)
+            await self._forget_copy(fresh, node)
         self._locks.pop(rec.id, None)
         self._activity.pop(rec.id, None)
         self._shared.pop(rec.id, None)
         self.refs.collect_soon()
+
+    async def _end_unreachable(self, rec: SandboxRecord, state: str, reason: str, why: str) -> None:
+        """A kill of a sandbox whose node does not answer: recorded now, as for a lost node; the node
+        removes the sandbox when it is back (adoption sweeps what no live record names)."""
+        log.warning("sandbox ended while its node is out of reach", extra={"sandbox": rec.id, "error": why})
+        await self.transition(
+            rec, state, end_reason=f"{reason} (its node {rec.node_id} did not answer: {why})"[:2000]
+        )
+        await self._forget_copy(rec, self.node)
+
+    async def _forget_copy(self, rec: SandboxRecord, node: NodeAgent) -> None:
+        """An ended sandbox's copy goes from the bucket (any node with the store can delete it)."""
+        if (copy := copy_of(rec)) is not None:
+            await self.durability.forget(copy, node, keep=set(rec.layers))
 
     async def set_timeout(
         self, who: Caller, sandbox_id: str, timeout: int | None, on_timeout: str | None = None
@@ -494,6 +530,31 @@ class SandboxService:
                 raise ApiError(409, "conflict", f"sandbox {rec.id} changed state concurrently")
             for k, v in fields.items():
                 setattr(rec, k, v)
+        return rec
+
+    def _check_durable(self) -> None:
+        if not self.settings.object_store:
+            raise ApiError(
+                409,
+                "no_object_store",
+                "periodic copies need an object store: start the server with COVE_OBJECT_STORE "
+                "(docs/object-storage.md)",
+            )
+
+    @audit.audited("sandbox.durability")
+    async def set_durability(self, who: Caller, sandbox_id: str, every: int) -> SandboxRecord:
+        """Copy the sandbox to the object store every `every` seconds of use (0: stop)."""
+        if every:
+            self._check_durable()
+        rec = await self.get(who, sandbox_id)
+        async with self._locks[rec.id]:
+            rec = await self.fresh(rec)
+            if rec.state not in LIVE:
+                raise ApiError(409, "not_running", f"sandbox {sandbox_id} is {rec.state}")
+            if every and (why := why_not(rec, self.node_of(rec))):
+                raise ApiError(409, "not_supported", f"sandbox {rec.id} cannot be copied: {why}")
+            rec.durable = {**(rec.durable or {}), "every": every}
+            await self.store.update_sandbox(rec.id, durable=rec.durable)
         return rec
 
     # -- pause / resume ------------------------------------------------------------------
@@ -530,46 +591,110 @@ class SandboxService:
             await self.store.update_sandbox(rec.id, expect_state="hibernated", checkpoint=info)
             await self.node_of(rec).checkpoints.drop(rec.id)
 
+    def _reachable(self, rec: SandboxRecord) -> NodeAgent | None:
+        """The node holding the sandbox, or None when it cannot be reached now (lost, gone)."""
+        try:
+            return self.node_of(rec)
+        except ApiError:
+            return None
+
+    async def _resume_on(self, rec: SandboxRecord, node: NodeAgent) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start a hibernated sandbox again on the node that kept its files (and image)."""
+        spec = self._node_spec(rec, await node.base_template())
+        info = dict(rec.checkpoint)
+        handle = None
+        policy = rec.network
+        if info.get("memory"):
+            try:
+                handle = await self.starter.start(spec, policy, checkpoint=rec.id, resume=True, node=node)
+                info["restored"] = True
+            except (NodeError, OSError) as e:
+                # Files are intact: start afresh rather than leave the workspace unreachable.
+                log.warning(
+                    "restoring processes failed; restarting them", extra={"sandbox": rec.id, "error": str(e)}
+                )
+                info.update(restored=False, error=str(e)[:500])
+        if handle is None:
+            try:
+                handle = await self.starter.start(spec, policy, kept_files=True, node=node)
+            except (NodeError, OSError) as e:
+                raise ApiError(503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}") from e
+        return handle, info
+
+    async def _resume_from_copy(
+        self, rec: SandboxRecord, copy: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Start a hibernated sandbox from its copy in the object store, on whichever node the fleet
+        places it (its own node is gone, or lost its files). Returns the handle, the checkpoint info
+        and the record's new fields (node_id, layers)."""
+        node_id = await self.fleet.place(rec.runtime or "namespaces")
+        node = self.fleet.of(node_id)
+        layers = list(copy["layers"])
+        moved = dataclasses.replace(rec, layers=layers)
+        spec = self._node_spec(moved, await node.base_template())
+        key = copy.get("key") if copy.get("memory") else None
+        info: dict[str, Any] = {**rec.checkpoint, "from_copy": True, "copied_at": copy.get("at")}
+        try:
+            await node.kill(rec.id, None)  # whatever an earlier life left there (idempotent)
+            got = await node.durable.pull(layers, key)
+            info["pulled_s"] = got.get("seconds")
+            if key:
+                handle = await self.starter.start(spec, rec.network, checkpoint=key, node=node)
+                info["restored"] = True
+            else:
+                handle = await self.starter.start(spec, rec.network, node=node)
+                info["restored"] = False
+        except (NodeError, OSError) as e:
+            raise ApiError(
+                503, "resume_failed", f"sandbox {rec.id} could not be resumed from its copy on {node_id}: {e}"
+            ) from e
+        log.info("resumed from its copy", extra={"sandbox": rec.id, "node": node_id, "from": rec.node_id})
+        return handle, info, {"node_id": node_id, "layers": layers}
+
     async def _resume(self, rec: SandboxRecord) -> SandboxRecord:
         async with self._locks[rec.id]:
             rec = await self.fresh(rec)
-            node = self.node_of(rec)
             if rec.state == "paused":
-                await node.resume(rec.id)
+                await self.node_of(rec).resume(rec.id)
                 faults.point("resume.thawed")
                 await self.transition(rec, "running")
             elif rec.state == "hibernated":
                 await self.quotas.check(rec.tenant, Limits(**rec.limits))  # it will hold resources again
-                spec = self._node_spec(rec, await node.base_template())
-                info = dict(rec.checkpoint)
-                handle = None
-                policy = rec.network
-                if info.get("memory"):
-                    try:
-                        handle = await self.starter.start(
-                            spec, policy, checkpoint=rec.id, resume=True, node=node
-                        )
-                        info["restored"] = True
-                    except (NodeError, OSError) as e:
-                        # Files are intact: start afresh rather than leave the workspace unreachable.
+                copy = copy_of(rec)
+                home = None if rec.checkpoint.get("from_copy") else self._reachable(rec)
+                if home is None and copy is None:
+                    self.node_of(rec)  # raises: why its node cannot be reached
+                fields: dict[str, Any] = {}
+                try:
+                    if home is None:
+                        raise _UseCopy
+                    node = home
+                    handle, info = await self._resume_on(rec, home)
+                except (_UseCopy, ApiError, NodeError) as e:
+                    # Its node gone, unreachable, or without its files: from the copy, on any node.
+                    if copy is None:
+                        raise
+                    if not isinstance(e, _UseCopy):
                         log.warning(
-                            "restoring processes failed; restarting them",
+                            "resuming on its node failed; resuming from its copy",
                             extra={"sandbox": rec.id, "error": str(e)},
                         )
-                        info.update(restored=False, error=str(e)[:500])
-                if handle is None:
-                    try:
-                        handle = await self.starter.start(spec, policy, kept_files=True, node=node)
-                    except (NodeError, OSError) as e:
-                        raise ApiError(
-                            503, "resume_failed", f"sandbox {rec.id} could not be resumed: {e}"
-                        ) from e
+                    handle, info, fields = await self._resume_from_copy(rec, copy)
+                    node = self.fleet.of(fields["node_id"])
                 faults.point("resume.restored")
                 remounted = [m if m["type"] == "volume" else {**m, "status": "mounted"} for m in rec.mounts]
-                await self.transition(rec, "running", node=handle, checkpoint=info, mounts=remounted)
+                await self.transition(
+                    rec, "running", node=handle, checkpoint=info, mounts=remounted, **fields
+                )
+                for k, v in fields.items():
+                    setattr(rec, k, v)
                 # Only once the record no longer needs it: a crash before this leaves an unreferenced
                 # checkpoint (collected at start), never a hibernated record without its image.
                 await node.checkpoints.drop(rec.id)
+                if copy is not None:  # a copy is of one sleep: the next hibernate or periodic copy makes anew
+                    if copy.get("key"):
+                        await node.checkpoints.drop(copy["key"])
+                    await self.durability.record(rec, None, node)
             elif rec.state != "running":
                 raise ApiError(409, "not_running", f"sandbox {rec.id} is {rec.state}")
             if rec.timeout and rec.expires_at is None:
@@ -624,8 +749,45 @@ class SandboxService:
                     else "no CRIU >= 4.1 on this node: processes restart on resume"
                 )
                 info = {"memory": False, "reason": reason}
+            await self._copy_hibernated(rec, node, info)
             await self.transition(rec, "hibernated", node={}, checkpoint=info, **clock)
         return rec
+
+    async def _copy_hibernated(self, rec: SandboxRecord, node: NodeAgent, info: dict[str, Any]) -> None:
+        """With an object store, a hibernated sandbox's copy goes there before the call returns: from
+        then on losing its node loses nothing of it. A failed copy keeps the sandbox hibernated
+        here (`info` says why there is no copy)."""
+        if not self.settings.object_store or why_not(rec, node) is not None:
+            return
+        try:
+            copy = await self.durability.copy_hibernated(rec, node, bool(info.get("memory")))
+        except (NodeError, OSError) as e:
+            log.warning("copying a hibernated sandbox failed", extra={"sandbox": rec.id, "error": str(e)})
+            info["copy_error"] = str(e)[:500]
+            return
+        faults.point("hibernate.copied")
+        await self.durability.record(rec, copy, node)
+
+    async def copy_now(self, rec: SandboxRecord) -> None:
+        """A periodic copy of a running sandbox (docs/object-storage.md); failures are logged (the
+        previous copy stays its copy)."""
+        try:
+            node = self.node_of(rec)
+            if why_not(rec, node) is not None:
+                return
+            memory = self.can_checkpoint(rec) and not bucket_mounts(rec)
+            copy = await self.durability.copy_running(rec, node, memory, self._locks[rec.id])
+            if copy is None:
+                return
+            async with self._locks[rec.id]:
+                fresh = await self.fresh(rec)
+                if fresh.state not in ACTIVE:  # killed or hibernated meanwhile: it has its own now
+                    await self.durability.forget(copy, node, keep=set(fresh.layers))
+                    return
+                await self.durability.record(fresh, copy, node)
+            log.info("periodic copy made", extra={"sandbox": rec.id, "seconds": copy["seconds"]})
+        except (ApiError, NodeError, OSError) as e:
+            log.warning("a periodic copy failed", extra={"sandbox": rec.id, "error": str(e)})
 
     async def fresh(self, rec: SandboxRecord) -> SandboxRecord:
         fresh = await self.store.get_sandbox(rec.id)

@@ -139,11 +139,41 @@ class Snapshots:
                     snap.id, layers=snap.layers, config=snap.config, state="ready", memory=int(snap.memory)
                 )
         log.info("snapshot taken", extra={"snapshot": snap.id, "sandbox": rec.id, "layers": len(snap.layers)})
-        if len(snap.layers) > self.settings.flatten_at:
-            task = asyncio.create_task(self._flatten(snap.id))
+        flatten = len(snap.layers) > self.settings.flatten_at
+        copy = bool(self.settings.object_store) and not internal and not entries and node.durable.available()
+        if flatten or copy:
+            task = asyncio.create_task(self._after_take(snap.id, flatten, copy))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return snap
+
+    async def _after_take(self, snapshot_id: str, flatten: bool, copy: bool) -> None:
+        """In turn (a copy sends the flattened chain): squash a long chain, then copy the snapshot to
+        the object store, after which it starts on any node (Sources.home)."""
+        if flatten:
+            await self._flatten(snapshot_id)
+        if copy:
+            await self._copy(snapshot_id)
+
+    async def _copy(self, snapshot_id: str) -> None:
+        snap = await self.store.get_snapshot(snapshot_id)
+        if snap is None:
+            return
+        try:
+            sent = await self.fleet.of(snap.node_id).durable.push(
+                snap.layers, checkpoint=snap.id if snap.memory else None
+            )
+        except (ApiError, NodeError) as e:
+            log.warning(
+                "copying a snapshot to the object store failed", extra={"snapshot": snap.id, "error": str(e)}
+            )
+            await self.store.update_snapshot(snap.id, config={**snap.config, "durable": f"failed: {e}"[:500]})
+            return
+        faults.point("snapshot.copied")
+        fresh = await self.store.get_snapshot(snapshot_id)
+        if fresh is not None:
+            await self.store.update_snapshot(snap.id, config={**fresh.config, "durable": True})
+        log.info("snapshot copied to the object store", extra={"snapshot": snap.id, **sent})
 
     async def _flatten(self, snapshot_id: str) -> None:
         """Squash a snapshot's long layer chain into one layer; sandboxes made later mount just that."""

@@ -49,19 +49,21 @@ class Sources:
             layers=tuple(snap.layers),
             config=snap.config.get("template_config") or base.config,
         )
-        return spec, {**snap.config, "checkpoint": snap.id if snap.memory else None}
+        return spec, {**snap.config, "checkpoint": snap.id if snap.memory else None, "snapshot": snap.id}
 
     async def home(self, who: Caller, template: str, snapshot: str | None = None) -> str | None:
         """The node whose disk holds the source's layers (a built template's, a snapshot's), or
         None for the base template, which every node has (docs/fleet.md). 404 if unknown."""
         if snapshot is not None:
-            return (await self.snapshot(who, snapshot)).node_id
+            snap = await self.snapshot(who, snapshot)
+            # One copied to the object store starts on any node, which fetches it (docs/object-storage.md).
+            return None if snap.config.get("durable") is True else snap.node_id
         if template == BASE:
             return None
         rec = await self.store.get_template(who.tenant, template)
         if rec is None:
             raise not_found("template", template)
-        return rec.node_id
+        return None if rec.config.get("durable") is True else rec.node_id
 
     async def template(self, who: Caller, name: str) -> Source | None:
         """A built template's layers and defaults (None: no such template)."""
@@ -76,6 +78,7 @@ class Sources:
             "template_config": rc,
             "checkpoint": rec.config.get("checkpoint"),
             "start": None if rec.config.get("checkpoint") else rec.config.get("start"),
+            "durable": rec.config.get("durable") is True,  # in the object store: any node fetches it
         }
         return TemplateSpec(name=name, layers=tuple(rec.layers), config=rc), defaults
 

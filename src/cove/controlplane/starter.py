@@ -60,12 +60,16 @@ class Starter:
         resume: bool = False,
         kept_files: bool = False,
         node: NodeAgent | None = None,
+        pull: bool = False,
     ) -> dict[str, Any]:
         """Start `spec` on `node` (default: this server's) and open its egress under `network`'s
         policy (None: no way out); returns the node's handle. `checkpoint`: restore the processes
         saved under that key (`resume`: a hibernated sandbox's own); `kept_files`: start fresh
-        processes over the files a stop kept."""
+        processes over the files a stop kept. `pull`: its layers (and checkpoint) may be only in
+        the object store (a snapshot copied there, docs/object-storage.md): fetch what is missing."""
         node = node or self.node
+        if pull:
+            await node.durable.pull(list(spec.template.layers), checkpoint)
         if checkpoint:
             handle = await node.checkpoints.restore(spec, checkpoint, resume=resume)
         elif kept_files:

@@ -465,6 +465,7 @@ class _Build:
                     "no CRIU >= 4.1 on this node: the start command runs at each create (a cold template)"
                 )
         sizes = await storage.sizes(layers)
+        await self._copy(layers, final_config)
         # Replace the older template of that name (and its tags' records, given anew).
         olds = [
             r for r in await self.t.store.list_templates(self.who.tenant)
@@ -490,6 +491,21 @@ class _Build:
             },
             "seconds": round(time.monotonic() - self.started, 3),
         }
+
+    async def _copy(self, layers: list[str], config: dict[str, Any]) -> None:
+        """With an object store, the template's layers (and a warm one's image) go there before it is
+        ready: it then starts on any node, which fetches them (docs/object-storage.md)."""
+        node = self.t.node
+        if not self.t.fleet.settings.object_store or not node.durable.available():
+            return
+        self.log("copying the template to the object store…")
+        try:
+            sent = await node.durable.push(layers, checkpoint=config.get("checkpoint"))
+        except NodeError as e:  # still a template, kept on this node only
+            self.log(f"copying to the object store failed, the template stays on this node: {e}")
+            return
+        config["durable"] = True
+        self.log(f"copied: {sent['bytes_stored'] / 1e6:.1f} MB new in the bucket in {sent['seconds']:.1f} s")
 
     # -- sandboxes ------------------------------------------------------------------------
     async def _start_sandbox(

@@ -13,6 +13,8 @@ Shape (after containerd: a task service, a snapshotter, and capabilities a runti
 - `node.checkpoints` (`Checkpoints`): process checkpoints (CRIU images under a key); `available(runtime)`
   says whether that runtime's sandboxes can be checkpointed at all;
 - `node.contexts` (`Contexts`): code contexts' bridges and the environment they run in;
+- `node.durable` (`Durable`): copies of committed layers and checkpoints in the object store, so
+  that another node can start from them (docs/object-storage.md);
 - `node.network` (`Network`): each sandbox's way out (its egress proxy) and the way in to its ports.
   Both live on the node: the proxy listens inside the sandbox's namespace and connects out from the
   node's, and a port is reached by entering the sandbox's namespace.
@@ -163,6 +165,39 @@ class Checkpoints(Protocol):
         """Keys of every checkpoint, complete or not, stored on this node."""
 
 
+class Durable(Protocol):
+    """Durable copies in the object store (COVE_OBJECT_STORE): committed layers as `layer/<id>` and
+    checkpoints as `criu/<key>`, content-addressed and deduplicated (docs/object-storage.md). What
+    one node pushes, any node sharing the bucket pulls; the node's own disk is the cache."""
+
+    def available(self) -> bool:
+        """Is an object store configured on this node?"""
+
+    async def seal(self, sandbox_id: str, layer_id: str) -> str:
+        """Commit the writable layer of a sandbox without processes (hibernated, stopped) as
+        `layer_id`; returns it (a retry finds the layer its first try made)."""
+
+    async def push(
+        self,
+        layers: list[str],
+        checkpoint: str | None = None,
+        store_as: str | None = None,
+        parent_layer: str | None = None,
+        parent_checkpoint: str | None = None,
+    ) -> dict[str, Any]:
+        """Upload the committed `layers` the bucket lacks, then the checkpoint stored under
+        `checkpoint` (its key here), as `store_as` (default: the same key).
+        `parent_layer`/`parent_checkpoint`: earlier copies of the same sandbox, so that only what changed
+        since is read and sent. Returns what was sent ({"layers", "bytes_read", "bytes_stored", "seconds"})."""
+
+    async def pull(self, layers: list[str], checkpoint: str | None = None) -> dict[str, Any]:
+        """Download the committed `layers` this node lacks, and the checkpoint `checkpoint` if it is not
+        here; every byte is checked, and nothing is left of a download that failed."""
+
+    async def forget(self, layers: list[str], keys: list[str]) -> None:
+        """Delete these copies from the bucket (their chunks go at the next collection). Idempotent."""
+
+
 class Contexts(Protocol):
     """Code contexts: interpreters inside a sandbox, each reached through its own bridge."""
 
@@ -202,6 +237,7 @@ class NodeAgent(ABC):
     checkpoints: Checkpoints
     contexts: Contexts
     network: Network
+    durable: Durable
     # Changes when sandboxes created from now on would differ (e.g. the kernel environment got
     # built): pooled sandboxes made under an older generation are discarded, not handed out.
     generation: str = ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from cove.network.egress import Egress, parse_hosts
 from cove.network.egress_policy import Policy
 from cove.node import checkpoint
 from cove.node.base import Handle, NodeAgent, NodeError, SandboxSpec, Seal, TemplateSpec
+from cove.node.durable import LocalDurable
 from cove.node.guest_client import GuestClient, Idle
 from cove.node.gvisor.runtime import GvisorRuntime
 from cove.node.microvm.runtime import detect as detect_microvm
@@ -31,6 +33,13 @@ from cove.node.runtimes import Checkpointer, Runtime
 from cove.node.template_storage import TemplateStorage
 from cove.storage import base_template, kernel_layer
 from cove.storage.layers import LayerStore, open_storage
+from cove.storage.objects import (
+    AccessDenied,
+    BucketNotFound,
+    ObjectStore,
+    ObjectStoreError,
+    ObjectStoreSettings,
+)
 from cove.storage.volumes import VolumeStore
 
 log = logging.getLogger("cove.node")
@@ -221,6 +230,7 @@ class LocalNode(NodeAgent):
     checkpoints: LocalCheckpoints
     contexts: LocalContexts
     network: LocalNetwork
+    durable: LocalDurable
 
     def __init__(self, settings: Settings, on_egress: Callable[[str], None] | None = None) -> None:
         """`on_egress`: called with each egress connection's result (allowed, denied…), for metrics."""
@@ -231,6 +241,23 @@ class LocalNode(NodeAgent):
         )
         self._base: TemplateSpec | None = None
         self.idle = Idle()  # guest connections kept between operations (docs/guest-protocol.md)
+
+    def _object_store(self) -> ObjectStore | None:
+        """The bucket durable copies go to (COVE_OBJECT_STORE), checked now so that a wrong name or
+        key is reported at start; an endpoint down now is only warned about (it may come back)."""
+        s = self.settings
+        if not s.object_store:
+            return None
+        env = {**os.environ, "COVE_OBJECT_STORE": s.object_store, "COVE_HOME": str(s.home)}
+        store = ObjectStore(ObjectStoreSettings.from_env(env))  # ConfigError: a bad URL or setting
+        try:
+            store.check()
+        except (AccessDenied, BucketNotFound):
+            raise
+        except ObjectStoreError as e:
+            log.warning("the object store does not answer now", extra={"error": str(e)})
+        log.info("object store", extra={"url": s.object_store})
+        return store
 
     async def start(self) -> None:
         s = self.settings
@@ -249,6 +276,7 @@ class LocalNode(NodeAgent):
         self.snapshots = LocalSnapshots(host)
         self.checkpoints = LocalCheckpoints(self)
         self.contexts = LocalContexts(host)
+        self.durable = LocalDurable(host, await asyncio.to_thread(self._object_store))
         if await asyncio.to_thread(cgroups.favor_dynmods):
             log.info("cgroup task migrations are cheap (favordynmods)")
         await self.base_template()
@@ -363,3 +391,5 @@ class LocalNode(NodeAgent):
         await self.network.egress.close()  # sandboxes keep running; a restart re-opens their proxies
         for runtime in self.runtimes.values():
             await runtime.close()
+        if self.durable.store is not None:
+            self.durable.store.close()

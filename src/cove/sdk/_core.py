@@ -383,6 +383,13 @@ def set_timeout(sandbox_id: str, seconds: int) -> Op[SandboxInfo]:
     return SandboxInfo.from_dict(data)
 
 
+def set_durability(sandbox_id: str, snapshot_every: int) -> Op[SandboxInfo]:
+    data = yield Call(
+        "POST", sandbox_path(sandbox_id, "/durability"), json={"snapshot_every": snapshot_every}
+    )
+    return SandboxInfo.from_dict(data)
+
+
 # -------------------------------------------------------------------------------------- commands
 
 

@@ -270,6 +270,7 @@ class AsyncSandbox:
         user: str | None = None,
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
+        snapshot_every: int | None = None,
         snapshot: str | None = None,
         network: _core.Network | None = None,
         runtime: str | None = None,
@@ -453,6 +454,12 @@ class AsyncSandbox:
     async def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""
         self._info = await self._http.run(_core.set_timeout(self._id, seconds))
+        return self._info
+
+    async def set_durability(self, snapshot_every: int) -> SandboxInfo:
+        """Copy the sandbox to the server's object store every ``snapshot_every`` seconds of use
+        (at least 30; 0 = stop), so that losing its node costs at most that much work."""
+        self._info = await self._http.run(_core.set_durability(self._id, snapshot_every))
         return self._info
 
     async def kill(self) -> None:

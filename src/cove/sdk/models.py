@@ -112,6 +112,8 @@ class SandboxInfo:
     network: NetworkInfo = field(default_factory=NetworkInfo)
     volumes: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "path", "read_only"}]
     mounts: list[dict[str, Any]] = field(default_factory=list)  # buckets, without their keys
+    # {"snapshot_every", "copied_at", "memory"}: its copy in the object store (docs/object-storage.md)
+    durability: dict[str, Any] = field(default_factory=dict)
     node: str = ""  # the node that holds it (docs/fleet.md)
 
     @classmethod
@@ -133,6 +135,7 @@ class SandboxInfo:
             network=NetworkInfo.from_dict(data.get("network")),
             volumes=list(data.get("volumes") or []),
             mounts=list(data.get("mounts") or []),
+            durability=dict(data.get("durability") or {}),
             node=str(data.get("node") or ""),
         )
 

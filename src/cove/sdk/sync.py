@@ -258,6 +258,7 @@ class Sandbox:
         user: str | None = None,
         auto_resume: bool | None = None,
         idle_timeout: int | None = None,
+        snapshot_every: int | None = None,
         snapshot: str | None = None,
         network: _core.Network | None = None,
         runtime: str | None = None,
@@ -436,6 +437,12 @@ class Sandbox:
     def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""
         self._info = self._http.run(_core.set_timeout(self._id, seconds))
+        return self._info
+
+    def set_durability(self, snapshot_every: int) -> SandboxInfo:
+        """Copy the sandbox to the server's object store every ``snapshot_every`` seconds of use
+        (at least 30; 0 = stop), so that losing its node costs at most that much work."""
+        self._info = self._http.run(_core.set_durability(self._id, snapshot_every))
         return self._info
 
     def kill(self) -> None:

@@ -46,6 +46,9 @@ class SandboxRecord:
     node_id: str = ""  # the node that holds it (docs/fleet.md); "" for the server's own node
     # When a server sharing the store last saw it used (idle timeouts across replicas; docs/fleet.md).
     active_at: float | None = None
+    # Its copy in the object store (docs/object-storage.md): {"every": seconds between periodic
+    # copies (0: none), "copy": {"key", "layers", "own", "memory", "at"} the latest complete one}.
+    durable: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -165,6 +165,11 @@ ALTER TABLE templates ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
         "sandboxes' last use seen by any server",
         "ALTER TABLE sandboxes ADD COLUMN active_at DOUBLE PRECISION;",
     ),
+    (
+        4,
+        "sandboxes' copies in the object store",
+        "ALTER TABLE sandboxes ADD COLUMN durable JSON NOT NULL DEFAULT '{}';",
+    ),
 ]
 
 # pg_advisory_lock's key for the migration step ("cove" in ASCII); advisory locks are per database.
@@ -176,6 +181,7 @@ CONNECT_TIMEOUT_S = 10
 # `json` rather than `jsonb`: it keeps a document as written (key order included), as SQLite's text does.
 _SANDBOX_JSON = {
     "metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts", "template_config",
+    "durable",
 }  # fmt: skip
 _SANDBOX_FIELDS = [f.name for f in fields(SandboxRecord)]
 _SNAPSHOT_JSON = {"layers", "config"}
@@ -402,6 +408,8 @@ class PostgresStore(Store):
         return _snapshot(row) if row else None
 
     async def update_snapshot(self, snapshot_id: str, **changes: Any) -> bool:
+        if "memory" in changes:  # callers may pass SQLite's 0/1; the column is a boolean here
+            changes["memory"] = bool(changes["memory"])
         sql = _update_sql("snapshots", "snapshot", changes, _SNAPSHOT_FIELDS)
         return bool(await self._rowcount(sql, {**_values(changes, _SNAPSHOT_JSON), "_id": snapshot_id}))
 

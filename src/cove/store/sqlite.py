@@ -136,6 +136,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 _JSON_FIELDS = {
     "metadata", "env", "limits", "node", "layers", "checkpoint", "network", "mounts", "template_config",
+    "durable",
 }  # fmt: skip
 # Columns added after the first release: (table, column, definition), added to older databases at open.
 _ADDED_COLUMNS = [
@@ -144,6 +145,7 @@ _ADDED_COLUMNS = [
     ("sandboxes", "template_config", "TEXT NOT NULL DEFAULT '{}'"),
     ("sandboxes", "node_id", "TEXT NOT NULL DEFAULT ''"),
     ("sandboxes", "active_at", "REAL"),
+    ("sandboxes", "durable", "TEXT NOT NULL DEFAULT '{}'"),
     ("snapshots", "node_id", "TEXT NOT NULL DEFAULT ''"),
     ("volumes", "node_id", "TEXT NOT NULL DEFAULT ''"),
     ("templates", "node_id", "TEXT NOT NULL DEFAULT ''"),

@@ -240,6 +240,27 @@ def _running_only(rec: SandboxRecord) -> None:
         raise ApiError(409, "paused", f"sandbox {rec.id} is paused; connect to it to resume it")
 
 
+SNAPSHOT_EVERY = "cove:snapshot_every"  # e2b has no field for it: a metadata key (docs/e2b.md)
+
+
+def _snapshot_every(metadata: dict[str, str]) -> int:
+    """Periodic copies to the object store (docs/object-storage.md), asked through metadata."""
+    value = metadata.get(SNAPSHOT_EVERY)
+    if value is None:
+        return 0
+    try:
+        every = int(value)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_metadata", f"{SNAPSHOT_EVERY}: expected seconds, got {value[:40]!r}"
+        ) from None
+    if every != 0 and not 30 <= every <= 30 * 86400:
+        raise ApiError(
+            400, "invalid_metadata", f"{SNAPSHOT_EVERY}: 0 (off) or 30 to 2592000 seconds, got {every}"
+        )
+    return every
+
+
 # -- create, list, inspect, kill ---------------------------------------------------------------
 @router.post("/v2/sandboxes", status_code=201)
 @router.post("/sandboxes", status_code=201)
@@ -251,6 +272,7 @@ async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSON
     source = await _source(cove, who, body.template_id)
     req = CreateSandbox(
         **source,
+        snapshot_every=_snapshot_every(body.metadata or {}),
         env=body.env_vars or {},
         metadata=body.metadata or {},
         timeout=None if body.timeout is None else _seconds(body.timeout),

@@ -15,6 +15,7 @@ from cove.controlplane.schemas import (
     ForkResult,
     SandboxOut,
     SandboxPage,
+    SetDurability,
     SetTimeout,
     SnapshotOut,
     State,
@@ -76,6 +77,13 @@ async def kill_sandbox(sandbox_id: str, who: Who, svc: Svc) -> Response:
 async def set_timeout(sandbox_id: str, body: SetTimeout, who: Who, svc: Svc) -> SandboxOut:
     """Reset the sandbox's timeout to `timeout` seconds from now (0: never expires)."""
     return SandboxOut.of(await svc.set_timeout(who, sandbox_id, body.timeout))
+
+
+@router.post("/{sandbox_id}/durability", response_model=SandboxOut)
+async def set_durability(sandbox_id: str, body: SetDurability, who: Who, svc: Svc) -> SandboxOut:
+    """Copy the sandbox to the object store every `snapshot_every` seconds of use (0: stop), so that
+    losing its node costs at most that much work (docs/object-storage.md)."""
+    return SandboxOut.of(await svc.set_durability(who, sandbox_id, body.snapshot_every))
 
 
 @router.post("/{sandbox_id}/pause", response_model=SandboxOut)

@@ -72,6 +72,7 @@ class RemoteNode(NodeAgent):
         self.checkpoints = RemoteCheckpoints(self)
         self.contexts = RemoteContexts(self)
         self.network = RemoteNetwork(self)
+        self.durable = RemoteDurable(self)
 
     # -- transport -------------------------------------------------------------------------------
     def unreachable(self, exc: BaseException) -> NodeError:
@@ -108,8 +109,9 @@ class RemoteNode(NodeAgent):
         conn.since = time.monotonic()
         self._pool.append(conn)
 
-    async def call(self, name: str, **args: Any) -> Any:
-        """Run `name` (a dotted contract name) on the node; returns its result, raises its NodeError."""
+    async def call(self, name: str, *, wait: float | None = None, **args: Any) -> Any:
+        """Run `name` (a dotted contract name) on the node; returns its result, raises its NodeError.
+        `wait`: the longest wait for its answer, where longer than `timeout` (a transfer)."""
         request = wire.line(
             {"token": self._token, "call": name, "args": {k: wire.encode(v) for k, v in args.items()}}
         )
@@ -118,7 +120,7 @@ class RemoteNode(NodeAgent):
             try:
                 conn.writer.write(request)
                 await conn.writer.drain()
-                raw = await asyncio.wait_for(conn.reader.readuntil(b"\n"), self.timeout)
+                raw = await asyncio.wait_for(conn.reader.readuntil(b"\n"), max(wait or 0, self.timeout))
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                 conn.writer.close()
                 # A kept connection the node closed meanwhile (it restarted): nothing of the request
@@ -388,6 +390,47 @@ class RemoteCheckpoints:
 
     async def keys(self) -> set[str]:
         return set(await self.node.call("checkpoints.keys"))
+
+
+class RemoteDurable:
+    TRANSFER_WAIT = 3600.0  # a push or pull moves whole layers: minutes for large ones
+
+    def __init__(self, node: RemoteNode) -> None:
+        self.node = node
+
+    def available(self) -> bool:
+        return bool(self.node.described("durable"))
+
+    async def seal(self, sandbox_id: str, layer_id: str) -> str:
+        return str(await self.node.call("durable.seal", sandbox_id=sandbox_id, layer_id=layer_id))
+
+    async def push(
+        self,
+        layers: list[str],
+        checkpoint: str | None = None,
+        store_as: str | None = None,
+        parent_layer: str | None = None,
+        parent_checkpoint: str | None = None,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.node.call(
+            "durable.push",
+            wait=self.TRANSFER_WAIT,
+            layers=list(layers),
+            checkpoint=checkpoint,
+            store_as=store_as,
+            parent_layer=parent_layer,
+            parent_checkpoint=parent_checkpoint,
+        )
+        return result
+
+    async def pull(self, layers: list[str], checkpoint: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self.node.call(
+            "durable.pull", wait=self.TRANSFER_WAIT, layers=list(layers), checkpoint=checkpoint
+        )
+        return result
+
+    async def forget(self, layers: list[str], keys: list[str]) -> None:
+        await self.node.call("durable.forget", layers=list(layers), keys=list(keys))
 
 
 class RemoteContexts:

@@ -97,6 +97,10 @@ def _calls() -> dict[str, Call]:
     add("checkpoints.has", "key")
     add("checkpoints.drop", "key")
     add("checkpoints.keys")
+    add("durable.seal", "sandbox_id", "layer_id")
+    add("durable.push", "layers", "checkpoint", "store_as", "parent_layer", "parent_checkpoint")
+    add("durable.pull", "layers", "checkpoint")
+    add("durable.forget", "layers", "keys")
     add("contexts.prepare", "sandbox_id", "context_id", "user")  # contexts.client: a tunnel
     add("contexts.status", kind="attr")
     add("network.attach", "sandbox_id", "handle", "network")
@@ -114,6 +118,11 @@ def ident(value: Any, what: str) -> str:
     if not isinstance(value, str) or not ID.fullmatch(value):
         raise BadRequest(f"{what} must be a string of 1 to 64 of a-z, 0-9 and -")
     return value
+
+
+def _maybe_ident(value: Any, what: str) -> None:
+    if value is not None:
+        ident(value, what)
 
 
 def _short(value: Any, what: str) -> None:
@@ -209,6 +218,11 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "keep": lambda v, what: _ids(v, what, (set,)),
     "sealed_ids": _ids,
     "layers": _ids,
+    "keys": _ids,
+    "parent_layer": _maybe_ident,
+    "checkpoint": _maybe_ident,
+    "store_as": _maybe_ident,
+    "parent_checkpoint": _maybe_ident,
     "indices": _indices,
     "seal": _seal,
 }
@@ -459,6 +473,7 @@ class NodeServer:
             "runtimes": {r: n.runtime_problem(r) for r in NAMES},
             "egress": {r: n.egress(r) for r in NAMES},
             "checkpoints": {r: n.checkpoints.available(r) for r in NAMES},
+            "durable": n.durable.available(),
             "buckets_available": n.volumes.buckets_available(),
             "volume_limits": n.volumes.limits,
             "contexts_status": n.contexts.status,

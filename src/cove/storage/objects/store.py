@@ -66,6 +66,10 @@ class ObjectStore:
             raise ManifestNotFound(f"no manifest {kind}/{mid} in {self.bucket.where(name)}") from None
         return Manifest.from_bytes(data, f"{kind}/{mid} ({self.bucket.where(name)})")
 
+    def has(self, mid: str, kind: str = LAYER) -> bool:
+        """Is there a complete manifest `kind/mid`? (One HEAD.)"""
+        return self.bucket.head(manifest_name(kind, mid)) is not None
+
     def delete_manifest(self, mid: str, kind: str = LAYER) -> None:
         """Forget a snapshot; its chunks go at the next GC unless another manifest shares them."""
         self.bucket.delete_one(manifest_name(kind, mid))
