@@ -1,5 +1,5 @@
-"""The composition root: one application with the control plane and both front ends (cove's API
-and e2b's), and `cove serve`, which runs it (optionally with a demo against it).
+"""The composition root: one application with the control plane and its front ends (cove's API,
+e2b's and the web console), and `cove serve`, which runs it (optionally with a demo against it).
 
 Only this module knows every part: the control plane never imports a front end, and the node
 never imports the control plane (the import contracts in pyproject.toml hold them to that)."""
@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from cove import __version__
+from cove import __version__, console
 from cove.compat import e2b
 from cove.config import Settings
 from cove.controlplane import app as controlplane
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     controlplane.install(app, cove)
     e2b.install(app, cove)
+    console.install(app, cove)  # the web console at /console (docs/console.md)
     app.add_middleware(controlplane.AccessLog, traffic=cove.pools.traffic)
     return app
 

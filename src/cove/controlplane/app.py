@@ -33,6 +33,7 @@ from cove.controlplane.api import (
     system,
     templates,
     urls,
+    usage,
     volumes,
 )
 from cove.controlplane.audit import AuditLog
@@ -49,6 +50,7 @@ from cove.controlplane.snapshots import Snapshots
 from cove.controlplane.sources import Sources
 from cove.controlplane.starter import Starter
 from cove.controlplane.templates import Templates
+from cove.controlplane.usage import Usage
 from cove.controlplane.volumes import Volumes
 from cove.node.base import NodeAgent
 from cove.node.local import LocalNode
@@ -74,6 +76,8 @@ class Cove:
     refs: LayerRefs
     reaper: Reaper
     keys: auth.KeyCache
+    sessions: auth.Sessions  # the web console's sign-ins (docs/console.md)
+    usage: Usage  # a short history of each sandbox's resource use (GET /v1/sandboxes/{id}/metrics)
     signer: Signer  # access tokens and signed URLs, from $COVE_HOME/secret
     # The key printed at first start (None when keys already existed or came from COVE_API_KEY).
     first_key: str | None = None
@@ -152,6 +156,7 @@ def assemble(settings: Settings) -> Cove:
         settings, store, fleet, metrics, starter, sources, refs, pools, volumes, Quotas(store), admission,
         AuditLog(store, settings.audit_retention_days),
     )  # fmt: skip
+    keys = auth.KeyCache(store)
     return Cove(
         settings=settings,
         store=store,
@@ -165,7 +170,9 @@ def assemble(settings: Settings) -> Cove:
         volumes=volumes,
         refs=refs,
         reaper=Reaper(settings, service, templates, volumes, refs),
-        keys=auth.KeyCache(store),
+        keys=keys,
+        sessions=auth.Sessions(store, keys),
+        usage=Usage(settings, service),
         signer=Signer(settings.home / "secret"),  # access tokens and signed URLs
     )
 
@@ -195,6 +202,8 @@ async def start(cove: Cove, api: bool = True) -> None:
     for config in await load_pools(cove.store, s.pools):
         cove.pools.configure(config)
     cove.pools.start()
+    if api:
+        cove.usage.start()
     if cove.fleet.shared and api:  # other servers may change the pools' configs
         cove.fleet.every_beat(lambda: _sync_pools(cove))
     log.info("cove ready", extra={"home": str(s.home), "version": __version__})
@@ -203,6 +212,7 @@ async def start(cove: Cove, api: bool = True) -> None:
 async def stop(cove: Cove) -> None:
     if cove.kubelet:
         await cove.kubelet.close()
+    await cove.usage.close()
     await cove.reaper.stop()
     await cove.service.durability.close()  # a periodic copy cut short is never recorded
     await cove.refs.close()
@@ -224,6 +234,7 @@ def install(app: FastAPI, cove: Cove) -> None:
     errors.install_handlers(app)
     for module in (
         system,
+        usage,  # before sandboxes: /v1/sandboxes/metrics is no sandbox id
         sandboxes,
         network,
         snapshots,

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import Message, Scope, Send
 
-from cove.controlplane.auth import hash_key
+from cove.controlplane.auth import SESSION_COOKIE, hash_key
 from cove.store.base import SandboxRecord
 
 if TYPE_CHECKING:
@@ -76,10 +76,15 @@ def api_key(scope: Scope) -> str | None:
 
 
 def _without_cookie(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The headers without cove's cookies (its port grant and the console's session)."""
     headers = []
     for k, v in scope["headers"]:
         if k.lower() == b"cookie":
-            kept = [c for c in v.decode("latin-1").split(";") if c.strip().split("=", 1)[0] != COOKIE]
+            kept = [
+                c
+                for c in v.decode("latin-1").split(";")
+                if c.strip().split("=", 1)[0] not in (COOKIE, SESSION_COOKIE)
+            ]
             if not any(c.strip() for c in kept):
                 continue
             v = ";".join(kept).strip().encode("latin-1")

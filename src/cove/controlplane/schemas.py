@@ -310,6 +310,7 @@ class SandboxOut(BaseModel):
     durability: DurabilityOut = Field(
         default_factory=lambda: DurabilityOut(), description="its copy in the object store"
     )
+    node: str = Field(default="", description="the node that holds it; empty for the server's own")
 
     @classmethod
     def of(cls, r: SandboxRecord) -> SandboxOut:
@@ -339,6 +340,7 @@ class SandboxOut(BaseModel):
             mounts=[m for m in r.mounts if m["type"] != "volume"],
             network=NetworkOut.of(r.network),
             durability=DurabilityOut.of(r.durable),
+            node=r.node_id,
         )
 
 

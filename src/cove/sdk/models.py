@@ -114,6 +114,7 @@ class SandboxInfo:
     mounts: list[dict[str, Any]] = field(default_factory=list)  # buckets, without their keys
     # {"snapshot_every", "copied_at", "memory"}: its copy in the object store (docs/object-storage.md)
     durability: dict[str, Any] = field(default_factory=dict)
+    node: str = ""  # the node that holds it (docs/fleet.md)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -135,6 +136,7 @@ class SandboxInfo:
             volumes=list(data.get("volumes") or []),
             mounts=list(data.get("mounts") or []),
             durability=dict(data.get("durability") or {}),
+            node=str(data.get("node") or ""),
         )
 
     @property
