@@ -18,6 +18,9 @@ from cove.devserver import Server
 
 # Routes anyone may call (no key): nothing of a tenant's behind them.
 PUBLIC = {"/healthz", "/metrics"}
+# Routes that take their own credential instead of an API key (a signed URL, a volume's token):
+# an API key alone, A's or B's, gets 401 there.
+OWN_TOKEN = re.compile(r"^/(e2b/template-files|volumecontent)/")
 # Routes for admin keys only: another tenant's plain key gets 403 (401 without a valid key).
 ADMIN_ONLY = re.compile(r"^/v1/(keys|tenants|nodes)(/|$)")
 # Changing a pool needs an admin key (403 for a plain one); reading one of A's is 404 for anyone.
@@ -50,6 +53,7 @@ class Objects:
     key_id: str
     tenant: str
     template: str
+    volume_id: str
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,11 @@ def owner(server: Server) -> Iterator[tuple[Tenant, Objects]]:
     snap = h.post(f"/v1/sandboxes/{sb}/snapshots", json={"name": "a-snap"})
     assert snap.status_code == 201, snap.text
     vol = "a-vol-" + secrets.token_hex(3)
-    assert h.post("/v1/volumes", json={"name": vol, "size_mb": 16}).status_code == 201
+    made = h.post("/v1/volumes", json={"name": vol, "size_mb": 16})
+    assert made.status_code == 201, made.text
+    # e2b's volume API names volumes by id (cove's own API by name).
+    listed = h.get("/volumes", headers={"X-API-KEY": a.key}).json()
+    vol_id = next(v["volumeID"] for v in listed if v["name"] == vol)
     tpl = "a-tpl-" + secrets.token_hex(3)
     built = h.post("/v1/templates", json={"name": tpl, "from": "base", "steps": []}, timeout=120)
     assert built.status_code == 200 and '"done"' in built.text, built.text[-500:]
@@ -73,7 +81,7 @@ def owner(server: Server) -> Iterator[tuple[Tenant, Objects]]:
     with server.client(key) as a_admin:
         r = a_admin.put(f"/v1/pools/{snap.json()['id']}", json={"min": 0, "max": 1})
         assert r.status_code == 200, r.text
-    yield a, Objects(sb, snap.json()["id"], vol, proc.json()["id"], a.key_id, a.name, tpl)
+    yield a, Objects(sb, snap.json()["id"], vol, proc.json()["id"], a.key_id, a.name, tpl, vol_id)
     with server.client(key) as a_admin:
         a_admin.delete(f"/v1/pools/{snap.json()['id']}")
     h.delete(f"/v1/templates/{tpl}")
@@ -93,6 +101,10 @@ def _params(path: str, objs: Objects) -> dict[str, str]:
         "key_id": objs.key_id,
         "tenant": objs.tenant,
         "template_id": objs.snapshot,  # e2b names snapshots as templates
+        "volume_id": objs.volume_id,  # e2b's volumes are cove's, by id
+        "alias": objs.template,
+        "build_id": "00000000-0000-4000-8000-000000000000",  # no build of A's is known to B
+        "files_hash": "0" * 64,
     }
     out = {}
     for name in re.findall(r"\{(\w+)(?::\w+)?\}", path):
@@ -203,7 +215,7 @@ def test_another_tenant_reaches_nothing_on_any_route(
                 continue  # admin keys manage every tenant's keys and quotas by design
             r = _request(who, spec, method, path, op, objs)
             walked += 1
-            expected = {401, 403} if ADMIN_ONLY.match(path) else {404}
+            expected = {401, 403} if ADMIN_ONLY.match(path) else {401} if OWN_TOKEN.match(path) else {404}
             if ADMIN_WRITES.match(path) and method != "get" and who is b:
                 expected = {403}
             if r.status_code not in expected:

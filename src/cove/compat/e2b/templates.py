@@ -169,6 +169,11 @@ async def request_build(body: BuildRequest, request: Request, who: Who) -> JSONR
 @router.get("/templates/{template_id}/files/{files_hash}", status_code=201)
 async def file_upload_link(template_id: str, files_hash: str, request: Request, who: Who) -> JSONResponse:
     cove = _cove(request)
+    name = _name_of(template_id)
+    if not any(b.tenant == who.tenant and b.name == name for b in _builds.values()):
+        # Only for a template the caller is building (POST /v3/templates made it): another
+        # tenant's template id is as unknown here as anywhere.
+        raise ApiError(404, "not_found", f"template '{template_id}' not found")
     if not _HASH.match(files_hash):
         raise ApiError(400, "invalid", "hash: expected the SDK's files hash")
     if (_files_dir(cove, who.tenant) / files_hash).exists():
