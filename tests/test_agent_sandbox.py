@@ -816,11 +816,11 @@ def test_nothing_is_left_behind(
     assert k8s.delete(pool).status_code == 200
     # The garbage collector's cascade (owner references) runs in the controller manager: slow when
     # the suite loads both cores, so a wide bound: this checks that it ends, not how fast.
-    _until("no Sandboxes left", lambda: not _get(k8s, SB).get("items"), timeout=120)
+    _until("no Sandboxes left", lambda: not _get(k8s, SB).get("items"), timeout=80)
     _until(
         "no sandbox pods left",
         lambda: not _get(k8s, f"/api/v1/namespaces/{NS}/pods").get("items"),
-        timeout=120,
+        timeout=30,
     )
     live = [
         s["id"]
