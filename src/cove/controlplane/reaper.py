@@ -29,6 +29,9 @@ from cove.store.base import SandboxRecord
 log = logging.getLogger("cove.reaper")
 
 ALIVE_CHECKS = 64  # sandboxes the reaper checks for a death of their own per tick (in turn)
+# A sandbox found dead is ended as `error` only when still found dead this long after: a kill
+# through another server stops the processes before it records `killed` (locks are per server).
+DEAD_GRACE_S = 2.0
 LEASE = "reaper"
 LEASE_TTL_S = 5.0  # a holder that stops renewing is replaced this long after its last tick
 
@@ -51,6 +54,7 @@ class Reaper:
         self.volumes = volumes
         self.refs = refs
         self._alive_turn = 0  # where the next liveness checks start (see _dead_among)
+        self._seen_dead: dict[str, float] = {}  # sandbox id -> monotonic time it was first found dead
         self._task: asyncio.Task[None] | None = None
 
     async def adopt(self) -> None:
@@ -147,6 +151,8 @@ class Reaper:
         page = await self.store.list_sandboxes(None, ["running", "paused", "hibernated"], limit=1_000_000)
         reachable = set(self.fleet.ready())
         page.items = [r for r in page.items if (r.node_id or self.fleet.id) in reachable]
+        live = {r.id for r in page.items}
+        self._seen_dead = {k: t for k, t in self._seen_dead.items() if k in live}  # ended meanwhile
         dead = await self._dead_among(
             [
                 r
@@ -165,9 +171,10 @@ class Reaper:
                 elif rec.state == "hibernated":
                     continue
                 elif rec.id in dead:
-                    await self.sandboxes.end(
-                        rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
-                    )
+                    if mono - self._seen_dead.setdefault(rec.id, mono) >= DEAD_GRACE_S:
+                        await self.sandboxes.end(
+                            rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
+                        )
                 elif rec.state == "running" and self.sandboxes.durability.due(
                     rec, now, self.sandboxes.idle_for(rec, now, mono)
                 ):
