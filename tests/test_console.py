@@ -298,6 +298,7 @@ def test_the_usage_chart_shows_points(page: Page, sandbox_id: str) -> None:
     page.wait_for_function("() => window.coveMetrics && window.coveMetrics.points >= 2", timeout=30_000)
     assert page.locator("#chart-cpu canvas").count() == 1
     assert page.locator("#chart-mem canvas").count() == 1
+    assert page.locator("#chart-net canvas").count() == 1
     with httpx.Client(
         base_url=page.url.split("/console")[0],
         cookies={"cove_session": _session_cookie(page.context)["value"]},
@@ -311,6 +312,8 @@ def test_the_usage_chart_shows_points(page: Page, sandbox_id: str) -> None:
         "memTotal",
         "diskUsed",
         "diskTotal",
+        "netTxBytes",
+        "netRxBytes",
     }
     assert latest[sandbox_id]["memUsed"] > 0
     page.click("#editor-close")

@@ -559,6 +559,11 @@ def test_a_slow_reader_gets_every_byte(api: httpx.Client, made: list[str], upstr
         )
         assert res["exit_code"] == 0, res
         assert run(api, sid, "stat -c %s /tmp/got")["stdout"] == f"{size}\n"
+    # What went through its proxy is counted, and the usage history carries it (the console's chart).
+    r = api.get(f"/v1/sandboxes/{sid}/metrics")
+    assert r.status_code == 200, r.text
+    point = r.json()[-1]
+    assert point["netRxBytes"] >= 2 * size and 0 < point["netTxBytes"] < size, point
 
 
 def test_a_bad_host_map_stops_the_server_with_its_reason() -> None:

@@ -9,7 +9,9 @@ it wrote: sampling each of hundreds of idle sandboxes every few seconds would ke
 request for a sandbox with no recent point samples it at once, so a page that just opened gets a
 point without waiting. The history is this server's: a restart
 starts it afresh, and a killed sandbox's goes with it. The shape of a point is e2b's
-(`timestamp, cpuUsedPct, cpuCount, memUsed, memTotal, diskUsed, diskTotal`).
+(`timestamp, cpuUsedPct, cpuCount, memUsed, memTotal, diskUsed, diskTotal`), plus cove's
+`netTxBytes`/`netRxBytes`: bytes through the sandbox's egress since it started (a counter: the
+rate is the difference between two points).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Point:
     mem_total: int
     disk_used: int
     disk_total: int
+    net_out: int = 0  # bytes the sandbox sent out through its egress, since it started (cove's own)
+    net_in: int = 0  # and received
 
     def json(self) -> dict[str, Any]:
         return {
@@ -55,6 +59,8 @@ class Point:
             "memTotal": self.mem_total,
             "diskUsed": self.disk_used,
             "diskTotal": self.disk_total,
+            "netTxBytes": self.net_out,
+            "netRxBytes": self.net_in,
         }
 
 
@@ -164,6 +170,8 @@ class Usage:
                 mem_total=mem_mb * _MIB,
                 disk_used=int(stats.get("disk_bytes") or 0),
                 disk_total=self._disk_mb(rec) * _MIB,
+                net_out=int(stats.get("net_out_bytes") or 0),
+                net_in=int(stats.get("net_in_bytes") or 0),
             )
         )
 

@@ -87,6 +87,14 @@ class _Sandbox:
     denied: int = 0
     last_denied: dict[str, Any] | None = None
     error: str | None = None  # why there is no listener
+    bytes_out: int = 0  # sent by the sandbox through the proxy (its requests' bytes, tunnels included)
+    bytes_in: int = 0  # received by it from the outside
+
+    def sent(self, n: int) -> None:
+        self.bytes_out += n
+
+    def received(self, n: int) -> None:
+        self.bytes_in += n
 
 
 class Egress:
@@ -160,13 +168,15 @@ class Egress:
     def status(self, sandbox_id: str) -> dict[str, Any]:
         box = self._boxes.get(sandbox_id)
         if box is None:
-            return {"proxy": None, "allowed": 0, "denied": 0, "last_denied": None}
+            return {"proxy": None, "allowed": 0, "denied": 0, "last_denied": None, "bytes_out": 0, "bytes_in": 0}
         return {
             "proxy": f"http://127.0.0.1:{self.port}" if box.server is not None else None,
             "error": box.error,
             "allowed": box.allowed,
             "denied": box.denied,
             "last_denied": box.last_denied,
+            "bytes_out": box.bytes_out,
+            "bytes_in": box.bytes_in,
         }
 
     async def close(self) -> None:
@@ -222,10 +232,11 @@ class Egress:
                 host, port, first = _forward_head(method, target, lines[1:])
                 upstream = await self._open(sandbox_id, box, host, port)
                 upstream[1].write(first)
+                box.sent(len(first))
         except Refused as e:
             await _answer(writer, e.status, str(e))
             return
-        await _relay(reader, writer, *upstream)
+        await _relay(reader, writer, *upstream, box)
 
     async def _open(
         self, sandbox_id: str, box: _Sandbox, host: str, port: int
@@ -388,11 +399,12 @@ async def _answer(writer: asyncio.StreamWriter, status: int, message: str) -> No
         await writer.drain()
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> bool:
-    """Copy until EOF (True) or a broken connection (False)."""
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: Callable[[int], None]) -> bool:
+    """Copy until EOF (True) or a broken connection (False), counting the bytes."""
     try:
         while data := await src.read(READ_SIZE):
             dst.write(data)
+            count(len(data))
             await dst.drain()
     except (ConnectionError, OSError):
         return False
@@ -400,12 +412,16 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> bool:
 
 
 async def _relay(
-    cr: asyncio.StreamReader, cw: asyncio.StreamWriter, ur: asyncio.StreamReader, uw: asyncio.StreamWriter
+    cr: asyncio.StreamReader,
+    cw: asyncio.StreamWriter,
+    ur: asyncio.StreamReader,
+    uw: asyncio.StreamWriter,
+    box: _Sandbox,
 ) -> None:
     """Bytes both ways until the upstream side ends; the client's EOF is passed on as a half-close."""
 
     async def client_to_upstream() -> None:
-        if await _pump(cr, uw) and uw.can_write_eof():
+        if await _pump(cr, uw, box.sent) and uw.can_write_eof():
             with contextlib.suppress(OSError):
                 uw.write_eof()
                 return
@@ -414,7 +430,7 @@ async def _relay(
     up = asyncio.create_task(client_to_upstream())
     done = False
     try:
-        await _pump(ur, cw)
+        await _pump(ur, cw, box.received)
         done = True
     finally:
         up.cancel()

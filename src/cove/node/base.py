@@ -298,7 +298,8 @@ class NodeAgent(ABC):
 
     @abstractmethod
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
-        """Resource usage (memory bytes, pids, disk bytes)."""
+        """Resource usage (memory bytes, cpu usec, pids, disk bytes, and bytes out and in through
+        its egress: net_out_bytes, net_in_bytes)."""
 
     @abstractmethod
     async def sweep(self, keep: set[str]) -> list[str]:

@@ -380,7 +380,9 @@ class LocalNode(NodeAgent):
         return gone
 
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
-        return await self._of(sandbox_id).stats(sandbox_id)
+        stats = await self._of(sandbox_id).stats(sandbox_id)
+        egress = self.network.egress.status(sandbox_id)  # its way out: bytes through its proxy
+        return {**stats, "net_out_bytes": egress["bytes_out"], "net_in_bytes": egress["bytes_in"]}
 
     def guest(self, sandbox_id: str) -> GuestClient:
         return GuestClient(self.host.socket_path(sandbox_id), idle=self.idle)

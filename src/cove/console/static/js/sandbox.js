@@ -423,7 +423,8 @@ const charts = (() => {
   const fg = css.getPropertyValue("--fg").trim() || "#888";
   const accent = css.getPropertyValue("--accent").trim() || "#0969da";
   const warn = css.getPropertyValue("--warn").trim() || "#bf8700";
-  const data = { t: [], cpu: [], mem: [], disk: [] };
+  const data = { t: [], cpu: [], mem: [], disk: [], tx: [], rx: [] };
+  let last = null; // the previous point: network figures are counters, the chart shows their rate
   let since = null;
   const stats = { points: 0 };
   window.coveMetrics = stats;
@@ -437,6 +438,13 @@ const charts = (() => {
   const mem = new uPlot({ title: "Memory and disk (MiB)", width: width("chart-mem"), height: 180, axes,
     scales: { x, y: { range: (u, min, max) => [0, Math.max(1, max * 1.2)] } }, series: [{}, { label: "memory", stroke: accent, width: 2 }, { label: "disk", stroke: warn, width: 2 }] },
   [[], [], []], document.getElementById("chart-mem"));
+  const net = new uPlot({ title: "Network through egress (KiB/s)", width: width("chart-net"), height: 180, axes,
+    scales: { x, y: { range: (u, min, max) => [0, Math.max(1, max * 1.2)] } }, series: [{}, { label: "out", stroke: accent, width: 2 }, { label: "in", stroke: warn, width: 2 }] },
+  [[], [], []], document.getElementById("chart-net"));
+  const rate = (now, before, key) => {
+    const dt = before ? now.timestampUnix - before.timestampUnix : 0;
+    return dt > 0 ? Math.max(0, (now[key] - before[key]) / dt / 1024) : 0;
+  };
 
   async function poll() {
     try {
@@ -444,11 +452,14 @@ const charts = (() => {
       for (const p of points) {
         data.t.push(p.timestampUnix); data.cpu.push(p.cpuUsedPct);
         data.mem.push(p.memUsed / 1048576); data.disk.push(p.diskUsed / 1048576);
+        data.tx.push(rate(p, last, "netTxBytes")); data.rx.push(rate(p, last, "netRxBytes"));
+        last = p;
         since = p.timestampUnix;
       }
       for (const k of Object.keys(data)) data[k].splice(0, Math.max(0, data[k].length - 720));
       cpu.setData([data.t, data.cpu]);
       mem.setData([data.t, data.mem, data.disk]);
+      net.setData([data.t, data.tx, data.rx]);
       stats.points = cpu.data[0].length; // what the chart holds (window.coveMetrics, for the tests)
     } catch (e) {
       if (e.status === 404) return;
@@ -462,6 +473,7 @@ const charts = (() => {
     sized = setTimeout(() => {
       cpu.setSize({ width: width("chart-cpu"), height: 180 });
       mem.setSize({ width: width("chart-mem"), height: 180 });
+      net.setSize({ width: width("chart-net"), height: 180 });
     }, 100);
   }).observe(document.querySelector(".charts"));
   return { poll };
