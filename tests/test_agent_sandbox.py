@@ -816,7 +816,22 @@ def test_nothing_is_left_behind(
     assert k8s.delete(pool).status_code == 200
     # The garbage collector's cascade (owner references) runs in the controller manager: slow when
     # the suite loads both cores, so a wide bound: this checks that it ends, not how fast.
-    _until("no Sandboxes left", lambda: not _get(k8s, SB).get("items"), timeout=80)
+    try:
+        _until("no Sandboxes left", lambda: not _get(k8s, SB).get("items"), timeout=80)
+    except AssertionError as e:  # say which are left, and why they stay
+        left = [
+            {
+                "name": i["metadata"]["name"],
+                "owners": [
+                    o.get("kind") + "/" + o.get("name") for o in i["metadata"].get("ownerReferences", [])
+                ],
+                "finalizers": i["metadata"].get("finalizers"),
+                "deleting": i["metadata"].get("deletionTimestamp"),
+                "status": i.get("status"),
+            }
+            for i in _get(k8s, SB).get("items", [])
+        ]
+        raise AssertionError(f"{e}: {left}") from None
     _until(
         "no sandbox pods left",
         lambda: not _get(k8s, f"/api/v1/namespaces/{NS}/pods").get("items"),
