@@ -857,6 +857,23 @@ class Controller:
 
     # --- SandboxWarmPool ----------------------------------------------------------------------------------
 
+    async def _drop_orphans(self, ns: str, name: str, uid: str | None) -> None:
+        """A deleted pool's members go with it. Their owner references would have the garbage
+        collector delete them too, but its view of a CRD's objects can lag far behind (it rediscovers
+        resources every 30 s and stalls while any API group fails to list): seen here as a pool's
+        members still running 80 s after the pool was deleted, under load."""
+        for s in self.sandboxes.in_namespace(ns):
+            owner = next((r for r in s["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+            if (
+                _deleting(s)
+                or owner is None
+                or (owner.get("kind"), owner.get("name")) != ("SandboxWarmPool", name)
+            ):
+                continue
+            if uid is not None and owner.get("uid") != uid:
+                continue  # a pool being deleted: only its own members (not a newer pool's of that name)
+            await self._delete(Sandbox, ns, s["metadata"]["name"])
+
     def _pool_members(self, pool: dict[str, Any]) -> list[dict[str, Any]]:
         uid = pool["metadata"]["uid"]
         return [
@@ -867,6 +884,7 @@ class Controller:
     async def _pool(self, ns: str, name: str) -> float | None:
         pool = self.pools.get(ns, name)
         if pool is None or _deleting(pool):
+            await self._drop_orphans(ns, name, None if pool is None else pool["metadata"]["uid"])
             return None
         members = self._pool_members(pool)
         tname = pool["spec"]["sandboxTemplateRef"]["name"]
