@@ -182,6 +182,16 @@ def _processes(server: Server) -> list[tuple[int, str]]:
     return found
 
 
+def _alive(pid: int | None, start_time: int | None) -> bool:
+    """Is `pid` a live process (not a zombie) started at `start_time`, as the node checks it?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return False
+    return fields[0] not in ("Z", "X") and (start_time is None or int(fields[19]) == start_time)
+
+
 def inconsistencies(server: Server) -> list[str]:
     """Where the store and the host disagree, for a quiet server (no operation in flight; running
     or stopped): every sandbox is what its record says, and nothing exists that no record explains.
@@ -225,6 +235,9 @@ def inconsistencies(server: Server) -> list[str]:
             cg = Cgroup(f"{server.cgroup_parent}/{sid}")
             if not cg.exists() or node.get("pid") not in cg.pids():
                 found.append(f"sandbox {sid} is {state} but its pid 1 is not in its cgroup")
+            elif not _alive(node.get("pid"), node.get("start_time")):
+                # What the node calls alive (a zombie is not): until the reaper notices, not settled.
+                found.append(f"sandbox {sid} is {state} but its pid 1 has exited")
             elif cg.frozen() != (state == "paused"):
                 found.append(
                     f"sandbox {sid} is {state} but its cgroup is {'' if cg.frozen() else 'not '}frozen"
