@@ -18,6 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cove.controlplane.layer_refs import LayerRefs
@@ -51,25 +52,16 @@ class Durability:
 
     async def copy_hibernated(self, rec: SandboxRecord, node: NodeAgent, memory: bool) -> dict[str, Any]:
         """Copy a sandbox just hibernated on `node` (its image, if `memory`, under its own id there)."""
-        prev = copy_of(rec) or {}
         key, own = f"{rec.id}-{secrets.token_hex(4)}", new_layer_id("hib")
         async with self.refs.held():  # the sealed layer is nobody's until the copy is recorded
             await node.durable.seal(rec.id, own)
-            sent = await node.durable.push(
-                [*rec.layers, own],
-                checkpoint=rec.id if memory else None,
-                store_as=key,
-                parent_layer=prev.get("own"),
-                parent_checkpoint=prev.get("key"),
-            )
-        return self._made(rec, key if memory else None, own, memory, sent)
+            return await self._push(rec, node, own, key if memory else None, local=rec.id)
 
     async def copy_running(
         self, rec: SandboxRecord, node: NodeAgent, memory: bool, lock: asyncio.Lock
     ) -> dict[str, Any] | None:
         """Copy a running sandbox: frozen under its `lock` for the instant of its checkpoint, then
         pushed while it runs on. None: it was no longer running."""
-        prev = copy_of(rec) or {}
         key, own = f"{rec.id}-{secrets.token_hex(4)}", new_layer_id("copy")
         async with self.refs.held():
             async with lock:
@@ -81,25 +73,29 @@ class Durability:
                 else:
                     own = await node.snapshots.commit(rec.id, own)
             try:
-                sent = await node.durable.push(
-                    [*rec.layers, own],
-                    checkpoint=key if memory else None,
-                    parent_layer=prev.get("own"),
-                    parent_checkpoint=prev.get("key"),
-                )
+                return await self._push(rec, node, own, key if memory else None, local=key)
             finally:
                 if memory:
                     await node.checkpoints.drop(key)  # in the bucket now; the node need not keep it
-        return self._made(rec, key if memory else None, own, memory, sent)
 
-    def _made(
-        self, rec: SandboxRecord, key: str | None, own: str, memory: bool, sent: dict[str, Any]
+    async def _push(
+        self, rec: SandboxRecord, node: NodeAgent, own: str, key: str | None, local: str
     ) -> dict[str, Any]:
+        """Push the sandbox's chain with its new layer `own` and, with `key`, the image stored here
+        under `local` as `key`, incrementally against its previous copy; returns the new copy."""
+        prev = copy_of(rec) or {}
+        sent = await node.durable.push(
+            [*rec.layers, own],
+            checkpoint=local if key else None,
+            store_as=key,
+            parent_layer=prev.get("own"),
+            parent_checkpoint=prev.get("key"),
+        )
         return {
             "key": key,
             "layers": [*rec.layers, own],
             "own": own,
-            "memory": memory,
+            "memory": key is not None,
             "at": time.time(),
             "bytes_stored": sent.get("bytes_stored", 0),
             "seconds": sent.get("seconds", 0.0),
@@ -131,8 +127,8 @@ class Durability:
         last = (copy_of(rec) or {}).get("at") or rec.created_at
         return now - last >= every and idle_s < now - last
 
-    def start_periodic(self, rec: SandboxRecord, make: Any) -> None:
-        """Run `make()` (the copy, under the sandbox's lock) in the background, one per sandbox."""
+    def start_periodic(self, rec: SandboxRecord, make: Callable[[], Awaitable[None]]) -> None:
+        """Run `make()` (the copy) in the background, one per sandbox at a time."""
         task = asyncio.create_task(make(), name=f"cove-copy-{rec.id}")
         self._running[rec.id] = task
         task.add_done_callback(lambda _t: self._running.pop(rec.id, None))
