@@ -65,9 +65,10 @@ def pair(postgres: pg.Postgres, bucket: s3.Moto, request: pytest.FixtureRequest)
         **bucket.env(prefix),
     }
     made: list[Server] = []
+    own: dict[str, dict[str, str]] = getattr(request, "param", {})  # a node's own settings, by tag
     try:
         for tag in ("dur-a", "dur-b"):
-            srv = Server(tag, {**env, "COVE_NODE_ID": tag})
+            srv = Server(tag, {**env, "COVE_NODE_ID": tag, **own.get(tag, {})})
             srv.api_key = KEY
             srv.start()
             made.append(srv)
@@ -445,3 +446,162 @@ def test_a_template_built_on_one_node_starts_on_another_after_that_node_is_gone(
         assert _node_of(url, sid) == other.extra_env["COVE_NODE_ID"]
         assert _exec(c, sid, "cat /home/user/mark").strip() == "built"
         assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204
+
+
+def _live(url: str) -> dict[str, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT node_id, count(*) FROM sandboxes WHERE state IN ('starting', 'running', 'paused') GROUP BY node_id"
+        ).fetchall()
+    return {str(n): int(k) for n, k in rows}
+
+
+@pytest.mark.skipif(
+    not checkpoint.available(), reason="memory checkpoints need CRIU >= 4.1 (see `cove doctor`)"
+)
+@pytest.mark.parametrize(
+    "pair",
+    [{"dur-a": {"COVE_NODE_MAX_SANDBOXES": "3"}, "dur-b": {"COVE_NODE_MAX_SANDBOXES": "4"}}],
+    indirect=True,
+    ids=["a3-b4"],
+)
+def test_a_fork_spills_over_to_another_node_when_its_node_is_full(
+    pair: list[Server], bucket: s3.Moto
+) -> None:
+    """Node A takes 3 sandboxes, B 4. A fork of 4 from A's sandbox: 2 children on A (its image
+    there), 2 on B from a copy in the bucket, all continuing the source's process; a create through
+    A then goes to B; a fork the fleet has no room for is refused before anything starts."""
+    url = pair[0].db_url  # type: ignore[attr-defined]
+    a, _b = pair
+    with a.client() as c:
+        sid = c.post("/v1/sandboxes", json={"timeout": 900, "memory_mb": 512}).json()["id"]
+        assert _node_of(url, sid) == "dur-a"  # a tie goes to the receiving server's node
+        assert (
+            c.put(
+                f"/v1/sandboxes/{sid}/files",
+                params={"path": "/home/user/hog.py"},
+                content=HOG.replace("100 << 20", "8 << 20"),
+            ).status_code
+            < 300
+        )
+        assert (
+            c.post(f"/v1/sandboxes/{sid}/processes", json={"cmd": "python3 /home/user/hog.py"}).status_code
+            == 201
+        )
+        _wait(
+            lambda: _exec(c, sid, "test -s /home/user/started && echo yes || true").strip() == "yes",
+            "hog started",
+        )
+        digest = _exec(c, sid, "cat /home/user/started").strip()
+        pid, now, _ = _ask_hog(c, sid)
+        assert now == digest
+
+        r = c.post(f"/v1/sandboxes/{sid}/fork", json={"count": 4}, timeout=300)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        children = [s["id"] for s in body["items"]]
+        assert body["memory"] is True
+        where = sorted(_node_of(url, child) for child in children)
+        assert where == ["dur-a", "dur-a", "dur-b", "dur-b"], where
+        for child in children:  # each child continues the source's process, wherever it runs
+            assert _ask_hog(c, child) == [pid, digest, digest], child
+        # The fork's own image is not kept in the bucket once its children have it.
+        assert not [k for k in bucket.keys(a.prefix) if k.startswith("manifests/criu/")]  # type: ignore[attr-defined]
+
+        r = c.post("/v1/sandboxes", json={"timeout": 300})  # A is full: placed on B
+        assert r.status_code == 201, r.text
+        assert _node_of(url, r.json()["id"]) == "dur-b"
+        before = _live(url)
+        assert before == {"dur-a": 3, "dur-b": 3}, before
+
+        r = c.post(f"/v1/sandboxes/{sid}/fork", json={"count": 3}, timeout=300)
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert (
+            err["code"] == "fleet_full"
+            and "dur-a" in err["message"]
+            and "room for 1 of the 3" in err["message"]
+        ), err
+        assert r.headers.get("retry-after")
+        assert _live(url) == before  # nothing started, nothing half made
+        r = c.post("/v1/sandboxes", json={"timeout": 300})
+        assert r.status_code == 201 and _node_of(url, r.json()["id"]) == "dur-b", r.text
+        r = c.post("/v1/sandboxes", json={"timeout": 300})  # every node full now
+        assert r.status_code == 503 and r.json()["error"]["code"] == "fleet_full", r.text
+
+
+def _bucket_size(bucket: s3.Moto, prefix: str) -> int:
+    c = bucket.client()
+    total = 0
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket.bucket, Prefix=f"{prefix}/chunks/"):
+        total += sum(o["Size"] for o in page.get("Contents", []))
+    return total
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [{tag: {"COVE_OBJECT_GC_EVERY": "1", "COVE_OBJECT_GC_GRACE": "0"} for tag in ("dur-a", "dur-b")}],
+    indirect=True,
+    ids=["gc-every-1s"],
+)
+def test_the_bucket_drops_copies_no_record_names_and_keeps_the_others(
+    pair: list[Server], bucket: s3.Moto
+) -> None:
+    """A deleted snapshot's copy (its own layer's manifest, then its unshared chunks) leaves the
+    bucket at the next collection; a snapshot still recorded keeps its copy, and starts elsewhere."""
+    url = pair[0].db_url  # type: ignore[attr-defined]
+    prefix = pair[0].prefix  # type: ignore[attr-defined]
+    with pair[0].client() as c:
+        sid = c.post("/v1/sandboxes", json={"timeout": 900}).json()["id"]
+        _exec(
+            c,
+            sid,
+            "head -c 2000000 /dev/urandom > /home/user/kept && sha256sum /home/user/kept > /home/user/sum",
+        )
+        keep = c.post(f"/v1/sandboxes/{sid}/snapshots", json={"name": "keep"}).json()["id"]
+        _wait(lambda: c.get(f"/v1/snapshots/{keep}").json()["durable"], "the first snapshot is copied")
+        _exec(c, sid, "head -c 4000000 /dev/urandom > /home/user/dropped")
+        drop = c.post(f"/v1/sandboxes/{sid}/snapshots", json={"name": "drop"}).json()["id"]
+        _wait(lambda: c.get(f"/v1/snapshots/{drop}").json()["durable"], "the second snapshot is copied")
+        with psycopg.connect(url, autocommit=True) as conn:
+            layers = {
+                str(i): json.loads(row[0]) if isinstance(row[0], str) else row[0]
+                for i, row in (
+                    (k, conn.execute("SELECT layers FROM snapshots WHERE id = %s", (k,)).fetchone())
+                    for k in (keep, drop)
+                )
+                if row is not None
+            }
+        own = layers[drop][-1]
+        assert own not in layers[keep]
+        listed = {
+            k.rsplit("/", 1)[-1].removesuffix(".json")
+            for k in bucket.keys(prefix)
+            if k.startswith("manifests/layer/")
+        }
+        assert set(layers[keep]) | {own} <= listed, listed
+        before = _bucket_size(bucket, prefix)
+
+        assert c.delete(f"/v1/snapshots/{drop}").status_code == 204
+        _wait(
+            lambda: (
+                f"manifests/layer/{own}.json" not in bucket.keys(prefix)
+                and _bucket_size(bucket, prefix) < before
+            ),
+            "the deleted snapshot's copy and chunks leave the bucket",
+        )
+        after = _bucket_size(bucket, prefix)
+        assert before - after >= 3_500_000, (before, after)  # the 4 MB of random bytes only it held
+        listed = {
+            k.rsplit("/", 1)[-1].removesuffix(".json")
+            for k in bucket.keys(prefix)
+            if k.startswith("manifests/layer/")
+        }
+        assert set(layers[keep]) <= listed, (layers[keep], listed)
+    # What is still recorded starts on the other node from the bucket, its bytes intact.
+    with pair[1].client() as cb:
+        r = cb.post("/v1/sandboxes", json={"snapshot": keep, "timeout": 300})
+        assert r.status_code == 201, r.text
+        child = r.json()["id"]
+        assert _exec(cb, child, "sha256sum -c /home/user/sum").strip().endswith("OK")
+        assert _exec(cb, child, "test -e /home/user/dropped && echo there || echo absent").strip() == "absent"

@@ -87,6 +87,11 @@ class Settings:
         default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_MEMORY_MB", "256"))
     )
     admit_min_pids: int = field(default_factory=lambda: int(os.environ.get("COVE_ADMIT_MIN_PIDS", "512")))
+    # A node holding this many sandboxes (starting, running, paused) takes no more: placement goes
+    # to another node, and a fork's children spill over through the object store; 0: no limit.
+    node_max_sandboxes: int = field(
+        default_factory=lambda: int(os.environ.get("COVE_NODE_MAX_SANDBOXES", "0"))
+    )
     # Creates that start a sandbox (pool claims do not) run at most this many at a time, the rest
     # wait in FIFO order; 0: no limit. With max_queued_creates already waiting, a create gets
     # 503 server_busy with Retry-After (128: 100 concurrent creates all pass, and on 2 cores the
@@ -102,6 +107,15 @@ class Settings:
     # s3://bucket/prefix: durable copies of snapshots and hibernated sandboxes live in this bucket,
     # the node's disk is their cache (docs/object-storage.md; endpoint and keys: the AWS_* variables).
     object_store: str | None = field(default_factory=lambda: os.environ.get("COVE_OBJECT_STORE") or None)
+    # Every this many seconds the reaper's holder deletes the bucket's copies that no record names
+    # (those at least object_gc_grace_s old: a push records its copy after writing it), then the
+    # chunks no copy references (docs/object-storage.md); 0: never.
+    object_gc_every_s: float = field(
+        default_factory=lambda: float(os.environ.get("COVE_OBJECT_GC_EVERY", "3600"))
+    )
+    object_gc_grace_s: float = field(
+        default_factory=lambda: float(os.environ.get("COVE_OBJECT_GC_GRACE", "600"))
+    )
     # postgresql://user@host:port/db: the store is PostgreSQL, shared by every server given the same
     # URL (docs/architecture.md); unset, SQLite in the data dir (`db_path`).
     database_url: str | None = field(default_factory=lambda: os.environ.get("COVE_DATABASE_URL") or None)

@@ -159,15 +159,19 @@ class Admission:
         return self._sample[1]
 
     async def refusal(self, count: bool = True) -> ApiError | None:
-        """Why a new sandbox cannot start now, or None (`count`: as a refused request)."""
-        h = await self.host()
+        """Why a new sandbox cannot start on this host now, or None (`count`: as a refused request)."""
+        return self.judge(await self.host(), count)
+
+    def judge(self, h: HostPressure, count: bool = True, where: str = "the host") -> ApiError | None:
+        """Why a new sandbox cannot start on a host with these readings (another node's come with
+        its heartbeat: `where` names it), or None."""
         s = self.settings
         if h.memory_available_mb < s.admit_min_memory_mb:
             if count:
                 self.rejected.labels("memory").inc()
             return busy(
                 "host_low_memory",
-                f"the host has {h.memory_available_mb} MB of memory available, below the "
+                f"{where} has {h.memory_available_mb} MB of memory available, below the "
                 f"{s.admit_min_memory_mb} MB it keeps free; retry later or free sandboxes",
             )
         if h.free_pids < s.admit_min_pids:
@@ -175,15 +179,10 @@ class Admission:
                 self.rejected.labels("pids").inc()
             return busy(
                 "host_low_pids",
-                f"the host can start {h.free_pids} more processes, below the {s.admit_min_pids} it "
+                f"{where} can start {h.free_pids} more processes, below the {s.admit_min_pids} it "
                 "keeps free; retry later or free sandboxes",
             )
         return None
-
-    async def check(self) -> None:
-        err = await self.refusal()
-        if err is not None:
-            raise err
 
 
 def busy(code: str, message: str) -> ApiError:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cove.controlplane.layer_refs import LayerRefs
+from cove.controlplane.states import LIVE
 from cove.node.base import NodeAgent, NodeError, new_layer_id
 from cove.store.base import SandboxRecord, Store
 
@@ -116,6 +117,29 @@ class Durability:
             await node.durable.forget(own, [copy["key"]] if copy.get("key") else [])
         except NodeError as e:  # left for the bucket's owner; the record no longer names it
             log.warning("could not delete an old copy", extra={"copy": copy.get("key"), "error": str(e)})
+
+    # -- the bucket's garbage ------------------------------------------------------------------------
+    async def collect(self, node: NodeAgent, older_than_s: float) -> dict[str, Any]:
+        """Delete the bucket's copies no record names (sandboxes' copies, snapshots, templates, and
+        the layers of every sandbox that may still push or pull them), then their unshared chunks."""
+        layers: set[str] = set()
+        keys: set[str] = set()
+        for snap in await self.store.list_snapshots(None):
+            layers.update(snap.layers)
+            if snap.memory:
+                keys.add(snap.id)  # a memory snapshot's image is copied under its id
+        page = await self.store.list_sandboxes(None, [*LIVE, "lost"], limit=1_000_000)
+        for rec in page.items:
+            layers.update(rec.layers)
+            if copy := copy_of(rec):
+                layers.update(copy["layers"])
+                if copy.get("key"):
+                    keys.add(copy["key"])
+        for tpl in await self.store.list_templates(None):
+            layers.update(tpl.layers)
+            if tpl.config.get("checkpoint"):
+                keys.add(str(tpl.config["checkpoint"]))
+        return await node.durable.collect(sorted(layers), sorted(keys), older_than_s)
 
     # -- periodic copies ----------------------------------------------------------------------------
     def due(self, rec: SandboxRecord, now: float, idle_s: float) -> bool:

@@ -20,9 +20,11 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from cove import __version__
 from cove.config import Settings
+from cove.controlplane.admission import Admission, HostPressure, busy
 from cove.controlplane.errors import ApiError
 from cove.node.base import NodeAgent
 from cove.node.remote.client import RemoteNode
@@ -35,6 +37,7 @@ HEARTBEAT_S = 1.0
 LOST_AFTER_S = 10.0  # a node's heartbeat this old: it is lost (its sandboxes are marked so)
 CONNECT_TIMEOUT_S = 5.0
 DESCRIBE_EVERY_S = 5.0  # how often another node's call-free answers are re-read
+HOLDING = ["starting", "running", "paused"]  # the states in which a sandbox takes room on its node
 
 
 def _kept(path: Path, make: str) -> str:
@@ -51,10 +54,11 @@ def _kept(path: Path, make: str) -> str:
 
 
 class Fleet:
-    def __init__(self, settings: Settings, store: Store, local: NodeAgent) -> None:
+    def __init__(self, settings: Settings, store: Store, local: NodeAgent, admission: Admission) -> None:
         self.settings = settings
         self.store = store
         self.local = local
+        self.admission = admission  # judges this host live, and other nodes by their heartbeat's readings
         self.id = ""  # this server's node id, known at start
         self.server: NodeServer | None = None  # this node's API, when the store is shared
         self._records: dict[str, NodeRecord] = {}
@@ -63,6 +67,7 @@ class Fleet:
         self._reached: dict[str, tuple[str, str]] = {}  # node id -> the address and token it was reached with
         self._task: asyncio.Task[None] | None = None
         self._jobs: list[Callable[[], Awaitable[None]]] = []
+        self._capacity: dict[str, Any] = {}  # what this node's record says of it, beside its readings
 
     @property
     def shared(self) -> bool:
@@ -82,6 +87,12 @@ class Fleet:
             await self.server.start()
             address = s.node_advertise or f"{s.node_listen}:{self.server.port}"
         now = time.time()
+        self._capacity = {
+            "cpus": os.cpu_count() or 1,
+            "version": __version__,
+            "api": api,
+            "max_sandboxes": s.node_max_sandboxes,
+        }
         await self.store.put_node(
             NodeRecord(
                 id=self.id,
@@ -90,7 +101,7 @@ class Fleet:
                 state="ready",
                 started_at=now,
                 seen_at=now,
-                capacity={"cpus": os.cpu_count() or 1, "version": __version__, "api": api},
+                capacity={**self._capacity, "pressure": await self._pressure()},
             )
         )
         await self.refresh()
@@ -148,15 +159,92 @@ class Fleet:
 
     async def place(self, runtime: str, pinned: str | None = None) -> str:
         """The node for a new sandbox: `pinned` (where its source's files are) if given, else the
-        ready node that runs `runtime` and holds the fewest sandboxes (this one on a tie)."""
+        ready node that runs `runtime`, has room (`refusal`) and holds the fewest sandboxes (this
+        one on a tie). 503 when the node it must go to, or every node, is full."""
         if pinned is not None:
             self.of(pinned)  # 503 if it cannot be reached
-            return pinned or self.id
+            node_id = pinned or self.id
+            if err := await self.refusal(node_id, await self._counts()):
+                raise err
+            return node_id
         candidates = [n for n in self.ready() if self.of(n).runtime_problem(runtime) is None]
         if not candidates:
             return self.id  # the create then says why this node cannot run it
-        counts = await self.store.count_by_node(["starting", "running", "paused"])
-        return min(candidates, key=lambda n: (counts.get(n, 0), n != self.id))
+        counts = await self.store.count_by_node(HOLDING)
+        refusals = {n: await self.refusal(n, counts, count=False) for n in candidates}
+        roomy = [n for n in candidates if refusals[n] is None]
+        if not roomy:  # this node's reason first (counted, by its reason), then the others'
+            first = self.id if self.id in candidates else candidates[0]
+            err = await self.refusal(first, counts) or refusals[first]
+            if err is not None and len(candidates) > 1:
+                err = busy("fleet_full", f"all {len(candidates)} nodes are full; {err.message}")
+            raise err or ApiError(503, "fleet_full", "no node takes new sandboxes now")
+        return min(roomy, key=lambda n: (counts.get(n, 0), n != self.id))
+
+    async def spread(self, k: int, runtime: str, exclude: set[str]) -> list[str]:
+        """Nodes for `k` new sandboxes (one entry each, a node repeated while it has room), none of
+        them in `exclude`, fewest sandboxes first; shorter than `k` when the fleet has no more room."""
+        counts = dict(await self.store.count_by_node(HOLDING))
+        out: list[str] = []
+        nodes = [n for n in self.ready() if n not in exclude and self.of(n).runtime_problem(runtime) is None]
+        while len(out) < k:
+            roomy = [n for n in nodes if await self.refusal(n, counts, count=False) is None]
+            if not roomy:
+                break
+            best = min(roomy, key=lambda n: (counts.get(n, 0), n != self.id))
+            counts[best] = counts.get(best, 0) + 1
+            out.append(best)
+        return out
+
+    async def has_room(self, node_id: str) -> bool:
+        """Does `node_id` take a new sandbox now (`refusal`, not counted as a refused request)?"""
+        return await self.refusal(node_id, await self._counts(), count=False) is None
+
+    async def room(self, node_id: str) -> int | None:
+        """How many more sandboxes `node_id` takes now: 0 when its host runs low, None for no limit."""
+        counts = await self.store.count_by_node(HOLDING)
+        if await self.refusal(node_id, counts, count=False) is not None:
+            return 0
+        most = self._limit(node_id)
+        return most - counts.get(node_id, 0) if most else None
+
+    async def refusal(self, node_id: str, counts: dict[str, int], count: bool = True) -> ApiError | None:
+        """Why `node_id` takes no new sandbox now (None: it does): it holds its limit of sandboxes
+        (COVE_NODE_MAX_SANDBOXES), or its host runs low on memory or pids (this host as read now,
+        another by its last heartbeat). `counts`: sandboxes per node, as `count_by_node(HOLDING)`."""
+        most = self._limit(node_id)
+        if most and counts.get(node_id, 0) >= most:
+            if count:
+                self.admission.rejected.labels("full").inc()
+            return busy(
+                "node_full",
+                f"node {node_id} holds {counts.get(node_id, 0)} sandboxes, its limit "
+                f"(COVE_NODE_MAX_SANDBOXES={most}); retry later or end sandboxes",
+            )
+        if node_id == self.id:
+            return await self.admission.refusal(count)
+        reading = (self._records[node_id].capacity if node_id in self._records else {}).get("pressure")
+        if not isinstance(reading, dict):
+            return None  # a node from before readings were sent: judged by its own admission
+        return self.admission.judge(HostPressure(**reading), count, where=f"node {node_id}")
+
+    def _limit(self, node_id: str) -> int:
+        if node_id == self.id:
+            return self.settings.node_max_sandboxes
+        rec = self._records.get(node_id)
+        return int((rec.capacity if rec else {}).get("max_sandboxes") or 0)
+
+    async def _counts(self) -> dict[str, int]:
+        """Sandboxes per node, read only when some node has a limit (creates stay one query less)."""
+        if self.settings.node_max_sandboxes or any(
+            r.capacity.get("max_sandboxes") for r in self._records.values()
+        ):
+            return await self.store.count_by_node(HOLDING)
+        return {}
+
+    async def _pressure(self) -> dict[str, int]:
+        h = await self.admission.host()
+        return {"memory_available_mb": h.memory_available_mb, "free_pids": h.free_pids}
 
     # -- heartbeat -----------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -210,7 +298,8 @@ class Fleet:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await self.store.update_node(self.id, seen_at=time.time(), state="ready")
+                capacity = {**self._capacity, "pressure": await self._pressure()}
+                await self.store.update_node(self.id, seen_at=time.time(), state="ready", capacity=capacity)
                 await self.refresh()
             except Exception:
                 log.exception("fleet heartbeat failed")

@@ -56,6 +56,8 @@ class Reaper:
         self._alive_turn = 0  # where the next liveness checks start (see _dead_among)
         self._seen_dead: dict[str, float] = {}  # sandbox id -> monotonic time it was first found dead
         self._task: asyncio.Task[None] | None = None
+        self._gc: asyncio.Task[None] | None = None  # the bucket's collection, when one runs
+        self._gc_at = time.monotonic()  # the first one runs a period after start
 
     async def adopt(self) -> None:
         """At start: keep sandboxes that survived the restart, mark the others, roll back half-made
@@ -173,7 +175,10 @@ class Reaper:
                 elif rec.id in dead:
                     if mono - self._seen_dead.setdefault(rec.id, mono) >= DEAD_GRACE_S:
                         await self.sandboxes.end(
-                            rec, "error", "sandbox stopped unexpectedly (its init process exited)", check="dead"
+                            rec,
+                            "error",
+                            "sandbox stopped unexpectedly (its init process exited)",
+                            check="dead",
                         )
                 elif rec.state == "running" and self.sandboxes.durability.due(
                     rec, now, self.sandboxes.idle_for(rec, now, mono)
@@ -287,14 +292,34 @@ class Reaper:
                 await self.reap_once()
             except Exception:  # the next tick tries again: a failure must not end the reaper
                 log.exception("reaper tick failed")
+            self._collect_bucket_when_due()
+
+    def _collect_bucket_when_due(self) -> None:
+        """Every COVE_OBJECT_GC_EVERY s, in the background (it may wait for uploads to finish)."""
+        s, node = self.settings, self.node
+        if not s.object_gc_every_s or not node.durable.available() or (self._gc and not self._gc.done()):
+            return
+        if time.monotonic() - self._gc_at < s.object_gc_every_s:
+            return
+        self._gc_at = time.monotonic()
+
+        async def collect() -> None:
+            try:
+                await self.sandboxes.durability.collect(node, s.object_gc_grace_s)
+            except Exception:
+                log.exception("collecting the object store's garbage failed")
+
+        self._gc = asyncio.create_task(collect(), name="cove-object-gc")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever(), name="cove-reaper")
 
     async def stop(self) -> None:
+        for task in (self._task, self._gc):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
             with contextlib.suppress(Exception):  # the next server need not wait for it to expire
                 await self.store.drop_lease(LEASE, self.fleet.id)

@@ -222,12 +222,19 @@ class SandboxService:
 
     @audit.audited("sandbox.create", audit.created)
     async def create(
-        self, who: Caller, req: CreateSandbox, network: dict[str, Any] | None = None, here: bool = False
+        self,
+        who: Caller,
+        req: CreateSandbox,
+        network: dict[str, Any] | None = None,
+        here: bool = False,
+        on: str | None = None,
     ) -> SandboxRecord:
         """`network`: the record's whole network settings instead of `req.network` (front ends and
         forks keep keys of their own there); its policy is validated here. A create takes a warm
         sandbox from its source's pool when it can (docs/pools.md), else starts one. `here`: on
-        this server's node, not where the fleet would place it (the kubelet: the scheduler chose)."""
+        this server's node, not where the fleet would place it (the kubelet: the scheduler chose).
+        `on`: on that node (a fork's choice); its source must be there or in the object store.
+        A node that is full or low on memory or pids refuses: 503 with Retry-After (`Fleet.refusal`)."""
         started = time.perf_counter()
         network = req.network.record() if network is None else dict(network)
         try:
@@ -236,7 +243,6 @@ class SandboxService:
             raise ApiError(422, "validation_error", f"network: {e}") from e
         if req.snapshot_every:
             self._check_durable()
-        await self.admission.check()
         async with self.refs.held():  # the source's layers cannot be collected meanwhile
             home = await self.sources.home(who, req.template, req.snapshot)  # where its files are
             template, defaults = await self.sources.of(who, req.template, req.snapshot)
@@ -258,7 +264,15 @@ class SandboxService:
             key = pool_key(who.tenant if owned else None, req.snapshot or template.name)
             # Warm members and volumes are this server's node's (docs/fleet.md).
             local = home in (None, "", self.fleet.id)
-            member = self.pools.take(key) if poolable and local else None
+            # A warm member is this node's sandbox: none while this node is full (placement then
+            # finds another node, or says why none).
+            warm = (
+                poolable
+                and local
+                and on in (None, self.fleet.id)
+                and await self.fleet.has_room(self.fleet.id)
+            )
+            member = self.pools.take(key) if warm else None
             if member is not None:
                 node_id = self.fleet.id
             elif mounts or here:
@@ -270,9 +284,13 @@ class SandboxService:
                         f"{what} kept on this server's node, and {req.snapshot or template.name!r} lives "
                         f"on node {home}: create it through that node's server",
                     )
-                node_id = self.fleet.id
+                node_id = await self.fleet.place(runtime, self.fleet.id)  # 503 if this node is full
             else:
-                node_id = await self.fleet.place(runtime, home)
+                if on is not None and home not in (None, on):
+                    raise ApiError(
+                        409, "not_supported", f"{req.snapshot or template.name!r} is not on node {on}"
+                    )
+                node_id = await self.fleet.place(runtime, on or home)
                 if home is None and node_id != self.fleet.id:  # that node's own base layers
                     template, defaults = await self.sources.of(
                         who, req.template, req.snapshot, self.fleet.of(node_id)

@@ -8,14 +8,17 @@ would see it unreferenced and delete it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 from cove import faults
 from cove.config import Settings
 from cove.controlplane import audit
+from cove.controlplane.admission import busy
 from cove.controlplane.auth import Caller
 from cove.controlplane.errors import ApiError
+from cove.controlplane.fleet import HOLDING
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.schemas import CreateSandbox
 from cove.controlplane.service import SandboxService, bucket_mounts
@@ -199,6 +202,34 @@ class Snapshots:
         await self.volumes.drop_sealed(snap)
         await self.refs.collect()
 
+    async def _spill_targets(self, source: SandboxRecord, home: str, spill: int, count: int) -> list[str]:
+        """Nodes for the `spill` children of a fork that the source's node has no room for; 503
+        when there is no object store to carry them there, or not enough room in the fleet."""
+        full = await self.fleet.refusal(home, await self.store.count_by_node(HOLDING), count=False)
+        why = full.message if full else f"node {home} has room for {count - spill} of {count} children"
+        if not self.fleet.of(home).durable.available():
+            raise busy("node_full", f"{why}, and without an object store (COVE_OBJECT_STORE) a fork's "
+                       "children start only on their source's node")  # fmt: skip
+        targets = await self.fleet.spread(spill, source.runtime or "namespaces", exclude={home})
+        if len(targets) < spill:
+            raise busy(
+                "fleet_full", f"{why}, and the other nodes have room for {len(targets)} of the {spill} others"
+            )
+        return targets
+
+    async def _copy_for_fork(self, snap: SnapshotRecord) -> None:
+        """Copy a fork's own snapshot to the object store, so that other nodes can start its children."""
+        try:
+            await self.fleet.of(snap.node_id).durable.push(
+                snap.layers, checkpoint=snap.id if snap.memory else None
+            )
+        except NodeError as e:
+            raise ApiError(
+                503, "fork_failed", f"copying the fork's snapshot for other nodes failed: {e}"
+            ) from e
+        snap.config = {**snap.config, "durable": True}
+        await self.store.update_snapshot(snap.id, config=snap.config)
+
     async def _drop_checkpoint(self, snap: SnapshotRecord) -> None:
         """Its memory image goes; from a node out of reach now, when that node next starts (its
         adoption drops every image no record names)."""
@@ -222,8 +253,19 @@ class Snapshots:
         if bucket_mounts(source):
             raise ApiError(409, "mounts_not_checkpointable", NO_FUSE_CHECKPOINT.format(source.id))
         memory = self.sandboxes.can_checkpoint(source) and source.state in ACTIVE
+        # The children start on the source's node, where its image is; those it has no room for
+        # start on other nodes from a copy in the object store (made only then).
+        home = source.node_id or self.fleet.id
+        room = await self.fleet.room(home)
+        spill = max(0, count - room) if room is not None else 0
+        elsewhere: list[str] = []
+        if spill:
+            elsewhere = await self._spill_targets(source, home, spill, count)
         snap = await self.take(who, sandbox_id, memory=memory, internal=True, volumes=volumes)
         try:
+            if elsewhere:
+                await self._copy_for_fork(snap)
+            targets = [home] * (count - len(elsewhere)) + elsewhere
             req = CreateSandbox(
                 snapshot=snap.id,
                 timeout=source.timeout,
@@ -234,13 +276,16 @@ class Snapshots:
                 on_timeout=source.on_timeout,
             )
             results = await asyncio.gather(
-                *(self.sandboxes.create(who, req, network=source.network) for _ in range(count)),
+                *(self.sandboxes.create(who, req, network=source.network, on=node) for node in targets),
                 return_exceptions=True,
             )
             faults.point("fork.created")
         finally:
             await self.store.delete_snapshot(snap.id)  # the children keep its layer alive
             await self._drop_checkpoint(snap)
+            if elsewhere and snap.memory:  # the children elsewhere have fetched the image
+                with contextlib.suppress(ApiError, NodeError):
+                    await self.fleet.of(snap.node_id).durable.forget([], [snap.id])
             await self.volumes.drop_sealed(snap)  # the children have their own copies
         children = [r for r in results if isinstance(r, SandboxRecord)]
         failed = [r for r in results if isinstance(r, BaseException)]

@@ -201,6 +201,11 @@ class Durable(Protocol):
     async def forget(self, layers: list[str], keys: list[str]) -> None:
         """Delete these copies from the bucket (their chunks go at the next collection). Idempotent."""
 
+    async def collect(self, layers: list[str], keys: list[str], older_than_s: float) -> dict[str, Any]:
+        """Delete the bucket's layer copies not in `layers` and images not in `keys`, those at least
+        `older_than_s` old, then the chunks no copy references (safe while pushes run). Returns
+        what went ({"layers_deleted", "images_deleted", "chunks_deleted", "bytes_deleted", ...})."""
+
 
 class Contexts(Protocol):
     """Code contexts: interpreters inside a sandbox, each reached through its own bridge."""

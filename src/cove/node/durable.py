@@ -150,6 +150,34 @@ class LocalDurable:
         finally:
             self.layers.backend.delete(scratch)
 
+    async def collect(self, layers: list[str], keys: list[str], older_than_s: float) -> dict[str, Any]:
+        store = self._bucket()
+
+        def collect() -> dict[str, Any]:
+            gone = {
+                kind: store.unreferenced(kind, set(keep), older_than_s)
+                for kind, keep in ((LAYER, layers), (CRIU, keys))
+            }
+            for kind, ids in gone.items():
+                for mid in ids:
+                    store.delete_manifest(mid, kind)
+            report = store.collect_garbage()
+            return {
+                "layers_deleted": len(gone[LAYER]),
+                "images_deleted": len(gone[CRIU]),
+                "swept": report.swept,
+                "reason": report.reason,
+                "chunks_deleted": report.chunks_deleted,
+                "bytes_deleted": report.bytes_deleted,
+            }
+
+        try:
+            got = await asyncio.to_thread(collect)
+        except ObjectStoreError as e:
+            raise NodeError(f"collecting the object store's garbage failed: {e}") from e
+        log.info("object store collected", extra=got)
+        return got
+
     async def forget(self, layers: list[str], keys: list[str]) -> None:
         store = self._bucket()
 

@@ -435,6 +435,16 @@ class RemoteDurable:
     async def forget(self, layers: list[str], keys: list[str]) -> None:
         await self.node.call("durable.forget", layers=list(layers), keys=list(keys))
 
+    async def collect(self, layers: list[str], keys: list[str], older_than_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self.node.call(
+            "durable.collect",
+            wait=self.TRANSFER_WAIT,
+            layers=list(layers),
+            keys=list(keys),
+            older_than_s=older_than_s,
+        )
+        return result
+
 
 class RemoteContexts:
     def __init__(self, node: RemoteNode) -> None:

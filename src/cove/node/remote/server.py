@@ -101,6 +101,7 @@ def _calls() -> dict[str, Call]:
     add("durable.push", "layers", "checkpoint", "store_as", "parent_layer", "parent_checkpoint")
     add("durable.pull", "layers", "checkpoint")
     add("durable.forget", "layers", "keys")
+    add("durable.collect", "layers", "keys", "older_than_s")
     add("contexts.prepare", "sandbox_id", "context_id", "user")  # contexts.client: a tunnel
     add("contexts.status", kind="attr")
     add("network.attach", "sandbox_id", "handle", "network")
@@ -191,6 +192,11 @@ def _seal(value: Any, what: str) -> None:
         ident(pair[1], f"{what}[][1]")
 
 
+def _seconds(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise BadRequest(f"{what} must be a number of seconds, 0 or more")
+
+
 def _indices(value: Any, what: str) -> None:
     if not isinstance(value, list):
         raise BadRequest(f"{what} must be a list of integers")
@@ -224,6 +230,7 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "store_as": _maybe_ident,
     "parent_checkpoint": _maybe_ident,
     "indices": _indices,
+    "older_than_s": _seconds,
     "seal": _seal,
 }
 

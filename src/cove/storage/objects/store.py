@@ -12,7 +12,7 @@ from cove.storage.objects.cache import ChunkCache
 from cove.storage.objects.chunks import AVG_SIZE, Codec
 from cove.storage.objects.errors import ManifestNotFound, ObjectNotFound
 from cove.storage.objects.gc import GcReport, collect_garbage
-from cove.storage.objects.leases import Lease
+from cove.storage.objects.leases import Lease, age_s
 from cove.storage.objects.manifests import Manifest, check_id, check_kind, manifest_name
 from cove.storage.objects.settings import ObjectStoreSettings
 from cove.storage.objects.trees import Progress, make_fetch, restore, upload
@@ -65,6 +65,19 @@ class ObjectStore:
         except ObjectNotFound:
             raise ManifestNotFound(f"no manifest {kind}/{mid} in {self.bucket.where(name)}") from None
         return Manifest.from_bytes(data, f"{kind}/{mid} ({self.bucket.where(name)})")
+
+    def unreferenced(self, kind: str, keep: set[str], older_than_s: float) -> list[str]:
+        """Ids of the manifests of `kind` not in `keep` and written at least `older_than_s` ago by the
+        server's clock (a younger one may belong to a push whose record is not written yet)."""
+        prefix = f"manifests/{check_kind(kind)}/"
+        infos, now = self.bucket.list(prefix)
+        return sorted(
+            mid
+            for i in infos
+            if i.name.endswith(".json")
+            and (mid := i.name[len(prefix) : -5]) not in keep
+            and age_s(i.last_modified, now) >= older_than_s
+        )
 
     def has(self, mid: str, kind: str = LAYER) -> bool:
         """Is there a complete manifest `kind/mid`? (One HEAD.)"""
