@@ -106,6 +106,127 @@ def test_matplotlib_chart_comes_back_as_png(kernel_ready: None, sbx: Sandbox) ->
     assert html.results[0].html == "<b>bold</b>" and not html.results[0].is_main_result
 
 
+CHARTS = """
+import datetime
+import matplotlib.pyplot as plt
+import numpy as np
+
+def line():
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [2, 4, 3], label="speed")
+    ax.plot([1, 2, 3], [1, 1, 5], label="cost")
+    ax.set_title("Two lines"); ax.set_xlabel("time (s)"); ax.set_ylabel("speed [m/s]"); ax.legend()
+    plt.show()
+
+def dates():
+    fig, ax = plt.subplots()
+    ax.plot([datetime.date(2026, 1, d) for d in (1, 2, 3)], [5, 6, 7])
+    plt.show()
+
+def bars():
+    fig, ax = plt.subplots()
+    ax.bar(["apples", "pears", "plums"], [10, 20, 15], label="2026")
+    ax.set_title("Fruit"); ax.set_ylabel("count")
+    plt.show()
+
+def scatter():
+    fig, ax = plt.subplots()
+    ax.scatter([1.5, 2.5], [3.5, 0.5], label="points")
+    plt.show()
+
+def pie():
+    fig, ax = plt.subplots()
+    ax.pie([1, 3], labels=["small", "big"])
+    plt.show()
+
+def box(patch_artist):
+    fig, ax = plt.subplots()
+    ax.boxplot([[1, 2, 3, 4, 5], [2, 4, 6, 8, 10, 40]], patch_artist=patch_artist)
+    ax.set_xticks([1, 2], ["a", "b"])
+    plt.show()
+
+def composite():
+    fig, (left, right) = plt.subplots(1, 2)
+    left.plot([0, 1], [0, 1]); right.bar(["x", "y"], [3, 4])
+    fig.suptitle("Both")
+    plt.show()
+"""
+
+
+def _chart(sbx: Sandbox, call: str) -> object:
+    execution = sbx.run_code(call)
+    assert execution.error is None, execution.error
+    charts = [r.chart for r in execution.results if r.chart is not None]
+    assert len(charts) == 1 and execution.results[0].png, execution.results
+    return charts[0]
+
+
+def test_charts_come_back_as_data_and_dataframes_as_columns(kernel_ready: None, sbx: Sandbox) -> None:
+    """e2b's `result.chart`: the element data of matplotlib's line, bar, scatter, pie, box-and-whisker
+    and composite charts, read from the figure; `result.data`: a DataFrame's columns."""
+    from e2b_code_interpreter.charts import (
+        BarChart,
+        BoxAndWhiskerChart,
+        ChartType,
+        LineChart,
+        PieChart,
+        ScatterChart,
+        SuperChart,
+    )
+
+    assert sbx.run_code(CHARTS).error is None
+    line = _chart(sbx, "line()")
+    assert isinstance(line, LineChart) and line.title == "Two lines"
+    assert (line.x_label, line.x_unit, line.y_unit) == ("time (s)", "s", "m/s")
+    assert [(e.label, e.points) for e in line.elements] == [
+        ("speed", [(1, 2), (2, 4), (3, 3)]),
+        ("cost", [(1, 1), (2, 1), (3, 5)]),
+    ]
+    assert line.x_scale.value == "linear" and line.x_ticks and len(line.x_ticks) == len(line.x_tick_labels)
+
+    dated = _chart(sbx, "dates()")
+    assert dated.x_scale.value == "datetime"
+    assert [p[0][:10] for p in dated.elements[0].points] == ["2026-01-01", "2026-01-02", "2026-01-03"]
+
+    bars = _chart(sbx, "bars()")
+    assert isinstance(bars, BarChart) and (bars.title, bars.y_label) == ("Fruit", "count")
+    assert [(e.label, e.value, e.group) for e in bars.elements] == [
+        ("apples", 10, "2026"),
+        ("pears", 20, "2026"),
+        ("plums", 15, "2026"),
+    ]
+
+    scatter = _chart(sbx, "scatter()")
+    assert isinstance(scatter, ScatterChart)
+    assert [(e.label, e.points) for e in scatter.elements] == [("points", [(1.5, 3.5), (2.5, 0.5)])]
+
+    pie = _chart(sbx, "pie()")
+    assert isinstance(pie, PieChart)
+    assert [(e.label, round(e.angle), e.radius) for e in pie.elements] == [("small", 90, 1), ("big", 270, 1)]
+
+    for patch_artist in ("False", "True"):  # boxes drawn as lines, or as patches
+        box = _chart(sbx, f"box({patch_artist})")
+        assert isinstance(box, BoxAndWhiskerChart), (patch_artist, box.to_dict())
+        got = [
+            (e.label, e.min, e.first_quartile, e.median, e.third_quartile, e.max, e.outliers)
+            for e in box.elements
+        ]
+        assert got == [("a", 1, 2, 3, 4, 5, []), ("b", 2, 4.5, 7, 9.5, 10, [40])], (patch_artist, got)
+
+    both = _chart(sbx, "composite()")
+    assert isinstance(both, SuperChart) and both.title == "Both"
+    assert [c.type for c in both.elements] == [ChartType.LINE, ChartType.BAR]
+
+    frame = sbx.run_code(
+        "import pandas as pd\npd.DataFrame({'n': [1, 2], 'when': pd.to_datetime(['2026-01-01', '2026-02-01'])})"
+    )
+    assert frame.error is None, frame.error
+    main = frame.results[0]
+    assert main.is_main_result and "<table" in (main.html or "")
+    assert main.data == {"n": [1, 2], "when": ["2026-01-01T00:00:00", "2026-02-01T00:00:00"]}
+    assert "data" in main.formats() and sbx.run_code("1 + 1").results[0].data is None
+
+
 def test_contexts_create_list_restart_remove(kernel_ready: None, sbx: Sandbox) -> None:
     ctx = sbx.create_code_context(cwd="/tmp")
     assert ctx.language == "python" and ctx.cwd == "/tmp"

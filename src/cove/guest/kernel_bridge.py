@@ -61,7 +61,22 @@ MIME_TYPES = (
     "image/jpeg",
     "image/svg+xml",
     "application/json",
+    "application/vnd.cove.chart+json",  # a figure's data (charts.py)
+    "application/vnd.cove.data+json",  # a DataFrame's columns (charts.py)
 )
+# Run in each new kernel, silently: charts.py's display formatters (its .pyc lies beside this file).
+_KERNEL_SETUP = """
+def __cove_setup(path):
+    import importlib.machinery, importlib.util, os
+    if not os.path.exists(path):
+        return
+    loader = importlib.machinery.SourcelessFileLoader("cove_charts", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("cove_charts", loader))
+    loader.exec_module(module)
+    module.register(get_ipython())
+__cove_setup(%r)
+del __cove_setup
+"""
 INTERRUPT_GRACE = 10.0  # seconds to wait for an interrupted run to end before restarting
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -152,6 +167,7 @@ class PythonContext:
                 km.shutdown_kernel(now=True)
             raise
         self.km, self.kc, self.dead = km, kc, None
+        self._silent(_KERNEL_SETUP % os.path.join(os.path.dirname(os.path.abspath(__file__)), "charts.pyc"))
 
     def stop(self) -> None:
         if self.kc is not None:

@@ -29,7 +29,7 @@ RECIPE_VERSION = 1  # bump when the recipe below (or how it is built) changes
 
 MOUNT_PATH = "/opt/cove/kernel"  # where the venv lives inside a sandbox
 LAYER_SUBDIR = "opt/cove/kernel"  # the same, relative to the layer's root
-PACKAGES = ("ipykernel", "jupyter_client", "matplotlib")
+PACKAGES = ("ipykernel", "jupyter_client", "matplotlib", "pandas")  # pandas: DataFrames as data
 
 _MAPPING_SCRIPT = r"""
 set -e

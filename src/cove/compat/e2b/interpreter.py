@@ -53,6 +53,8 @@ _FIELDS = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    "application/vnd.cove.chart+json": "chart",  # e2b's `result.chart` (cove/guest/charts.py)
+    "application/vnd.cove.data+json": "data",  # e2b's `result.data`: a DataFrame's columns
 }
 
 
