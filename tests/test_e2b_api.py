@@ -167,6 +167,13 @@ def test_set_timeout_moves_the_end_and_the_sandbox_ends_then(sbx: Sandbox) -> No
         pytest.fail("the sandbox outlived its timeout")
 
 
+def cove_metrics(api: httpx.Client, sid: str) -> list[dict[str, object]]:
+    r = api.get(f"/v1/sandboxes/{sid}/metrics")
+    assert r.status_code == 200, r.text
+    points: list[dict[str, object]] = r.json()
+    return points
+
+
 def test_metrics_report_the_sandboxs_usage(api: httpx.Client, sbx: Sandbox) -> None:
     burn = "b = bytearray(160 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nwhile True: pass\n"
     r = api.post(f"/v1/sandboxes/{sbx.sandbox_id}/processes", json={"argv": ["python3", "-c", burn]})
@@ -174,20 +181,29 @@ def test_metrics_report_the_sandboxs_usage(api: httpx.Client, sbx: Sandbox) -> N
     sh(api, sbx.sandbox_id, "head -c 5000000 /dev/urandom > /home/user/blob")
     time.sleep(1)
     metrics = sbx.get_metrics()
-    assert len(metrics) == 1
-    m = metrics[0]
-    assert m.mem_total == 1024 << 20 and m.mem_used >= 160 << 20
+    assert metrics
+    m = metrics[-1]
+    assert m.mem_total == 1024 << 20 and m.mem_used >= 160 << 20 and m.mem_cache >= 0
     assert m.disk_used >= 5_000_000 and m.disk_total > m.disk_used
-    # A core spinning in a sandbox of a few cores; samples a second apart (the host may be busy).
+    # A core spinning in a sandbox of a few cores: even the first point measures it (over 0.2 s).
     deadline = time.monotonic() + 15
     while m.cpu_used_pct <= 10:
         assert time.monotonic() < deadline, f"a spinning process never showed up: {m}"
         time.sleep(1)
-        m = sbx.get_metrics()[0]
+        m = sbx.get_metrics()[-1]
     assert m.cpu_used_pct <= 100
     assert abs((m.timestamp - datetime.now(UTC)).total_seconds()) < 10
-    sbx.pause()
-    assert sbx.get_metrics() == []  # paused: no processes, nothing to measure
+    # A history, not one sample: the points kept every 5 s while someone asks, oldest first.
+    deadline = time.monotonic() + 30
+    while len(history := sbx.get_metrics()) < 3:
+        assert time.monotonic() < deadline, f"no history: {history}"
+        time.sleep(1)
+    stamps = [p.timestamp for p in history]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    later = [p.timestamp for p in sbx.get_metrics(start=stamps[-1])]  # a window: from the last point on
+    assert stamps[-1] in later and stamps[0] not in later, (stamps, later)
+    assert cove_metrics(api, sbx.sandbox_id)[-1]["memUsed"] > 0  # the same history, through cove's API
+    sbx.kill()
 
 
 # -- pause and connect ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from cove.store.base import SandboxRecord
 
 log = logging.getLogger("cove.usage")
 _MIB = 1 << 20
+FIRST_CPU_WINDOW_S = 0.2  # a requested first point measures CPU over this long
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Point:
     cpu_count: int
     mem_used: int
     mem_total: int
+    mem_cache: int
     disk_used: int
     disk_total: int
     net_out: int = 0  # bytes the sandbox sent out through its egress, since it started (cove's own)
@@ -57,6 +59,7 @@ class Point:
             "cpuCount": self.cpu_count,
             "memUsed": self.mem_used,
             "memTotal": self.mem_total,
+            "memCache": self.mem_cache,
             "diskUsed": self.disk_used,
             "diskTotal": self.disk_total,
             "netTxBytes": self.net_out,
@@ -128,8 +131,10 @@ class Usage:
         for gone in set(self._history) - live:  # killed or hibernated: its history goes
             del self._history[gone]
 
-    async def sample(self, rec: SandboxRecord) -> None:
-        """One point for the sandbox now (concurrent callers share one reading)."""
+    async def sample(self, rec: SandboxRecord, window: float = 0.0) -> None:
+        """One point for the sandbox now (concurrent callers share one reading). `window`: with no
+        earlier reading of its CPU time, read it this many seconds before, so that the point has a
+        CPU figure (asked by a request; the sweeps' first point of a sandbox has 0)."""
         pending = self._sampling.get(rec.id)
         if pending is not None:
             await asyncio.shield(pending)
@@ -137,6 +142,14 @@ class Usage:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sampling[rec.id] = fut
         try:
+            history = self._history.get(rec.id)
+            if window > 0 and (history is None or history.cpu is None) and rec.state == "running":
+                with contextlib.suppress(ApiError, NodeError, OSError):
+                    usage = (await self.service.stats(rec)).get("cpu_usec")
+                    if usage is not None:
+                        history = self._history.setdefault(rec.id, _History(self.keep))
+                        history.cpu = (time.monotonic(), usage)
+                        await asyncio.sleep(window)
             await self._sample(rec)
         finally:
             del self._sampling[rec.id]
@@ -168,6 +181,7 @@ class Usage:
                 cpu_count=cpus,
                 mem_used=int(stats.get("memory_bytes") or 0),
                 mem_total=mem_mb * _MIB,
+                mem_cache=int(stats.get("memory_cache_bytes") or 0),
                 disk_used=int(stats.get("disk_bytes") or 0),
                 disk_total=self._disk_mb(rec) * _MIB,
                 net_out=int(stats.get("net_out_bytes") or 0),
@@ -187,7 +201,7 @@ class Usage:
             and time.time() - history.points[-1].time < min(self.interval, 5.0)
         )
         if rec.state == "running" and not fresh:
-            await self.sample(rec)
+            await self.sample(rec, window=FIRST_CPU_WINDOW_S)
             history = self._history.get(rec.id)
             if history is not None:
                 history.watched = time.monotonic()

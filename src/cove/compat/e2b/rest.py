@@ -19,7 +19,6 @@ How e2b's model maps onto cove's:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import os
@@ -380,41 +379,17 @@ async def list_running_sandboxes(request: Request, who: Who, metadata: str | Non
 
 
 # -- metrics (registered before /sandboxes/{id}) -------------------------------------------
-_cpu_samples: dict[str, tuple[float, int]] = {}  # sandbox id -> (monotonic time, cpu usec)
+_METRIC_KEYS = ("timestamp", "cpuCount", "cpuUsedPct", "memUsed", "memTotal", "memCache", "diskUsed", "diskTotal")
 
 
-async def _metric(cove: Cove, rec: SandboxRecord) -> dict[str, Any] | None:
-    """One sample from the sandbox's cgroup; None while it has no processes (hibernated)."""
-    if rec.state not in ("running", "paused"):
-        return None
-    stats = await cove.service.stats(rec)
-    cpus = _cpus(rec)
-    usage, now = stats.get("cpu_usec"), time.monotonic()
-    pct = 0.0
-    if usage is not None:
-        prev = _cpu_samples.get(rec.id)
-        if prev is None or not 0.5 <= now - prev[0] <= 60:
-            # No recent sample to compare with: measure over a short window.
-            await asyncio.sleep(0.2)
-            prev, now = (now, usage), time.monotonic()
-            usage = (await cove.service.stats(rec)).get("cpu_usec") or usage
-        pct = max(0.0, min(100.0, (usage - prev[1]) / 1e6 / (now - prev[0]) / cpus * 100))
-        if len(_cpu_samples) > 10_000:
-            _cpu_samples.clear()
-        _cpu_samples[rec.id] = (now, usage)
-    mem_mb = int(rec.limits.get("memory_mb") or cove.settings.default_memory_mb)
-    ts = time.time()
-    return {
-        "timestamp": _iso(ts),
-        "timestampUnix": int(ts),
-        "cpuCount": cpus,
-        "cpuUsedPct": round(pct, 2),
-        "memUsed": int(stats.get("memory_bytes") or 0),
-        "memTotal": mem_mb * _MIB,
-        "memCache": int(stats.get("memory_cache_bytes") or 0),
-        "diskUsed": int(stats.get("disk_bytes") or 0),
-        "diskTotal": _disk_mb(cove, rec) * _MIB,
-    }
+def _metric(point: dict[str, Any]) -> dict[str, Any]:
+    """A point of cove's usage history (`controlplane/usage.py`) in e2b's shape."""
+    return {**{k: point[k] for k in _METRIC_KEYS}, "timestampUnix": int(point["timestampUnix"])}
+
+
+async def _history(cove: Cove, rec: SandboxRecord, since: float | None = None) -> list[dict[str, Any]]:
+    """The sandbox's kept usage points (a live one is sampled when it has no recent point)."""
+    return [_metric(p) for p in await cove.usage.points(rec, since)]
 
 
 @router.get("/sandboxes/metrics")
@@ -431,9 +406,9 @@ async def many_metrics(
             rec = await cove.service.get(who, sandbox_id)
         except ApiError:
             continue  # unknown ids (and other tenants') are left out, as e2b does
-        sample = await _metric(cove, rec)
-        if sample is not None:
-            out[sandbox_id] = sample
+        points = await _history(cove, rec)
+        if points:
+            out[sandbox_id] = points[-1]  # e2b's list-metrics gives each sandbox's latest
     return JSONResponse({"sandboxes": out})
 
 
@@ -445,14 +420,12 @@ async def sandbox_metrics(
     start: Annotated[int | None, Query(ge=0)] = None,
     end: Annotated[int | None, Query(ge=0)] = None,
 ) -> JSONResponse:
-    """The sandbox's usage now (cove keeps no history): one sample, if it lies in [start, end]."""
+    """The sandbox's usage history (the points this server kept, every 5 s while someone watches,
+    docs/console.md), oldest first, those in [start, end] (unix seconds) if given."""
     cove = _cove(request)
     rec = await _live(cove, who, sandbox_id)
-    sample = await _metric(cove, rec)
-    now = int(time.time())
-    if sample is None or (start is not None and start > now) or (end is not None and end < now - 1):
-        return JSONResponse([])
-    return JSONResponse([sample])
+    points = await _history(cove, rec, None if start is None else start - 1)
+    return JSONResponse([p for p in points if end is None or p["timestampUnix"] <= end])
 
 
 @router.get("/sandboxes/{sandbox_id}")
@@ -466,7 +439,6 @@ async def kill_sandbox(sandbox_id: str, request: Request, who: Who) -> Response:
     cove = _cove(request)
     await _live(cove, who, sandbox_id)  # a sandbox that already ended is a 404 (the SDK: False)
     await cove.service.kill(who, sandbox_id)
-    _cpu_samples.pop(sandbox_id, None)
     return Response(status_code=204)
 
 
@@ -510,7 +482,6 @@ async def pause(sandbox_id: str, request: Request, who: Who, body: m.PauseReques
     # keeps only the files.
     memory = body is None or body.memory is not False
     await cove.service.hibernate(who, sandbox_id, memory=memory, stop_clock=True)
-    _cpu_samples.pop(sandbox_id, None)
     return Response(status_code=204)
 
 
