@@ -334,3 +334,73 @@ def test_a_commands_timeout_runs_on_after_a_pause(sbx: Sandbox) -> None:
     while h.pid in [p.pid for p in sbx.commands.list()]:
         assert time.monotonic() < deadline, "the command outlived its timeout after the pause"
         time.sleep(0.3)
+
+
+# -- the MCP gateway -------------------------------------------------------------------------------
+CALC = r"""
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    if m["method"] == "initialize":
+        r = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+             "serverInfo": {"name": "calc", "version": "1"}}
+    elif m["method"] == "tools/list":
+        r = {"tools": [{"name": "add", "description": "a + b", "inputSchema": {"type": "object",
+             "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}]}
+    elif m["method"] == "tools/call":
+        a = m["params"]["arguments"]
+        r = {"content": [{"type": "text", "text": f"{sys.argv[1]} {a['a'] + a['b']}"}]}
+    else:
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": "no"}}), flush=True)
+        continue
+    print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": r}), flush=True)
+"""
+
+
+def test_the_mcp_gateway_starts_with_the_sdks_mcp_option_and_serves_the_servers_tools(
+    e2b_env: Server, sandboxes: list[str]
+) -> None:
+    """`Sandbox.create(mcp=...)` starts cove's mcp-gateway in the sandbox (as e2b's SDK runs it); an
+    MCP client reaches the servers' tools through the sandbox's port 50005 with the gateway's token."""
+    import asyncio
+    import shlex
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    servers = {name: {"run_cmd": f"python3 -u -c {shlex.quote(CALC)} {name}"} for name in ("one", "two")}
+    sb = Sandbox.create(mcp=servers, timeout=300)  # type: ignore[arg-type]
+    sandboxes.append(sb.sandbox_id)
+    token = sb.get_mcp_token()
+    assert token and sb.files.read("/etc/mcp-gateway/.token", user="root") == token
+    with pytest.raises(e2b.CommandExitException):  # the token is root's alone
+        sb.commands.run("cat /etc/mcp-gateway/.token")
+    route = {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": str(sb.mcp_port)}
+    assert sb.get_mcp_url().endswith(f"{sb.mcp_port}-{sb.sandbox_id}.{sb.sandbox_domain}/mcp")
+
+    async def use() -> tuple[list[str], str]:
+        headers = {**route, "Authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=60) as http,
+            Client(streamable_http_client(f"{e2b_env.url}/mcp", http_client=http)) as client,
+        ):
+            tools = sorted(t.name for t in (await client.list_tools()).tools)
+            result = await client.call_tool("two__add", {"a": 2, "b": 3})
+            return tools, result.content[0].text  # type: ignore[union-attr]
+
+    tools, text = asyncio.run(use())
+    assert tools == ["one__add", "two__add"]  # the same name from two servers: each by its server
+    assert text == "two 5"
+    with httpx.Client(base_url=e2b_env.url, headers=route, timeout=30) as c:
+        r = c.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+
+    # e2b's catalog servers run as Docker images there; here the SDK's own error says why not.
+    with pytest.raises(e2b.SandboxException, match=r"Failed to start MCP gateway.*catalog.*run_cmd"):
+        Sandbox.create(mcp={"exa": {"apiKey": "not-a-key"}}, timeout=60)  # type: ignore[arg-type]
+    with e2b_env.client() as c:
+        live = [s for s in c.get("/v1/sandboxes").json()["items"] if s["state"] == "running"]
+    assert [s["id"] for s in live] == [sb.sandbox_id]  # the failed one was killed

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-VERSION = 2  # bump when the layer's recipe changes
+VERSION = 3  # bump when the layer's recipe changes
 
 BIN = "opt/cove/bin"  # on every command's PATH (the guest's BASE_PATH, and login shells: PROFILE)
 PROFILE = (
@@ -105,6 +105,8 @@ def fill(root: Path, uid_base: int) -> None:
     bin_dir.mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("sudo_command.py"), bin_dir / "sudo")
     os.chmod(bin_dir / "sudo", 0o755)
+    shutil.copyfile(Path(__file__).with_name("mcp_gateway_command.py"), bin_dir / "mcp-gateway")  # e2b's mcp=
+    os.chmod(bin_dir / "mcp-gateway", 0o755)
     os.symlink("/usr/bin/python3", bin_dir / "python")
 
     home = root / "home/user"

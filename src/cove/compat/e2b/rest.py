@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 CLIENT_ID = "cove"  # e2b's node id field; one server here
 # e2b's names for what cove's base template provides (user `user`, /home/user, python3, kernels).
-BASE_ALIASES = frozenset({"base", "code-interpreter-v1", "code-interpreter", "code-interpreter-beta"})
+# e2b's template names that are cove's base template (which has python, sudo and mcp-gateway).
+BASE_ALIASES = frozenset({"base", "code-interpreter-v1", "code-interpreter", "code-interpreter-beta", "mcp-gateway"})
 _E2B_STATES = {"running": ("starting", "running"), "paused": ("paused", "hibernated")}
 _NEVER = "9999-12-31T23:59:59Z"  # endAt of a sandbox without a timeout (e2b always has one)
 _MIB = 1 << 20
@@ -266,9 +267,9 @@ def _snapshot_every(metadata: dict[str, str]) -> int:
 @router.post("/sandboxes", status_code=201)
 async def create_sandbox(body: m.NewSandbox, request: Request, who: Who) -> JSONResponse:
     cove = _cove(request)
-    for name, value in (("mcp", body.mcp), ("iam", body.iam)):
-        if value:
-            raise ApiError(400, "unsupported", f"{name} is not supported by cove yet")
+    if body.iam:
+        raise ApiError(400, "unsupported", "iam is not supported by cove yet")
+    # `mcp`: the SDK itself starts the gateway in the new sandbox (/opt/cove/bin/mcp-gateway).
     source = await _source(cove, who, body.template_id)
     req = CreateSandbox(
         **source,
