@@ -404,3 +404,32 @@ def test_the_mcp_gateway_starts_with_the_sdks_mcp_option_and_serves_the_servers_
     with e2b_env.client() as c:
         live = [s for s in c.get("/v1/sandboxes").json()["items"] if s["state"] == "running"]
     assert [s["id"] for s in live] == [sb.sandbox_id]  # the failed one was killed
+
+
+@needs_criu
+def test_traffic_to_a_paused_sandboxs_port_resumes_it_when_it_asked_for_auto_resume(
+    e2b_env: Server, sandboxes: list[str]
+) -> None:
+    made = {}
+    for auto in (True, False):
+        sb = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause", "auto_resume": auto})  # type: ignore[arg-type]
+        sandboxes.append(sb.sandbox_id)
+        sb.files.write("/home/user/www/index.html", f"auto={auto}")
+        sb.commands.run("cd /home/user/www && python3 -m http.server 8000", background=True)
+        route = {"E2b-Sandbox-Id": sb.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        with httpx.Client(base_url=e2b_env.url, headers=route, timeout=60) as c:
+            deadline = time.monotonic() + 20
+            while c.get("/").status_code != 200:
+                assert time.monotonic() < deadline, "the server in the sandbox never answered"
+                time.sleep(0.2)
+        assert sb.pause() is True
+        made[auto] = (sb, route)
+    with httpx.Client(base_url=e2b_env.url, timeout=60) as c:
+        sb, route = made[True]
+        r = c.get("/", headers=route)  # wakes it: its processes (the server) resume with it
+        assert r.status_code == 200 and r.text == "auto=True", r.text
+        assert sb.get_info().state == SandboxState.RUNNING
+        sb, route = made[False]
+        r = c.get("/", headers=route)
+        assert r.status_code == 502 and "paused" in r.text, r.text
+        assert sb.get_info().state == SandboxState.PAUSED
