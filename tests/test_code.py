@@ -91,6 +91,33 @@ def test_contexts_are_separate_and_bash_keeps_its_shell(
     assert api.post(f"/v1/sandboxes/{sid}/code", json={"code": "1", "context": "nothere"}).status_code == 404
 
 
+def test_javascript_contexts_keep_their_state_await_promises_and_time_out(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    js = {"language": "javascript"}
+    assert run(api, sid, "let n = 40; function twice(x) { return 2 * x }", **js)[-1]["error"] is None
+    assert value(run(api, sid, "n + 2", **js)) == "42"  # declarations persist between cells
+    assert value(run(api, sid, "twice(n)", **js)) == "80"
+    events = run(api, sid, "console.log('out'); console.error('err'); ({a: [1, 2]})", **js)
+    assert {"type": "stdout", "text": "out\n"} in events and {"type": "stderr", "text": "err\n"} in events
+    [data] = [e["data"] for e in events if e["type"] == "result"]
+    assert data["application/json"] == {"a": [1, 2]} and data["text/plain"] == "{ a: [ 1, 2 ] }"
+    assert value(run(api, sid, "new Promise(r => setTimeout(() => r('later'), 50))", **js)) == "later"
+    assert value(run(api, sid, "const r = await Promise.resolve(7); r * 6", **js)) is None  # an async body
+    assert value(run(api, sid, "require('os').userInfo().username + ' ' + process.cwd()", **js)) == "user /home/user"
+    end = run(api, sid, "null.x", **js)[-1]
+    assert end["error"]["name"] == "TypeError" and "null" in end["error"]["value"], end
+    assert any("cell" in line for line in end["error"]["traceback"])
+    end = run(api, sid, "while (true) {}", timeout=1, **js)[-1]
+    assert end["error"]["name"] == "TimeoutError", end
+    assert value(run(api, sid, "n", **js)) == "40"  # interrupted, not restarted: state kept
+    assert value(run(api, sid, "process.env.ONLY_NOW", env={"ONLY_NOW": "yes"}, **js)) == "yes"
+    assert value(run(api, sid, "String(process.env.ONLY_NOW)", **js)) == "undefined"
+    ctx = api.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "javascript", "cwd": "/tmp"}).json()
+    assert value(run(api, sid, "typeof n + ' ' + process.cwd()", context=ctx["id"])) == "undefined /tmp"
+
+
 def test_a_context_with_a_bad_environment_name_is_refused(api: httpx.Client, sandbox: dict) -> None:
     """Found by the API fuzzer: an empty name was a 500 (the check ran outside the validation)."""
     for name in ("", "A=B", "NUL\x00"):

@@ -251,7 +251,7 @@ def test_contexts_create_list_restart_remove(kernel_ready: None, sbx: Sandbox) -
         sbx.restart_code_context("no-such-context")
 
 
-def test_bash_is_a_second_language_and_others_are_refused(kernel_ready: None, sbx: Sandbox) -> None:
+def test_bash_and_javascript_are_languages_too_and_others_are_refused(kernel_ready: None, sbx: Sandbox) -> None:
     sbx.run_code("cd /tmp && GREETING=hi", language="bash")
     execution = sbx.run_code("echo $GREETING from $(pwd)", language="bash")
     assert execution.logs.stdout == ["hi from /tmp\n"] and execution.error is None
@@ -260,11 +260,18 @@ def test_bash_is_a_second_language_and_others_are_refused(kernel_ready: None, sb
     ctx = sbx.create_code_context(language="bash")
     assert ctx.language == "bash"
     assert sbx.run_code("echo $GREETING", context=ctx).logs.stdout == ["\n"]  # its own shell
-    # cove's contexts are python and bash; other languages get a clear error, not a hang or 500.
+    # JavaScript (Node.js), as e2b's `js` kernel: state kept, the last value the result.
+    sbx.run_code("const items = [3, 1, 2]", language="js")
+    assert sbx.run_code("items.sort().join(',')", language="javascript").text == "1,2,3"
+    js = sbx.create_code_context(language="javascript", cwd="/tmp")
+    assert js.language == "javascript" and sbx.run_code("process.cwd()", context=js).text == "/tmp"
+    failed = sbx.run_code("undefinedThing()", context=js)
+    assert failed.error is not None and failed.error.name == "ReferenceError"
+    # cove's contexts are python, javascript and bash; others get a clear error, not a hang or 500.
     with pytest.raises(SandboxException, match="not supported"):
         sbx.run_code("1 + 1", language="r")
     with pytest.raises(SandboxException, match="not supported"):
-        sbx.create_code_context(language="javascript")
+        sbx.create_code_context(language="java")
 
 
 def test_timeout_interrupts_the_run_and_the_context_goes_on(kernel_ready: None, sbx: Sandbox) -> None:

@@ -464,6 +464,189 @@ class BashContext:
         return result
 
 
+# --- javascript: one node process, cells run in one vm context ------------------------------------
+
+# The runner node executes. Cells arrive as JSON lines on stdin; what they print goes to stdout and
+# stderr (synchronous writes on Linux pipes, so it is all there before the reply), and each reply is
+# a JSON line on the control fd. Top-level `let`/`const`/`function` persist between cells (one vm
+# context, as a REPL); a cell whose value is a promise is awaited; a cell with a top-level `await`
+# runs as an async function (its declarations stay inside it).
+_NODE_RUNNER = r"""
+'use strict';
+const vm = require('vm'), fs = require('fs'), util = require('util'), readline = require('readline');
+const ctl = Number(process.env.COVE_CTL_FD); delete process.env.COVE_CTL_FD;
+const box = { console, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder, AbortController,
+  setTimeout, setInterval, setImmediate, clearTimeout, clearInterval, clearImmediate, queueMicrotask,
+  structuredClone, fetch: globalThis.fetch, require, module: { exports: {} } };
+const ctx = vm.createContext(box);
+process.on('SIGINT', () => {});  // an interrupt ends the running cell (breakOnSigint), not node
+let count = 0;
+function reply(obj) { fs.writeSync(ctl, JSON.stringify(obj) + '\n'); }
+function failure(e) {
+  if (e && e.code === 'ERR_SCRIPT_EXECUTION_TIMEOUT') return { name: 'TimeoutError', value: e.message, traceback: [] };
+  if (e && e.code === 'ERR_SCRIPT_EXECUTION_INTERRUPTED') return { name: 'KeyboardInterrupt', value: e.message, traceback: [] };
+  const name = (e && e.name) || 'Error', value = e && e.message !== undefined ? String(e.message) : String(e);
+  return { name, value, traceback: e && e.stack ? String(e.stack).split('\n') : [name + ': ' + value] };
+}
+async function run(req) {
+  count += 1;
+  const saved = {};
+  for (const [k, v] of Object.entries(req.env || {})) { saved[k] = process.env[k]; process.env[k] = v; }
+  const opts = { breakOnSigint: true, displayErrors: false };
+  if (req.timeout) opts.timeout = Math.max(1, Math.round(req.timeout * 1000));
+  let value, error = null;
+  try {
+    let script;
+    try { script = new vm.Script(req.code, { filename: `cell${count}.js` }); }
+    catch (e) {
+      if (!(e instanceof SyntaxError) || !/await/.test(e.message)) throw e;
+      script = new vm.Script(`(async () => {\n${req.code}\n})()`, { filename: `cell${count}.js` });
+    }
+    value = script.runInContext(ctx, opts);
+    if (value && typeof value.then === 'function') value = await value;
+  } catch (e) { error = failure(e); }
+  finally {
+    for (const [k, v] of Object.entries(saved)) { if (v === undefined) delete process.env[k]; else process.env[k] = v; }
+  }
+  let data = null;
+  if (!error && value !== undefined) {
+    data = { 'text/plain': typeof value === 'string' ? value : util.inspect(value, { depth: 6, colors: false }) };
+    if (value !== null && typeof value === 'object') {
+      try { data['application/json'] = JSON.parse(JSON.stringify(value)); } catch (e) { /* not JSON: text only */ }
+    }
+  }
+  reply({ count, error, data });
+}
+let queue = Promise.resolve();
+readline.createInterface({ input: process.stdin }).on('line', (line) => {
+  queue = queue.then(() => run(JSON.parse(line))).catch((e) => reply({ count, error: failure(e), data: null }));
+});
+"""
+
+
+class JavaScriptContext:
+    """Node.js (the sandbox's `node`): one process per context, its cells sharing one vm context."""
+
+    language = "javascript"
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.ctl = -1
+        self.dead: str | None = None
+        self.tmp = tempfile.mkdtemp(prefix="cove-node-")
+        self.runner = os.path.join(self.tmp, "runner.js")
+        with open(self.runner, "w") as f:
+            f.write(_NODE_RUNNER)
+        self.start()
+
+    def start(self) -> None:
+        node = shutil.which("node", path=self.env.get("PATH") or os.defpath)
+        if node is None:
+            raise RuntimeError("javascript contexts need Node.js (`node`) in the sandbox; none is on its PATH")
+        _load_prctl()
+        read, write = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [node, self.runner],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                env={**self.env, "COVE_CTL_FD": str(write)},
+                pass_fds=(write,),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            os.close(write)
+        self.ctl, self.dead = read, None
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                proc.wait(5)
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                with contextlib.suppress(Exception):
+                    f.close()
+        if self.ctl >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.ctl)
+            self.ctl = -1
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def interrupt(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.proc.pid, signal.SIGINT)
+
+    def _died(self) -> None:
+        code = self.proc.poll() if self.proc is not None else None
+        self.dead = f"node exited (status {code})" if code is not None else "node exited"
+        raise KernelDied(self.dead)
+
+    def run(self, code: str, timeout: float | None, emit, env: dict[str, str] | None = None) -> dict:
+        if self.dead:
+            raise KernelDied(self.dead)
+        if self.proc is None or self.proc.poll() is not None:
+            self._died()
+        try:
+            self.proc.stdin.write((json.dumps({"code": code, "timeout": timeout, "env": env or {}}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            self._died()
+        streams = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
+        pending = {fd: b"" for fd in streams}
+        reply = b""
+        # Past the cell's own timeout (which node enforces on synchronous code) an awaited promise
+        # may still hang: then the context is restarted, as the other languages do.
+        deadline = None if timeout is None else time.monotonic() + timeout + INTERRUPT_GRACE
+
+        def pump(wait: float) -> bool:
+            nonlocal reply
+            ready, _, _ = select.select([*streams, self.ctl], [], [], wait)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if fd == self.ctl:
+                    if not chunk:
+                        self._died()
+                    reply += chunk
+                    continue
+                if not chunk:
+                    continue
+                buf = pending[fd] + chunk
+                cut = _utf8_cut(buf)
+                text, pending[fd] = buf[:cut], buf[cut:]
+                if text:
+                    emit({"event": streams[fd], "text": text.decode("utf-8", "replace")})
+            return bool(ready)
+
+        while b"\n" not in reply:
+            if deadline is not None and time.monotonic() > deadline:
+                self.restart()
+                return {"error": _error("TimeoutError", f"timed out after {timeout}s; node was restarted"), "execution_count": None}
+            if self.proc.poll() is not None and not pump(0):
+                self._died()
+            pump(0.5)
+        while pump(0):  # what the cell wrote before its reply
+            pass
+        msg = json.loads(reply.split(b"\n", 1)[0])
+        if msg.get("data"):
+            emit({"event": "result", "data": msg["data"], "main": True})
+        return {"error": msg.get("error"), "execution_count": msg.get("count")}
+
+
 # --- server ------------------------------------------------------------------------------------
 
 
@@ -567,12 +750,15 @@ class Bridge:
                     return  # the client went away; the kernel stays
 
 
+CONTEXTS = {"python": PythonContext, "bash": BashContext, "javascript": JavaScriptContext}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--socket", required=True)
     ap.add_argument("--cwd", required=True)
     ap.add_argument("--env-json", default=None, help="JSON object of variables added to the environment")
-    ap.add_argument("--language", choices=("python", "bash"), default="python")
+    ap.add_argument("--language", choices=tuple(CONTEXTS), default="python")
     args = ap.parse_args(argv)
 
     env = dict(os.environ)
@@ -600,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    context = (PythonContext if args.language == "python" else BashContext)(args.cwd, env)
+    context = CONTEXTS[args.language](args.cwd, env)
     bridge = Bridge(context)
     try:
         with contextlib.suppress(OSError):  # closed already if a signal came during start-up

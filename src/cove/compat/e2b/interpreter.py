@@ -39,7 +39,11 @@ if TYPE_CHECKING:
     from cove.controlplane.app import Cove
 
 # e2b's names for languages cove's contexts speak; anything else is refused with a clear message.
-_LANGUAGES = {"python": "python", "python3": "python", "py": "python", "bash": "bash", "sh": "bash"}
+_LANGUAGES = {
+    **dict.fromkeys(("python", "python3", "py"), "python"),
+    **dict.fromkeys(("bash", "sh"), "bash"),
+    **dict.fromkeys(("javascript", "js", "node", "nodejs"), "javascript"),
+}
 _CONTEXT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Jupyter MIME types -> e2b result fields.
 _FIELDS = {
@@ -86,7 +90,7 @@ def _language(name: str | None) -> str:
         raise ApiError(
             400,
             "invalid",
-            f"language {name!r} is not supported here: cove's code contexts run python and bash",
+            f"language {name!r} is not supported here: cove's code contexts run python, javascript and bash",
         )
     return language
 

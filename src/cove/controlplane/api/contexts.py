@@ -25,7 +25,7 @@ from .deps import service
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["code"])
 Svc = Annotated[SandboxService, Depends(service)]
 Who = Annotated[Caller, Depends(caller)]
-Language = Literal["python", "bash"]
+Language = Literal["python", "bash", "javascript"]
 ContextId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
 
 
@@ -58,6 +58,11 @@ class RunCode(Strict):
     timeout: float | None = Field(
         default=None, gt=0, le=86400, description="interrupt the code after this many seconds"
     )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="variables set for this run only (then restored)"
+    )
+
+    _env = field_validator("env")(_check_env)
 
 
 def _out(ctx: code.Context) -> ContextOut:
@@ -104,7 +109,8 @@ async def restart_context(sandbox_id: str, context_id: str, who: Who, svc: Svc) 
 async def run_code(sandbox_id: str, body: RunCode, who: Who, svc: Svc) -> StreamingResponse:
     """Run code in a context and stream what it produces (NDJSON):
     `{"type": "stdout"|"stderr", "text"}`, `{"type": "result", "data": {mime: value}}` (text/plain,
-    text/html, image/png (base64), image/svg+xml, application/json, text/markdown, text/latex), and last
+    text/html, image/png (base64), image/svg+xml, application/json, text/markdown, text/latex, and a
+    figure's or DataFrame's data: application/vnd.cove.chart+json, application/vnd.cove.data+json), and last
     `{"type": "end", "error": null | {name, value, traceback}, "execution_count"}`. A dead interpreter
     ends with `{"type": "error", "code": "kernel_died", "message"}`: restart the context."""
     rec = await svc.running(who, sandbox_id)
@@ -112,7 +118,7 @@ async def run_code(sandbox_id: str, body: RunCode, who: Who, svc: Svc) -> Stream
         context_id = (await code.find(svc, rec, body.context)).id
     else:
         context_id = (await code.ensure_default(svc, rec, body.language)).id
-    events = code.run(svc, rec, context_id, body.code, body.timeout)
+    events = code.run(svc, rec, context_id, body.code, body.timeout, body.env or None)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
