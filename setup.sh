@@ -7,14 +7,21 @@ cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (cove creates namespaces, cgroups and mounts)" >&2; exit 1; fi
 
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential iproute2 nftables util-linux bubblewrap runc runsc hyperfine e2fsprogs btrfs-progs procps rclone fuse3 curl debootstrap postgresql chromium nodejs)
+# Code contexts' other languages (nodejs above: JavaScript); R without its recommends (compilers, docs).
+APT_BARE=(r-base-core r-cran-irkernel)
 missing=()
+bare=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
+for p in "${APT_BARE[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || bare+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ] || [ ${#bare[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} ${bare[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [ ${#missing[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; fi
+  if [ ${#bare[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${bare[@]}" >/dev/null; fi
 fi
 scripts/install-criu.sh || echo "setup: CRIU >= 4.1 could not be installed; hibernate and memory snapshots will be unavailable" >&2
 scripts/kube/build.sh || echo "setup: the Kubernetes control plane for the tests could not be built; Kubernetes tests will be skipped" >&2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import httpx
 import pytest
@@ -116,6 +117,27 @@ def test_javascript_contexts_keep_their_state_await_promises_and_time_out(
     assert value(run(api, sid, "String(process.env.ONLY_NOW)", **js)) == "undefined"
     ctx = api.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "javascript", "cwd": "/tmp"}).json()
     assert value(run(api, sid, "typeof n + ' ' + process.cwd()", context=ctx["id"])) == "undefined /tmp"
+
+
+def test_r_contexts_keep_their_state_and_return_rich_results(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    if not os.path.exists("/usr/share/jupyter/kernels/ir/kernel.json"):
+        pytest.skip("R contexts need Debian's r-base-core and r-cran-irkernel (setup.sh installs them)")
+    sid = sandbox["id"]
+    r = {"language": "r"}
+    assert run(api, sid, "x <- c(3, 1, 2)", **r)[-1]["error"] is None
+    assert value(run(api, sid, "sum(x) * 7", **r)) == "[1] 42"  # state persists
+    events = run(api, sid, "cat('out\\n'); message('err'); data.frame(a = 1:2)", **r)
+    assert {"type": "stdout", "text": "out\n"} in events
+    assert any(e["type"] == "stderr" and "err" in e["text"] for e in events)
+    [data] = [e["data"] for e in events if e["type"] == "result"]
+    assert "text/html" in data and "<table" in data["text/html"]
+    events = run(api, sid, "plot(1:3)", **r)
+    assert any("image/png" in e.get("data", {}) for e in events if e["type"] == "result")
+    end = run(api, sid, "stop('no such thing')", **r)[-1]
+    assert end["error"] is not None and "no such thing" in end["error"]["value"], end
+    assert value(run(api, sid, "getwd()", **r)) == '[1] "/home/user"'
 
 
 def test_a_context_with_a_bad_environment_name_is_refused(api: httpx.Client, sandbox: dict) -> None:

@@ -267,9 +267,11 @@ def test_bash_and_javascript_are_languages_too_and_others_are_refused(kernel_rea
     assert js.language == "javascript" and sbx.run_code("process.cwd()", context=js).text == "/tmp"
     failed = sbx.run_code("undefinedThing()", context=js)
     assert failed.error is not None and failed.error.name == "ReferenceError"
-    # cove's contexts are python, javascript and bash; others get a clear error, not a hang or 500.
+    if os.path.exists("/usr/share/jupyter/kernels/ir/kernel.json"):  # R, as e2b's `r` kernel
+        assert sbx.run_code("v <- 20; v + 22", language="r").results[0].text == "[1] 42"
+    # cove's contexts are python, javascript, r and bash; others get a clear error, not a hang or 500.
     with pytest.raises(SandboxException, match="not supported"):
-        sbx.run_code("1 + 1", language="r")
+        sbx.run_code("1 + 1", language="java")
     with pytest.raises(SandboxException, match="not supported"):
         sbx.create_code_context(language="java")
 

@@ -127,6 +127,9 @@ def _error(name: str, value: str, traceback: list[str] | None = None) -> dict:
 
 class PythonContext:
     language = "python"
+    kernel_name = "python3"
+    kernel_dirs: list[str] = []  # none: only the native kernel (this interpreter's ipykernel)
+    transport = "ipc"  # unix sockets: works without a loopback interface
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
         self.cwd = cwd
@@ -144,19 +147,16 @@ class PythonContext:
 
         self.starts += 1
         n = self.starts
-        # Only the native kernel (this interpreter's ipykernel): a user's kernelspec cannot replace it.
-        ksm = KernelSpecManager(kernel_dirs=[], ensure_native_kernel=True)
+        # Only kernels from root's own directories: a user's kernelspec cannot replace them.
+        ksm = KernelSpecManager(kernel_dirs=list(self.kernel_dirs), ensure_native_kernel=not self.kernel_dirs)
         km = KernelManager(
-            kernel_name="python3",
+            kernel_name=self.kernel_name,
             kernel_spec_manager=ksm,
-            transport="ipc",  # unix sockets: works without a loopback interface
-            ip=os.path.join(self.tmp, f"k{n}"),
+            transport=self.transport,
+            ip=os.path.join(self.tmp, f"k{n}") if self.transport == "ipc" else "127.0.0.1",
             connection_file=os.path.join(self.tmp, f"k{n}.json"),
         )
-        env = dict(self.env)
-        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-        km.start_kernel(cwd=self.cwd, env=env)
+        km.start_kernel(cwd=self.cwd, env=self.kernel_env())
         kc = km.blocking_client()
         kc.start_channels()
         try:
@@ -167,6 +167,15 @@ class PythonContext:
                 km.shutdown_kernel(now=True)
             raise
         self.km, self.kc, self.dead = km, kc, None
+        self.setup()
+
+    def kernel_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+        return env
+
+    def setup(self) -> None:
         self._silent(_KERNEL_SETUP % os.path.join(os.path.dirname(os.path.abspath(__file__)), "charts.pyc"))
 
     def stop(self) -> None:
@@ -301,6 +310,21 @@ class PythonContext:
         if interrupted_at is not None:
             error = _error("TimeoutError", f"execution timed out after {timeout}s and was interrupted")
         return {"error": error, "execution_count": count}
+
+
+class RContext(PythonContext):
+    """R through IRkernel (Debian's r-cran-irkernel), driven like the Python kernel."""
+
+    language = "r"
+    kernel_name = "ir"
+    kernel_dirs = ["/usr/share/jupyter/kernels", "/usr/local/share/jupyter/kernels"]  # root's, read-only
+    transport = "tcp"  # IRkernel speaks ZeroMQ over TCP only; loopback stays inside the sandbox
+
+    def kernel_env(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def setup(self) -> None:
+        pass
 
 
 # --- bash: one persistent shell fed through pipes, a marker after each command ------------------
@@ -750,7 +774,7 @@ class Bridge:
                     return  # the client went away; the kernel stays
 
 
-CONTEXTS = {"python": PythonContext, "bash": BashContext, "javascript": JavaScriptContext}
+CONTEXTS = {"python": PythonContext, "bash": BashContext, "javascript": JavaScriptContext, "r": RContext}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-VERSION = 3  # bump when the layer's recipe changes
+VERSION = 4  # bump when the layer's recipe changes
 
 BIN = "opt/cove/bin"  # on every command's PATH (the guest's BASE_PATH, and login shells: PROFILE)
 PROFILE = (
@@ -30,6 +30,7 @@ ETC_ALLOWLIST = (
     "magic", "magic.mime", "mime.types", "networks", "nsswitch.conf", "os-release", "profile",
     "profile.d", "protocols", "python3", "python3.11", "services", "shells", "skel", "ssl/certs",
     "ssl/openssl.cnf", "timezone", "terminfo", "locale.alias", "bindresvport.blacklist", "fonts",
+    "R",  # R's own settings (Renviron, ldpaths): R contexts
 )  # fmt: skip
 
 PASSWD = """root:x:0:0:root:/root:/bin/bash
