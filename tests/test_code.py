@@ -106,7 +106,10 @@ def test_javascript_contexts_keep_their_state_await_promises_and_time_out(
     assert data["application/json"] == {"a": [1, 2]} and data["text/plain"] == "{ a: [ 1, 2 ] }"
     assert value(run(api, sid, "new Promise(r => setTimeout(() => r('later'), 50))", **js)) == "later"
     assert value(run(api, sid, "const r = await Promise.resolve(7); r * 6", **js)) is None  # an async body
-    assert value(run(api, sid, "require('os').userInfo().username + ' ' + process.cwd()", **js)) == "user /home/user"
+    assert (
+        value(run(api, sid, "require('os').userInfo().username + ' ' + process.cwd()", **js))
+        == "user /home/user"
+    )
     end = run(api, sid, "null.x", **js)[-1]
     assert end["error"]["name"] == "TypeError" and "null" in end["error"]["value"], end
     assert any("cell" in line for line in end["error"]["traceback"])
@@ -117,6 +120,25 @@ def test_javascript_contexts_keep_their_state_await_promises_and_time_out(
     assert value(run(api, sid, "String(process.env.ONLY_NOW)", **js)) == "undefined"
     ctx = api.post(f"/v1/sandboxes/{sid}/contexts", json={"language": "javascript", "cwd": "/tmp"}).json()
     assert value(run(api, sid, "typeof n + ' ' + process.cwd()", context=ctx["id"])) == "undefined /tmp"
+
+
+def test_typescript_contexts_strip_types_and_keep_state(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    sid = sandbox["id"]
+    ts = {"language": "typescript"}
+    first = run(
+        api,
+        sid,
+        "interface P { x: number }\nconst p: P = { x: 40 }\nfunction add(a: number, b: number): number { return a + b }",
+        **ts,
+    )
+    assert first[-1]["error"] is None, first
+    assert value(run(api, sid, "add(p.x, 2) as number", **ts)) == "42"
+    assert value(run(api, sid, "const xs: Array<string> = ['b', 'a']; xs.sort().join('')", **ts)) == "ab"
+    end = run(api, sid, "const broken: number = ;", **ts)[-1]
+    assert end["error"]["name"] == "SyntaxError" and "Expression expected" in end["error"]["value"], end
+    assert value(run(api, sid, "p.x", **ts)) == "40"  # a bad cell leaves the context as it was
 
 
 def test_r_contexts_keep_their_state_and_return_rich_results(

@@ -267,6 +267,7 @@ def test_bash_and_javascript_are_languages_too_and_others_are_refused(kernel_rea
     assert js.language == "javascript" and sbx.run_code("process.cwd()", context=js).text == "/tmp"
     failed = sbx.run_code("undefinedThing()", context=js)
     assert failed.error is not None and failed.error.name == "ReferenceError"
+    assert sbx.run_code("const n: number = 41; n + 1", language="ts").text == "42"  # TypeScript
     if os.path.exists("/usr/share/jupyter/kernels/ir/kernel.json"):  # R, as e2b's `r` kernel
         assert sbx.run_code("v <- 20; v + 22", language="r").results[0].text == "[1] 42"
     # cove's contexts are python, javascript, r and bash; others get a clear error, not a hang or 500.

@@ -503,6 +503,21 @@ const box = { console, process, Buffer, URL, URLSearchParams, TextEncoder, TextD
   setTimeout, setInterval, setImmediate, clearTimeout, clearInterval, clearImmediate, queueMicrotask,
   structuredClone, fetch: globalThis.fetch, require, module: { exports: {} } };
 const ctx = vm.createContext(box);
+// TypeScript contexts: each cell is transpiled first (types stripped; no type checking, as a REPL).
+const ts = process.env.COVE_TYPESCRIPT ? require(process.env.COVE_TYPESCRIPT) : null;
+delete process.env.COVE_TYPESCRIPT;
+function source(code) {
+  if (!ts) return code;
+  const out = ts.transpileModule(code, { reportDiagnostics: true, compilerOptions: {
+    target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.CommonJS, removeComments: false } });
+  const bad = (out.diagnostics || []).filter((d) => d.category === ts.DiagnosticCategory.Error);
+  if (bad.length) {
+    const e = new SyntaxError(bad.map((d) => ts.flattenDiagnosticMessageText(d.messageText, '\n')).join('; '));
+    e.stack = 'SyntaxError: ' + e.message;
+    throw e;
+  }
+  return out.outputText;
+}
 process.on('SIGINT', () => {});  // an interrupt ends the running cell (breakOnSigint), not node
 let count = 0;
 function reply(obj) { fs.writeSync(ctl, JSON.stringify(obj) + '\n'); }
@@ -521,10 +536,11 @@ async function run(req) {
   let value, error = null;
   try {
     let script;
-    try { script = new vm.Script(req.code, { filename: `cell${count}.js` }); }
+    const code = source(req.code);
+    try { script = new vm.Script(code, { filename: `cell${count}.js` }); }
     catch (e) {
       if (!(e instanceof SyntaxError) || !/await/.test(e.message)) throw e;
-      script = new vm.Script(`(async () => {\n${req.code}\n})()`, { filename: `cell${count}.js` });
+      script = new vm.Script(`(async () => {\n${code}\n})()`, { filename: `cell${count}.js` });
     }
     value = script.runInContext(ctx, opts);
     if (value && typeof value.then === 'function') value = await value;
@@ -568,7 +584,9 @@ class JavaScriptContext:
     def start(self) -> None:
         node = shutil.which("node", path=self.env.get("PATH") or os.defpath)
         if node is None:
-            raise RuntimeError("javascript contexts need Node.js (`node`) in the sandbox; none is on its PATH")
+            raise RuntimeError(
+                "javascript contexts need Node.js (`node`) in the sandbox; none is on its PATH"
+            )
         _load_prctl()
         read, write = os.pipe()
         try:
@@ -578,7 +596,7 @@ class JavaScriptContext:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
-                env={**self.env, "COVE_CTL_FD": str(write)},
+                env={**self.env, **self.runner_env(), "COVE_CTL_FD": str(write)},
                 pass_fds=(write,),
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
@@ -586,6 +604,9 @@ class JavaScriptContext:
         finally:
             os.close(write)
         self.ctl, self.dead = read, None
+
+    def runner_env(self) -> dict[str, str]:
+        return {}
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -626,7 +647,9 @@ class JavaScriptContext:
         if self.proc is None or self.proc.poll() is not None:
             self._died()
         try:
-            self.proc.stdin.write((json.dumps({"code": code, "timeout": timeout, "env": env or {}}) + "\n").encode())
+            self.proc.stdin.write(
+                (json.dumps({"code": code, "timeout": timeout, "env": env or {}}) + "\n").encode()
+            )
             self.proc.stdin.flush()
         except (OSError, ValueError):
             self._died()
@@ -659,7 +682,10 @@ class JavaScriptContext:
         while b"\n" not in reply:
             if deadline is not None and time.monotonic() > deadline:
                 self.restart()
-                return {"error": _error("TimeoutError", f"timed out after {timeout}s; node was restarted"), "execution_count": None}
+                return {
+                    "error": _error("TimeoutError", f"timed out after {timeout}s; node was restarted"),
+                    "execution_count": None,
+                }
             if self.proc.poll() is not None and not pump(0):
                 self._died()
             pump(0.5)
@@ -669,6 +695,21 @@ class JavaScriptContext:
         if msg.get("data"):
             emit({"event": "result", "data": msg["data"], "main": True})
         return {"error": msg.get("error"), "execution_count": msg.get("count")}
+
+
+class TypeScriptContext(JavaScriptContext):
+    """TypeScript: JavaScript contexts whose cells the TypeScript compiler of the kernel environment
+    transpiles first (`cove.storage.kernel_layer.TYPESCRIPT`)."""
+
+    language = "typescript"
+
+    def runner_env(self) -> dict[str, str]:
+        compiler = os.path.join(sys.prefix, "typescript", "typescript.js")  # sys.prefix: the kernel venv
+        if not os.path.exists(compiler):
+            raise RuntimeError(
+                "typescript contexts need the TypeScript compiler in the kernel environment (rebuild it)"
+            )
+        return {"COVE_TYPESCRIPT": compiler}
 
 
 # --- server ------------------------------------------------------------------------------------
@@ -774,7 +815,13 @@ class Bridge:
                     return  # the client went away; the kernel stays
 
 
-CONTEXTS = {"python": PythonContext, "bash": BashContext, "javascript": JavaScriptContext, "r": RContext}
+CONTEXTS = {
+    "python": PythonContext,
+    "bash": BashContext,
+    "javascript": JavaScriptContext,
+    "typescript": TypeScriptContext,
+    "r": RContext,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

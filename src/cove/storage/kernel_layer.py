@@ -14,15 +14,19 @@ host's ``/opt``) so the mount point exists there without anything being created 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import shlex
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 RECIPE_VERSION = 1  # bump when the recipe below (or how it is built) changes
@@ -30,6 +34,14 @@ RECIPE_VERSION = 1  # bump when the recipe below (or how it is built) changes
 MOUNT_PATH = "/opt/cove/kernel"  # where the venv lives inside a sandbox
 LAYER_SUBDIR = "opt/cove/kernel"  # the same, relative to the layer's root
 PACKAGES = ("ipykernel", "jupyter_client", "matplotlib", "pandas")  # pandas: DataFrames as data
+# TypeScript contexts transpile each cell with the compiler's own JavaScript (one file of its npm
+# package), pinned by version and the registry's sha512.
+TYPESCRIPT = (
+    "5.6.3",
+    "https://registry.npmjs.org/typescript/-/typescript-5.6.3.tgz",
+    "sha512-hjcS1mhfuyi4WW8IWtjP7brDrG2cuDZukyrYrSauoXGNgx0S7zceP07adYkJycEr56BOUTNPzbInooiN3fn1qw==",
+)
+TYPESCRIPT_JS = "typescript/typescript.js"  # in the venv's directory
 
 _MAPPING_SCRIPT = r"""
 set -e
@@ -59,7 +71,7 @@ def python_version(python: str = "/usr/bin/python3") -> str:
 
 def recipe_digest(python: str = "/usr/bin/python3") -> str:
     """Cache key of the layer: recipe version, interpreter version and package list."""
-    key = f"kernel-layer v{RECIPE_VERSION}\n{python_version(python)}\n" + "\n".join(PACKAGES)
+    key = f"kernel-layer v{RECIPE_VERSION}\n{python_version(python)}\n" + "\n".join(PACKAGES) + TYPESCRIPT[2]
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -124,12 +136,34 @@ def fill_kernel_layer(root: Path, python: str = "/usr/bin/python3", timeout: flo
             f"cd / && {venv}/bin/python -c 'import ipykernel, jupyter_client, matplotlib, matplotlib_inline'",
             timeout=120,
         )
+        fetch_typescript(venv_dir / TYPESCRIPT_JS, timeout=300)
     except BaseException:
         shutil.rmtree(root / "opt", ignore_errors=True)
         raise
     # Drop pip's caches/temp files if any landed inside the tree.
     for junk in (venv_dir / "share/man",):
         shutil.rmtree(junk, ignore_errors=True)
+
+
+def fetch_typescript(dest: Path, timeout: float) -> None:
+    """The TypeScript compiler (`lib/typescript.js` of its pinned npm tarball) at `dest`."""
+    version, url, integrity = TYPESCRIPT
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read(64 << 20)
+    except OSError as e:
+        raise KernelLayerError(f"downloading TypeScript {version} from {url} failed: {e}") from e
+    algo, _, want = integrity.partition("-")
+    if base64.b64encode(hashlib.new(algo, data).digest()).decode() != want:
+        raise KernelLayerError(f"TypeScript {version} from {url} does not match its {algo} digest")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        member = tar.extractfile("package/lib/typescript.js")
+        if member is None:
+            raise KernelLayerError(f"TypeScript {version}'s package has no lib/typescript.js")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(member.read())
+    os.chmod(dest.parent, 0o755)
+    os.chmod(dest, 0o644)
 
 
 def tree_size(path: Path) -> int:

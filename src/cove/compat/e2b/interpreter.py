@@ -43,6 +43,7 @@ _LANGUAGES = {
     **dict.fromkeys(("python", "python3", "py"), "python"),
     **dict.fromkeys(("bash", "sh"), "bash"),
     **dict.fromkeys(("javascript", "js", "node", "nodejs"), "javascript"),
+    **dict.fromkeys(("typescript", "ts"), "typescript"),
     "r": "r",
 }
 _CONTEXT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -91,7 +92,7 @@ def _language(name: str | None) -> str:
         raise ApiError(
             400,
             "invalid",
-            f"language {name!r} is not supported here: cove's code contexts run python, javascript, r and bash",
+            f"language {name!r} is not supported here: cove's code contexts run python, javascript, typescript, r and bash",
         )
     return language
 
