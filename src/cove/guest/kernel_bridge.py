@@ -125,20 +125,56 @@ def _error(name: str, value: str, traceback: list[str] | None = None) -> dict:
 # --- python: an ipykernel driven through jupyter_client ------------------------------------------
 
 
-class PythonContext:
+def _end(proc: subprocess.Popen | None) -> None:
+    """Kill an interpreter started in its own session, with everything it started, and close its pipes."""
+    if proc is None:
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(5)
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(Exception):
+            f.close()
+
+
+class Context:
+    """What every language's context shares: an interpreter it starts and stops, and a temp dir."""
+
+    language = ""
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = env
+        self.dead: str | None = None  # why the interpreter is gone (until a restart)
+        self.tmp = tempfile.mkdtemp(prefix=f"cove-{self.language}-")
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class PythonContext(Context):
     language = "python"
     kernel_name = "python3"
     kernel_dirs: list[str] = []  # none: only the native kernel (this interpreter's ipykernel)
     transport = "ipc"  # unix sockets: works without a loopback interface
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
-        self.cwd = cwd
-        self.env = env
+        super().__init__(cwd, env)
         self.km = None
         self.kc = None
-        self.dead: str | None = None
         self.starts = 0
-        self.tmp = tempfile.mkdtemp(prefix="cove-kernel-")
         self.start()
 
     def start(self) -> None:
@@ -186,14 +222,6 @@ class PythonContext:
             with contextlib.suppress(Exception):
                 self.km.shutdown_kernel(now=True)
         self.km = self.kc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def interrupt(self) -> None:
         if self.km is not None:
@@ -330,16 +358,13 @@ class RContext(PythonContext):
 # --- bash: one persistent shell fed through pipes, a marker after each command ------------------
 
 
-class BashContext:
+class BashContext(Context):
     language = "bash"
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
-        self.cwd = cwd
-        self.env = env
+        super().__init__(cwd, env)
         self.proc: subprocess.Popen | None = None
-        self.dead: str | None = None
         self.count = 0
-        self.tmp = tempfile.mkdtemp(prefix="cove-bash-")
         self.start()
 
     def start(self) -> None:
@@ -362,25 +387,12 @@ class BashContext:
         self._collect(None, lambda _e: None, startup=True)
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            proc.wait(5)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(Exception):
-                f.close()
+        _end(self.proc)
+        self.proc = None
 
     def restart(self) -> None:
-        self.stop()
         self.count = 0
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        super().restart()
 
     def interrupt(self) -> None:
         if self.proc is not None:
@@ -564,18 +576,15 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
 """
 
 
-class JavaScriptContext:
+class JavaScriptContext(Context):
     """Node.js (the sandbox's `node`): one process per context, its cells sharing one vm context."""
 
     language = "javascript"
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
-        self.cwd = cwd
-        self.env = env
+        super().__init__(cwd, env)
         self.proc: subprocess.Popen | None = None
         self.ctl = -1
-        self.dead: str | None = None
-        self.tmp = tempfile.mkdtemp(prefix="cove-node-")
         self.runner = os.path.join(self.tmp, "runner.js")
         with open(self.runner, "w") as f:
             f.write(_NODE_RUNNER)
@@ -609,27 +618,12 @@ class JavaScriptContext:
         return {}
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(5)
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                with contextlib.suppress(Exception):
-                    f.close()
+        _end(self.proc)
+        self.proc = None
         if self.ctl >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.ctl)
             self.ctl = -1
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def interrupt(self) -> None:
         if self.proc is not None:
