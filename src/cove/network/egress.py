@@ -11,7 +11,8 @@ URLs, one request per connection. Names are resolved here, by the server (first 
 host map `COVE_EGRESS_HOSTS="name=ip,..."`), and the policy (`egress_policy`) is checked on the name,
 each address it resolved to, and the port. A refused connection is a 403 whose status line and body
 say why; it is logged and counted per sandbox. Connections are made from the server's own namespace,
-which is why loopback, private and the host's own addresses need an explicit rule.
+which is why loopback, private and the host's own addresses need an explicit rule. Plain-HTTP
+requests to a host the policy injects headers for (`Policy.inject`) get them added here, host-side.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class Egress:
                 upstream = await self._open(sandbox_id, box, host, port)
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                host, port, first = _forward_head(method, target, lines[1:])
+                host, port, first = _forward_head(method, target, lines[1:], box.policy.injected)
                 upstream = await self._open(sandbox_id, box, host, port)
                 upstream[1].write(first)
                 box.sent(len(first))
@@ -361,8 +362,14 @@ def _host(host: str) -> str:
     return name
 
 
-def _forward_head(method: str, target: str, headers: list[str]) -> tuple[str, int, bytes]:
-    """Host, port and the request to send for a plain-HTTP request with an absolute URL."""
+def _forward_head(
+    method: str,
+    target: str,
+    headers: list[str],
+    injected: Callable[[str, int], tuple[tuple[str, str], ...]] = lambda host, port: (),
+) -> tuple[str, int, bytes]:
+    """Host, port and the request to send for a plain-HTTP request with an absolute URL, with the
+    headers the policy injects for that host (replacing any of the same name the sandbox sent)."""
     url = urlsplit(target)
     if url.scheme != "http" or not url.hostname:
         raise Refused(
@@ -376,9 +383,12 @@ def _forward_head(method: str, target: str, headers: list[str]) -> tuple[str, in
         raise Refused(400, f"cove egress proxy: invalid port in {target[:200]!r}") from None
     host = _host(url.hostname)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    kept = [h for h in headers if h.split(":", 1)[0].strip().lower() not in _DROP]
+    added = injected(host, port)
+    drop = _DROP | {name.lower() for name, _ in added}
+    kept = [h for h in headers if h.split(":", 1)[0].strip().lower() not in drop]
     if not any(h.lower().startswith("host:") for h in kept):
         kept.insert(0, f"Host: {url.netloc.rpartition('@')[2]}")
+    kept += [f"{name}: {value}" for name, value in added]
     lines = [f"{method} {path} HTTP/1.1", *kept, "Connection: close", "", ""]
     return host, port, "\r\n".join(lines).encode("latin-1")
 
