@@ -187,7 +187,7 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
     if inject is None:
         return ()
     if not isinstance(inject, dict):
-        raise ValueError("inject: expected an object {\"host[:port]\": {\"Header-Name\": \"value\"}}")
+        raise ValueError('inject: expected an object {"host[:port]": {"Header-Name": "value"}}')
     if len(inject) > MAX_INJECT_HOSTS:
         raise ValueError(f"inject: at most {MAX_INJECT_HOSTS} hosts")
     out: dict[str, Injection] = {}
@@ -214,7 +214,9 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
             if name.lower() in {n.lower() for n, _ in pairs}:
                 raise ValueError(f"inject[{key!r}]: {name!r} is given twice")
             if not isinstance(value, str) or len(value) > MAX_INJECT_VALUE:
-                raise ValueError(f"inject[{key!r}][{name!r}]: the value is a string of at most {MAX_INJECT_VALUE} characters")
+                raise ValueError(
+                    f"inject[{key!r}][{name!r}]: the value is a string of at most {MAX_INJECT_VALUE} characters"
+                )
             if not _HEADER_VALUE.match(value):
                 raise ValueError(
                     f"inject[{key!r}][{name!r}]: the value has a control character (CR, LF, NUL...) "

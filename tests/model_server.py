@@ -1,0 +1,112 @@
+"""A scripted OpenAI-compatible model on host loopback, for agents that must run offline.
+
+It answers `POST /v1/chat/completions` (what `agents.OpenAIChatCompletionsModel` calls, not streamed):
+to a conversation whose last message is the user's, a call of the `sh` tool that appends a line to
+`/home/user/notes.txt` and counts its lines; to one whose last message is that tool's result, a final
+answer `turn N: <tool output>`, N being the number of user messages in the conversation. A request
+without `Authorization: Bearer <key>` is refused with OpenAI's 401. Every request is recorded
+(`requests`: the headers' verdict and the messages), so a test can check what the agent sent.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Seen:
+    authorized: bool
+    authorization: str | None
+    messages: list[dict[str, Any]]
+
+    def users(self) -> list[str]:
+        return [str(m.get("content")) for m in self.messages if m.get("role") == "user"]
+
+
+@dataclass
+class ModelServer:
+    key: str
+    requests: list[Seen] = field(default_factory=list)
+    port: int = 0
+    _httpd: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> ModelServer:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                auth = self.headers.get("Authorization")
+                seen = Seen(auth == f"Bearer {server.key}", auth, list(body.get("messages") or []))
+                server.requests.append(seen)
+                if not seen.authorized:
+                    error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+                    return self._send(401, {"error": {**error, "code": "invalid_api_key"}})
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    return self._send(
+                        404, {"error": {"message": f"no route {self.path}", "type": "not_found"}}
+                    )
+                self._send(200, _completion(body, seen))
+
+            def do_GET(self) -> None:  # anything else: who is asking (the header checks use it)
+                auth = self.headers.get("Authorization")
+                self._send(200, {"authorized": auth == f"Bearer {server.key}", "path": self.path})
+
+            def _send(self, status: int, obj: dict[str, Any]) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._httpd.server_address[1]
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def completions(self) -> list[Seen]:
+        """The authorized chat requests, oldest first."""
+        return [r for r in self.requests if r.authorized]
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+
+def _completion(body: dict[str, Any], seen: Seen) -> dict[str, Any]:
+    messages = seen.messages
+    turn = len(seen.users())
+    last = messages[-1] if messages else {}
+    if last.get("role") == "tool":
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": f"turn {turn}: {str(last.get('content')).strip()}",
+        }
+        finish = "stop"
+    else:
+        cmd = f"echo 'turn {turn}' >> /home/user/notes.txt; wc -l < /home/user/notes.txt"
+        call = {
+            "id": f"call_{turn}",
+            "type": "function",
+            "function": {"name": "sh", "arguments": json.dumps({"cmd": cmd})},
+        }
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish = "tool_calls"
+    return {
+        "id": f"chatcmpl-{turn}-{len(messages)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "scripted"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": len(messages), "completion_tokens": 1, "total_tokens": len(messages) + 1},
+    }

@@ -1,0 +1,169 @@
+"""Credential injection (`network.inject`): headers the egress proxy adds host-side to a sandbox's
+plain-HTTP requests for one host, which the sandbox can use but never read (docs/network.md).
+
+Real sandboxes, a scripted model server on host loopback that checks its key, and a scratch cove
+server whose host map points `model.test` and `other.test` at it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cove import Sandbox
+from cove.devserver import Server
+from model_server import ModelServer
+
+
+@pytest.fixture(scope="module")
+def key() -> str:
+    return "sk-test-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def model(key: str) -> Iterator[ModelServer]:
+    srv = ModelServer(key).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(key: str) -> Iterator[Server]:
+    hosts = "model.test=127.0.0.1,other.test=127.0.0.1"
+    server = Server(f"inject-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", {"COVE_EGRESS_HOSTS": hosts})
+    server.start()
+    yield server
+    log = server.log.read_text(errors="replace") if server.log.exists() else ""
+    server.close()
+    assert key not in log, "the injected key was logged"
+
+
+@pytest.fixture
+def api(srv: Server) -> Iterator[httpx.Client]:
+    with srv.client() as c:
+        yield c
+
+
+@pytest.fixture
+def made(api: httpx.Client) -> Iterator[list[str]]:
+    ids: list[str] = []
+    yield ids
+    for sid in ids:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+def _create(api: httpx.Client, made: list[str], network: dict[str, Any]) -> str:
+    r = api.post("/v1/sandboxes", json={"timeout": 600, "network": network})
+    assert r.status_code == 201, r.text
+    made.append(r.json()["id"])
+    return made[-1]
+
+
+def _curl(api: httpx.Client, sid: str, url: str, *args: str) -> str:
+    cmd = f"curl -sS -m 20 --noproxy '' {' '.join(args)} {url}"
+    r = api.post(f"/v1/sandboxes/{sid}/exec", json={"cmd": cmd, "timeout": 60})
+    assert r.status_code == 200, r.text
+    return str(r.json()["stdout"]) + str(r.json()["stderr"])
+
+
+def _settings(model: ModelServer, key: str) -> dict[str, Any]:
+    host = f"model.test:{model.port}"
+    return {
+        "mode": "allow",
+        "allow": [host, f"other.test:{model.port}"],
+        "inject": {host: {"Authorization": f"Bearer {key}"}},
+    }
+
+
+def test_the_proxy_adds_the_header_and_replaces_the_sandboxes_own(
+    api: httpx.Client, made: list[str], model: ModelServer, key: str
+) -> None:
+    sid = _create(api, made, _settings(model, key))
+    before = len(model.requests)
+    out = _curl(api, sid, f"http://model.test:{model.port}/v1/models", "-H", "'Authorization: Bearer forged'")
+    assert '"authorized": true' in out, out
+    # Exactly the injected value reached the model (the sandbox's header was dropped, not appended).
+    out = _curl(api, sid, f"http://model.test:{model.port}/v1/chat/completions", "-d", "'{}'")
+    assert model.requests[before:][-1].authorization == f"Bearer {key}"
+    # Another host, even allowed and served by the same process, gets no key.
+    assert '"authorized": false' in _curl(api, sid, f"http://other.test:{model.port}/x")
+    # Nothing the API returns carries the value: names only.
+    for path in (f"/v1/sandboxes/{sid}/network", f"/v1/sandboxes/{sid}", "/v1/sandboxes"):
+        r = api.get(path)
+        assert r.status_code == 200 and key not in r.text, path
+    assert api.get(f"/v1/sandboxes/{sid}/network").json()["inject"] == {
+        f"model.test:{model.port}": ["Authorization"]
+    }
+    env = api.post(
+        f"/v1/sandboxes/{sid}/exec", json={"cmd": "env; cat /proc/*/environ", "user": "root"}
+    ).json()
+    assert key not in env["stdout"]
+
+
+def test_put_keeps_replaces_and_removes_the_injection(
+    api: httpx.Client, made: list[str], model: ModelServer, key: str
+) -> None:
+    sid = _create(api, made, _settings(model, key))
+    url = f"http://model.test:{model.port}/v1/models"
+    policy = {"mode": "allow", "allow": [f"model.test:{model.port}"]}
+    r = api.put(f"/v1/sandboxes/{sid}/network", json=policy)  # no `inject`: kept (it cannot be resent)
+    assert r.status_code == 200 and r.json()["inject"] == {f"model.test:{model.port}": ["Authorization"]}, (
+        r.text
+    )
+    assert '"authorized": true' in _curl(api, sid, url)
+    wrong = {f"model.test:{model.port}": {"Authorization": "Bearer another"}}
+    assert api.put(f"/v1/sandboxes/{sid}/network", json={**policy, "inject": wrong}).status_code == 200
+    assert '"authorized": false' in _curl(api, sid, url)
+    r = api.put(f"/v1/sandboxes/{sid}/network", json={**policy, "inject": {}})
+    assert r.status_code == 200 and r.json()["inject"] == {}
+    assert '"authorized": false' in _curl(api, sid, url)
+
+
+def test_the_sdk_sets_and_shows_it(srv: Server, made: list[str], model: ModelServer, key: str) -> None:
+    host = f"model.test:{model.port}"
+    with Sandbox.create(network={"mode": "allow", "allow": [host]}, url=srv.url, api_key=srv.api_key) as sb:
+        assert sb.get_network().inject == {}
+        info = sb.set_network("allow", allow=[host], inject={host: {"Authorization": f"Bearer {key}"}})
+        assert info.inject == {host: ["Authorization"]} and key not in repr(info)
+        assert '"authorized": true' in sb.exec(f"curl -sS --noproxy '' http://{host}/v1/models").stdout
+        assert sb.set_network("allow", allow=[host]).inject == {host: ["Authorization"]}  # None keeps it
+
+
+@pytest.mark.parametrize(
+    ("inject", "words"),
+    [
+        ({"model.test": {"Bad Name": "v"}}, "'Bad Name' is not a valid header name"),
+        ({"model.test": {"X-Key": "v\r\nX-Evil: 1"}}, "control character"),
+        ({"model.test": {"X-Key": "v\x00"}}, "control character"),
+        ({"model.test": {"X-Key": "caf\u00e9"}}, "non-ASCII"),
+        ({"model.test": {"Host": "elsewhere"}}, "'Host' frames the request"),
+        ({"model.test": {"Content-Length": "0"}}, "'Content-Length' frames the request"),
+        ({"model.test": {"X-A": "1", "x-a": "2"}}, "given twice"),
+        ({"*.test": {"X-Key": "v"}}, "one name or address"),
+        ({"10.0.0.0/8": {"X-Key": "v"}}, "one name or address"),
+        ({"model.test:1-9": {"X-Key": "v"}}, "one port, not a range"),
+        ({"not a host": {"X-Key": "v"}}, "not a domain"),
+        ({"model.test": {}}, "non-empty object"),
+        ({"model.test": {"X-Key": 5}}, "network.inject"),
+        ({"model.test": "Bearer x"}, "network.inject"),
+    ],
+)
+def test_invalid_injections_are_422(api: httpx.Client, made: list[str], inject: Any, words: str) -> None:
+    body = {"mode": "allow", "allow": ["model.test"], "inject": inject}
+    r = api.post("/v1/sandboxes", json={"network": body})
+    assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+    assert "X-Evil: 1" not in r.text and "elsewhere" not in r.text  # values are never quoted back
+
+
+def test_unknown_keys_and_put_are_422(api: httpx.Client, made: list[str]) -> None:
+    r = api.post("/v1/sandboxes", json={"network": {"mode": "allow", "injects": {}}})
+    assert r.status_code == 422 and "network.injects" in r.json()["error"]["message"], r.text
+    sid = _create(api, made, {"mode": "allow", "allow": ["model.test"]})
+    r = api.put(f"/v1/sandboxes/{sid}/network", json={"mode": "allow", "inject": {"x.test": {"X-K": "a\nb"}}})
+    assert r.status_code == 422 and "control character" in r.text
+    assert api.get(f"/v1/sandboxes/{sid}/network").json()["inject"] == {}  # nothing was applied

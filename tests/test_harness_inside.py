@@ -1,0 +1,197 @@
+"""The harness inside the sandbox (docs/harness-inside.md): an OpenAI Agents SDK loop runs as one
+long-lived process in a cove sandbox, reaches only its model, through the egress proxy that injects
+the model's key host-side, and is hibernated with its memory between turns.
+
+Offline: the model is a scripted OpenAI-compatible server on host loopback (tests/model_server.py),
+reached by the name `model.test` from the server's host map; the agent's packages are copied from
+this host's venv into a template (cove.integrations.harness_inside.template).
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import secrets
+import shlex
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cove import Sandbox
+from cove.devserver import Server
+from cove.integrations import harness_inside
+from model_server import ModelServer
+
+pytest.importorskip(
+    "agents", reason="the agent's packages come from this host: pip install 'cove[openai-agents]'"
+)
+
+TURNS = 5
+RESTART_AFTER = 3  # the server restarts while the sandbox is hibernated after this turn
+
+
+@pytest.fixture(scope="module")
+def key() -> str:
+    return "sk-inside-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def model(key: str) -> Iterator[ModelServer]:
+    srv = ModelServer(key).start()
+    yield srv
+    srv.stop()
+
+
+class _Other(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def other() -> Iterator[int]:
+    """Another server on host loopback, which the agent must not reach; its port."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Other)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def srv(key: str) -> Iterator[Server]:
+    hosts = "model.test=127.0.0.1,other.test=127.0.0.1"
+    server = Server(f"inside-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", {"COVE_EGRESS_HOSTS": hosts})
+    server.start()
+    yield server
+    log = server.log.read_text(errors="replace") if server.log.exists() else ""
+    server.close()
+    assert key not in log, "the model key was logged"
+
+
+@pytest.fixture(scope="module")
+def template(srv: Server) -> str:
+    return harness_inside.template("harness-test", url=srv.url, api_key=srv.api_key).name
+
+
+def _run(sb: Sandbox, cmd: str) -> Any:
+    return sb.exec(cmd, user="root", timeout=120)
+
+
+# Looks for the key without ever holding it in a file, an argument or the environment of the sandbox:
+# the argument is the key's bytes reversed, in hex. /usr is the host's, mounted read-only.
+_FIND = r"""
+import os, sys
+key = bytes.fromhex(sys.argv[1])[::-1]
+hits = []
+for pid in os.listdir("/proc"):
+    for name in ("environ", "cmdline"):
+        try:
+            if pid.isdigit() and key in open(f"/proc/{pid}/{name}", "rb").read():
+                hits.append(f"/proc/{pid}/{name}")
+        except OSError:
+            pass
+for top, dirs, files in os.walk("/"):
+    if top == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev", "usr")]
+    for f in files:
+        path = os.path.join(top, f)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path) and key in open(path, "rb").read():
+                hits.append(path)
+        except OSError:
+            pass
+print("hits:", hits)
+"""
+
+
+def _key_inside(sb: Sandbox, key: str) -> str:
+    arg = key.encode()[::-1].hex()
+    r = _run(sb, f"python3 -c {shlex.quote(_FIND)} {arg}")
+    assert r.exit_code == 0 and "hits:" in r.stdout, r
+    return str(r.stdout.strip())
+
+
+def _key_on_host(srv: Server, key: str) -> list[str]:
+    """Files of the server's home holding the key, but for its database (where the record keeps it):
+    the sandbox's files and its hibernation images (its memory) are under there."""
+    hits = []
+    for top, _, files in os.walk(srv.home):
+        for f in files:
+            path = Path(top) / f
+            if path.name.startswith("cove.db") or not path.is_file() or path.is_symlink():
+                continue
+            try:
+                if key.encode() in path.read_bytes():
+                    hits.append(str(path))
+            except OSError:
+                pass
+    return hits
+
+
+def test_the_loop_inside_survives_hibernation_and_a_restart_with_its_key_unseen(
+    srv: Server, model: ModelServer, key: str, other: int, template: str
+) -> None:
+    host = f"model.test:{model.port}"
+    network = {"mode": "allow", "allow": [host], "inject": {host: {"Authorization": f"Bearer {key}"}}}
+    sb = Sandbox.create(template=template, network=network, timeout=1800, url=srv.url, api_key=srv.api_key)
+    try:
+        agent = harness_inside.InsideAgent.start(sb, base_url=f"http://{host}/v1")
+        pid = sb.processes.connect(agent.process_id).info.pid
+        items = 0
+        for turn in range(1, TURNS + 1):
+            answer = agent.turn(f"task {turn}: add a line to the notes")
+            # The loop's own counter and its conversation are in its memory only.
+            assert answer["turn"] == turn, answer
+            assert answer["reply"] == f"turn {turn}: {turn}", answer
+            assert answer["items"] > items, answer
+            items = answer["items"]
+            # The model saw the whole conversation: every turn's message so far, and the tool's result.
+            last = model.completions()[-1]
+            assert last.users() == [f"task {i}: add a line to the notes" for i in range(1, turn + 1)]
+            assert last.messages[-1]["role"] == "tool" and last.messages[-1]["content"].strip() == str(turn)
+            if turn == TURNS:
+                break
+            info = sb.hibernate()
+            assert (
+                info.state == "hibernated" and info.hibernation and info.hibernation.get("memory") is True
+            ), info
+            if turn == RESTART_AFTER:
+                srv.restart()
+                sb = Sandbox.connect(sb.id, url=srv.url, api_key=srv.api_key)
+                agent = harness_inside.InsideAgent.attach(sb, agent.process_id, agent.offset)
+        # One process all along, and every model call carried the injected key, none another.
+        assert sb.processes.connect(agent.process_id).info.pid == pid
+        assert model.requests and all(r.authorization == f"Bearer {key}" for r in model.requests)
+        assert len(model.completions()) == 2 * TURNS
+
+        # The key is nowhere in the sandbox: environments, arguments, files; nor in its memory images.
+        assert _key_inside(sb, key) == "hits: []"
+        assert "unused" in _run(sb, f"cat /proc/{pid}/environ | tr '\\0' '\\n' | grep OPENAI_API_KEY").stdout
+        sb.hibernate()
+        assert _key_on_host(srv, key) == []
+
+        # Traffic anywhere else is refused: another host on the same machine, the model by raw IP,
+        # and a connection that bypasses the proxy.
+        curl = "curl -sS -m 20 --noproxy '' -o /dev/null -w '%{http_code}'"
+        assert _run(sb, f"{curl} http://other.test:{other}/").stdout == "403"
+        assert _run(sb, f"{curl} http://127.0.0.1:{model.port}/v1/models").stdout == "403"
+        assert _run(sb, f"{curl} http://model.test:{model.port}/v1/models").stdout == "200"
+        raw = "import socket; socket.create_connection(('192.0.2.1', 80), timeout=5)"
+        assert "Network is unreachable" in _run(sb, f"python3 -c {shlex.quote(raw)}").stderr
+        net = httpx.get(
+            f"{srv.url}/v1/sandboxes/{sb.id}/network", headers={"Authorization": f"Bearer {srv.api_key}"}
+        )
+        assert net.json()["denied"] >= 2 and key not in net.text
+        agent.close()
+    finally:
+        sb.kill()
