@@ -10,10 +10,12 @@ this host's venv into a template (cove.integrations.harness_inside.template).
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import secrets
 import shlex
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,21 +85,24 @@ def template(srv: Server) -> str:
     return harness_inside.template("harness-test", url=srv.url, api_key=srv.api_key).name
 
 
-def _run(sb: Sandbox, cmd: str) -> Any:
-    return sb.exec(cmd, user="root", timeout=120)
+def _run(sb: Sandbox, cmd: str, user: str = "root") -> Any:
+    return sb.exec(cmd, user=user, timeout=120)
 
 
 # Looks for the key without ever holding it in a file, an argument or the environment of the sandbox:
 # the argument is the key's bytes reversed, in hex. /usr is the host's, mounted read-only.
 _FIND = r"""
-import os, sys
+import json, os, sys
 key = bytes.fromhex(sys.argv[1])[::-1]
-hits = []
+hits, read = [], []
 for pid in os.listdir("/proc"):
     for name in ("environ", "cmdline"):
         try:
-            if pid.isdigit() and key in open(f"/proc/{pid}/{name}", "rb").read():
-                hits.append(f"/proc/{pid}/{name}")
+            if pid.isdigit():
+                data = open(f"/proc/{pid}/{name}", "rb").read()
+                read.append(f"{pid}/{name}")
+                if key in data:
+                    hits.append(f"/proc/{pid}/{name}")
         except OSError:
             pass
 for top, dirs, files in os.walk("/"):
@@ -110,28 +115,40 @@ for top, dirs, files in os.walk("/"):
                 hits.append(path)
         except OSError:
             pass
-print("hits:", hits)
+print(json.dumps({"hits": hits, "read": read}))
 """
 
 
-def _key_inside(sb: Sandbox, key: str) -> str:
+def _key_inside(sb: Sandbox, key: str, user: str) -> dict[str, list[str]]:
+    """Where `user` finds the key in the sandbox (`hits`) and which /proc files it could read."""
     arg = key.encode()[::-1].hex()
-    r = _run(sb, f"python3 -c {shlex.quote(_FIND)} {arg}")
-    assert r.exit_code == 0 and "hits:" in r.stdout, r
-    return str(r.stdout.strip())
+    r = _run(sb, f"python3 -c {shlex.quote(_FIND)} {arg}", user)
+    assert r.exit_code == 0, r
+    return dict(json.loads(r.stdout))
+
+
+def _holds(path: Path, needle: bytes) -> bool:
+    with open(path, "rb") as f:
+        tail = b""
+        while chunk := f.read(1 << 20):
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-len(needle) :]
+    return False
 
 
 def _key_on_host(srv: Server, key: str) -> list[str]:
     """Files of the server's home holding the key, but for its database (where the record keeps it):
-    the sandbox's files and its hibernation images (its memory) are under there."""
+    the sandbox's files and its hibernation images (its memory) are under there, in the mounted
+    storage (its image file, `storage.btrfs`, is that same content)."""
     hits = []
     for top, _, files in os.walk(srv.home):
         for f in files:
             path = Path(top) / f
-            if path.name.startswith("cove.db") or not path.is_file() or path.is_symlink():
+            if path.name.startswith("cove.db") or path.name == "storage.btrfs" or path.is_symlink():
                 continue
             try:
-                if key.encode() in path.read_bytes():
+                if path.is_file() and _holds(path, key.encode()):
                     hits.append(str(path))
             except OSError:
                 pass
@@ -148,8 +165,11 @@ def test_the_loop_inside_survives_hibernation_and_a_restart_with_its_key_unseen(
         agent = harness_inside.InsideAgent.start(sb, base_url=f"http://{host}/v1")
         pid = sb.processes.connect(agent.process_id).info.pid
         items = 0
+        times: dict[str, list[float]] = {"turn": [], "hibernate": [], "resumed turn": []}
         for turn in range(1, TURNS + 1):
+            started = time.perf_counter()
             answer = agent.turn(f"task {turn}: add a line to the notes")
+            times["turn" if turn == 1 else "resumed turn"].append(time.perf_counter() - started)
             # The loop's own counter and its conversation are in its memory only.
             assert answer["turn"] == turn, answer
             assert answer["reply"] == f"turn {turn}: {turn}", answer
@@ -161,7 +181,9 @@ def test_the_loop_inside_survives_hibernation_and_a_restart_with_its_key_unseen(
             assert last.messages[-1]["role"] == "tool" and last.messages[-1]["content"].strip() == str(turn)
             if turn == TURNS:
                 break
+            started = time.perf_counter()
             info = sb.hibernate()
+            times["hibernate"].append(time.perf_counter() - started)
             assert (
                 info.state == "hibernated" and info.hibernation and info.hibernation.get("memory") is True
             ), info
@@ -169,16 +191,25 @@ def test_the_loop_inside_survives_hibernation_and_a_restart_with_its_key_unseen(
                 srv.restart()
                 sb = Sandbox.connect(sb.id, url=srv.url, api_key=srv.api_key)
                 agent = harness_inside.InsideAgent.attach(sb, agent.process_id, agent.offset)
+        print({k: [round(v * 1000) for v in vs] for k, vs in times.items()})  # ms, for the docs
         # One process all along, and every model call carried the injected key, none another.
         assert sb.processes.connect(agent.process_id).info.pid == pid
         assert model.requests and all(r.authorization == f"Bearer {key}" for r in model.requests)
         assert len(model.completions()) == 2 * TURNS
 
         # The key is nowhere in the sandbox: environments, arguments, files; nor in its memory images.
-        assert _key_inside(sb, key) == "hits: []"
-        assert "unused" in _run(sb, f"cat /proc/{pid}/environ | tr '\\0' '\\n' | grep OPENAI_API_KEY").stdout
+        # As root (every file) and as the agent's own user (who can read its process's environment).
+        for user in ("root", "user"):
+            found = _key_inside(sb, key, user)
+            assert found["hits"] == [], (user, found["hits"])
+        assert f"{pid}/environ" in found["read"] and f"{pid}/cmdline" in found["read"], found["read"]
+        environ = _run(sb, f"tr '\\0' '\\n' < /proc/{pid}/environ", "user").stdout
+        assert "OPENAI_API_KEY=unused" in environ and "OPENAI_BASE_URL=http://model.test" in environ
+        assert any(f"{pid}/environ" in hit for hit in _key_inside(sb, "OPENAI_API_KEY=unused", "user")["hits"])
         sb.hibernate()
         assert _key_on_host(srv, key) == []
+        # ...where the same walk does find the conversation, in the memory images (not in a file).
+        assert any("notes" not in hit for hit in _key_on_host(srv, f"task {TURNS}: add a line to the notes"))
 
         # Traffic anywhere else is refused: another host on the same machine, the model by raw IP,
         # and a connection that bypasses the proxy.
