@@ -5,13 +5,14 @@ to a conversation whose last message is the user's, a call of the `sh` tool that
 `/home/user/notes.txt` and counts its lines; to one whose last message is that tool's result, a final
 answer `turn N: <tool output>`, N being the number of user messages in the conversation. A request
 without `Authorization: Bearer <key>` is refused with OpenAI's 401. Every request is recorded
-(`requests`: the headers' verdict and the messages), so a test can check what the agent sent.
+(`requests`: the path, the key's verdict and the messages), so a test can check what the agent sent.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Seen:
     authorized: bool
     authorization: str | None
     messages: list[dict[str, Any]]
+    path: str = "/v1/chat/completions"
 
     def users(self) -> list[str]:
         return [str(m.get("content")) for m in self.messages if m.get("role") == "user"]
@@ -35,14 +37,15 @@ class ModelServer:
     port: int = 0
     _httpd: http.server.ThreadingHTTPServer | None = None
 
-    def start(self) -> ModelServer:
+    def start(self, tls: ssl.SSLContext | None = None) -> ModelServer:
+        """Serve on a free loopback port (HTTPS with `tls`)."""
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 auth = self.headers.get("Authorization")
-                seen = Seen(auth == f"Bearer {server.key}", auth, list(body.get("messages") or []))
+                seen = Seen(auth == f"Bearer {server.key}", auth, list(body.get("messages") or []), self.path)
                 server.requests.append(seen)
                 if not seen.authorized:
                     error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
@@ -55,6 +58,7 @@ class ModelServer:
 
             def do_GET(self) -> None:  # anything else: who is asking (the header checks use it)
                 auth = self.headers.get("Authorization")
+                server.requests.append(Seen(auth == f"Bearer {server.key}", auth, [], self.path))
                 self._send(200, {"authorized": auth == f"Bearer {server.key}", "path": self.path})
 
             def _send(self, status: int, obj: dict[str, Any]) -> None:
@@ -69,13 +73,15 @@ class ModelServer:
                 pass
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
 
     def completions(self) -> list[Seen]:
         """The authorized chat requests, oldest first."""
-        return [r for r in self.requests if r.authorized]
+        return [r for r in self.requests if r.authorized and r.path.rstrip("/") == "/v1/chat/completions"]
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,9 +36,32 @@ def model(key: str) -> Iterator[ModelServer]:
 
 
 @pytest.fixture(scope="module")
-def srv(key: str) -> Iterator[Server]:
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate for model.test (its key beside it, `.key`)."""
+    path = tmp_path_factory.mktemp("tls") / "model.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=model.test",
+         "-addext", "subjectAltName=DNS:model.test", "-keyout", str(path.with_suffix(".key")), "-out", str(path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_model(key: str, cert: Path) -> Iterator[ModelServer]:
+    """The same model over HTTPS, with a certificate only the cove server trusts."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, cert.with_suffix(".key"))
+    srv = ModelServer(key).start(tls=ctx)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(key: str, cert: Path) -> Iterator[Server]:
     hosts = "model.test=127.0.0.1,other.test=127.0.0.1"
-    server = Server(f"inject-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", {"COVE_EGRESS_HOSTS": hosts})
+    env = {"COVE_EGRESS_HOSTS": hosts, "SSL_CERT_FILE": str(cert)}  # the proxy trusts model.test's cert
+    server = Server(f"inject-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", env)
     server.start()
     yield server
     log = server.log.read_text(errors="replace") if server.log.exists() else ""
@@ -134,6 +160,30 @@ def test_the_sdk_sets_and_shows_it(srv: Server, made: list[str], model: ModelSer
         assert sb.set_network("allow", allow=[host]).inject == {host: ["Authorization"]}  # None keeps it
 
 
+def test_https_upstream_the_sandbox_speaks_plain_http_to_the_proxy(
+    api: httpx.Client, made: list[str], tls_model: ModelServer, key: str
+) -> None:
+    """`https://HOST:PORT`: the sandbox asks for http://HOST/, the proxy connects to HOST:PORT over
+    TLS (verified against its CAs) and adds the header there."""
+    upstream = f"model.test:{tls_model.port}"
+    network = {"mode": "allow", "allow": [upstream], "inject": {f"https://{upstream}": {"Authorization": f"Bearer {key}"}}}
+    sid = _create(api, made, network)
+    assert api.get(f"/v1/sandboxes/{sid}/network").json()["inject"] == {f"https://{upstream}": ["Authorization"]}
+    assert '"authorized": true' in _curl(api, sid, "http://model.test/v1/models")
+    assert tls_model.requests[-1].authorization == f"Bearer {key}"
+    # The port it connects to is the policy's: allowing only port 80 refuses it.
+    r = api.put(f"/v1/sandboxes/{sid}/network", json={"mode": "allow", "allow": ["model.test:80"]})
+    assert r.status_code == 200, r.text
+    assert "403" in _curl(api, sid, "http://model.test/v1/models", "-o /dev/null -w '%{http_code}'")
+    # A server whose certificate the proxy does not trust gets nothing: 502, no request sent.
+    seen = len(tls_model.requests)
+    other = {"mode": "allow", "allow": [f"other.test:{tls_model.port}"],
+             "inject": {f"https://other.test:{tls_model.port}": {"Authorization": f"Bearer {key}"}}}  # fmt: skip
+    sid = _create(api, made, other)
+    assert "502" in _curl(api, sid, "http://other.test/v1/models", "-o /dev/null -w '%{http_code}'")
+    assert len(tls_model.requests) == seen
+
+
 @pytest.mark.parametrize(
     ("inject", "words"),
     [
@@ -147,6 +197,8 @@ def test_the_sdk_sets_and_shows_it(srv: Server, made: list[str], model: ModelSer
         ({"*.test": {"X-Key": "v"}}, "one name or address"),
         ({"10.0.0.0/8": {"X-Key": "v"}}, "one name or address"),
         ({"model.test:1-9": {"X-Key": "v"}}, "one port, not a range"),
+        ({"https://*.test": {"X-Key": "v"}}, "one name or address"),
+        ({"model.test:80": {"X-A": "1"}, "https://model.test": {"X-A": "2"}}, "the same host as another entry"),
         ({"not a host": {"X-Key": "v"}}, "not a domain"),
         ({"model.test": {}}, "non-empty object"),
         ({"model.test": {"X-Key": 5}}, "network.inject"),

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Callable
@@ -231,7 +233,11 @@ class Egress:
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
                 host, port, first = _forward_head(method, target, lines[1:], box.policy.injected)
-                upstream = await self._open(sandbox_id, box, host, port)
+                entry = box.policy.injection(host, port)
+                if entry is not None and entry.tls and entry.upstream:  # TLS made here, host-side
+                    upstream = await self._open(sandbox_id, box, host, entry.upstream, tls=True)
+                else:
+                    upstream = await self._open(sandbox_id, box, host, port)
                 upstream[1].write(first)
                 box.sent(len(first))
         except Refused as e:
@@ -240,9 +246,10 @@ class Egress:
         await _relay(reader, writer, *upstream, box)
 
     async def _open(
-        self, sandbox_id: str, box: _Sandbox, host: str, port: int
+        self, sandbox_id: str, box: _Sandbox, host: str, port: int, tls: bool = False
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to `host:port` if the policy allows it (checked on every address)."""
+        """A connection to `host:port` if the policy allows it (checked on every address); `tls`:
+        wrapped in TLS to `host`, verified against this server's CAs."""
         policy = box.policy
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         reason = None
@@ -276,7 +283,12 @@ class Egress:
         for addr in candidates:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    r, w = await asyncio.open_connection(str(addr), port, limit=READ_SIZE)
+                    if tls:
+                        r, w = await asyncio.open_connection(
+                            str(addr), port, limit=READ_SIZE, ssl=_tls_context(), server_hostname=host
+                        )
+                    else:
+                        r, w = await asyncio.open_connection(str(addr), port, limit=READ_SIZE)
             except TimeoutError:
                 errors.append(f"{addr}: timed out")
                 continue
@@ -332,6 +344,12 @@ class Egress:
                 local = False
             cached = self._local[ip] = (local, now)
         return cached[0]
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR are honoured), as for any client here."""
+    return ssl.create_default_context()
 
 
 def _may_resolve(policy: Policy, host: str, port: int) -> bool:

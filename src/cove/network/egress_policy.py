@@ -170,12 +170,16 @@ def parse_rules(rules: Any, name: str) -> tuple[Rule, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Injection:
-    """Headers the proxy adds to plain-HTTP requests for `host` (on `port`, or any port)."""
+    """Headers the proxy adds to plain-HTTP requests for `host` (on `port`, or any port). With
+    `tls` (a key `https://HOST[:PORT]`), requests for `http://HOST/` (port 80) go to HOST:`upstream`
+    over TLS, verified against the server's CAs: the sandbox speaks plain HTTP to the proxy only."""
 
-    key: str  # normalised `host` or `host:port`, as stored and shown
+    key: str  # normalised `host`, `host:port` or `https://host[:port]`, as stored and shown
     host: str
     port: int | None
     headers: tuple[tuple[str, str], ...]  # (name as given, value)
+    tls: bool = False
+    upstream: int | None = None  # with tls: the port connected to (default 443)
 
     def __repr__(self) -> str:  # never the values, whatever prints a policy
         return f"Injection({self.key!r}, {[name for name, _ in self.headers]!r})"
@@ -192,8 +196,9 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
         raise ValueError(f"inject: at most {MAX_INJECT_HOSTS} hosts")
     out: dict[str, Injection] = {}
     for key, headers in inject.items():
+        tls = isinstance(key, str) and key.strip().lower().startswith("https://")
         try:
-            rule = parse_rule(key)
+            rule = parse_rule(key.strip()[len("https://") :] if tls else key)
         except ValueError as e:
             raise ValueError(f"inject[{key!r}]: {e}") from None
         single = rule.network is not None and rule.network.num_addresses == 1
@@ -225,10 +230,14 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
             pairs.append((name, value.strip(" \t")))
         host = str(rule.network.network_address) if rule.network is not None else str(rule.domain)
         port = rule.ports[0] if rule.ports else None
-        shown = rule.text
-        if shown in out:
+        shown = ("https://" if tls else "") + rule.text
+        if tls:  # what the sandbox asks for is http://HOST/, on port 80
+            upstream, port = port or 443, 80
+        if any(i.host == host and i.port == port for i in out.values()):
             raise ValueError(f"inject[{key!r}]: the same host as another entry")
-        out[shown] = Injection(key=shown, host=host, port=port, headers=tuple(pairs))
+        out[shown] = Injection(
+            key=shown, host=host, port=port, headers=tuple(pairs), tls=tls, upstream=upstream if tls else None
+        )
     return tuple(out.values())
 
 
@@ -264,12 +273,17 @@ class Policy:
                 raise
             return cls()  # never widen access because of a bad record
 
-    def injected(self, host: str, port: int) -> tuple[tuple[str, str], ...]:
-        """The headers to add to a plain-HTTP request for `host` (as the sandbox named it) on `port`:
-        an entry with that port wins over one for any port."""
+    def injection(self, host: str, port: int) -> Injection | None:
+        """The entry for a plain-HTTP request for `host` (as the sandbox named it) on `port`: one
+        with that port wins over one for any port."""
         found = [i for i in self.inject if i.host == host and i.port in (port, None)]
         found.sort(key=lambda i: i.port is None)
-        return found[0].headers if found else ()
+        return found[0] if found else None
+
+    def injected(self, host: str, port: int) -> tuple[tuple[str, str], ...]:
+        """The headers to add to a plain-HTTP request for `host` on `port`."""
+        entry = self.injection(host, port)
+        return entry.headers if entry is not None else ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "allow": [r.text for r in self.allow], "deny": [r.text for r in self.deny]}
