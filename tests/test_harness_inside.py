@@ -191,7 +191,8 @@ def test_the_loop_inside_survives_hibernation_and_a_restart_with_its_key_unseen(
                 srv.restart()
                 sb = Sandbox.connect(sb.id, url=srv.url, api_key=srv.api_key)
                 agent = harness_inside.InsideAgent.attach(sb, agent.process_id, agent.offset)
-        print({k: [round(v * 1000) for v in vs] for k, vs in times.items()})  # ms, for the docs
+        rss = _run(sb, f"grep VmRSS /proc/{pid}/status", "user").stdout.split()[1:]
+        print({k: [round(v * 1000) for v in vs] for k, vs in times.items()}, "ms; agent RSS", rss)  # for the docs
         # One process all along, and every model call carried the injected key, none another.
         assert sb.processes.connect(agent.process_id).info.pid == pid
         assert model.requests and all(r.authorization == f"Bearer {key}" for r in model.requests)
