@@ -3,8 +3,9 @@
 It answers `POST /v1/chat/completions` (what `agents.OpenAIChatCompletionsModel` calls, not streamed):
 to a conversation whose last message is the user's, a call of the `sh` tool that appends a line to
 `/home/user/notes.txt` and counts its lines; to one whose last message is that tool's result, a final
-answer `turn N: <tool output>`, N being the number of user messages in the conversation. A request
-without `Authorization: Bearer <key>` is refused with OpenAI's 401. Every request is recorded
+answer `turn N: <tool output>`, N being the number of user messages in the conversation. `POST /v1/messages` (Anthropic's
+Messages API) answers `turn N`. A request without `Authorization: Bearer <key>` (or Anthropic's
+`x-api-key: <key>`) is refused with a 401. Every request is recorded
 (`requests`: the path, the key's verdict and the messages), so a test can check what the agent sent.
 """
 
@@ -44,22 +45,31 @@ class ModelServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                auth = self.headers.get("Authorization")
-                seen = Seen(auth == f"Bearer {server.key}", auth, list(body.get("messages") or []), self.path)
+                seen = Seen(*self._auth(), list(body.get("messages") or []), self.path)
                 server.requests.append(seen)
                 if not seen.authorized:
                     error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
                     return self._send(401, {"error": {**error, "code": "invalid_api_key"}})
+                if self.path.rstrip("/") == "/v1/messages":  # Anthropic's Messages API
+                    return self._send(200, _message(body, seen))
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(
                         404, {"error": {"message": f"no route {self.path}", "type": "not_found"}}
                     )
                 self._send(200, _completion(body, seen))
 
-            def do_GET(self) -> None:  # anything else: who is asking (the header checks use it)
+            def _auth(self) -> tuple[bool, str | None]:
+                """OpenAI's `Authorization: Bearer KEY` or Anthropic's `x-api-key: KEY` (as sent)."""
+                if self.headers.get("x-api-key") is not None:
+                    sent = self.headers.get("x-api-key")
+                    return sent == server.key, f"x-api-key {sent}"
                 auth = self.headers.get("Authorization")
-                server.requests.append(Seen(auth == f"Bearer {server.key}", auth, [], self.path))
-                self._send(200, {"authorized": auth == f"Bearer {server.key}", "path": self.path})
+                return auth == f"Bearer {server.key}", auth
+
+            def do_GET(self) -> None:  # anything else: who is asking (the header checks use it)
+                seen = Seen(*self._auth(), [], self.path)
+                server.requests.append(seen)
+                self._send(200, {"authorized": seen.authorized, "path": self.path})
 
             def _send(self, status: int, obj: dict[str, Any]) -> None:
                 data = json.dumps(obj).encode()
@@ -115,4 +125,18 @@ def _completion(body: dict[str, Any], seen: Seen) -> dict[str, Any]:
         "model": body.get("model", "scripted"),
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": {"prompt_tokens": len(messages), "completion_tokens": 1, "total_tokens": len(messages) + 1},
+    }
+
+
+def _message(body: dict[str, Any], seen: Seen) -> dict[str, Any]:
+    """A Messages API answer: `turn N` for the Nth user message."""
+    return {
+        "id": f"msg_{len(seen.messages)}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", "scripted"),
+        "content": [{"type": "text", "text": f"turn {len(seen.users())}"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": len(seen.messages), "output_tokens": 1},
     }
