@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 
 @dataclass
@@ -50,7 +51,9 @@ class ModelServer:
                 if not seen.authorized:
                     error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
                     return self._send(401, {"error": {**error, "code": "invalid_api_key"}})
-                if self.path.rstrip("/") == "/v1/messages":  # Anthropic's Messages API
+                if urlsplit(self.path).path.rstrip("/") == "/v1/messages":  # Anthropic's Messages API
+                    if body.get("stream"):  # what Claude Code asks for
+                        return self._stream(_message(body, seen))
                     return self._send(200, _message(body, seen))
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(
@@ -70,6 +73,24 @@ class ModelServer:
                 seen = Seen(*self._auth(), [], self.path)
                 server.requests.append(seen)
                 self._send(200, {"authorized": seen.authorized, "path": self.path})
+
+            def _stream(self, message: dict[str, Any]) -> None:
+                """The same message as the Messages API's server-sent events."""
+                start = {**message, "content": [], "stop_reason": None}
+                events = [
+                    {"type": "message_start", "message": start},
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": message["content"][0]["text"]}},
+                    {"type": "content_block_stop", "index": 0},
+                    {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}},
+                    {"type": "message_stop"},
+                ]  # fmt: skip
+                data = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _send(self, status: int, obj: dict[str, Any]) -> None:
                 data = json.dumps(obj).encode()

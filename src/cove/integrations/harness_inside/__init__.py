@@ -152,11 +152,19 @@ class InsideAgent:
     def turn(self, message: str, timeout: float = 300) -> dict[str, Any]:
         """Send one user message; the loop's answer (``turn``, ``reply``, ``items``). Resumes a
         paused or hibernated sandbox (any call does)."""
-        self.sandbox.processes.connect(self.process_id).send_stdin(json.dumps({"message": message}) + "\n")
-        answer = self._read(lambda m: "turn" in m, timeout)
+        self.send({"message": message})
+        answer = self.read(lambda m: "turn" in m, timeout)
         if "error" in answer:
             raise AgentFailed(f"turn {answer['turn']} failed: {answer['error']}")
         return answer
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """One JSON line to the loop's stdin (for a harness with a protocol of its own)."""
+        self.sandbox.processes.connect(self.process_id).send_stdin(json.dumps(obj) + "\n")
+
+    def read(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 300) -> dict[str, Any]:
+        """The next JSON line on the loop's stdout that `wanted` accepts."""
+        return self._read(wanted, timeout)
 
     def close(self) -> None:
         """End the loop (its stdin closes, it exits)."""
