@@ -119,7 +119,7 @@ def test_the_proxy_adds_the_header_and_replaces_the_sandboxes_own(
     # Another host, even allowed and served by the same process, gets no key.
     assert '"authorized": false' in _curl(api, sid, f"http://other.test:{model.port}/x")
     # Nothing the API returns carries the value: names only.
-    for path in (f"/v1/sandboxes/{sid}/network", f"/v1/sandboxes/{sid}", "/v1/sandboxes"):
+    for path in (f"/v1/sandboxes/{sid}/network", f"/v1/sandboxes/{sid}", "/v1/sandboxes", "/v1/audit"):
         r = api.get(path)
         assert r.status_code == 200 and key not in r.text, path
     assert api.get(f"/v1/sandboxes/{sid}/network").json()["inject"] == {
