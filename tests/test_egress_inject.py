@@ -11,6 +11,7 @@ import os
 import secrets
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,17 @@ def test_unknown_keys_and_put_are_422(api: httpx.Client, made: list[str]) -> Non
     r = api.put(f"/v1/sandboxes/{sid}/network", json={"mode": "allow", "inject": {"x.test": {"X-K": "a\nb"}}})
     assert r.status_code == 422 and "control character" in r.text
     assert api.get(f"/v1/sandboxes/{sid}/network").json()["inject"] == {}  # nothing was applied
+
+
+def test_the_cli_shows_names_and_keeps_the_injection(
+    srv: Server, api: httpx.Client, made: list[str], model: ModelServer, key: str
+) -> None:
+    sid = _create(api, made, _settings(model, key))
+    env = {**os.environ, "COVE_URL": srv.url, "COVE_API_KEY": srv.api_key}
+    done = subprocess.run(
+        [sys.executable, "-m", "cove", "network", sid, "--allow", f"model.test:{model.port}"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and f"model.test:{model.port}: Authorization" in done.stdout, done
+    assert key not in done.stdout + done.stderr
+    assert '"authorized": true' in _curl(api, sid, f"http://model.test:{model.port}/v1/models")  # kept
