@@ -191,6 +191,8 @@ def test_https_upstream_the_sandbox_speaks_plain_http_to_the_proxy(
         ({"model.test": {"Bad Name": "v"}}, "'Bad Name' is not a valid header name"),
         ({"model.test": {"X-Key": "v\r\nX-Evil: 1"}}, "control character"),
         ({"model.test": {"X-Key": "v\x00"}}, "control character"),
+        ({"model.test": {"X-Key": "v\n"}}, "control character"),  # a trailing newline too
+        ({"model.test": {"X-Key\n": "v"}}, "is not a valid header name"),
         ({"model.test": {"X-Key": "caf\u00e9"}}, "non-ASCII"),
         ({"model.test": {"Host": "elsewhere"}}, "'Host' frames the request"),
         ({"model.test": {"Content-Length": "0"}}, "'Content-Length' frames the request"),

@@ -16,9 +16,10 @@ Whatever the mode, the host's own addresses, loopback, link-local and private ra
 when an allow rule names them explicitly (an IP or CIDR inside them, or the domain `localhost`), or
 the name comes from the operator's host map; cove's own API needs an IP rule with its port.
 
-`inject` (docs/network.md#credentials) names headers the proxy adds to the plain-HTTP requests a
-sandbox sends to a host (`HOST` or `HOST:PORT`, no wildcard): a credential the host side holds, which
-the sandbox can use but never read. The values are kept out of `as_dict` and everything shown.
+`inject` (docs/network.md#credentials-headers-the-proxy-adds) names headers the proxy adds to the
+plain-HTTP requests a sandbox sends to a host (`HOST`, `HOST:PORT` or `https://HOST[:PORT]`, no
+wildcard): a credential the host side holds, which the sandbox can use but never read. The values
+are kept out of `as_dict` and everything shown.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")  # an RFC 9110 token
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # no CR, LF, NUL or other controls: one header line
+# Used with fullmatch: `$` would let a trailing newline through.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an RFC 9110 token
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")  # no CR, LF, NUL or other controls: one header line
 # Headers that frame the request or talk to the proxy: injecting them would change what is sent.
 _NOT_INJECTABLE = frozenset(
     {
@@ -212,7 +214,7 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
             raise ValueError(f"inject[{key!r}]: at most {MAX_INJECT_HEADERS} headers")
         pairs: list[tuple[str, str]] = []
         for name, value in headers.items():
-            if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"inject[{key!r}]: {name!r} is not a valid header name")
             if name.lower() in _NOT_INJECTABLE:
                 raise ValueError(f"inject[{key!r}]: {name!r} frames the request and cannot be injected")
@@ -222,7 +224,7 @@ def parse_injections(inject: Any) -> tuple[Injection, ...]:
                 raise ValueError(
                     f"inject[{key!r}][{name!r}]: the value is a string of at most {MAX_INJECT_VALUE} characters"
                 )
-            if not _HEADER_VALUE.match(value):
+            if not _HEADER_VALUE.fullmatch(value):
                 raise ValueError(
                     f"inject[{key!r}][{name!r}]: the value has a control character (CR, LF, NUL...) "
                     "or non-ASCII text"
