@@ -38,7 +38,6 @@ ROOT = "/opt/harness"  # in the template: the agent and its packages
 AGENT_PATH = f"{ROOT}/agent.py"
 SITE = f"{ROOT}/site-packages"
 PACKAGES = ("openai-agents",)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _canonical(name: str) -> str:
