@@ -66,6 +66,10 @@ def srv(key: str, cert: Path) -> Iterator[Server]:
     server.start()
     yield server
     log = server.log.read_text(errors="replace") if server.log.exists() else ""
+    # This module writes hundreds of MB (layers, memory images): flushed before close unmounts the
+    # storage, whose loop device close then waits for (30 s) rather than for the writeback.
+    server.kill_all()
+    os.sync()
     server.close()
     assert key not in log, "the injected key was logged"
 
