@@ -42,6 +42,14 @@ export COVE_HOME="${COVE_HOME:-/var/lib/cove}"
 # The Python environment of code contexts (pip, once; instant when built), so that the first run_code
 # does not wait for the server to build it. Without a package index the server retries at its start.
 .venv/bin/cove kernel build >/dev/null || echo "setup: the kernel environment could not be built now; the server builds it at its first start" >&2
+# The Claude Code CLI for tests/test_harness_inside.py (a native binary inside its npm package, ~370 MB);
+# the test skips without it.
+claude_dir=/var/cache/cove-test-claude
+claude_bin=$claude_dir/node_modules/@anthropic-ai/claude-code/bin/claude.exe
+if [ "$(stat -c %s "$claude_bin" 2>/dev/null || echo 0)" -lt 10000000 ] && command -v npm >/dev/null; then
+  npm install -s --no-audit --no-fund --prefix "$claude_dir" @anthropic-ai/claude-code@2.1.328 >/dev/null \
+    || echo "setup: the Claude Code CLI could not be installed; its test in tests/test_harness_inside.py will be skipped" >&2
+fi
 
 if [ "${1:-}" != "--no-serve" ]; then
   exec .venv/bin/cove serve --demo --host "${COVE_HOST:-127.0.0.1}" --port "${COVE_PORT:-7770}"

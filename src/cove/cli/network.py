@@ -86,6 +86,8 @@ def network_(
         ("mode", escape(current.mode)),
         ("allow", escape(", ".join(current.allow)) or "-"),
         ("deny", escape(", ".join(current.deny)) or "-"),
+        # Names only: the API never returns the values (set them with the SDK or API, not on a command line).
+        ("inject", escape("; ".join(f"{h}: {', '.join(n)}" for h, n in current.inject.items())) or "-"),
         ("proxy", escape(current.proxy or current.error or "not running")),
         ("connections", f"{current.allowed} allowed, {current.denied} denied"),
         ("last denied", escape(f"{last['target']}: {last['reason']}") if last else "-"),

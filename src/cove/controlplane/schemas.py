@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from cove.network.egress_policy import Policy, parse_rules
+from cove.network.egress_policy import Policy, parse_injections, parse_rules
 from cove.store.base import AuditEntry, KeyRecord, SandboxRecord, SnapshotRecord, VolumeRecord
 
 UserName = Annotated[str, StringConstraints(pattern=r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")]
@@ -61,11 +61,26 @@ class NetworkSettings(Strict):
     public_traffic: bool | None = Field(
         default=None, description="the sandbox's ports are reachable without a key (default: no)"
     )
+    inject: dict[str, dict[str, str]] | None = Field(
+        default=None,
+        description=(
+            "write-only: headers the egress proxy adds to plain-HTTP requests to a host, "
+            '{"HOST[:PORT]": {"Authorization": "Bearer ..."}}; kept unless given, {} removes them; '
+            "reads show the header names only"
+        ),
+    )
 
     @field_validator("allow", "deny")
     @classmethod
     def _rules(cls, rules: list[str], info: ValidationInfo) -> list[str]:
         return [r.text for r in parse_rules(rules, str(info.field_name))]  # a ValueError is a 422
+
+    @field_validator("inject")
+    @classmethod
+    def _inject(cls, inject: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]] | None:
+        if inject is None:
+            return None
+        return {i.key: dict(i.headers) for i in parse_injections(inject)}  # normalised keys
 
     def record(self) -> dict[str, Any]:
         """What the sandbox record keeps in `network`."""
@@ -77,10 +92,18 @@ class NetworkOut(BaseModel):
     allow: list[str] = Field(default_factory=list)
     deny: list[str] = Field(default_factory=list)
     public_traffic: bool | None = None
+    inject: dict[str, list[str]] = Field(
+        default_factory=dict, description="the headers injected per host: names only, never the values"
+    )
 
     @classmethod
     def of(cls, network: dict[str, Any]) -> NetworkOut:
-        return cls(**Policy.of_record(network).as_dict(), public_traffic=network.get("public_traffic"))
+        policy = Policy.of_record(network)
+        return cls(
+            **policy.as_dict(),
+            public_traffic=network.get("public_traffic"),
+            inject={i.key: [name for name, _ in i.headers] for i in policy.inject},
+        )
 
 
 class NetworkStatus(NetworkOut):

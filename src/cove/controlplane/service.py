@@ -238,7 +238,7 @@ class SandboxService:
         started = time.perf_counter()
         network = req.network.record() if network is None else dict(network)
         try:
-            Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+            Policy.of_record(network, strict=True)
         except ValueError as e:
             raise ApiError(422, "validation_error", f"network: {e}") from e
         if req.snapshot_every:
@@ -475,7 +475,7 @@ class SandboxService:
             network = change(dict(rec.network))
             self._runtime(self.node_of(rec), rec.runtime or "namespaces", network)
             try:
-                policy = Policy.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+                policy = Policy.of_record(network, strict=True)
             except ValueError as e:
                 raise ApiError(422, "validation_error", f"network: {e}") from e
             await self.store.update_sandbox(rec.id, network=network)

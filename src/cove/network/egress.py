@@ -11,16 +11,19 @@ URLs, one request per connection. Names are resolved here, by the server (first 
 host map `COVE_EGRESS_HOSTS="name=ip,..."`), and the policy (`egress_policy`) is checked on the name,
 each address it resolved to, and the port. A refused connection is a 403 whose status line and body
 say why; it is logged and counted per sandbox. Connections are made from the server's own namespace,
-which is why loopback, private and the host's own addresses need an explicit rule.
+which is why loopback, private and the host's own addresses need an explicit rule. Plain-HTTP
+requests to a host the policy injects headers for (`Policy.inject`) get them added here, host-side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Callable
@@ -229,8 +232,12 @@ class Egress:
                 upstream = await self._open(sandbox_id, box, host, port)
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                host, port, first = _forward_head(method, target, lines[1:])
-                upstream = await self._open(sandbox_id, box, host, port)
+                host, port, first = _forward_head(method, target, lines[1:], box.policy.injected)
+                entry = box.policy.injection(host, port)
+                if entry is not None and entry.tls and entry.upstream:  # TLS made here, host-side
+                    upstream = await self._open(sandbox_id, box, host, entry.upstream, tls=True)
+                else:
+                    upstream = await self._open(sandbox_id, box, host, port)
                 upstream[1].write(first)
                 box.sent(len(first))
         except Refused as e:
@@ -239,9 +246,10 @@ class Egress:
         await _relay(reader, writer, *upstream, box)
 
     async def _open(
-        self, sandbox_id: str, box: _Sandbox, host: str, port: int
+        self, sandbox_id: str, box: _Sandbox, host: str, port: int, tls: bool = False
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to `host:port` if the policy allows it (checked on every address)."""
+        """A connection to `host:port` if the policy allows it (checked on every address); `tls`:
+        wrapped in TLS to `host`, verified against this server's CAs."""
         policy = box.policy
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         reason = None
@@ -275,7 +283,12 @@ class Egress:
         for addr in candidates:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    r, w = await asyncio.open_connection(str(addr), port, limit=READ_SIZE)
+                    if tls:
+                        r, w = await asyncio.open_connection(
+                            str(addr), port, limit=READ_SIZE, ssl=_tls_context(), server_hostname=host
+                        )
+                    else:
+                        r, w = await asyncio.open_connection(str(addr), port, limit=READ_SIZE)
             except TimeoutError:
                 errors.append(f"{addr}: timed out")
                 continue
@@ -333,6 +346,12 @@ class Egress:
         return cached[0]
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The system's CAs (SSL_CERT_FILE / SSL_CERT_DIR are honoured), as for any client here."""
+    return ssl.create_default_context()
+
+
 def _may_resolve(policy: Policy, host: str, port: int) -> bool:
     if policy.mode == "none":
         return False
@@ -361,8 +380,14 @@ def _host(host: str) -> str:
     return name
 
 
-def _forward_head(method: str, target: str, headers: list[str]) -> tuple[str, int, bytes]:
-    """Host, port and the request to send for a plain-HTTP request with an absolute URL."""
+def _forward_head(
+    method: str,
+    target: str,
+    headers: list[str],
+    injected: Callable[[str, int], tuple[tuple[str, str], ...]] = lambda host, port: (),
+) -> tuple[str, int, bytes]:
+    """Host, port and the request to send for a plain-HTTP request with an absolute URL, with the
+    headers the policy injects for that host (replacing any of the same name the sandbox sent)."""
     url = urlsplit(target)
     if url.scheme != "http" or not url.hostname:
         raise Refused(
@@ -376,9 +401,12 @@ def _forward_head(method: str, target: str, headers: list[str]) -> tuple[str, in
         raise Refused(400, f"cove egress proxy: invalid port in {target[:200]!r}") from None
     host = _host(url.hostname)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    kept = [h for h in headers if h.split(":", 1)[0].strip().lower() not in _DROP]
+    added = injected(host, port)
+    drop = _DROP | {name.lower() for name, _ in added}
+    kept = [h for h in headers if h.split(":", 1)[0].strip().lower() not in drop]
     if not any(h.lower().startswith("host:") for h in kept):
         kept.insert(0, f"Host: {url.netloc.rpartition('@')[2]}")
+    kept += [f"{name}: {value}" for name, value in added]
     lines = [f"{method} {path} HTTP/1.1", *kept, "Connection: close", "", ""]
     return host, port, "\r\n".join(lines).encode("latin-1")
 

@@ -15,6 +15,11 @@ match the name the process asked for; IP and CIDR rules match the address the na
 Whatever the mode, the host's own addresses, loopback, link-local and private ranges are reached only
 when an allow rule names them explicitly (an IP or CIDR inside them, or the domain `localhost`), or
 the name comes from the operator's host map; cove's own API needs an IP rule with its port.
+
+`inject` (docs/network.md#credentials-headers-the-proxy-adds) names headers the proxy adds to the
+plain-HTTP requests a sandbox sends to a host (`HOST`, `HOST:PORT` or `https://HOST[:PORT]`, no
+wildcard): a credential the host side holds, which the sandbox can use but never read. The values
+are kept out of `as_dict` and everything shown.
 """
 
 from __future__ import annotations
@@ -26,12 +31,25 @@ from typing import Any
 
 MODES = ("none", "allow", "deny", "open")
 MAX_RULES = 1024
+MAX_INJECT_HOSTS = 32
+MAX_INJECT_HEADERS = 16
+MAX_INJECT_VALUE = 8192
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _PORTS = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+# Used with fullmatch: `$` would let a trailing newline through.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an RFC 9110 token
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")  # no CR, LF, NUL or other controls: one header line
+# Headers that frame the request or talk to the proxy: injecting them would change what is sent.
+_NOT_INJECTABLE = frozenset(
+    {
+        "host", "content-length", "transfer-encoding", "connection", "proxy-connection", "keep-alive",
+        "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade", "expect",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,25 +171,121 @@ def parse_rules(rules: Any, name: str) -> tuple[Rule, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class Injection:
+    """Headers the proxy adds to plain-HTTP requests for `host` (on `port`, or any port). With
+    `tls` (a key `https://HOST[:PORT]`), requests for `http://HOST/` (port 80) go to HOST:`upstream`
+    over TLS, verified against the server's CAs: the sandbox speaks plain HTTP to the proxy only."""
+
+    key: str  # normalised `host`, `host:port` or `https://host[:port]`, as stored and shown
+    host: str
+    port: int | None
+    headers: tuple[tuple[str, str], ...]  # (name as given, value)
+    tls: bool = False
+    upstream: int | None = None  # with tls: the port connected to (default 443)
+
+    def __repr__(self) -> str:  # never the values, whatever prints a policy
+        return f"Injection({self.key!r}, {[name for name, _ in self.headers]!r})"
+
+
+def parse_injections(inject: Any) -> tuple[Injection, ...]:
+    """`{"host[:port]": {"Header-Name": "value"}}` validated; ValueError says which entry is wrong
+    (never quoting a value: it is a secret)."""
+    if inject is None:
+        return ()
+    if not isinstance(inject, dict):
+        raise ValueError('inject: expected an object {"host[:port]": {"Header-Name": "value"}}')
+    if len(inject) > MAX_INJECT_HOSTS:
+        raise ValueError(f"inject: at most {MAX_INJECT_HOSTS} hosts")
+    out: dict[str, Injection] = {}
+    for key, headers in inject.items():
+        tls = isinstance(key, str) and key.strip().lower().startswith("https://")
+        try:
+            rule = parse_rule(key.strip()[len("https://") :] if tls else key)
+        except ValueError as e:
+            raise ValueError(f"inject[{key!r}]: {e}") from None
+        single = rule.network is not None and rule.network.num_addresses == 1
+        if rule.any_host or rule.wildcard or not (rule.domain or single):
+            raise ValueError(f"inject[{key!r}]: a host is one name or address, optionally with a port")
+        if rule.ports is not None and rule.ports[0] != rule.ports[1]:
+            raise ValueError(f"inject[{key!r}]: one port, not a range")
+        if not isinstance(headers, dict) or not headers:
+            raise ValueError(f"inject[{key!r}]: expected a non-empty object of header names to values")
+        if len(headers) > MAX_INJECT_HEADERS:
+            raise ValueError(f"inject[{key!r}]: at most {MAX_INJECT_HEADERS} headers")
+        pairs: list[tuple[str, str]] = []
+        for name, value in headers.items():
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"inject[{key!r}]: {name!r} is not a valid header name")
+            if name.lower() in _NOT_INJECTABLE:
+                raise ValueError(f"inject[{key!r}]: {name!r} frames the request and cannot be injected")
+            if name.lower() in {n.lower() for n, _ in pairs}:
+                raise ValueError(f"inject[{key!r}]: {name!r} is given twice")
+            if not isinstance(value, str) or len(value) > MAX_INJECT_VALUE:
+                raise ValueError(
+                    f"inject[{key!r}][{name!r}]: the value is a string of at most {MAX_INJECT_VALUE} characters"
+                )
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"inject[{key!r}][{name!r}]: the value has a control character (CR, LF, NUL...) "
+                    "or non-ASCII text"
+                )
+            pairs.append((name, value.strip(" \t")))
+        host = str(rule.network.network_address) if rule.network is not None else str(rule.domain)
+        port = rule.ports[0] if rule.ports else None
+        shown = ("https://" if tls else "") + rule.text
+        if tls:  # what the sandbox asks for is http://HOST/, on port 80
+            upstream, port = port or 443, 80
+        if any(i.host == host and i.port == port for i in out.values()):
+            raise ValueError(f"inject[{key!r}]: the same host as another entry")
+        out[shown] = Injection(
+            key=shown, host=host, port=port, headers=tuple(pairs), tls=tls, upstream=upstream if tls else None
+        )
+    return tuple(out.values())
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     mode: str = "none"
     allow: tuple[Rule, ...] = ()
     deny: tuple[Rule, ...] = ()
+    inject: tuple[Injection, ...] = ()
 
     @classmethod
-    def parse(cls, mode: Any = "none", allow: Any = (), deny: Any = ()) -> Policy:
+    def parse(cls, mode: Any = "none", allow: Any = (), deny: Any = (), inject: Any = None) -> Policy:
         """A validated policy; ValueError names the field and the rule at fault."""
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-        return cls(mode=mode, allow=parse_rules(allow, "allow"), deny=parse_rules(deny, "deny"))
+        return cls(
+            mode=mode,
+            allow=parse_rules(allow, "allow"),
+            deny=parse_rules(deny, "deny"),
+            inject=parse_injections(inject),
+        )
 
     @classmethod
-    def of_record(cls, network: dict[str, Any]) -> Policy:
-        """The policy stored in a sandbox record's `network` (validated when it was stored)."""
+    def of_record(cls, network: dict[str, Any], strict: bool = False) -> Policy:
+        """The policy stored in a sandbox record's `network` (validated when it was stored);
+        `strict`: a bad one raises ValueError instead of being read as mode none."""
         try:
-            return cls.parse(network.get("mode", "none"), network.get("allow"), network.get("deny"))
+            return cls.parse(
+                network.get("mode", "none"), network.get("allow"), network.get("deny"), network.get("inject")
+            )
         except ValueError:
+            if strict:
+                raise
             return cls()  # never widen access because of a bad record
+
+    def injection(self, host: str, port: int) -> Injection | None:
+        """The entry for a plain-HTTP request for `host` (as the sandbox named it) on `port`: one
+        with that port wins over one for any port."""
+        found = [i for i in self.inject if i.host == host and i.port in (port, None)]
+        found.sort(key=lambda i: i.port is None)
+        return found[0] if found else None
+
+    def injected(self, host: str, port: int) -> tuple[tuple[str, str], ...]:
+        """The headers to add to a plain-HTTP request for `host` on `port`."""
+        entry = self.injection(host, port)
+        return entry.headers if entry is not None else ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "allow": [r.text for r in self.allow], "deny": [r.text for r in self.deny]}

@@ -361,7 +361,7 @@ Network = str | Mapping[str, Any]
 
 
 def network_body(network: Network) -> dict[str, Any]:
-    """``"open"`` is ``{"mode": "open"}``; a mapping is sent as it is (mode, allow, deny)."""
+    """``"open"`` is ``{"mode": "open"}``; a mapping is sent as it is (mode, allow, deny, inject)."""
     return {"mode": network} if isinstance(network, str) else dict(network)
 
 
@@ -371,9 +371,15 @@ def get_network(sandbox_id: str) -> Op[NetworkInfo]:
 
 
 def set_network(
-    sandbox_id: str, mode: str, allow: Sequence[str] = (), deny: Sequence[str] = ()
+    sandbox_id: str,
+    mode: str,
+    allow: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    inject: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Op[NetworkInfo]:
-    body = {"mode": mode, "allow": list(allow), "deny": list(deny)}
+    body: dict[str, Any] = {"mode": mode, "allow": list(allow), "deny": list(deny)}
+    if inject is not None:  # left out: the server keeps the current ones
+        body["inject"] = {host: dict(headers) for host, headers in inject.items()}
     data = yield Call("PUT", sandbox_path(sandbox_id, "/network"), json=body)
     return NetworkInfo.from_dict(data)
 

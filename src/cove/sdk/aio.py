@@ -444,12 +444,19 @@ class AsyncSandbox:
         return await self._http.run(_core.get_network(self._id))
 
     async def set_network(
-        self, mode: str, *, allow: Sequence[str] = (), deny: Sequence[str] = ()
+        self,
+        mode: str,
+        *,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        inject: Mapping[str, Mapping[str, str]] | None = None,
     ) -> NetworkInfo:
         """Replace the egress policy; new connections follow it at once. ``mode`` is ``none``,
         ``allow`` (only ``allow``, minus ``deny``), ``deny`` (all but ``deny``, plus ``allow``) or
-        ``open``; rules are ``HOST[:PORTS]``: ``pypi.org``, ``*.pythonhosted.org``, ``10.0.0.0/8:443``."""
-        return await self._http.run(_core.set_network(self._id, mode, allow, deny))
+        ``open``; rules are ``HOST[:PORTS]``: ``pypi.org``, ``*.pythonhosted.org``, ``10.0.0.0/8:443``.
+        ``inject``: ``{"HOST[:PORT]": {"Header": "value"}}`` the proxy adds to plain-HTTP requests
+        there (write-only; ``None`` keeps the current ones, ``{}`` removes them)."""
+        return await self._http.run(_core.set_network(self._id, mode, allow, deny, inject))
 
     async def set_timeout(self, seconds: int) -> SandboxInfo:
         """Make the sandbox expire ``seconds`` from now (0 = never)."""

@@ -75,6 +75,7 @@ class NetworkInfo:
     denied: int = 0
     last_denied: dict[str, Any] | None = None
     error: str | None = None
+    inject: dict[str, list[str]] = field(default_factory=dict)  # host -> injected header names (no values)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NetworkInfo:
@@ -89,6 +90,7 @@ class NetworkInfo:
             denied=int(data.get("denied") or 0),
             last_denied=data.get("last_denied"),
             error=data.get("error"),
+            inject={str(k): [str(n) for n in v] for k, v in (data.get("inject") or {}).items()},
         )
 
 

@@ -29,7 +29,8 @@ async def get_network(sandbox_id: str, who: Who, svc: Svc) -> NetworkStatus:
 @router.put("/{sandbox_id}/network", response_model=NetworkStatus)
 async def set_network(sandbox_id: str, body: NetworkSettings, who: Who, svc: Svc) -> NetworkStatus:
     """Replace the egress policy (`mode`, `allow`, `deny`; omitted ones are reset). New connections
-    follow it at once; `public_traffic` is kept unless given."""
+    follow it at once; `public_traffic` and `inject` (write-only: it cannot be read back to resend)
+    are kept unless given."""
 
     def change(current: dict[str, Any]) -> dict[str, Any]:
         kept = {k: v for k, v in current.items() if k not in _POLICY or k == "public_traffic"}
