@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 
 if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (cove creates namespaces, cgroups and mounts)" >&2; exit 1; fi
 
-APT_PACKAGES=(python3 python3-venv python3-dev build-essential iproute2 nftables util-linux bubblewrap runc runsc hyperfine e2fsprogs btrfs-progs procps rclone fuse3 curl debootstrap postgresql chromium)
+APT_PACKAGES=(python3 python3-venv python3-dev build-essential iproute2 nftables util-linux bubblewrap runc runsc hyperfine e2fsprogs btrfs-progs procps rclone fuse3 curl dnsutils debootstrap postgresql chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,6 +20,7 @@ from cove.config import Settings
 from cove.network import sandbox_socket
 from cove.network.egress import Egress, parse_hosts
 from cove.network.egress_policy import Policy
+from cove.network.transparent import Transparent
 from cove.node import checkpoint
 from cove.node.base import Handle, NodeAgent, NodeError, SandboxSpec, Seal, TemplateSpec
 from cove.node.durable import LocalDurable
@@ -204,10 +205,11 @@ class LocalContexts:
 
 
 class LocalNetwork:
-    """Egress proxies (`cove.network.egress`) served from this process, and ports reached by
-    entering the sandbox's namespace (`cove.network.sandbox_socket`)."""
+    """Each sandbox's way out, served from this process: the egress proxy in its namespace
+    (`cove.network.egress`) or transparent egress (`cove.network.transparent`, COVE_EGRESS); and
+    ports reached by entering the sandbox's namespace (`cove.network.sandbox_socket`)."""
 
-    def __init__(self, egress: Egress) -> None:
+    def __init__(self, egress: Egress | Transparent) -> None:
         self.egress = egress
 
     async def attach(self, sandbox_id: str, handle: Handle, network: dict[str, Any]) -> None:
@@ -217,7 +219,10 @@ class LocalNetwork:
         await self.egress.detach(sandbox_id, forget)
 
     async def set_policy(self, sandbox_id: str, network: dict[str, Any]) -> None:
-        self.egress.set_policy(sandbox_id, Policy.of_record(network))
+        if isinstance(self.egress, Transparent):
+            await self.egress.set_policy(sandbox_id, Policy.of_record(network))
+        else:
+            self.egress.set_policy(sandbox_id, Policy.of_record(network))
 
     async def status(self, sandbox_id: str) -> dict[str, Any]:
         return self.egress.status(sandbox_id)
@@ -239,10 +244,26 @@ class LocalNode(NodeAgent):
     def __init__(self, settings: Settings, on_egress: Callable[[str], None] | None = None) -> None:
         """`on_egress`: called with each egress connection's result (allowed, denied…), for metrics."""
         self.settings = settings
-        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
-        self.network = LocalNetwork(
-            Egress(settings.egress_port, parse_hosts(settings.egress_hosts), settings.port, on_egress)
-        )
+        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace, or
+        # a veth whose every packet host-side nftables judge.
+        hosts = parse_hosts(settings.egress_hosts)
+        if settings.egress_mode == "transparent":
+            self.network = LocalNetwork(
+                Transparent(
+                    settings.home,
+                    hosts,
+                    lambda sid: self.host.sandbox_dir(sid) / "rootfs",
+                    subnet=settings.egress_subnet,
+                    upstream=settings.egress_dns,
+                    rate=settings.egress_rate,
+                    connections=settings.egress_connections,
+                    on_result=on_egress,
+                )
+            )
+        elif settings.egress_mode == "proxy":
+            self.network = LocalNetwork(Egress(settings.egress_port, hosts, settings.port, on_egress))
+        else:
+            raise ValueError(f"COVE_EGRESS: {settings.egress_mode!r} is not proxy or transparent")
         self._base: TemplateSpec | None = None
         self.idle = Idle()  # guest connections kept between operations (docs/guest-protocol.md)
 
@@ -391,6 +412,8 @@ class LocalNode(NodeAgent):
         stray = sorted((await asyncio.to_thread(self.host.present)) - keep)
         for sandbox_id in stray:
             await self._of(sandbox_id).kill(sandbox_id)
+        if isinstance(self.network.egress, Transparent):  # links and chains a crash left
+            await asyncio.to_thread(self.network.egress.sweep, keep)
         return stray
 
     async def close(self) -> None:
