@@ -2,9 +2,10 @@
 joined to the host by a veth, with servers on documentation addresses (198.51.100.2, 203.0.113.2;
 a DNS resolver on 198.51.100.53). Nothing leaves the machine.
 
-Run as a script inside that namespace, it serves: HTTP on 80 and 8080 (`/bytes/N`: N bytes; else
-`hello <Host> <port>`), the same over TLS on 443, a TCP echo on 7000, a UDP echo on 9999, and DNS on
-198.51.100.53:53 (`up.test` is 203.0.113.2, every other name NXDOMAIN).
+Run as a script inside that namespace, it serves: HTTP on 198.51.100.2:80 and on 8080 (`/bytes/N`: N
+bytes; else `hello <Host> <port>`), the same over TLS on 443, a TCP echo on 7000, a UDP echo on 9999,
+DNS on 198.51.100.53:53 (`up.test` is 203.0.113.2, every other name NXDOMAIN), and for benchmarks a
+blaster on 5001 and 203.0.113.2:80 (it reads a byte count and a newline, then sends that many bytes).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class _Echo(socketserver.BaseRequestHandler):
             self.request.sendall(data)
 
 
+class _Blast(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        left = int(self.rfile.readline())
+        chunk = memoryview(bytes(1 << 20))
+        while left > 0:
+            n = min(left, len(chunk))
+            self.request.sendall(chunk[:n])
+            left -= n
+
+
 class _Threading(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
@@ -81,14 +92,15 @@ def _dns() -> None:
 
 def serve(cert: str) -> None:
     servers: list[socketserver.BaseServer] = []
-    for port in (80, 8080):
-        servers.append(http.server.ThreadingHTTPServer(("0.0.0.0", port), _Web))
+    for addr in ((ADDR, 80), ("0.0.0.0", 8080)):
+        servers.append(http.server.ThreadingHTTPServer(addr, _Web))
     tls = http.server.ThreadingHTTPServer(("0.0.0.0", 443), _Web)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert)
     tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
     servers.append(tls)
     servers.append(_Threading(("0.0.0.0", 7000), _Echo))
+    servers += [_Threading(("0.0.0.0", 5001), _Blast), _Threading((OTHER, 80), _Blast)]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     threading.Thread(target=_dns, daemon=True).start()

@@ -725,9 +725,9 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             return response.to_wire()
         except (OSError, dns.exception.DNSException):
             return _servfail(response)
-        answered = self._pin(box, name, ips, ttl)
+        answered, ttl = self._pin(box, name, ips, ttl)
         if answered:
-            rr = dns.rrset.from_text(question.name, min(ttl, PIN_MAX), "IN", "A", *answered)
+            rr = dns.rrset.from_text(question.name, ttl, "IN", "A", *answered)
             response.answer.append(rr)
             box.allowed += 1
             self.on_result("allowed")
@@ -735,11 +735,11 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             self._deny(box, f"{name} (DNS)", "none of its addresses may be reached")
         return response.to_wire()
 
-    def _pin(self, box: _Box, name: str, ips: list[IPAddress], ttl: int) -> list[str]:
+    def _pin(self, box: _Box, name: str, ips: list[IPAddress], ttl: int) -> tuple[list[str], int]:
         """Pin the answer's addresses into the sandbox's sets (before the answer goes out); returns
-        those the sandbox is told."""
+        those the sandbox is told and the TTL to tell (never beyond the pins' lifetime)."""
         now = time.monotonic()
-        keep = max(PIN_MIN, min(ttl, PIN_MAX)) + 5
+        left = float(keep := max(PIN_MIN, min(ttl, PIN_MAX)) + 5)
         trusted = name in self.hosts
         answered, elements = [], []
         for ip in ips:
@@ -755,23 +755,36 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
                 answered.append(str(ip))
             for ports, deny in pins:
                 entry = box.pins.setdefault((name, str(ip)), {})
+                old = entry.get((ports[0], ports[1], deny))
+                if old is not None and old.expires > now + keep / 2:
+                    if not deny:  # pinned a moment ago: answer within what is left of it
+                        left = min(left, old.expires - now)
+                    continue
                 entry[(ports[0], ports[1], deny)] = _Pin(ports, now + keep, deny)
                 p = str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
-                elements.append((f"{box.ifname}_{'deny' if deny else 'pin'}", f"{ip} . {p} timeout {keep}s"))
+                elements.append((f"{box.ifname}_{'deny' if deny else 'pin'}", f"{ip} . {p}"))
         if elements and box.chains:
             t = f"inet {self.table}"
+            # add, delete, add: an element that exists gets the new timeout (add alone keeps the old).
+            cmds = []
+            for s, e in elements:
+                cmds += [
+                    f"add element {t} {s} {{ {e} timeout {keep}s }}",
+                    f"delete element {t} {s} {{ {e} }}",
+                ]
+                cmds.append(f"add element {t} {s} {{ {e} timeout {keep}s }}")
             try:
-                self._apply("\n".join(f"add element {t} {s} {{ {e} }}" for s, e in elements))
+                self._apply("\n".join(cmds))
             except NftError as e:
                 log.warning("pinning failed", extra={"sandbox": box.sid, "error": str(e)})
-                return []
-        return answered
+                return [], 0
+        return answered, max(1, int(left) - 5)
 
     async def _pin_name(self, box: _Box, name: str) -> None:
         """Resolve a denied name host-side, so its addresses are blocked too."""
         with contextlib.suppress(LookupError, OSError, dns.exception.DNSException):
             ips, ttl = await self._resolve(name)
-            self._pin(box, name, ips, ttl)
+            self._pin(box, name, ips, ttl)  # deny pins only: nothing is answered
 
     async def _pin_denied(self, box: _Box) -> None:
         for rule in box.policy.deny:
