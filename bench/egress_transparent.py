@@ -141,7 +141,7 @@ def render(res: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, row in rows.items():
-        added = f"+{row.p50 - floor.p50:.2f} ms" if key != "loopback" else ""
+        added = f"{row.p50 - floor.p50:+.2f} ms" if key != "loopback" else ""
         thr = statistics.median(mbps[key]) if mbps[key] else 0.0
         ratio = f"{thr / floor_mbps * 100:.0f}%" if key != "loopback" else ""
         lines.append(

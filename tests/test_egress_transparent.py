@@ -329,6 +329,7 @@ def test_a_server_restart_keeps_running_sandboxes_wired(
 def test_hibernate_and_resume_keep_egress(api: httpx.Client, made: list[str]) -> None:
     sid = create(api, made, "allow", ["allowed.test"])
     run(api, sid, "curl -sS -m 10 http://allowed.test/")
+    address = network(api, sid)["transparent"]["address"]
     r = api.post(f"/v1/sandboxes/{sid}/hibernate")
     assert r.status_code == 200, r.text
     if not r.json().get("hibernation", {}).get("memory"):
@@ -337,3 +338,32 @@ def test_hibernate_and_resume_keep_egress(api: httpx.Client, made: list[str]) ->
     assert r.status_code == 200, r.text
     assert run(api, sid, "curl -sS -m 10 http://allowed.test/")["stdout"] == "hello allowed.test 80\n"
     assert connect(api, sid, OTHER, 8080) == "EHOSTUNREACH"
+    assert network(api, sid)["transparent"]["address"] == address  # the link is new, its address is not
+
+
+def test_forks_from_a_memory_snapshot_get_links_of_their_own(api: httpx.Client, made: list[str]) -> None:
+    src = create(api, made, "allow", ["allowed.test"])
+    run(api, src, "curl -sS -m 10 http://allowed.test/")
+    r = api.post(f"/v1/sandboxes/{src}/snapshots", json={"memory": True})
+    if r.status_code != 201 or not r.json().get("memory"):
+        pytest.skip(f"no memory snapshots here (CRIU): {r.text[:200]}")
+    snap = r.json()["id"]
+    try:
+        forks = []
+        for _ in range(2):
+            body = {"snapshot": snap, "network": {"mode": "allow", "allow": ["allowed.test"]}}
+            r = api.post("/v1/sandboxes", json=body)
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+            forks.append(r.json()["id"])
+        addresses = {network(api, sid)["transparent"]["address"] for sid in (src, *forks)}
+        assert len(addresses) == 3, addresses
+        for sid in (src, *forks):
+            assert (
+                run(api, sid, "curl -sS -m 10 http://allowed.test/")["stdout"] == "hello allowed.test 80\n"
+            ), sid
+            assert connect(api, sid, OTHER, 8080) == "EHOSTUNREACH"
+    finally:
+        for sid in made[1:]:
+            api.delete(f"/v1/sandboxes/{sid}")
+        api.delete(f"/v1/snapshots/{snap}")

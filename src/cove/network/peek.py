@@ -5,12 +5,14 @@ names (CDNs), before it splices the connection on."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 from collections.abc import Callable
 
 from cove.network.egress_policy import normal_host
 
+F_SETPIPE_SZ = 1031
 HEAD_LIMIT = 16 << 10  # a ClientHello with many extensions, or request headers
 
 
@@ -90,6 +92,8 @@ def splice(src: socket.socket, dst: socket.socket, done: Callable[[], None]) -> 
     """Copy src to dst in the kernel (splice through a pipe) until EOF, then half-close dst. Runs in
     its own thread on blocking sockets: no byte passes through Python."""
     r, w = os.pipe()
+    with contextlib.suppress(OSError):  # a 1 MiB pipe (pipe-max-size's default): 16x fewer splices
+        fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
     try:
         while True:
             n = os.splice(src.fileno(), w, 1 << 20)

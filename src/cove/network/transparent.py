@@ -258,9 +258,9 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         base = self.pool.network_address + 4 * index
         return str(base + 1), str(base + 2)
 
-    def _used(self) -> set[int]:
+    def _used(self, mine: _Box) -> set[int]:
         """The /30s taken on this host (by any node: all their host ends are in this namespace)."""
-        used = {b.index for b in self._boxes.values() if b.index is not None}
+        used = {b.index for b in self._boxes.values() if b.index is not None and b is not mine}
         for link in json.loads(_run([IP, "-j", "-4", "addr", "show"]) or "[]"):
             for a in link.get("addr_info", []):
                 addr = ipaddress.IPv4Address(a["local"])
@@ -268,8 +268,8 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
                     used.add((int(addr) - int(self.pool.network_address)) // 4)
         return used
 
-    def _allocate(self, prefer: int | None) -> int:
-        used = self._used() | {0}
+    def _allocate(self, box: _Box, prefer: int | None) -> int:
+        used = self._used(box) | {0}
         if prefer is not None and prefer not in used:
             return prefer
         for i in range(1, self.pool.num_addresses // 4):
@@ -307,7 +307,7 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             _run([*inner, IP, "-batch", "-"], "\n".join(batch) + "\n")
         if mine:
             _run([IP, "link", "del", box.ifname])
-        index = self._allocate(have if have is not None else box.index)
+        index = self._allocate(box, have if have is not None else box.index)
         gw, addr = self._addresses(index)
         _run(
             [IP, "-batch", "-"],
@@ -563,6 +563,27 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             out, inn = await asyncio.to_thread(self._counters, box)
             box.carried = (box.carried[0] + out, box.carried[1] + inn)
             box.chains = False  # its namespace goes with its processes; attach wires the new one
+
+    async def unplug(self, sandbox_id: str) -> bool:
+        """Remove the sandbox's veth (CRIU cannot restore one, see LocalCheckpoints) and keep
+        everything else: its address, chains and counts. Whether it had one."""
+        box = self._boxes.get(sandbox_id)
+        if box is None or not box.chains:
+            return False
+        for conn in list(box.peeked):
+            conn.close()
+        out, inn = await asyncio.to_thread(self._counters, box)
+        box.carried = (box.carried[0] + out, box.carried[1] + inn)
+        with contextlib.suppress(TransparentError):
+            await asyncio.to_thread(_run, [IP, "link", "del", box.ifname])
+        box.chains = False
+        return True
+
+    async def replug(self, sandbox_id: str) -> None:
+        """A new veth for a sandbox that kept running (after a memory snapshot), same address."""
+        box = self._boxes.get(sandbox_id)
+        if box is not None and box.handle is not None:
+            await self._wire(box)
 
     async def set_policy(self, sandbox_id: str, policy: Policy) -> None:
         """New connections follow `policy` at once; open ones at their next packet."""

@@ -136,6 +136,10 @@ class LocalCheckpoints:
     async def hibernate(self, sandbox_id: str, handle: Handle) -> None:
         checkpointer = self._of(self.node._of(sandbox_id))
         await self.node._forget_connections(sandbox_id, in_use=True)
+        # CRIU cannot restore a veth whose other end is in the host's namespace (EPERM from inside
+        # the sandbox's user namespace): the link goes before the dump; the attach after the
+        # restore (or after a failed dump) makes a new one with the same address.
+        await self.node._unplug(sandbox_id)
         await checkpointer.hibernate(sandbox_id, handle)
 
     async def snapshot_with_memory(
@@ -143,7 +147,12 @@ class LocalCheckpoints:
     ) -> str:
         checkpointer = self._of(self.node._of(sandbox_id))
         await self.node._forget_connections(sandbox_id, in_use=True)
-        return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
+        plugged = await self.node._unplug(sandbox_id)  # as for hibernate; back once it is dumped
+        try:
+            return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
+        finally:
+            if plugged:
+                await self.node._replug(sandbox_id)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
         return await self._of(self.node._for(spec)).restore(spec, key, resume)
@@ -399,6 +408,15 @@ class LocalNode(NodeAgent):
             runtime = self.runtimes.get(name)
             gone += await runtime.dead(group) if runtime else [sid for sid, _ in group]
         return gone
+
+    async def _unplug(self, sandbox_id: str) -> bool:
+        """Take a sandbox's transparent-egress link away for a checkpoint; whether it had one."""
+        egress = self.network.egress
+        return await egress.unplug(sandbox_id) if isinstance(egress, Transparent) else False
+
+    async def _replug(self, sandbox_id: str) -> None:
+        if isinstance(self.network.egress, Transparent):
+            await self.network.egress.replug(sandbox_id)
 
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
         stats = await self._of(sandbox_id).stats(sandbox_id)
