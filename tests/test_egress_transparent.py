@@ -138,6 +138,22 @@ def go_get() -> Path:
     return binary
 
 
+def echo_in_background(api: httpx.Client, sid: str) -> None:
+    """One TCP connection to allowed.test's echo, used every 50 ms; /tmp/echo.log has the time of
+    each answer."""
+    code = (
+        "import socket, time\ns = socket.create_connection(('allowed.test', 7000)); s.settimeout(0.2)\n"
+        "f = open('/tmp/echo.log', 'w', buffering=1)\n"
+        "while True:\n    try:\n        s.sendall(b'x'); s.recv(10); f.write(f'{time.time()}\\n')\n"
+        "    except OSError:\n        pass\n    time.sleep(0.05)\n"
+    )
+    r = api.post(f"/v1/sandboxes/{sid}/processes", json={"cmd": f"python3 -c {shlex.quote(code)}"})
+    assert r.status_code in (200, 201), r.text
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not run(api, sid, "cat /tmp/echo.log 2>/dev/null")["stdout"]:
+        time.sleep(0.1)
+
+
 # -- acceptance ----------------------------------------------------------------------------------------
 def test_an_allow_list_lets_every_client_through_without_proxy_variables(
     api: httpx.Client, made: list[str], go_get: Path
@@ -240,17 +256,7 @@ def test_a_shared_address_is_checked_by_sni_and_host(api: httpx.Client, made: li
 def test_a_policy_change_reaches_open_connections_within_a_second(api: httpx.Client, made: list[str]) -> None:
     sid = create(api, made, "allow", ["allowed.test"])
     # An echo client that records the time of each answer, in the background.
-    code = (
-        "import socket, time\ns = socket.create_connection(('allowed.test', 7000)); s.settimeout(0.2)\n"
-        "f = open('/tmp/echo.log', 'w', buffering=1)\n"
-        "while True:\n    try:\n        s.sendall(b'x'); s.recv(10); f.write(f'{time.time()}\\n')\n"
-        "    except OSError:\n        pass\n    time.sleep(0.05)\n"
-    )
-    r = api.post(f"/v1/sandboxes/{sid}/processes", json={"cmd": f"python3 -c {shlex.quote(code)}"})
-    assert r.status_code in (200, 201), r.text
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not run(api, sid, "cat /tmp/echo.log 2>/dev/null")["stdout"]:
-        time.sleep(0.1)
+    echo_in_background(api, sid)
     changed = time.time()
     r = api.put(f"/v1/sandboxes/{sid}/network", json={"mode": "allow", "allow": ["other.test"]})
     assert r.status_code == 200, r.text
@@ -317,11 +323,15 @@ def test_a_server_restart_keeps_running_sandboxes_wired(
 ) -> None:
     sid = create(api, made, "allow", ["allowed.test"])
     before = network(api, sid)["transparent"]
-    run(api, sid, "curl -sS -m 10 http://allowed.test/")
+    echo_in_background(api, sid)  # an open connection, through the restart
     srv.restart()
+    restarted = time.time()
     with srv.client() as c:
         after = network(c, sid)["transparent"]
         assert after == before
+        time.sleep(1)
+        times = [float(x) for x in run(c, sid, "cat /tmp/echo.log")["stdout"].split()]
+        assert max(times) > restarted + 0.5, (restarted, times[-3:])
         assert run(c, sid, "curl -sS -m 10 http://allowed.test/")["stdout"] == "hello allowed.test 80\n"
         assert "NXDOMAIN" in run(c, sid, "dig +time=3 other.test")["stdout"]
 

@@ -37,7 +37,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,7 @@ class _Box:
     error: str | None = None
     carried: tuple[int, int] = (0, 0)  # bytes (out, in) of links this sandbox had before its current one
     chains: bool = False
+    changed: bool = False  # its policy was set since this server wired it
 
 
 class Transparent:
@@ -173,6 +174,13 @@ class Transparent:
         self._dns_port = 0
         self._peek_port = 0
         self._local: dict[str, tuple[bool, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, held until it ends (the loop keeps only weak references)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- node-wide setup -----------------------------------------------------------------------------
     async def _start(self) -> None:
@@ -299,6 +307,8 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             if any(a.get("local") == gw for a in mine.get("addr_info", [])):
                 box.index = have  # the same pair, still wired: adopt it
                 self._by_ip[self._addresses(have)[1]] = box
+                if not box.pins:
+                    self._adopt_pins(box)
                 return
         # A namespace restored by CRIU has the links it was dumped with (their other end is not
         # ours, or gone): replace them, keeping its address where free (its TCP sockets use it).
@@ -324,6 +334,28 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         box.index = index
         self._by_ip[addr] = box
         self._write_resolv(box.sid)
+
+    def _adopt_pins(self, box: _Box) -> None:
+        """The pins a previous server made (its answers are still in the sandbox's caches and open
+        connections), kept until they expire; their names are not known, so no policy drops them."""
+        assert self._nft is not None
+        now = time.monotonic()
+        for deny in (False, True):
+            name = f"list set inet {self.table} {box.ifname}_{'deny' if deny else 'pin'}"
+            try:
+                objs = self._nft.run_text(name)["nftables"]
+            except (NftError, KeyError):
+                continue
+            for obj in objs:
+                for el in obj.get("set", {}).get("elem", []):
+                    try:
+                        ip, ports = el["elem"]["val"]["concat"]
+                        lo, hi = ports["range"] if isinstance(ports, dict) else (ports, ports)
+                        expires = now + float(el["elem"].get("expires", 0))
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    entry = box.pins.setdefault(("", str(ip)), {})
+                    entry[(int(lo), int(hi), deny)] = _Pin((int(lo), int(hi)), expires, deny)
 
     def _write_resolv(self, sandbox_id: str) -> None:
         """Point the sandbox's /etc/resolv.conf at cove's resolver, never following a link the
@@ -410,7 +442,8 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         assert box.index is not None
         t, s, p = f"inet {self.table}", box.ifname, box.policy
         gw, addr = self._addresses(box.index)
-        box.gen = box.gen % 0x7FFFFFFF + 1
+        # Each server starts from the clock: a restarted one never reuses its predecessor's marks.
+        box.gen = (box.gen or int(time.time())) % 0xFFFF + 1
         mark = (int(hashlib.sha256(s.encode()).hexdigest()[:4], 16) << 16) | (box.gen & 0xFFFF)
         ok = f"goto {s}_ok"
         reject = "reject with icmpx type admin-prohibited"
@@ -506,6 +539,8 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
 
     def _still(self, box: _Box, name: str, ip: str, pin: _Pin) -> bool:
         """Does a pin made under an older policy hold under the current one?"""
+        if not name:
+            return not box.changed  # adopted after a restart: kept until a policy change
         fresh = self._pins_for(box.policy, name, parse_ip(ip), name in self.hosts)  # type: ignore[arg-type]
         return (pin.ports, pin.deny) in fresh
 
@@ -545,13 +580,19 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             log.warning("transparent egress unavailable", extra={"sandbox": box.sid, "error": str(e)})
             return
         if box.policy.mode == "deny":
-            asyncio.get_running_loop().create_task(self._pin_denied(box))
+            self._spawn(self._pin_denied(box))
 
     async def detach(self, sandbox_id: str, forget: bool = False) -> None:
         """Close spliced connections; `forget` (the sandbox ends): remove its host state too. A
         hibernation keeps the link: CRIU dumps it, and the attach after restore replaces it."""
         box = self._boxes.get(sandbox_id)
         if box is None:
+            if forget:  # one this server never wired (hibernated before a restart): its chains may remain
+                with contextlib.suppress(NftError, TransparentError):
+                    self._nft = self._nft or shared_nft()
+                    await asyncio.to_thread(
+                        self._unlink, _Box(sandbox_id, Policy(), interface(self.tag, sandbox_id))
+                    )
             return
         for conn in list(box.peeked):
             conn.close()
@@ -590,7 +631,7 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         box = self._boxes.get(sandbox_id)
         if box is None:
             return
-        box.policy = policy
+        box.policy, box.changed = policy, True
         if box.handle is not None:
             await self._wire(box)
         for conn in list(box.peeked):
@@ -732,7 +773,7 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             self._deny(box, f"{name} (DNS)", why)
             response.set_rcode(dns.rcode.NXDOMAIN)
             if box.policy.mode == "deny":
-                asyncio.get_running_loop().create_task(self._pin_name(box, name))
+                self._spawn(self._pin_name(box, name))
             return response.to_wire()
         if question.rdtype != dns.rdatatype.A:
             if question.rdtype == dns.rdatatype.AAAA or self.upstream is None or name in self.hosts:
@@ -994,7 +1035,7 @@ class _DnsUdp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        asyncio.get_running_loop().create_task(self._reply(data, addr))
+        self.owner._spawn(self._reply(data, addr))
 
     async def _reply(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         reply = await self.owner.answer(data, str(addr[0]))
