@@ -75,6 +75,8 @@ class NetworkInfo:
     denied: int = 0
     last_denied: dict[str, Any] | None = None
     error: str | None = None
+    # Under transparent egress (COVE_EGRESS=transparent): its link's address, interface, resolver.
+    transparent: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NetworkInfo:
@@ -89,6 +91,7 @@ class NetworkInfo:
             denied=int(data.get("denied") or 0),
             last_denied=data.get("last_denied"),
             error=data.get("error"),
+            transparent=data.get("transparent"),
         )
 
 
