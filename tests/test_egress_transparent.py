@@ -377,3 +377,77 @@ def test_forks_from_a_memory_snapshot_get_links_of_their_own(api: httpx.Client, 
         for sid in made[1:]:
             api.delete(f"/v1/sandboxes/{sid}")
         api.delete(f"/v1/snapshots/{snap}")
+
+
+def test_a_rate_limit_holds_each_sandbox_to_it(outside: Outside) -> None:
+    rate = 2_000_000  # bytes per second, each way
+    env = {
+        "COVE_EGRESS": "transparent",
+        "COVE_EGRESS_HOSTS": f"allowed.test={ADDR}",
+        "COVE_EGRESS_RATE": str(rate),
+    }
+    server = Server(f"egress-txrate-{WORKER}", env)
+    server.start()
+    try:
+        with server.client() as c:
+            r = c.post("/v1/sandboxes", json={"network": {"mode": "allow", "allow": ["allowed.test"]}})
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+            size = 6_000_000
+            got = run(
+                c,
+                sid,
+                f"curl -sS -m 60 -o /dev/null -w '%{{size_download}} %{{time_total}}' http://allowed.test:8080/bytes/{size}",
+            )
+            n, seconds = got["stdout"].split()
+            assert int(n) == size, got
+            # A lower bound only (load can slow it further, never speed it up): the burst is a tenth.
+            assert float(seconds) > 0.8 * size / rate - 0.5, got
+            c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        server.close()
+
+
+# -- the parts, without a sandbox ------------------------------------------------------------------------
+def test_sni_and_host_are_read_from_first_bytes() -> None:
+    import ssl
+
+    from cove.network import peek
+
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="Files.Example.org")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert peek.complete(hello) and peek.sni(hello) == "files.example.org"
+    assert not peek.complete(hello[:20]) and peek.sni(hello[:20]) is None
+    head = b"GET / HTTP/1.1\r\nUser-Agent: x\r\nhost: Allowed.test:8080\r\n\r\n"
+    assert peek.complete(head) and peek.name_of(head) == "allowed.test"
+    assert not peek.complete(head[:20])
+    assert peek.name_of(b"GET / HTTP/1.0\r\n\r\n") is None
+
+
+def test_answers_pin_what_the_policy_allows(tmp_path: Path) -> None:
+    from ipaddress import ip_address
+
+    from cove.network.egress_policy import Policy
+    from cove.network.transparent import ANY, Transparent
+
+    t = Transparent(tmp_path, {"mapped.test": [ip_address("10.1.2.3")]}, lambda sid: tmp_path)
+    pub, private = ip_address("93.184.215.14"), ip_address("10.1.2.3")
+    allow = Policy.parse("allow", ["pypi.org:443", "*.pythonhosted.org", "mapped.test"], ["bad.pypi.org"])
+    assert t._name_refusal(allow, "example.com") == "it is not in the allow list"
+    assert t._name_refusal(allow, "pypi.org") is None
+    assert t._pins_for(allow, "pypi.org", pub, False) == {((443, 443), False)}
+    assert t._pins_for(allow, "a.pythonhosted.org", pub, False) == {(ANY, False)}
+    assert t._pins_for(allow, "a.pythonhosted.org", private, False) == set()  # private: not by DNS
+    assert t._pins_for(allow, "mapped.test", private, True) == {(ANY, False)}  # the operator's map
+    assert t._pins_for(allow, "pypi.org", ip_address("169.254.169.254"), False) == set()
+    assert t._pins_for(allow, "pypi.org", ip_address("127.0.0.1"), True) == set()
+    deny = Policy.parse("deny", ["ok.bad.test"], ["*.bad.test", "ads.test:80"])
+    assert "deny rule" in str(t._name_refusal(deny, "x.bad.test"))
+    assert t._name_refusal(deny, "ok.bad.test") is None  # an allow rule is an exception
+    assert t._pins_for(deny, "x.bad.test", pub, False) == {(ANY, True)}
+    assert t._pins_for(deny, "ads.test", pub, False) == {((80, 80), True)}
+    assert t._pins_for(Policy.parse("none"), "pypi.org", pub, False) == set()
