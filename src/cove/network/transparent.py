@@ -79,6 +79,19 @@ class TransparentError(RuntimeError):
     """The host cannot give sandboxes transparent egress (no nftables, not root…)."""
 
 
+def problem() -> str | None:
+    """Why this host cannot give transparent egress (None: it can)."""
+    if os.geteuid() != 0:
+        return "it needs root (veths, nftables, forwarding)"
+    if not Path("/proc/sys/net/ipv4/ip_forward").exists():
+        return "this kernel has no IPv4 forwarding"
+    try:
+        shared_nft().run_text("list tables")
+    except NftError as e:
+        return str(e)
+    return None
+
+
 def node_tag(home: Path | str) -> str:
     """Three hex digits naming this node's table and interfaces (several nodes may share a host)."""
     return hashlib.sha256(str(home).encode()).hexdigest()[:3]
@@ -162,6 +175,8 @@ class Transparent:
             raise TransparentError(f"COVE_EGRESS_SUBNET: {subnet} is too small (at most /28)")
         self.resolver = str(self.pool.network_address + 1)  # the first /30 is the resolver's, no sandbox's
         self.upstream = _host_port(upstream, 53) if upstream else None
+        if why := problem():
+            raise TransparentError(f"COVE_EGRESS=transparent: {why}")
         self.rate = rate
         self.connections = connections
         self.on_result = on_result or (lambda result: None)
@@ -560,7 +575,13 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
     # -- the node's Network calls ----------------------------------------------------------------------
     async def attach(self, sandbox_id: str, handle: dict[str, Any], policy: Policy) -> None:
         """Wire the sandbox started with `handle` (mode none: later, when a policy lets it out)."""
-        await self._start()
+        try:
+            await self._start()
+        except (NftError, OSError) as e:  # the sandbox runs without a way out; status says why
+            self._boxes.setdefault(
+                sandbox_id, _Box(sandbox_id, policy, interface(self.tag, sandbox_id))
+            ).error = f"transparent egress is unavailable on this node: {e}"
+            return
         box = self._boxes.get(sandbox_id)
         if box is None:
             box = self._boxes[sandbox_id] = _Box(sandbox_id, policy, interface(self.tag, sandbox_id))
