@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -54,12 +55,12 @@ from cove.network import peek
 from cove.network.egress_policy import IPAddress, Policy, Rule, normal_host, parse_ip
 from cove.network.nft import Nft, NftError
 from cove.network.nft import shared as shared_nft
-from cove.syscalls import process_start_time
+from cove.network.sandbox_socket import home_netns
+from cove.syscalls import CLONE_NEWNET, process_start_time, setns
 
 log = logging.getLogger("cove.egress")
 
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
-NSENTER = "/usr/bin/nsenter" if os.path.exists("/usr/bin/nsenter") else "nsenter"
 PREFIX = "cv"  # every cove node's sandbox interfaces: cv<node tag, 3><sandbox hash, 9>
 PIN_MIN, PIN_MAX, TTL_DEFAULT = 30, 3600, 60  # seconds an answer's addresses stay pinned
 ALWAYS_BLOCKED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3")
@@ -110,6 +111,44 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
     if p.returncode != 0:
         raise TransparentError(f"{' '.join(argv[:4])}: {p.stderr.strip() or p.returncode}")
     return p.stdout
+
+
+def _inside(
+    pid: int, start_time: int, argv: list[str], stdin: str | None = None, no_ipv6: bool = False
+) -> str:
+    """Run `argv` in the network namespace of sandbox init `pid`: a thread of its own enters it
+    through a pidfd (a recycled pid cannot redirect it), turns IPv6 off there if asked (sysctls are
+    the namespace's of the thread that opens them), and forks the command, which inherits it."""
+    result: list[str | BaseException] = []
+
+    def run() -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            result.append(TransparentError(f"process {pid} has ended: {e}"))
+            return
+        try:
+            if process_start_time(pid) != start_time:
+                raise TransparentError(f"process {pid} is not the sandbox's init any more")
+            setns(pidfd, CLONE_NEWNET)
+            try:
+                if no_ipv6:
+                    for conf in ("all", "default"):
+                        Path(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6").write_text("1")
+                result.append(_run(argv, stdin))
+            finally:
+                setns(home_netns(), CLONE_NEWNET)  # the thread ends anyway; its fd table is shared
+        except BaseException as e:
+            result.append(e)
+        finally:
+            os.close(pidfd)
+
+    thread = threading.Thread(target=run, name="cove-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 @dataclass
@@ -282,11 +321,13 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         return str(base + 1), str(base + 2)
 
     def _used(self, mine: _Box) -> set[int]:
-        """The /30s taken on this host (by any node: all their host ends are in this namespace)."""
+        """The /30s taken on this host (by any node: all their host ends are in this namespace),
+        read from the kernel's local routes (a file, not an exec)."""
         used = {b.index for b in self._boxes.values() if b.index is not None and b is not mine}
-        for link in json.loads(_run([IP, "-j", "-4", "addr", "show"]) or "[]"):
-            for a in link.get("addr_info", []):
-                addr = ipaddress.IPv4Address(a["local"])
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+        for prev, line in itertools.pairwise(lines):
+            if line.strip() == "/32 host LOCAL" and "|--" in prev:
+                addr = ipaddress.IPv4Address(prev.split("|--")[1].strip())
                 if addr in self.pool:
                     used.add((int(addr) - int(self.pool.network_address)) // 4)
         return used
@@ -300,52 +341,55 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
                 return i
         raise TransparentError(f"no free address in COVE_EGRESS_SUBNET {self.pool}")
 
+    def _index_of(self, link: dict[str, Any] | None) -> int | None:
+        for a in (link or {}).get("addr_info", []):
+            if a.get("family") == "inet" and ipaddress.IPv4Address(a["local"]) in self.pool:
+                return (int(ipaddress.IPv4Address(a["local"])) - int(self.pool.network_address)) // 4
+        return None
+
     # -- links ---------------------------------------------------------------------------------------
     def _link(self, box: _Box) -> None:
-        """Give the sandbox its veth (or adopt the one it has: a server restart)."""
+        """Give the sandbox its veth (or adopt the one it has: a server restart). A fresh sandbox
+        costs two execs of `ip`: the pair, then (in its namespace) its address and route."""
         assert box.handle is not None
         pid, start = int(box.handle["pid"]), int(box.handle["start_time"])
-        if process_start_time(pid) != start:
-            raise TransparentError(f"process {pid} is not the sandbox's init any more")
-        inner = [NSENTER, f"--net=/proc/{pid}/ns/net", "--"]
-        links = json.loads(_run([*inner, IP, "-j", "addr", "show"]) or "[]")
-        eth0 = next((li for li in links if li.get("ifname") == "eth0"), None)
+        mine = Path(f"/sys/class/net/{box.ifname}").exists()
         have = None
-        if eth0:
-            for a in eth0.get("addr_info", []):
-                if a.get("family") == "inet" and ipaddress.IPv4Address(a["local"]) in self.pool:
-                    have = (int(ipaddress.IPv4Address(a["local"])) - int(self.pool.network_address)) // 4
-        host_link = json.loads(_run([IP, "-j", "addr", "show"]) or "[]")
-        mine = next((li for li in host_link if li.get("ifname") == box.ifname), None)
-        if mine and have is not None:
-            gw, _ = self._addresses(have)
-            if any(a.get("local") == gw for a in mine.get("addr_info", [])):
+        if mine:  # a restarted server, or a pair left half-made: look at both ends
+            host = json.loads(_run([IP, "-j", "-4", "addr", "show", "dev", box.ifname]) or "[]")
+            links = json.loads(_inside(pid, start, [IP, "-j", "addr", "show"]) or "[]")
+            have = self._index_of(next((li for li in links if li.get("ifname") == "eth0"), None))
+            if have is not None and host and have == self._index_of(host[0]):
                 box.index = have  # the same pair, still wired: adopt it
                 self._by_ip[self._addresses(have)[1]] = box
                 if not box.pins:
                     self._adopt_pins(box)
                 return
-        # A namespace restored by CRIU has the links it was dumped with (their other end is not
-        # ours, or gone): replace them, keeping its address where free (its TCP sockets use it).
-        batch = [f"link del {li['ifname']}" for li in links if li.get("ifname") not in ("lo", None)]
-        if batch:
-            _run([*inner, IP, "-batch", "-"], "\n".join(batch) + "\n")
-        if mine:
-            _run([IP, "link", "del", box.ifname])
         index = self._allocate(box, have if have is not None else box.index)
         gw, addr = self._addresses(index)
-        _run(
-            [IP, "-batch", "-"],
+        if process_start_time(pid) != start:
+            raise TransparentError(f"process {pid} is not the sandbox's init any more")
+        pair = (
             f"link add {box.ifname} type veth peer name eth0 netns {pid}\n"
-            f"addr add {gw}/30 dev {box.ifname}\nlink set {box.ifname} up\n",
+            f"addr add {gw}/30 dev {box.ifname}\nlink set {box.ifname} up\n"
         )
+        try:
+            if mine:
+                raise TransparentError("replace it")
+            _run([IP, "-batch", "-"], pair)
+        except TransparentError:
+            # Whatever holds the names (an old pair, links a restored namespace came with) goes.
+            links = json.loads(_inside(pid, start, [IP, "-j", "link", "show"]) or "[]")
+            batch = [f"link del {li['ifname']}" for li in links if li.get("ifname") not in ("lo", None)]
+            if batch:
+                _inside(pid, start, [IP, "-force", "-batch", "-"], "\n".join(batch) + "\n")
+            with contextlib.suppress(TransparentError):
+                _run([IP, "link", "del", box.ifname])
+            _run([IP, "-batch", "-"], pair)
         with contextlib.suppress(OSError):
             Path(f"/proc/sys/net/ipv6/conf/{box.ifname}/disable_ipv6").write_text("1")
-        _run(
-            [*inner, "sh", "-c", 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; exec "$0" "$@"',
-             IP, "-batch", "-"],
-            f"addr add {addr}/30 dev eth0\nlink set eth0 up\nroute add default via {gw}\n",
-        )  # fmt: skip
+        config = f"addr add {addr}/30 dev eth0\nlink set eth0 up\nroute add default via {gw}\n"
+        _inside(pid, start, [IP, "-batch", "-"], config, no_ipv6=True)
         box.index = index
         self._by_ip[addr] = box
         self._write_resolv(box.sid)
