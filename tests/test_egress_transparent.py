@@ -451,3 +451,26 @@ def test_answers_pin_what_the_policy_allows(tmp_path: Path) -> None:
     assert t._pins_for(deny, "x.bad.test", pub, False) == {(ANY, True)}
     assert t._pins_for(deny, "ads.test", pub, False) == {((80, 80), True)}
     assert t._pins_for(Policy.parse("none"), "pypi.org", pub, False) == set()
+
+
+def test_a_pooled_sandbox_gets_its_link_when_claimed(outside: Outside) -> None:
+    env = {"COVE_EGRESS": "transparent", "COVE_EGRESS_HOSTS": f"allowed.test={ADDR}", "COVE_POOLS": "base=1:1",
+           "COVE_KERNEL": "0"}  # fmt: skip
+    server = Server(f"egress-txpool-{WORKER}", env)
+    server.start()
+    try:
+        with server.client() as c:
+            deadline = time.monotonic() + 30
+            while c.get("/v1/pools/base").json()["ready"] < 1:
+                assert time.monotonic() < deadline, "the pool did not fill"
+                time.sleep(0.1)
+            hits = c.get("/v1/pools/base").json()["hits"]
+            r = c.post("/v1/sandboxes", json={"network": {"mode": "allow", "allow": ["allowed.test"]}})
+            assert r.status_code == 201, r.text
+            sid = r.json()["id"]
+            assert c.get("/v1/pools/base").json()["hits"] == hits + 1  # it came from the pool
+            assert run(c, sid, "curl -sS -m 10 http://allowed.test/")["stdout"] == "hello allowed.test 80\n"
+            assert connect(c, sid, OTHER, 8080) == "EHOSTUNREACH"
+            c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        server.close()
