@@ -143,7 +143,7 @@ class Outside:
             f"ip -n {ns} addr add {ADDR}/24 dev xi && ip -n {ns} addr add {RESOLVER}/24 dev xi",
             f"ip -n {ns} addr add {OTHER}/24 dev xi && ip -n {ns} link set xi up && ip -n {ns} link set lo up",
             f"ip -n {ns} route add default via {GATEWAY}",
-            f"ip route replace 203.0.113.0/24 via {ADDR}",
+            f"ip route replace {OTHER}/32 via {ADDR}",  # one address: the /24 holds real hosts here (the package mirror)
         )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         self.proc = subprocess.Popen(
@@ -163,7 +163,7 @@ class Outside:
             self.proc.wait()
             self.proc = None
         for cmd in (
-            f"ip route del 203.0.113.0/24 via {ADDR}",
+            f"ip route del {OTHER}/32 via {ADDR}",
             f"ip link del {self.link}",
             f"ip netns del {self.ns}",
         ):
