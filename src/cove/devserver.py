@@ -173,6 +173,11 @@ def _drop_network_table(home: Path) -> None:
 
     if nft := shutil.which("nft"):
         subprocess.run([nft, "delete", "table", "inet", table_name(home)], capture_output=True)
+        # A scratch node that turned IPv4 forwarding on turns it off again when it was the last one.
+        others = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout
+        if (home / "network-forwarding-was-off").exists() and " cove_" not in others:
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/net/ipv4/ip_forward").write_text("0")
 
 
 def _loop_devices(home: Path) -> list[str]:
