@@ -474,3 +474,26 @@ def test_a_pooled_sandbox_gets_its_link_when_claimed(outside: Outside) -> None:
             c.delete(f"/v1/sandboxes/{sid}")
     finally:
         server.close()
+
+
+def test_sandboxes_never_reach_each_other(api: httpx.Client, made: list[str]) -> None:
+    a = create(api, made, "open")
+    b = create(api, made, "open")
+    r = api.post(f"/v1/sandboxes/{b}/processes", json={"cmd": "python3 -m http.server 8000 --bind 0.0.0.0"})
+    assert r.status_code in (200, 201), r.text
+    deadline = time.monotonic() + 10
+    while connect(api, b, "127.0.0.1", 8000) != "connected":
+        assert time.monotonic() < deadline, "b's server did not start"
+        time.sleep(0.1)
+    b_addr = network(api, b)["transparent"]["address"]
+    b_gateway = str(ipaddress.IPv4Address(b_addr) - 1)
+    for target in (b_addr, b_gateway):  # even in mode open
+        assert connect(api, a, target, 8000, timeout=2) in ("EHOSTUNREACH", "timed out"), target
+    assert "ERROR" in udp(api, a, b_addr, 8000)
+    # IPv6, metadata's included: no address, no route.
+    code = (
+        "import errno, socket\ntry:\n    s = socket.socket(socket.AF_INET6); s.settimeout(3)\n"
+        "    s.connect(('fd00:ec2::254', 80)); print('connected')\n"
+        "except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n"
+    )
+    assert py(api, a, code) in ("ENETUNREACH", "EAFNOSUPPORT", "EADDRNOTAVAIL"), a
