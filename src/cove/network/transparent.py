@@ -188,6 +188,7 @@ class _Box:
     carried: tuple[int, int] = (0, 0)  # bytes (out, in) of links this sandbox had before its current one
     chains: bool = False
     changed: bool = False  # its policy was set since this server wired it
+    wired: bool = False  # this server has written its chains at least once
 
 
 class Transparent:
@@ -362,8 +363,9 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             if have is not None and host and have == self._index_of(host[0]):
                 box.index = have  # the same pair, still wired: adopt it
                 self._by_ip[self._addresses(have)[1]] = box
-                if not box.pins:
+                if not box.wired:  # a previous server's: its pins and what it counted
                     self._adopt_pins(box)
+                    self._carry(box)
                 return
         index = self._allocate(box, have if have is not None else box.index)
         gw, addr = self._addresses(index)
@@ -508,11 +510,11 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         reject = "reject with icmpx type admin-prohibited"
         lines = [
             *(f"add chain {t} {s}_{c}" for c in ("out", "in", "host", "nat", "ok")),
-            f"add counter {t} {s}_tx",
-            f"add counter {t} {s}_rx",
             f"add set {t} {s}_pin {{ type ipv4_addr . inet_service; flags interval, timeout; }}",
             f"add set {t} {s}_deny {{ type ipv4_addr . inet_service; flags interval, timeout; }}",
             *(f"flush chain {t} {s}_{c}" for c in ("out", "in", "host", "nat", "ok")),
+            # Counters start again from zero (what they held is in `carried`): add, delete, add.
+            *(f"{op} counter {t} {s}_{c}" for c in ("tx", "rx") for op in ("add", "delete", "add")),
             f"flush set {t} {s}_pin",
             f"flush set {t} {s}_deny",
         ]
@@ -603,9 +605,14 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         fresh = self._pins_for(box.policy, name, parse_ip(ip), name in self.hosts)  # type: ignore[arg-type]
         return (pin.ports, pin.deny) in fresh
 
+    def _carry(self, box: _Box) -> None:
+        """Move what the counters hold into `carried` (before they are written again)."""
+        out, inn = self._counters(box)
+        box.carried = (box.carried[0] + out, box.carried[1] + inn)
+
     def _counters(self, box: _Box) -> tuple[int, int]:
-        """Bytes (out, in) through the sandbox's current link."""
-        if self._nft is None or not box.chains:
+        """Bytes (out, in) its counters hold (since its chains were last written)."""
+        if self._nft is None:
             return 0, 0
         values = {}
         for name in ("tx", "rx"):
@@ -638,8 +645,10 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
         try:
             if not box.chains or box.index is None:
                 await asyncio.to_thread(self._link, box)
+            else:
+                self._carry(box)
             await asyncio.to_thread(self._apply, self._rules(box))
-            box.chains = True
+            box.chains = box.wired = True
         except (TransparentError, NftError, OSError, KeyError, ValueError) as e:
             box.error = f"transparent egress is unavailable for this sandbox: {e}"
             log.warning("transparent egress unavailable", extra={"sandbox": box.sid, "error": str(e)})
@@ -666,20 +675,20 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
             if self._nft is not None:
                 await asyncio.to_thread(self._unlink, box)
         elif box.chains:
-            out, inn = await asyncio.to_thread(self._counters, box)
-            box.carried = (box.carried[0] + out, box.carried[1] + inn)
+            await asyncio.to_thread(self._carry, box)
             box.chains = False  # its namespace goes with its processes; attach wires the new one
 
     async def unplug(self, sandbox_id: str) -> bool:
         """Remove the sandbox's veth (CRIU cannot restore one, see LocalCheckpoints) and keep
         everything else: its address, chains and counts. Whether it had one."""
         box = self._boxes.get(sandbox_id)
-        if box is None or not box.chains:
+        # A hibernation detaches first (chains already off), so the link itself is what counts.
+        if box is None or not Path(f"/sys/class/net/{box.ifname}").exists():
             return False
         for conn in list(box.peeked):
             conn.close()
-        out, inn = await asyncio.to_thread(self._counters, box)
-        box.carried = (box.carried[0] + out, box.carried[1] + inn)
+        if box.chains:
+            await asyncio.to_thread(self._carry, box)
         with contextlib.suppress(TransparentError):
             await asyncio.to_thread(_run, [IP, "link", "del", box.ifname])
         box.chains = False
@@ -714,7 +723,7 @@ add rule {t} postrouting ip saddr {self.pool} oifname != "{PREFIX}*" masquerade
                 "bytes_out": 0,
                 "bytes_in": 0,
             }
-        out, inn = self._counters(box)
+        out, inn = self._counters(box) if box.chains else (0, 0)
         address = self._addresses(box.index)[1] if box.index is not None and box.chains else None
         return {
             "proxy": None,
