@@ -72,6 +72,8 @@ def create(api: httpx.Client, made: list[str], mode: str, allow: list[str] = (),
     r = api.post("/v1/sandboxes", json={"timeout": 600, "network": network})
     assert r.status_code == 201, r.text
     made.append(r.json()["id"])
+    status = api.get(f"/v1/sandboxes/{made[-1]}/network").json()
+    assert status["error"] is None, status  # wired (or, in mode none, nothing to wire)
     return made[-1]
 
 
@@ -191,11 +193,22 @@ def test_an_allow_list_lets_every_client_through_without_proxy_variables(
     assert net["transparent"]["resolver"] == "10.200.0.1" and net["allowed"] >= 5
 
 
-def test_everything_else_is_refused(api: httpx.Client, made: list[str]) -> None:
+def test_everything_else_is_refused(api: httpx.Client, made: list[str], go_get: Path) -> None:
     sid = create(api, made, "allow", ["allowed.test"])
     r = run(api, sid, "curl -sS -m 10 http://other.test/")
     assert "Could not resolve host: other.test" in r["stderr"], r
     assert "NXDOMAIN" in run(api, sid, "dig +time=3 other.test")["stdout"]
+    node = run(
+        api,
+        sid,
+        "node -e \"fetch('http://other.test/').then(() => console.log('ok'), e => console.log(e.cause.code))\"",
+    )
+    assert node["stdout"].strip() == "ENOTFOUND", node
+    api.put(
+        f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/get", "mode": 0o755}, content=go_get.read_bytes()
+    )
+    go = run(api, sid, "/tmp/get http://other.test:8080/")
+    assert go["exit_code"] == 1 and "no such host" in go["stdout"], go
     # By address: other.test's address was never answered to this sandbox, so it is not reachable.
     assert connect(api, sid, OTHER, 8080) == "EHOSTUNREACH"
     # DNS to any resolver but cove's, over UDP and TCP, and any other UDP out.
