@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core
 import e2b_compat
 import egress
+import egress_transparent
 import gvisor
 import interactive
 import ports
@@ -125,6 +126,7 @@ def main() -> None:
     compat = e2b_compat.run(runs=10 if args.quick else 30)
     exposed = ports.run(runs=50 if args.quick else 200)
     out = egress.run(runs=50 if args.quick else 200)
+    transparent = egress_transparent.run(runs=50 if args.quick else 200)
     tpl = templates.run(runs=10 if args.quick else 30)
     vols = volumes.run(runs=3 if args.quick else 5)
     gv = gvisor.run(runs=5 if args.quick else 15)
@@ -143,6 +145,8 @@ def main() -> None:
         *ports.render(exposed),
         "",
         *egress.render(out),
+        "",
+        *egress_transparent.render(transparent),
         "",
         *templates.render(tpl),
         "",

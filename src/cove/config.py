@@ -72,6 +72,17 @@ class Settings:
     # names the proxy resolves itself before DNS ("name=ip,name=ip"; they may reach private addresses).
     egress_port: int = field(default_factory=lambda: int(os.environ.get("COVE_EGRESS_PORT", "17770")))
     egress_hosts: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS_HOSTS", ""))
+    # How sandboxes reach out: `proxy` (the HTTP proxy in each sandbox, via proxy variables) or
+    # `transparent` (a veth per sandbox, every packet judged by host-side nftables, cove's own DNS);
+    # the pool the transparent path's /30s come from, its upstream resolver (ip[:port]; default: the
+    # host's resolver), and per-sandbox limits (bytes per second each way, 0: none; open connections).
+    egress_mode: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS", "proxy"))
+    egress_subnet: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS_SUBNET", "10.200.0.0/16"))
+    egress_dns: str = field(default_factory=lambda: os.environ.get("COVE_EGRESS_DNS", ""))
+    egress_rate: int = field(default_factory=lambda: int(os.environ.get("COVE_EGRESS_RATE", "0")))
+    egress_connections: int = field(
+        default_factory=lambda: int(os.environ.get("COVE_EGRESS_CONNECTIONS", "512"))
+    )
     # The gvisor runtime (docs/runtimes.md): the runsc binary and its platform (ptrace works everywhere;
     # kvm needs real hardware virtualisation).
     runsc: str = field(default_factory=lambda: os.environ.get("COVE_RUNSC", "runsc"))

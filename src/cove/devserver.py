@@ -126,6 +126,7 @@ class Server:
             if os.path.ismount(storage):
                 subprocess.run(["umount", str(storage)], check=False)
             leftovers = leaks(self)
+            _drop_network_table(self.home)  # a scratch node's table (a real one keeps it across restarts)
             shutil.rmtree(self.home, ignore_errors=True)
             if leftovers:
                 raise AssertionError(f"sandbox resources leaked: {leftovers}")
@@ -144,6 +145,7 @@ def leaks(server: Server) -> list[str]:
         if root.count("/") > 4:
             dirs[:] = []
     found += [f"process {pid}: {what}" for pid, what in _processes(server)]
+    found += _network_leaks(server.home)
     deadline = (
         time.monotonic() + 30
     )  # the kernel detaches an unmounted image's loop device lazily (slower under load)
@@ -167,6 +169,32 @@ def _going(loop: str) -> bool:
         return False
     subprocess.run(["losetup", "-d", f"/dev/{loop}"], check=False, capture_output=True)
     return True
+
+
+def _network_leaks(home: Path) -> list[str]:
+    """Transparent egress's host state of sandboxes that ended: their interfaces and nft chains."""
+    from cove.network.transparent import PREFIX, node_tag, table_name
+
+    tag = node_tag(home)
+    found = [f"interface {p.name}" for p in Path("/sys/class/net").glob(f"{PREFIX}{tag}*")]
+    nft = shutil.which("nft")
+    if nft:
+        out = subprocess.run([nft, "list", "table", "inet", table_name(home)], capture_output=True, text=True)
+        found += [f"nft {line.split()[1]}" for line in out.stdout.splitlines()
+                  if line.strip().startswith(("chain cv", "set cv", "counter cv"))]  # fmt: skip
+    return found
+
+
+def _drop_network_table(home: Path) -> None:
+    from cove.network.transparent import table_name
+
+    if nft := shutil.which("nft"):
+        subprocess.run([nft, "delete", "table", "inet", table_name(home)], capture_output=True)
+        # A scratch node that turned IPv4 forwarding on turns it off again when it was the last one.
+        others = subprocess.run([nft, "list", "tables"], capture_output=True, text=True).stdout
+        if (home / "network-forwarding-was-off").exists() and " cove_" not in others:
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/net/ipv4/ip_forward").write_text("0")
 
 
 def _loop_devices(home: Path) -> list[str]:

@@ -124,6 +124,22 @@ def checks() -> list[Check]:
             False,
         )
     )
+    from cove.network.transparent import problem
+
+    why = problem()
+    mode = os.environ.get("COVE_EGRESS", "proxy")
+    out.append(
+        Check(
+            "transparent egress",
+            why is None,
+            (
+                f"veth + nftables per sandbox, cove's DNS (COVE_EGRESS={mode}; gvisor sandboxes stay on mode none)"
+            )
+            if why is None
+            else f"unavailable ({why}): COVE_EGRESS=proxy only",
+            mode == "transparent",
+        )
+    )
     py = shutil.which("python3", path="/usr/bin")
     out.append(
         Check("guest python", py is not None, py or "/usr/bin/python3 missing: the base template needs it")

@@ -106,8 +106,19 @@ class NetworkOut(BaseModel):
         )
 
 
+class TransparentLink(BaseModel):
+    """A sandbox's link under transparent egress (COVE_EGRESS=transparent); nulls while it has none."""
+
+    address: str | None = Field(default=None, description="the sandbox's address on its eth0")
+    interface: str | None = Field(default=None, description="the host end of its veth")
+    resolver: str | None = Field(default=None, description="cove's DNS server, its only resolver")
+
+
 class NetworkStatus(NetworkOut):
     proxy: str | None = Field(default=None, description="the proxy's URL inside the sandbox, when it runs")
+    transparent: TransparentLink | None = Field(
+        default=None, description="its link, where the node gives transparent egress instead of a proxy"
+    )
     error: str | None = Field(default=None, description="why the proxy does not run")
     allowed: int = Field(default=0, description="connections let through since the server started")
     denied: int = Field(default=0, description="connections refused since the server started")

@@ -45,7 +45,15 @@ class Starter:
         return SandboxSpec(
             id=sid,
             template=template,
-            env={**(proxy_env(self.settings.egress_port) if egress else {}), **env},
+            # Transparent egress needs no variables: every program's packets are judged host-side.
+            env={
+                **(
+                    proxy_env(self.settings.egress_port)
+                    if egress and self.settings.egress_mode == "proxy"
+                    else {}
+                ),
+                **env,
+            },
             user=user,
             workdir=workdir,
             limits=limits,

@@ -20,6 +20,7 @@ from cove.config import Settings
 from cove.network import sandbox_socket
 from cove.network.egress import Egress, parse_hosts
 from cove.network.egress_policy import Policy
+from cove.network.transparent import Transparent
 from cove.node import checkpoint
 from cove.node.base import Handle, NodeAgent, NodeError, SandboxSpec, Seal, TemplateSpec
 from cove.node.durable import LocalDurable
@@ -135,6 +136,10 @@ class LocalCheckpoints:
     async def hibernate(self, sandbox_id: str, handle: Handle) -> None:
         checkpointer = self._of(self.node._of(sandbox_id))
         await self.node._forget_connections(sandbox_id, in_use=True)
+        # CRIU cannot restore a veth whose other end is in the host's namespace (EPERM from inside
+        # the sandbox's user namespace): the link goes before the dump; the attach after the
+        # restore (or after a failed dump) makes a new one with the same address.
+        await self.node._unplug(sandbox_id)
         await checkpointer.hibernate(sandbox_id, handle)
 
     async def snapshot_with_memory(
@@ -142,7 +147,12 @@ class LocalCheckpoints:
     ) -> str:
         checkpointer = self._of(self.node._of(sandbox_id))
         await self.node._forget_connections(sandbox_id, in_use=True)
-        return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
+        plugged = await self.node._unplug(sandbox_id)  # as for hibernate; back once it is dumped
+        try:
+            return await checkpointer.snapshot_with_memory(sandbox_id, handle, key, layer_id, seal)
+        finally:
+            if plugged:
+                await self.node._replug(sandbox_id)
 
     async def restore(self, spec: SandboxSpec, key: str, resume: bool) -> Handle:
         return await self._of(self.node._for(spec)).restore(spec, key, resume)
@@ -204,10 +214,11 @@ class LocalContexts:
 
 
 class LocalNetwork:
-    """Egress proxies (`cove.network.egress`) served from this process, and ports reached by
-    entering the sandbox's namespace (`cove.network.sandbox_socket`)."""
+    """Each sandbox's way out, served from this process: the egress proxy in its namespace
+    (`cove.network.egress`) or transparent egress (`cove.network.transparent`, COVE_EGRESS); and
+    ports reached by entering the sandbox's namespace (`cove.network.sandbox_socket`)."""
 
-    def __init__(self, egress: Egress) -> None:
+    def __init__(self, egress: Egress | Transparent) -> None:
         self.egress = egress
 
     async def attach(self, sandbox_id: str, handle: Handle, network: dict[str, Any]) -> None:
@@ -217,7 +228,10 @@ class LocalNetwork:
         await self.egress.detach(sandbox_id, forget)
 
     async def set_policy(self, sandbox_id: str, network: dict[str, Any]) -> None:
-        self.egress.set_policy(sandbox_id, Policy.of_record(network))
+        if isinstance(self.egress, Transparent):
+            await self.egress.set_policy(sandbox_id, Policy.of_record(network))
+        else:
+            self.egress.set_policy(sandbox_id, Policy.of_record(network))
 
     async def status(self, sandbox_id: str) -> dict[str, Any]:
         return self.egress.status(sandbox_id)
@@ -239,10 +253,26 @@ class LocalNode(NodeAgent):
     def __init__(self, settings: Settings, on_egress: Callable[[str], None] | None = None) -> None:
         """`on_egress`: called with each egress connection's result (allowed, denied…), for metrics."""
         self.settings = settings
-        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace.
-        self.network = LocalNetwork(
-            Egress(settings.egress_port, parse_hosts(settings.egress_hosts), settings.port, on_egress)
-        )
+        # Each running sandbox's way out (docs/network.md): a proxy listening in its namespace, or
+        # a veth whose every packet host-side nftables judge.
+        hosts = parse_hosts(settings.egress_hosts)
+        if settings.egress_mode == "transparent":
+            self.network = LocalNetwork(
+                Transparent(
+                    settings.home,
+                    hosts,
+                    lambda sid: self.host.sandbox_dir(sid) / "rootfs",
+                    subnet=settings.egress_subnet,
+                    upstream=settings.egress_dns,
+                    rate=settings.egress_rate,
+                    connections=settings.egress_connections,
+                    on_result=on_egress,
+                )
+            )
+        elif settings.egress_mode == "proxy":
+            self.network = LocalNetwork(Egress(settings.egress_port, hosts, settings.port, on_egress))
+        else:
+            raise ValueError(f"COVE_EGRESS: {settings.egress_mode!r} is not proxy or transparent")
         self._base: TemplateSpec | None = None
         self.idle = Idle()  # guest connections kept between operations (docs/guest-protocol.md)
 
@@ -379,6 +409,15 @@ class LocalNode(NodeAgent):
             gone += await runtime.dead(group) if runtime else [sid for sid, _ in group]
         return gone
 
+    async def _unplug(self, sandbox_id: str) -> bool:
+        """Take a sandbox's transparent-egress link away for a checkpoint; whether it had one."""
+        egress = self.network.egress
+        return await egress.unplug(sandbox_id) if isinstance(egress, Transparent) else False
+
+    async def _replug(self, sandbox_id: str) -> None:
+        if isinstance(self.network.egress, Transparent):
+            await self.network.egress.replug(sandbox_id)
+
     async def stats(self, sandbox_id: str) -> dict[str, Any]:
         stats = await self._of(sandbox_id).stats(sandbox_id)
         egress = self.network.egress.status(sandbox_id)  # its way out: bytes through its proxy
@@ -391,6 +430,8 @@ class LocalNode(NodeAgent):
         stray = sorted((await asyncio.to_thread(self.host.present)) - keep)
         for sandbox_id in stray:
             await self._of(sandbox_id).kill(sandbox_id)
+        if isinstance(self.network.egress, Transparent):  # links and chains a crash left
+            await asyncio.to_thread(self.network.egress.sweep, keep)
         return stray
 
     async def close(self) -> None:

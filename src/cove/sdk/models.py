@@ -76,6 +76,8 @@ class NetworkInfo:
     last_denied: dict[str, Any] | None = None
     error: str | None = None
     inject: dict[str, list[str]] = field(default_factory=dict)  # host -> injected header names (no values)
+    # Under transparent egress (COVE_EGRESS=transparent): its link's address, interface, resolver.
+    transparent: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NetworkInfo:
@@ -91,6 +93,7 @@ class NetworkInfo:
             last_denied=data.get("last_denied"),
             error=data.get("error"),
             inject={str(k): [str(n) for n in v] for k, v in (data.get("inject") or {}).items()},
+            transparent=data.get("transparent"),
         )
 
 
