@@ -510,3 +510,37 @@ def test_sandboxes_never_reach_each_other(api: httpx.Client, made: list[str]) ->
         "except OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n"
     )
     assert py(api, a, code) in ("ENETUNREACH", "EAFNOSUPPORT", "EADDRNOTAVAIL"), a
+
+
+def test_e2b_network_settings_hold_for_raw_packets_and_change_at_run_time(
+    srv: Server, made: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """e2b's allowOut/denyOut by IP and CIDR, through the unmodified e2b SDK, on a transparent node: a
+    raw TCP connect (no proxy to ask) is let through or refused by address and by range, and
+    update_network replaces the rules at run time (open connections: test_a_policy_change_...)."""
+    from e2b import Sandbox
+
+    for name in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("E2B_API_URL", srv.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
+    monkeypatch.setenv("E2B_API_KEY", srv.api_key)
+    sb = Sandbox.create(timeout=300, network={"allow_out": [f"{ADDR}/32"], "deny_out": ["0.0.0.0/0"]})
+    made.append(sb.sandbox_id)
+    with srv.client() as api:
+        assert connect(api, sb.sandbox_id, ADDR, 80) == "connected"
+        assert connect(api, sb.sandbox_id, OTHER, 80) in (
+            "ECONNREFUSED",
+            "EHOSTUNREACH",
+            "ENETUNREACH",
+            "timed out",
+        )
+        # (Both test networks are documentation ranges, which cove lets out only when a rule names them.)
+        sb.update_network({"allow_out": [f"{OTHER}/32"], "deny_out": [f"{ADDR}/32"]})
+        assert connect(api, sb.sandbox_id, ADDR, 80) != "connected"
+        assert connect(api, sb.sandbox_id, OTHER, 80) == "connected"
+        sb.update_network({"allow_out": ["198.51.100.0/24"], "deny_out": ["0.0.0.0/0"]})  # by CIDR
+        assert connect(api, sb.sandbox_id, ADDR, 80) == "connected"
+        assert connect(api, sb.sandbox_id, OTHER, 80) != "connected"
+    info = Sandbox.get_info(sb.sandbox_id)
+    assert info.sandbox_id == sb.sandbox_id
