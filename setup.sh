@@ -7,8 +7,8 @@ cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (cove creates namespaces, cgroups and mounts)" >&2; exit 1; fi
 
 APT_PACKAGES=(python3 python3-venv python3-dev build-essential iproute2 nftables util-linux bubblewrap runc runsc hyperfine e2fsprogs btrfs-progs procps rclone fuse3 curl dnsutils debootstrap postgresql chromium nodejs)
-# Code contexts' other languages (nodejs above: JavaScript); R without its recommends (compilers, docs).
-APT_BARE=(r-base-core r-cran-irkernel)
+# Code contexts' other languages (nodejs above: JavaScript), without their recommends (compilers, docs).
+APT_BARE=(r-base-core r-cran-irkernel openjdk-17-jdk-headless)  # Java: jshell
 missing=()
 bare=()
 for p in "${APT_PACKAGES[@]}"; do

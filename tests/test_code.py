@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 
 import httpx
 import pytest
@@ -139,6 +140,27 @@ def test_typescript_contexts_strip_types_and_keep_state(
     end = run(api, sid, "const broken: number = ;", **ts)[-1]
     assert end["error"]["name"] == "SyntaxError" and "Expression expected" in end["error"]["value"], end
     assert value(run(api, sid, "p.x", **ts)) == "40"  # a bad cell leaves the context as it was
+
+
+def test_java_contexts_run_jshell_snippets_with_values_errors_and_timeouts(
+    api: httpx.Client, sandbox: dict, kernel_ready: None
+) -> None:
+    if shutil.which("jshell") is None:
+        pytest.skip("Java contexts need a JDK with jshell (setup.sh installs openjdk-17-jdk-headless)")
+    sid = sandbox["id"]
+    java = {"language": "java"}
+    assert run(api, sid, "int x = 40;\nint twice(int v) { return 2 * v; }", **java)[-1]["error"] is None
+    assert value(run(api, sid, "twice(x) + 2", **java)) == "82"  # state persists
+    events = run(api, sid, 'System.out.println("out"); System.err.println("err"); "s" + x', **java)
+    assert {"type": "stdout", "text": "out\n"} in events and {"type": "stderr", "text": "err\n"} in events
+    assert value(events) == '"s40"'
+    end = run(api, sid, "int y = ;", **java)[-1]
+    assert end["error"]["name"] == "CompilationError" and "illegal start" in end["error"]["value"], end
+    end = run(api, sid, 'throw new IllegalStateException("boom");', **java)[-1]
+    assert end["error"]["name"] == "java.lang.IllegalStateException" and end["error"]["value"] == "boom", end
+    end = run(api, sid, "while (true) {}", timeout=2, **java)[-1]
+    assert end["error"]["name"] == "TimeoutError", end
+    assert value(run(api, sid, "x", **java)) == "40"  # stopped, not restarted
 
 
 def test_r_contexts_keep_their_state_and_return_rich_results(

@@ -24,7 +24,7 @@ from cove.store.base import SandboxRecord
 
 PYTHON = "/opt/cove/kernel/bin/python"
 TAG = "context:"
-LANGUAGES = ("python", "bash", "javascript", "typescript", "r")
+LANGUAGES = ("python", "bash", "javascript", "typescript", "r", "java")
 STOP_GRACE = 5.0  # seconds a stopped context may take to shut its interpreter down
 
 # One start at a time per (sandbox, context): two first calls must not start two default contexts.

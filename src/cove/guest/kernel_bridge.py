@@ -32,6 +32,7 @@ and requests from all connections are served one after another.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -576,31 +577,39 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
 """
 
 
-class JavaScriptContext(Context):
-    """Node.js (the sandbox's `node`): one process per context, its cells sharing one vm context."""
+class RunnerContext(Context):
+    """An interpreter driven by a runner program of ours (`source`, run by `program`): cells go to
+    its stdin one line each (`request`), what they print comes on its stdout and stderr, and its
+    reply, one JSON line `{count, error, data}`, on the control fd it is given (COVE_CTL_FD)."""
 
-    language = "javascript"
+    program = ""  # the command that runs the runner, looked up on the sandbox's PATH
+    needs = ""  # what to install when it is missing
+    source = ""
+    filename = ""
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
         super().__init__(cwd, env)
         self.proc: subprocess.Popen | None = None
         self.ctl = -1
-        self.runner = os.path.join(self.tmp, "runner.js")
+        self.runner = os.path.join(self.tmp, self.filename)
         with open(self.runner, "w") as f:
-            f.write(_NODE_RUNNER)
+            f.write(self.source)
         self.start()
 
+    def request(self, code: str, timeout: float | None, env: dict[str, str]) -> bytes:
+        raise NotImplementedError
+
     def start(self) -> None:
-        node = shutil.which("node", path=self.env.get("PATH") or os.defpath)
-        if node is None:
+        program = shutil.which(self.program, path=self.env.get("PATH") or os.defpath)
+        if program is None:
             raise RuntimeError(
-                "javascript contexts need Node.js (`node`) in the sandbox; none is on its PATH"
+                f"{self.language} contexts need {self.needs} (`{self.program}`) in the sandbox; none is on its PATH"
             )
         _load_prctl()
         read, write = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [node, self.runner],
+                [program, self.runner],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -632,7 +641,7 @@ class JavaScriptContext(Context):
 
     def _died(self) -> None:
         code = self.proc.poll() if self.proc is not None else None
-        self.dead = f"node exited (status {code})" if code is not None else "node exited"
+        self.dead = f"{self.program} exited (status {code})" if code is not None else f"{self.program} exited"
         raise KernelDied(self.dead)
 
     def run(self, code: str, timeout: float | None, emit, env: dict[str, str] | None = None) -> dict:
@@ -641,17 +650,15 @@ class JavaScriptContext(Context):
         if self.proc is None or self.proc.poll() is not None:
             self._died()
         try:
-            self.proc.stdin.write(
-                (json.dumps({"code": code, "timeout": timeout, "env": env or {}}) + "\n").encode()
-            )
+            self.proc.stdin.write(self.request(code, timeout, env or {}))
             self.proc.stdin.flush()
         except (OSError, ValueError):
             self._died()
         streams = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
         pending = {fd: b"" for fd in streams}
         reply = b""
-        # Past the cell's own timeout (which node enforces on synchronous code) an awaited promise
-        # may still hang: then the context is restarted, as the other languages do.
+        # Past the cell's own timeout (which the runner enforces) a cell may still hang (an awaited
+        # promise, code that ignores a stop): then the context is restarted, as the others are.
         deadline = None if timeout is None else time.monotonic() + timeout + INTERRUPT_GRACE
 
         def pump(wait: float) -> bool:
@@ -689,6 +696,113 @@ class JavaScriptContext(Context):
         if msg.get("data"):
             emit({"event": "result", "data": msg["data"], "main": True})
         return {"error": msg.get("error"), "execution_count": msg.get("count")}
+
+
+class JavaScriptContext(RunnerContext):
+    """Node.js (the sandbox's `node`): one process per context, its cells sharing one vm context."""
+
+    language = "javascript"
+    program = "node"
+    needs = "Node.js"
+    source = _NODE_RUNNER
+    filename = "runner.js"
+
+    def request(self, code: str, timeout: float | None, env: dict[str, str]) -> bytes:
+        return (json.dumps({"code": code, "timeout": timeout, "env": env}) + "\n").encode()
+
+
+# The Java runner: JShell's API in the runner's own JVM (the local execution engine, so a cell's
+# System.out is the runner's stdout, in order). A cell is split into snippets as jshell would; the
+# last expression's value is the result; a rejected snippet or an exception ends the cell with its
+# error; a timeout stops it (JShell.stop) without losing the state. Requests are `TIMEOUT<TAB>BASE64`
+# lines (no JSON parser in the JDK); per-run env is not supported (a JVM cannot change its own).
+_JAVA_RUNNER = r"""
+import jdk.jshell.*;
+import java.io.*;
+import java.nio.charset.StandardCharsets;
+import java.util.*;
+
+public class Runner {
+    static String q(String s) {
+        if (s == null) return "null";
+        StringBuilder b = new StringBuilder("\"");
+        for (char c : s.toCharArray()) {
+            switch (c) {
+                case '"': b.append("\\\""); break;
+                case '\\': b.append("\\\\"); break;
+                case '\n': b.append("\\n"); break;
+                case '\r': b.append("\\r"); break;
+                case '\t': b.append("\\t"); break;
+                default: if (c < 0x20) b.append(String.format("\\u%04x", (int) c)); else b.append(c);
+            }
+        }
+        return b.append('"').toString();
+    }
+    public static void main(String[] args) throws Exception {
+        PrintStream ctl = new PrintStream(new FileOutputStream("/dev/fd/" + System.getenv("COVE_CTL_FD")), true, "UTF-8");
+        JShell js = JShell.builder().out(System.out).err(System.err).executionEngine("local").build();
+        BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        int count = 0;
+        String line;
+        while ((line = in.readLine()) != null) {
+            int tab = line.indexOf('\t');
+            double timeout = Double.parseDouble(line.substring(0, tab));
+            String code = new String(Base64.getDecoder().decode(line.substring(tab + 1)), StandardCharsets.UTF_8);
+            count++;
+            String value = null, error = null;
+            Timer timer = null;
+            final boolean[] stopped = {false};
+            if (timeout > 0) { timer = new Timer(true); timer.schedule(new TimerTask() { public void run() { stopped[0] = true; js.stop(); } }, (long) (timeout * 1000)); }
+            String rest = code;
+            outer:
+            while (!rest.isBlank()) {
+                SourceCodeAnalysis.CompletionInfo ci = js.sourceCodeAnalysis().analyzeCompletion(rest);
+                if (!ci.completeness().isComplete()) {
+                    error = "{\"name\":\"CompilationError\",\"value\":\"incomplete input\",\"traceback\":[" + q(rest.strip()) + "]}";
+                    break;
+                }
+                for (SnippetEvent e : js.eval(ci.source())) {
+                    if (e.causeSnippet() != null) continue;
+                    if (e.exception() != null) {
+                        Throwable t = e.exception();
+                        String name = t instanceof EvalException ? ((EvalException) t).getExceptionClassName() : t.getClass().getName();
+                        StringBuilder tb = new StringBuilder();
+                        for (StackTraceElement s : t.getStackTrace()) tb.append(tb.length() > 0 ? "," : "").append(q("  at " + s));
+                        error = "{\"name\":" + q(name) + ",\"value\":" + q(String.valueOf(t.getMessage())) + ",\"traceback\":[" + tb + "]}";
+                        break outer;
+                    }
+                    if (e.status() == Snippet.Status.REJECTED) {
+                        StringBuilder msg = new StringBuilder();
+                        js.diagnostics(e.snippet()).forEach(d -> msg.append(msg.length() > 0 ? "; " : "").append(d.getMessage(Locale.ROOT)));
+                        error = "{\"name\":\"CompilationError\",\"value\":" + q(msg.toString()) + ",\"traceback\":[" + q(e.snippet().source().strip()) + "]}";
+                        break outer;
+                    }
+                    Snippet.Kind kind = e.snippet().kind();
+                    value = (kind == Snippet.Kind.EXPRESSION || (kind == Snippet.Kind.VAR && e.snippet().subKind().isExecutable() && e.snippet().subKind() == Snippet.SubKind.TEMP_VAR_EXPRESSION_SUBKIND)) ? e.value() : null;
+                }
+                rest = ci.remaining();
+            }
+            if (timer != null) timer.cancel();
+            if (stopped[0]) error = "{\"name\":\"TimeoutError\",\"value\":" + q("execution timed out after " + timeout + "s and was stopped") + ",\"traceback\":[]}";
+            System.out.flush(); System.err.flush();
+            ctl.println("{\"count\":" + count + ",\"error\":" + (error == null ? "null" : error) + ",\"data\":" + (value == null || error != null ? "null" : "{\"text/plain\":" + q(value) + "}") + "}");
+        }
+    }
+}
+"""
+
+
+class JavaContext(RunnerContext):
+    """Java through JShell (the sandbox's JDK, `java` 17 or later: Debian's openjdk-17-jdk-headless)."""
+
+    language = "java"
+    program = "java"
+    needs = "a JDK"
+    source = _JAVA_RUNNER
+    filename = "Runner.java"  # run as a single source file (the JDK compiles it at start)
+
+    def request(self, code: str, timeout: float | None, env: dict[str, str]) -> bytes:
+        return f"{timeout or 0}\t{base64.b64encode(code.encode()).decode()}\n".encode()
 
 
 class TypeScriptContext(JavaScriptContext):
@@ -815,6 +929,7 @@ CONTEXTS = {
     "javascript": JavaScriptContext,
     "typescript": TypeScriptContext,
     "r": RContext,
+    "java": JavaContext,
 }
 
 

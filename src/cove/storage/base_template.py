@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-VERSION = 4  # bump when the layer's recipe changes
+VERSION = 5  # bump when the layer's recipe changes
 
 BIN = "opt/cove/bin"  # on every command's PATH (the guest's BASE_PATH, and login shells: PROFILE)
 PROFILE = (
@@ -31,6 +31,7 @@ ETC_ALLOWLIST = (
     "profile.d", "protocols", "python3", "python3.11", "services", "shells", "skel", "ssl/certs",
     "ssl/openssl.cnf", "timezone", "terminfo", "locale.alias", "bindresvport.blacklist", "fonts",
     "R",  # R's own settings (Renviron, ldpaths): R contexts
+    "java-17-openjdk", "java-21-openjdk",  # the JDK's (java.security): Java contexts
 )  # fmt: skip
 
 PASSWD = """root:x:0:0:root:/root:/bin/bash

@@ -45,6 +45,7 @@ _LANGUAGES = {
     **dict.fromkeys(("javascript", "js", "node", "nodejs"), "javascript"),
     **dict.fromkeys(("typescript", "ts"), "typescript"),
     "r": "r",
+    "java": "java",
 }
 _CONTEXT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 # Jupyter MIME types -> e2b result fields.
@@ -92,7 +93,7 @@ def _language(name: str | None) -> str:
         raise ApiError(
             400,
             "invalid",
-            f"language {name!r} is not supported here: cove's code contexts run python, javascript, typescript, r and bash",
+            f"language {name!r} is not supported here: cove's code contexts run python, javascript, typescript, r, java and bash",
         )
     return language
 

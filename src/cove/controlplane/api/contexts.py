@@ -25,7 +25,7 @@ from .deps import service
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["code"])
 Svc = Annotated[SandboxService, Depends(service)]
 Who = Annotated[Caller, Depends(caller)]
-Language = Literal["python", "bash", "javascript", "typescript", "r"]
+Language = Literal["python", "bash", "javascript", "typescript", "r", "java"]
 ContextId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
 
 
