@@ -399,11 +399,13 @@ def test_the_mcp_gateway_starts_with_the_sdks_mcp_option_and_serves_the_servers_
         assert r.status_code == 401 and "Bearer" in r.json()["error"]
 
     # e2b's catalog servers run as Docker images there; here the SDK's own error says why not.
+    tag = {"test": f"mcp-{uuid.uuid4().hex}"}
     with pytest.raises(e2b.SandboxException, match=r"Failed to start MCP gateway.*catalog.*run_cmd"):
-        Sandbox.create(mcp={"exa": {"apiKey": "not-a-key"}}, timeout=60)  # type: ignore[arg-type]
+        Sandbox.create(mcp={"exa": {"apiKey": "not-a-key"}}, timeout=60, metadata=tag)  # type: ignore[arg-type]
     with e2b_env.client() as c:
-        live = [s for s in c.get("/v1/sandboxes").json()["items"] if s["state"] == "running"]
-    assert [s["id"] for s in live] == [sb.sandbox_id]  # the failed one was killed
+        tried = c.get("/v1/sandboxes", params={"metadata": f"test={tag['test']}"}).json()["items"]
+    assert [s["state"] for s in tried] == ["killed"], tried  # the SDK killed the one that failed
+    assert Sandbox.get_info(sb.sandbox_id).state == SandboxState.RUNNING
 
 
 @needs_criu
