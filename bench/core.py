@@ -157,3 +157,130 @@ def _cgroup_memory(parent: str, sid: str) -> int:
     from cove.node.namespaces.cgroups import Cgroup
 
     return Cgroup(f"{parent}/{sid}").memory_usage() or 0
+
+
+class Lean:
+    """A keep-alive HTTP/1.1 client on http.client (far less per request than httpx): the exec
+    round trip measured with it is cove's, not the client library's."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80)
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+
+    def post(self, path: str, body: bytes) -> tuple[bytes, str]:
+        """The body and the Server-Timing header of a 2xx reply."""
+        self.conn.request("POST", path, body, self.headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status >= 300:
+            raise RuntimeError(f"{resp.status}: {data[:200]!r}")
+        return data, resp.getheader("server-timing") or ""
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+STAGES = {
+    "auth": "routing, body read, API key (cached hash lookup)",
+    "route": "dependencies, body validation",
+    "store": "sandbox record read",
+    "node": "node and guest client lookup",
+    "connection": "guest connection (kept, or a new one)",
+    "guest": "request sent, command spawned and run in the sandbox, reply read",
+    "output": "result built and serialised",
+}
+
+
+def exec_path(runs: int = 500, stages: bool = False) -> dict[str, object]:
+    """The exec round trip of `true` through the HTTP API beside host fork+exec `true`, interleaved;
+    with httpx (what the SDK uses) and with a lean client. `stages`: the server stamps each stage
+    (COVE_TRACE_STAGES=1) and the breakdown's medians come back too."""
+    true = shutil.which("true") or "/bin/true"
+    env = {"COVE_POOLS": "", **({"COVE_TRACE_STAGES": "1"} if stages else {})}
+    rows = {
+        "fork_exec": Row("fork+exec `true` on the host (floor)"),
+        "lean": Row("cove: exec `true`, HTTP (lean keep-alive client)"),
+        "httpx": Row("cove: exec `true`, HTTP (httpx keep-alive client)"),
+    }
+    breakdown: dict[str, list[float]] = {}
+    srv = Server("bench-exec", extra_env=env)
+    srv.start()
+    try:
+        with srv.client() as c:
+            sid = c.post("/v1/sandboxes", json={}).json()["id"]
+            lean = Lean(srv.url, srv.api_key)
+            path, body = f"/v1/sandboxes/{sid}/exec", b'{"argv": ["true"]}'
+            for _ in range(20):  # warm both paths
+                lean.post(path, body)
+                c.post(path, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+            for _ in range(runs):
+                rows["fork_exec"].samples_ms.append(_time(lambda: _spawn([true])))
+                t = time.perf_counter()
+                _, timing = lean.post(path, body)
+                total = (time.perf_counter() - t) * 1000
+                rows["lean"].samples_ms.append(total)
+                rows["httpx"].samples_ms.append(
+                    _time(
+                        lambda: c.post(
+                            path, content=body, headers={"Content-Type": "application/json"}
+                        ).raise_for_status()
+                    )
+                )
+                if stages:
+                    parsed = _server_timing(timing)
+                    for name, ms in parsed.items():
+                        breakdown.setdefault(name, []).append(ms)
+                    breakdown.setdefault("http", []).append(total - parsed.get("total", 0.0))
+            lean.close()
+            c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        srv.close()
+    return {"rows": rows, "stages": {k: statistics.median(v) for k, v in breakdown.items()}}
+
+
+def render_exec_path(res: dict[str, object]) -> list[str]:
+    rows: dict[str, Row] = res["rows"]  # type: ignore[assignment]
+    floor = rows["fork_exec"]
+    lines = [
+        "| measurement | p50 ms | p99 ms | runs | vs. floor (p50) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        vs = "" if key == "fork_exec" else f"+{row.p50 - floor.p50:.2f} ms, {row.p50 / floor.p50:.1f}×"
+        lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.99):.2f} | {len(row.samples_ms)} | {vs} |")
+    st: dict[str, float] = res["stages"]  # type: ignore[assignment]
+    if st:
+        lines += ["", "| stage (median) | ms | what |", "|---|---|---|"]
+        lines.append(
+            f"| http | {st.get('http', 0):.3f} | client, loopback TCP, uvicorn's parsing (client total − server total) |"
+        )
+        for name, what in STAGES.items():
+            if name in st:
+                lines.append(f"| {name} | {st[name]:.3f} | {what} |")
+        lines.append(
+            f"| server total | {st.get('total', 0):.3f} | from cove's ASGI app to the response's headers |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the exec round trip beside its floor (and its stages)")
+    ap.add_argument("--runs", type=int, default=500)
+    ap.add_argument("--stages", action="store_true", help="stamp each stage (COVE_TRACE_STAGES=1)")
+    args = ap.parse_args()
+    print("\n".join(render_exec_path(exec_path(args.runs, args.stages))))

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from cove import faults
+from cove import faults, stages
 from cove.config import Settings
 from cove.controlplane import audit
 from cove.controlplane.admission import Admission, StartSlot
@@ -146,9 +146,11 @@ class SandboxService:
     # -- lookups -------------------------------------------------------------------------
     async def get(self, who: Caller, sandbox_id: str) -> SandboxRecord:
         """The caller's sandbox, or 404 (also for another tenant's: ids must not leak)."""
+        stages.mark("route")  # dependencies and the body's validation, since auth
         rec = await self.store.get_sandbox(sandbox_id)
         if rec is None or rec.tenant != who.tenant:
             raise not_found("sandbox", sandbox_id)
+        stages.mark("store")
         return rec
 
     async def running(self, who: Caller, sandbox_id: str) -> SandboxRecord:
@@ -197,7 +199,9 @@ class SandboxService:
         return self.node_of(rec).checkpoints.available(rec.runtime or "namespaces")
 
     def guest(self, rec: SandboxRecord) -> GuestClient:
-        return self.node_of(rec).guest(rec.id)
+        client = self.node_of(rec).guest(rec.id)
+        stages.mark("node")
+        return client
 
     def port_opener(self, rec: SandboxRecord) -> Callable[[int], Awaitable[socket.socket]]:
         """Connects to a port on the running sandbox's loopback, on the node that holds it; a

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+from cove import stages
 from cove.guest import protocol
 from cove.guest.protocol import (
     HEADER,
@@ -401,6 +402,7 @@ class GuestClient:
         """
         fields = {"cmd": cmd, "argv": argv, "cwd": cwd, "env": env, "user": user, "timeout": timeout}
         conn = await self._lease()
+        stages.mark("connection")
         reader, writer = conn.reader, conn.writer
         feeder: asyncio.Task[None] | None = None
         try:
@@ -422,6 +424,7 @@ class GuestClient:
                 elif kind == KIND_STDERR:
                     yield "stderr", payload
                 elif kind == KIND_JSON:
+                    stages.mark("guest")  # the request sent, the command run, its reply read
                     reply = _reply(payload, conn)
                     yield "exit", {"exit_code": reply["exit_code"], "timed_out": reply["timed_out"]}
                     return
