@@ -260,3 +260,4 @@ def install(app: FastAPI, cove: Cove) -> None:
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
+    app.router.routes[:0] = commands.fast_routes  # raw ASGI too: the exec round trip's hot path
