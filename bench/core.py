@@ -204,50 +204,58 @@ STAGES = {
 }
 
 
-def exec_path(runs: int = 500, stages: bool = False) -> dict[str, object]:
+def exec_path(runs: int = 500, stages: bool = False, compare: str | None = None) -> dict[str, object]:
     """The exec round trip of `true` through the HTTP API beside host fork+exec `true`, interleaved;
     with httpx (what the SDK uses) and with a lean client. `stages`: the server stamps each stage
-    (COVE_TRACE_STAGES=1) and the breakdown's medians come back too."""
+    (COVE_TRACE_STAGES=1) and the breakdown's medians come back too. `compare`: another tree's
+    `src` directory, served by a second server and timed in the same loop (before/after a change)."""
     true = shutil.which("true") or "/bin/true"
     env = {"COVE_POOLS": "", **({"COVE_TRACE_STAGES": "1"} if stages else {})}
-    rows = {
-        "fork_exec": Row("fork+exec `true` on the host (floor)"),
-        "lean": Row("cove: exec `true`, HTTP (lean keep-alive client)"),
-        "httpx": Row("cove: exec `true`, HTTP (httpx keep-alive client)"),
-    }
+    rows = {"fork_exec": Row("fork+exec `true` on the host (floor)")}
+    sides = {"": env, **({" (compared tree)": {**env, "PYTHONPATH": compare}} if compare else {})}
+    for tag in sides:
+        rows["lean" + tag] = Row(f"cove{tag}: exec `true`, HTTP (lean keep-alive client)")
+        rows["httpx" + tag] = Row(f"cove{tag}: exec `true`, HTTP (httpx keep-alive client)")
     breakdown: dict[str, list[float]] = {}
-    srv = Server("bench-exec", extra_env=env)
-    srv.start()
+    servers = {tag: Server(f"bench-exec{i}", extra_env=e) for i, (tag, e) in enumerate(sides.items())}
+    clients: dict[str, tuple[httpx.Client, Lean, str]] = {}
+    body = b'{"argv": ["true"]}'
+    json_type = {"Content-Type": "application/json"}
     try:
-        with srv.client() as c:
+        for tag, srv in servers.items():
+            srv.start()
+            c = srv.client()
             sid = c.post("/v1/sandboxes", json={}).json()["id"]
-            lean = Lean(srv.url, srv.api_key)
-            path, body = f"/v1/sandboxes/{sid}/exec", b'{"argv": ["true"]}'
+            clients[tag] = (c, Lean(srv.url, srv.api_key), f"/v1/sandboxes/{sid}/exec")
             for _ in range(20):  # warm both paths
-                lean.post(path, body)
-                c.post(path, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
-            for _ in range(runs):
-                rows["fork_exec"].samples_ms.append(_time(lambda: _spawn([true])))
+                clients[tag][1].post(clients[tag][2], body)
+                c.post(clients[tag][2], content=body, headers=json_type).raise_for_status()
+        for _ in range(runs):
+            rows["fork_exec"].samples_ms.append(_time(lambda: _spawn([true])))
+            for tag, (c, lean, path) in clients.items():
                 t = time.perf_counter()
                 _, timing = lean.post(path, body)
                 total = (time.perf_counter() - t) * 1000
-                rows["lean"].samples_ms.append(total)
-                rows["httpx"].samples_ms.append(
+                rows["lean" + tag].samples_ms.append(total)
+                rows["httpx" + tag].samples_ms.append(
                     _time(
-                        lambda: c.post(
-                            path, content=body, headers={"Content-Type": "application/json"}
+                        lambda c=c, path=path: c.post(
+                            path, content=body, headers=json_type
                         ).raise_for_status()
                     )
                 )
-                if stages:
+                if stages and not tag:
                     parsed = _server_timing(timing)
                     for name, ms in parsed.items():
                         breakdown.setdefault(name, []).append(ms)
                     breakdown.setdefault("http", []).append(total - parsed.get("total", 0.0))
-            lean.close()
-            c.delete(f"/v1/sandboxes/{sid}")
     finally:
-        srv.close()
+        for c, lean, path in clients.values():
+            lean.close()
+            c.delete(path.removesuffix("/exec"))
+            c.close()
+        for srv in servers.values():
+            srv.close()
     return {"rows": rows, "stages": {k: statistics.median(v) for k, v in breakdown.items()}}
 
 
@@ -259,7 +267,7 @@ def render_exec_path(res: dict[str, object]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for key, row in rows.items():
-        vs = "" if key == "fork_exec" else f"+{row.p50 - floor.p50:.2f} ms, {row.p50 / floor.p50:.1f}×"
+        vs = "" if key == "fork_exec" else f"+{row.p50 - floor.p50:.2f} ms, {row.p50 / floor.p50:.2f}×"
         lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.99):.2f} | {len(row.samples_ms)} | {vs} |")
     st: dict[str, float] = res["stages"]  # type: ignore[assignment]
     if st:
@@ -282,5 +290,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="the exec round trip beside its floor (and its stages)")
     ap.add_argument("--runs", type=int, default=500)
     ap.add_argument("--stages", action="store_true", help="stamp each stage (COVE_TRACE_STAGES=1)")
+    ap.add_argument("--compare", help="another tree's src directory, timed in the same run")
     args = ap.parse_args()
-    print("\n".join(render_exec_path(exec_path(args.runs, args.stages))))
+    print("\n".join(render_exec_path(exec_path(args.runs, args.stages, args.compare))))
