@@ -519,14 +519,15 @@ def test_old_exited_processes_are_forgotten(tmp_path: Path) -> None:
         async def go() -> None:
             first = await a.client.spawn(argv=["true"], tag="first")
             await a.client.wait(first["id"], 5)
-            ids = [(await a.client.spawn(argv=["true"]))["id"] for _ in range(100)]
+            # PROCS_KEEP (100) + PROCS_SLACK (25): none forgotten yet, the spawns read no records
+            ids = [(await a.client.spawn(argv=["true"]))["id"] for _ in range(125)]
             for proc_id in ids:
                 await a.client.wait(proc_id, 5)
             listed = [p["id"] for p in await a.client.processes()]
-            assert len(listed) == 101 and listed[0] == first["id"]
-            last = await a.client.spawn(argv=["sleep", "30"])  # forgets the oldest exited one
+            assert len(listed) == 126 and listed[0] == first["id"]
+            last = await a.client.spawn(argv=["sleep", "30"])  # forgets all but the newest 100 exited
             listed = [p["id"] for p in await a.client.processes()]
-            assert listed == [*ids, last["id"]]
+            assert listed == [*ids[25:], last["id"]]
             with pytest.raises(GuestError) as info:
                 await a.client.wait(first["id"], 1)
             assert info.value.code == "not_found"

@@ -140,6 +140,8 @@ class AccessLog:
                     "path": scope["path"],
                     "status": status,
                     "ms": round((time.perf_counter() - started) * 1000, 2),
+                    # every stage, those after the headers too (a stream's): COVE_TRACE_STAGES=1 only
+                    **({"stages": stages.header(stamps).decode()} if stamps is not None else {}),
                 },
             )
 

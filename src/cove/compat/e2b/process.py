@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from cove import stages
 from cove.node.guest_client import GuestError, GuestUnavailable
 
 from . import connect, fsops
@@ -131,6 +132,7 @@ class Service:
             )
         try:
             ctx.state["session"] = session = await fsops.session(self.cove, tgt)
+            stages.mark("session")
         except fsops.EnvdError as exc:
             raise _as_connect(exc) from exc
         return session
@@ -166,13 +168,16 @@ class Service:
         try:
             async with _guest_errors(ctx):
                 await anext(output)  # "attached": the process is there
+            stages.mark("attach")
             yield cls(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+            stages.mark("start event")
             async with _guest_errors(ctx), _stream_cut(session):
                 async for kind, data in output:
                     if kind in ("stdout", "stderr"):
                         field = "pty" if pty else kind
                         yield cls(event=pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(**{field: data})))
                     elif kind == "exit":
+                        stages.mark("run")
                         code = int(data["exit_code"])  # type: ignore[index]
                         # 128 + n is how a signal death reads; only the process record tells it from `exit 137`.
                         sig = await self._signal_of(ctx, proc_id) if code > 128 else None
@@ -200,6 +205,7 @@ class Service:
         session = await self._open(ctx)
         try:
             started = await session.guest.spawn(**fields)
+            stages.mark("spawn")
         except GuestError as exc:
             err = fsops.from_guest(exc)
             code = (
