@@ -584,3 +584,30 @@ def test_a_reader_that_falls_behind_is_told_what_it_missed(client: GuestClient, 
     # test awaits `wait`, its event loop keeps draining the attach socket into the stream's buffer,
     # and each time the agent refills it the reader may have fallen behind again.
     assert run(asyncio.wait_for(go(), 20)).count("truncated") >= 1
+
+
+def test_spawn_and_attach_on_one_connection(client: GuestClient, spawn: Spawner) -> None:
+    """`spawn` with `attach` (e2b's commands.run): the process's id first, then its whole output and
+    exit as `attach` gives them; it is an ordinary background process meanwhile (listed, waitable)."""
+
+    async def go() -> None:
+        events = [
+            item
+            async for item in client.spawn_attach(
+                offset=0, block=True, argv=["sh", "-c", "echo out; echo err >&2; exit 3"], hold=True
+            )
+        ]
+        kind, spawned = events[0]
+        assert kind == "spawned" and isinstance(spawned, dict) and spawned["pid"] > 0
+        assert events[1][0] == "attached"
+        out = b"".join(d for k, d in events if k == "stdout")  # type: ignore[misc]
+        err = b"".join(d for k, d in events if k == "stderr")  # type: ignore[misc]
+        assert (out, err) == (b"out\n", b"err\n")
+        assert events[-1][0] == "exit" and events[-1][1]["exit_code"] == 3  # type: ignore[index]
+        assert (await client.wait(spawned["id"], 5))["exit_code"] == 3
+        assert spawned["id"] in [p["id"] for p in await client.processes()]
+        with pytest.raises(GuestError) as info:  # errors before the start come first
+            await anext(client.spawn_attach(argv=["true"], cwd="/no/such/dir"))
+        assert info.value.code == "not_found"
+
+    run(go())

@@ -544,9 +544,31 @@ class GuestClient:
         process is not touched. `offset=-1`: live output only. `block`: a reader that falls behind
         holds the process's output back (its writes block) instead of missing bytes.
         Unknown id: GuestError("not_found")."""
+        fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
+        async for item in self._attached("attach", fields):
+            yield item
+
+    async def spawn_attach(
+        self, offset: int | None = None, block: bool = False, **fields: Any
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
+        """`spawn` and `attach` in one operation on one connection: yields ("spawned", {id, pid})
+        first, then what `attach` yields. A spawn error (bad cwd, unknown user) is raised by the
+        first iteration step; closing the iterator detaches (the process is not touched)."""
+        attach = {"offset": offset, **({"block": True} if block else {})}
+        async for kind, data in self._attached("spawn", {**fields, "attach": attach}):
+            if kind == "spawn reply":  # an agent from before `attach` (a sealed template's): attach now
+                spawned = {"id": data["id"], "pid": data["pid"]}  # type: ignore[index]
+                yield "spawned", spawned
+                async for item in self.attach(spawned["id"], offset=offset, block=block):
+                    yield item
+                return
+            yield kind, data
+
+    async def _attached(
+        self, op: str, fields: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
         async with self._streaming() as (reader, writer):
-            fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
-            await _send_request(writer, "attach", fields)
+            await _send_request(writer, op, fields)
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -562,6 +584,9 @@ class GuestClient:
                         yield str(event["event"]), event
                         continue
                     reply = _reply(payload)
+                    if op == "spawn" and "exit_code" not in reply:
+                        yield "spawn reply", reply
+                        return
                     yield "exit", {"exit_code": reply["exit_code"], "end_offset": reply["end_offset"]}
                     return
 
