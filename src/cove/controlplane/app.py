@@ -262,4 +262,5 @@ def install(app: FastAPI, cove: Cove) -> None:
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
-    app.router.routes[:0] = commands.fast_routes  # raw ASGI too: the exec round trip's hot path
+    # raw ASGI too, ahead of the rest: the exec round trip's and the pool claim's hot paths
+    app.router.routes[:0] = [*commands.fast_routes, *sandboxes.fast_routes]

@@ -241,9 +241,11 @@ class SandboxService:
         if req.snapshot_every:
             self._check_durable()
         await self.admission.check()
+        stages.mark("admission")
         async with self.refs.held():  # the source's layers cannot be collected meanwhile
             home = await self.sources.home(who, req.template, req.snapshot)  # where its files are
             template, defaults = await self.sources.of(who, req.template, req.snapshot)
+            stages.mark("template")
             timeout = self.settings.default_timeout if req.timeout is None else req.timeout
             dl = defaults.get("limits", {})
             limits = Limits(
@@ -253,6 +255,7 @@ class SandboxService:
                 disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
             )
             limits = await self.quotas.with_default_cpu(who.tenant, limits)
+            stages.mark("quota defaults")
             runtime = req.runtime or defaults.get("runtime") or "namespaces"
             # Pooled sandboxes have no volumes, mounts or disk limit: those start cold.
             mounts = bool(req.volumes or req.mounts or defaults.get("volumes"))
@@ -362,12 +365,16 @@ class SandboxService:
     async def _claim(self, rec: SandboxRecord, template: TemplateSpec, member: Any) -> bool:
         """Make a pooled sandbox `rec`'s (env, user, workdir, limits, egress policy) and record it
         as running; False if the member could not be used (the create then starts one cold)."""
+        stages.mark("quota admit")
         handle = await self.pools.claim(member, self._node_spec(rec, template))
+        stages.mark("claim")
         if handle is None:
             return False
         await self.node_of(rec).network.set_policy(rec.id, rec.network)
+        stages.mark("egress policy")
         rec.state, rec.node = "running", handle
         await self.store.insert_sandbox(rec)
+        stages.mark("store insert")
         self.pools.handed_over(member)
         log.info("sandbox running", extra={"sandbox": rec.id, "from": "pool", "pool": member.id})
         return True
