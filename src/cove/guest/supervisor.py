@@ -113,6 +113,16 @@ class Supervisor:
     # -- start
 
     def run(self, report_w: int) -> None:
+        """In a process forked for it: report the start (or why not) on `report_w`, then serve."""
+        self.serve(report_w, None, b"")
+
+    def serve_attached(self, host: _socket.socket, attach: dict) -> None:
+        """In the handler itself (spawn with `attach`): the host's connection is the first client,
+        attached; a start that fails raises OpError (the handler answers it)."""
+        request = protocol.encode_json({"op": "attach", **attach})
+        self.serve(-1, host, request)
+
+    def serve(self, report_w: int, host: _socket.socket | None, request: bytes) -> None:
         sock_path = proc_path(self.id, ".sock")
         try:  # noqa: SIM105
             os.unlink(sock_path)
@@ -127,18 +137,28 @@ class Supervisor:
             self.start_command()
         except (OpError, OSError) as exc:
             err = exc if isinstance(exc, OpError) else os_error(exc)
+            listener.close()
+            os.unlink(sock_path)
+            if host is not None:
+                raise err from None
             os.write(
                 report_w, protocol.dumps({"ok": False, "code": err.code, "message": err.message}).encode()
             )
             os.close(report_w)
-            listener.close()
-            os.unlink(sock_path)
             return
         self.meta.update(pid=self.pid, started_at=time.time(), supervisor=os.getpid())
         write_meta(self.meta)
-        os.write(report_w, protocol.dumps({"ok": True, "pid": self.pid}).encode())
-        os.close(report_w)
+        if host is None:
+            os.write(report_w, protocol.dumps({"ok": True, "pid": self.pid}).encode())
+            os.close(report_w)
         try:
+            if host is not None:
+                event = {"event": "spawned", "id": self.id, "pid": self.pid}
+                protocol.send_frame(host, KIND_JSON, protocol.dumps(event).encode())
+                host.setblocking(False)
+                cl = _Client(host)
+                self.clients.append(cl)
+                self.take(cl, request)
             self.loop(listener, wake_r)
         finally:
             try:  # noqa: SIM105
@@ -493,6 +513,10 @@ class Supervisor:
         if not data:
             self.drop(cl)  # the handler went away: an attach ends, the process is not touched
             return
+        self.take(cl, data)
+
+    def take(self, cl: _Client, data: bytes) -> None:
+        """Bytes a client sent: its request, or its input."""
         if cl.state not in ("request", "input"):
             return  # nothing more is expected: drop it
         cl.inbuf += data
