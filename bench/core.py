@@ -284,6 +284,114 @@ def render_exec_path(res: dict[str, object]) -> list[str]:
     return lines
 
 
+CLAIM_STAGES = {
+    "auth": "routing, body read, API key",
+    "admission": "admission check",
+    "template": "template and its defaults",
+    "quota defaults": "the tenant's default CPU",
+    "quota admit": "the tenant's quota",
+    "to thread": "hand-over to a worker thread (the node's file and cgroup work)",
+    "config": "the owner's config written (the agent re-reads it)",
+    "limits": "cgroup limits and weight",
+    "thaw": "the pooled sandbox thawed (cgroup freezer)",
+    "configured": "back from the thread",
+    "ping": "the agent answers (a new connection: it is kept for the first exec)",
+    "egress policy": "egress policy",
+    "store insert": "the record written",
+    "output": "the result serialised",
+}
+
+
+def claim_path(runs: int = 64) -> dict[str, object]:
+    """Create from the warm pool → first exec output (`echo hi`), beside bubblewrap `true`,
+    interleaved, with the create's and the first exec's stages (COVE_TRACE_STAGES=1). Between
+    batches of 16 the sandboxes are deleted and the refill awaited (as bench/scale.py's pool part)."""
+    import json
+
+    bwrap = shutil.which("bwrap")
+    true = shutil.which("true") or "/bin/true"
+    rows = {
+        "bwrap": Row("bubblewrap `true` (floor)"),
+        "claim": Row("cove: create from the pool → first exec output"),
+        "create": Row("cove: the create alone"),
+        "exec": Row("cove: its first exec (`echo hi`)"),
+    }
+    create_st: dict[str, list[float]] = {}
+    exec_st: dict[str, list[float]] = {}
+    srv = Server("bench-claim", extra_env={"COVE_TRACE_STAGES": "1"})
+    srv.start()
+    made: list[str] = []
+    try:
+        with srv.client() as c:
+            lean = Lean(srv.url, srv.api_key)
+            for i in range(runs):
+                if i % 16 == 0:
+                    for sid in made:
+                        c.delete(f"/v1/sandboxes/{sid}")
+                    made.clear()
+                    _settled(c)
+                if bwrap:
+                    rows["bwrap"].samples_ms.append(_time(lambda: _spawn([bwrap, *BWRAP, true])))
+                t = time.perf_counter()
+                data, timing = lean.post("/v1/sandboxes", b"{}")
+                t1 = time.perf_counter()
+                sid = json.loads(data)["id"]
+                out, exec_timing = lean.post(f"/v1/sandboxes/{sid}/exec", b'{"cmd": "echo hi"}')
+                t2 = time.perf_counter()
+                assert json.loads(out)["stdout"] == "hi\n"
+                made.append(sid)
+                rows["claim"].samples_ms.append((t2 - t) * 1000)
+                rows["create"].samples_ms.append((t1 - t) * 1000)
+                rows["exec"].samples_ms.append((t2 - t1) * 1000)
+                for name, ms in _server_timing(timing).items():
+                    create_st.setdefault(name, []).append(ms)
+                for name, ms in _server_timing(exec_timing).items():
+                    exec_st.setdefault(name, []).append(ms)
+            lean.close()
+            for sid in made:
+                c.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        srv.close()
+    med = statistics.median
+    return {
+        "rows": {k: v for k, v in rows.items() if v.samples_ms},
+        "create": {k: med(v) for k, v in create_st.items()},
+        "exec": {k: med(v) for k, v in exec_st.items()},
+    }
+
+
+def _settled(c: httpx.Client) -> None:
+    """Wait for the base pool to be full (its refill done)."""
+    for _ in range(600):
+        p = c.get("/v1/pools/base").json()
+        if not p["starting"] and p["ready"] >= p["target"]:
+            return
+        time.sleep(0.2)
+
+
+def render_claim_path(res: dict[str, object]) -> list[str]:
+    rows: dict[str, Row] = res["rows"]  # type: ignore[assignment]
+    floor = rows.get("bwrap")
+    lines = ["| measurement | p50 ms | p99 ms | runs | vs. floor (p50 / p99) |", "|---|---|---|---|---|"]
+    for key, row in rows.items():
+        vs = ""
+        if floor and key == "claim":
+            vs = f"{row.p50 / floor.p50:.2f}× / {row.pct(0.99) / floor.pct(0.99):.2f}×"
+        lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.99):.2f} | {len(row.samples_ms)} | {vs} |")
+    create: dict[str, float] = res["create"]  # type: ignore[assignment]
+    lines += ["", "| create stage (median) | ms | what |", "|---|---|---|"]
+    for name, what in CLAIM_STAGES.items():
+        if name in create:
+            lines.append(f"| {name} | {create[name]:.3f} | {what} |")
+    lines.append(f"| server total | {create.get('total', 0):.3f} | |")
+    first: dict[str, float] = res["exec"]  # type: ignore[assignment]
+    lines += ["", "| first exec stage (median) | ms |", "|---|---|"]
+    for name in (*STAGES, "total"):
+        if name in first:
+            lines.append(f"| {name} | {first[name]:.3f} |")
+    return lines
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -291,5 +399,9 @@ if __name__ == "__main__":
     ap.add_argument("--runs", type=int, default=500)
     ap.add_argument("--stages", action="store_true", help="stamp each stage (COVE_TRACE_STAGES=1)")
     ap.add_argument("--compare", help="another tree's src directory, timed in the same run")
+    ap.add_argument("--claim", action="store_true", help="the pool claim path and its stages instead")
     args = ap.parse_args()
-    print("\n".join(render_exec_path(exec_path(args.runs, args.stages, args.compare))))
+    if args.claim:
+        print("\n".join(render_claim_path(claim_path(args.runs))))
+    else:
+        print("\n".join(render_exec_path(exec_path(args.runs, args.stages, args.compare))))
