@@ -302,36 +302,41 @@ CLAIM_STAGES = {
 }
 
 
-def claim_path(runs: int = 64) -> dict[str, object]:
+def claim_path(runs: int = 64, compare: str | None = None) -> dict[str, object]:
     """Create from the warm pool → first exec output (`echo hi`), beside bubblewrap `true`,
     interleaved, with the create's and the first exec's stages (COVE_TRACE_STAGES=1). Between
-    batches of 16 the sandboxes are deleted and the refill awaited (as bench/scale.py's pool part)."""
+    batches of 16 the sandboxes are deleted and the refill awaited (as bench/scale.py's pool part).
+    `compare`: another tree's `src`, its server's claims timed in the same loop."""
     import json
 
     bwrap = shutil.which("bwrap")
     true = shutil.which("true") or "/bin/true"
-    rows = {
-        "bwrap": Row("bubblewrap `true` (floor)"),
-        "claim": Row("cove: create from the pool → first exec output"),
-        "create": Row("cove: the create alone"),
-        "exec": Row("cove: its first exec (`echo hi`)"),
-    }
+    env = {"COVE_TRACE_STAGES": "1"}
+    sides = {"": env, **({" (compared tree)": {**env, "PYTHONPATH": compare}} if compare else {})}
+    rows = {"bwrap": Row("bubblewrap `true` (floor)")}
+    for tag in sides:
+        rows["claim" + tag] = Row(f"cove{tag}: create from the pool → first exec output")
+        rows["create" + tag] = Row(f"cove{tag}: the create alone")
+        rows["exec" + tag] = Row(f"cove{tag}: its first exec (`echo hi`)")
     create_st: dict[str, list[float]] = {}
     exec_st: dict[str, list[float]] = {}
-    srv = Server("bench-claim", extra_env={"COVE_TRACE_STAGES": "1"})
-    srv.start()
-    made: list[str] = []
+    servers = {tag: Server(f"bench-claim{i}", extra_env=e) for i, (tag, e) in enumerate(sides.items())}
+    clients: dict[str, tuple[httpx.Client, Lean, list[str]]] = {}
     try:
-        with srv.client() as c:
-            lean = Lean(srv.url, srv.api_key)
-            for i in range(runs):
-                if i % 16 == 0:
+        for tag, srv in servers.items():
+            srv.start()
+            clients[tag] = (srv.client(), Lean(srv.url, srv.api_key), [])
+        for i in range(runs):
+            if i % 16 == 0:
+                for c, _, made in clients.values():
                     for sid in made:
                         c.delete(f"/v1/sandboxes/{sid}")
                     made.clear()
+                for c, _, _ in clients.values():
                     _settled(c)
-                if bwrap:
-                    rows["bwrap"].samples_ms.append(_time(lambda: _spawn([bwrap, *BWRAP, true])))
+            if bwrap:
+                rows["bwrap"].samples_ms.append(_time(lambda: _spawn([bwrap, *BWRAP, true])))
+            for tag, (_, lean, made) in clients.items():
                 t = time.perf_counter()
                 data, timing = lean.post("/v1/sandboxes", b"{}")
                 t1 = time.perf_counter()
@@ -340,18 +345,22 @@ def claim_path(runs: int = 64) -> dict[str, object]:
                 t2 = time.perf_counter()
                 assert json.loads(out)["stdout"] == "hi\n"
                 made.append(sid)
-                rows["claim"].samples_ms.append((t2 - t) * 1000)
-                rows["create"].samples_ms.append((t1 - t) * 1000)
-                rows["exec"].samples_ms.append((t2 - t1) * 1000)
-                for name, ms in _server_timing(timing).items():
-                    create_st.setdefault(name, []).append(ms)
-                for name, ms in _server_timing(exec_timing).items():
-                    exec_st.setdefault(name, []).append(ms)
+                rows["claim" + tag].samples_ms.append((t2 - t) * 1000)
+                rows["create" + tag].samples_ms.append((t1 - t) * 1000)
+                rows["exec" + tag].samples_ms.append((t2 - t1) * 1000)
+                if not tag:
+                    for name, ms in _server_timing(timing).items():
+                        create_st.setdefault(name, []).append(ms)
+                    for name, ms in _server_timing(exec_timing).items():
+                        exec_st.setdefault(name, []).append(ms)
+    finally:
+        for c, lean, made in clients.values():
             lean.close()
             for sid in made:
                 c.delete(f"/v1/sandboxes/{sid}")
-    finally:
-        srv.close()
+            c.close()
+        for srv in servers.values():
+            srv.close()
     med = statistics.median
     return {
         "rows": {k: v for k, v in rows.items() if v.samples_ms},
@@ -375,7 +384,7 @@ def render_claim_path(res: dict[str, object]) -> list[str]:
     lines = ["| measurement | p50 ms | p99 ms | runs | vs. floor (p50 / p99) |", "|---|---|---|---|---|"]
     for key, row in rows.items():
         vs = ""
-        if floor and key == "claim":
+        if floor and key.startswith("claim"):
             vs = f"{row.p50 / floor.p50:.2f}× / {row.pct(0.99) / floor.pct(0.99):.2f}×"
         lines.append(f"| {row.name} | {row.p50:.2f} | {row.pct(0.99):.2f} | {len(row.samples_ms)} | {vs} |")
     create: dict[str, float] = res["create"]  # type: ignore[assignment]
@@ -402,6 +411,6 @@ if __name__ == "__main__":
     ap.add_argument("--claim", action="store_true", help="the pool claim path and its stages instead")
     args = ap.parse_args()
     if args.claim:
-        print("\n".join(render_claim_path(claim_path(args.runs))))
+        print("\n".join(render_claim_path(claim_path(args.runs, args.compare))))
     else:
         print("\n".join(render_exec_path(exec_path(args.runs, args.stages, args.compare))))
