@@ -229,3 +229,30 @@ def test_fast_routes_answer_as_the_fastapi_routes_do(api: httpx.Client, server: 
         assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "validation_error"
     finally:
         api.delete(f"/v1/sandboxes/{sb['id']}")
+
+
+def test_concurrent_execs_and_exec_after_pause(server: Server, sandbox: dict) -> None:
+    """Execs on one sandbox at once through the fast route each get their own output (the node keeps
+    at most a few guest connections per sandbox: the rest open their own); a paused sandbox is
+    resumed by the next exec, whose kept connections were dropped at the pause."""
+    import asyncio
+
+    sid = sandbox["id"]
+
+    async def go() -> list[dict]:
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as ac:
+            replies = await asyncio.gather(
+                *(
+                    ac.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["sh", "-c", f"sleep 0.2; echo {i}"]})
+                    for i in range(8)
+                )
+            )
+        return [r.json() for r in replies]
+
+    results = asyncio.run(go())
+    assert [r["stdout"] for r in results] == [f"{i}\n" for i in range(8)]
+    with server.client() as api:
+        assert api.post(f"/v1/sandboxes/{sid}/pause").json()["state"] == "paused"
+        assert exec_ok(api, sid, "echo back")["stdout"] == "back\n"
+        assert api.get(f"/v1/sandboxes/{sid}").json()["state"] == "running"
