@@ -591,6 +591,7 @@ def test_spawn_and_attach_on_one_connection(client: GuestClient, spawn: Spawner)
     exit as `attach` gives them; it is an ordinary background process meanwhile (listed, waitable)."""
 
     async def go() -> None:
+        await client.ping()  # leaves a kept connection (if the client keeps them): the spawn takes it
         events = [
             item
             async for item in client.spawn_attach(
@@ -606,8 +607,29 @@ def test_spawn_and_attach_on_one_connection(client: GuestClient, spawn: Spawner)
         assert events[-1][0] == "exit" and events[-1][1]["exit_code"] == 3  # type: ignore[index]
         assert (await client.wait(spawned["id"], 5))["exit_code"] == 3
         assert spawned["id"] in [p["id"] for p in await client.processes()]
+        assert (await client.ping())["ok"] is True  # the used-up kept handler was not given back
         with pytest.raises(GuestError) as info:  # errors before the start come first
             await anext(client.spawn_attach(argv=["true"], cwd="/no/such/dir"))
         assert info.value.code == "not_found"
+
+    run(go())
+
+
+def test_a_spawn_with_attach_uses_up_a_kept_connection(agent: Agent) -> None:
+    """With the node's kept connections, `spawn_attach` takes a kept one (its handler becomes the
+    supervisor) and never gives it back: the next call works on another."""
+    from cove.node.guest_client import Idle
+
+    idle = Idle()
+    client = GuestClient(agent.socket, idle=idle)
+
+    async def go() -> None:
+        await client.ping()
+        assert len(idle._conns.get(agent.socket, [])) == 1
+        events = [item async for item in client.spawn_attach(offset=0, block=True, argv=["echo", "kept"])]
+        assert events[0][0] == "spawned" and b"".join(d for k, d in events if k == "stdout") == b"kept\n"  # type: ignore[misc]
+        assert not idle._conns.get(agent.socket)  # taken, not given back
+        assert (await client.ping())["ok"] is True
+        idle.close()
 
     run(go())

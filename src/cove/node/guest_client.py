@@ -322,10 +322,14 @@ class GuestClient:
             os.close(fd)
 
     @contextlib.asynccontextmanager
-    async def _streaming(self) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async def _streaming(
+        self, kept: bool = False
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         """A connection of its own for a streamed operation, known to `idle` while it lasts (so a
-        checkpoint can end it: CRIU cannot dump a socket whose peer is outside the sandbox)."""
-        reader, writer = await self._open()
+        checkpoint can end it: CRIU cannot dump a socket whose peer is outside the sandbox).
+        `kept`: a kept connection if there is one (its handler is then used up: never given back)."""
+        conn = self.idle.take(self.key) if kept and self.idle is not None else None
+        reader, writer = (conn.reader, conn.writer) if conn is not None else await self._open()
         s = self.idle.stream(self.key, writer) if self.idle is not None else None
         try:
             yield reader, writer
@@ -567,7 +571,8 @@ class GuestClient:
     async def _attached(
         self, op: str, fields: dict[str, Any]
     ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
-        async with self._streaming() as (reader, writer):
+        # A spawn's handler becomes the process's supervisor: a kept one saves forking a handler.
+        async with self._streaming(kept=op == "spawn") as (reader, writer):
             await _send_request(writer, op, fields)
             while True:
                 frame = await _read_frame(reader)
