@@ -633,3 +633,42 @@ def test_a_spawn_with_attach_uses_up_a_kept_connection(agent: Agent) -> None:
         idle.close()
 
     run(go())
+
+
+def test_spawn_attach_with_an_agent_from_before_attach(tmp_path: Path) -> None:
+    """An agent that does not know spawn's `attach` (one sealed into a template's memory) answers a
+    plain `{id, pid}`: the host then attaches on a connection of its own, and the caller sees the
+    same events."""
+    from cove.guest import protocol
+    from cove.guest.protocol import KIND_STDOUT
+
+    requests: list[dict[str, Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, length = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER_SIZE))
+        req = protocol.decode_json(await reader.readexactly(length))
+        requests.append(req)
+        if req["op"] == "spawn":
+            writer.write(protocol.encode_json({"ok": True, "id": "0badf00d", "pid": 42}))
+        elif req["op"] == "attach":
+            writer.write(protocol.encode_json({"event": "attached", "offset": 0, "truncated": False}))
+            writer.write(protocol.encode_frame(KIND_STDOUT, b"old\n"))
+            writer.write(protocol.encode_json({"ok": True, "exit_code": 0, "end_offset": 4}))
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        sock = str(tmp_path / "old.sock")
+        server = await asyncio.start_unix_server(serve, sock)
+        try:
+            client = GuestClient(sock)
+            events = [item async for item in client.spawn_attach(offset=0, block=True, argv=["echo", "old"])]
+        finally:
+            server.close()
+        assert events[0] == ("spawned", {"id": "0badf00d", "pid": 42})
+        assert [k for k, _ in events[1:]] == ["attached", "stdout", "exit"]
+        assert events[-1][1] == {"exit_code": 0, "end_offset": 4}
+        assert requests[0]["op"] == "spawn" and requests[0]["attach"] == {"offset": 0, "block": True}
+        assert requests[1] == {"op": "attach", "id": "0badf00d", "offset": 0, "block": True}
+
+    run(go())
