@@ -672,3 +672,14 @@ def test_spawn_attach_with_an_agent_from_before_attach(tmp_path: Path) -> None:
         assert requests[1] == {"op": "attach", "id": "0badf00d", "offset": 0, "block": True}
 
     run(go())
+
+
+def test_background_commands_are_the_oom_killers_choice(client: GuestClient, spawn: Spawner) -> None:
+    """Started by posix_spawn or by the fork path (a terminal), a command's oom_score_adj is 0."""
+
+    async def output(proc_id: str) -> bytes:
+        return b"".join([d async for k, d in client.attach(proc_id, offset=0) if k == "stdout"])  # type: ignore[misc]
+
+    for pty in (None, {"rows": 24, "cols": 80}):
+        proc = spawn(argv=["cat", "/proc/self/oom_score_adj"], pty=pty)
+        assert run(output(proc["id"])).strip() == b"0", pty

@@ -192,7 +192,10 @@ class Supervisor:
                     theirs.append(in_r)
                 fds = (in_r, out_w, err_w)
                 self.outputs = {out_r: KIND_STDOUT, err_r: KIND_STDERR}
-            spawned = self._spawn(fds) if self.size is None else None
+            # posix_spawn cannot set the child's oom_score_adj: only where ours is already 0 (as the
+            # child's must be), else the fork path sets it in the child and leaves ours alone.
+            plain = self.size is None and _oom_score_adj() in ("0", None)
+            spawned = self._spawn(fds) if plain else None
             if spawned is not None:
                 pid = spawned
                 for fd in theirs:
@@ -234,8 +237,9 @@ class Supervisor:
     def _spawn(self, fds: tuple[int, int, int]) -> int | None:
         """Start a command with pipes by posix_spawn (vfork: a fork of this process and the copy-on-
         write faults of its Python code before exec cost ~4 ms): as exec.py does, this process
-        switches to the user and cwd around it, then back to root. None when the program cannot be
-        executed: the fork path then reports it as before (exit 127/126, the message on stderr)."""
+        switches to the user and cwd around it, then back to root (its own oom_score_adj is 0 here,
+        which the child inherits). None when the program cannot be executed: the fork path then
+        reports it as before (exit 127/126, the message on stderr)."""
         in_fd, out_fd, err_fd = fds
         stdin = (
             (os.POSIX_SPAWN_DUP2, in_fd, 0)
@@ -245,9 +249,7 @@ class Supervisor:
         actions = [stdin, (os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, err_fd, 2)]
         sigdef = (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ)
         argv = self.meta["argv"]
-        oom = _oom_score_adj()
         try:
-            _set_oom_score_adj("0")  # user commands are the OOM killer's choice, not the agent
             become(self.user)
             try:
                 os.chdir(self.cwd)
@@ -271,8 +273,6 @@ class Supervisor:
         finally:
             if not restore_root():
                 raise OpError("internal", "the supervisor could not return to root after a spawn")
-            if oom is not None:
-                _set_oom_score_adj(oom)
 
     def _child(self, fds: tuple[int, int, int], status_w: int) -> None:
         """In the forked child: become the command (never returns)."""
@@ -691,14 +691,6 @@ def _oom_score_adj() -> str | None:
             return f.read().strip()
     except OSError:
         return None
-
-
-def _set_oom_score_adj(value: str) -> None:
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(value)
-    except OSError:
-        pass
 
 
 def signal_number(value: object) -> int:
