@@ -34,6 +34,7 @@ def run(runs: int = 30) -> dict[str, tuple[Row, Row]]:
         for key, label in [
             ("create", "create → kill"),
             ("run", "run `true`"),
+            ("run_login", "run `true` (cove: `bash -l -c true`, what e2b runs)"),
             ("write", "write 4 KiB file"),
             ("read", "read 4 KiB file"),
             ("list", "list a directory"),
@@ -50,6 +51,9 @@ def run(runs: int = 30) -> dict[str, tuple[Row, Row]]:
             )
             pairs["run"][0].samples_ms.append(_ms(lambda: e2b.commands.run("true")))
             pairs["run"][1].samples_ms.append(_ms(lambda: cove.exec("true")))
+            # e2b's commands.run runs `/bin/bash -l -c CMD`: the same command through cove's exec
+            pairs["run_login"][0].samples_ms.append(_ms(lambda: e2b.commands.run("true")))
+            pairs["run_login"][1].samples_ms.append(_ms(lambda: cove.exec(["/bin/bash", "-l", "-c", "true"])))
             pairs["write"][0].samples_ms.append(_ms(lambda: e2b.files.write("/home/user/f", data)))
             pairs["write"][1].samples_ms.append(_ms(lambda: cove.files.write("/home/user/f", data)))
             pairs["read"][0].samples_ms.append(_ms(lambda: e2b.files.read("/home/user/f", format="bytes")))
@@ -67,7 +71,8 @@ def render(pairs: dict[str, tuple[Row, Row]]) -> list[str]:
     lines = [
         "## The e2b SDK on cove",
         "The unmodified `e2b` SDK (through `E2B_API_URL`/`E2B_SANDBOX_URL`) beside cove's own SDK, same",
-        "server, interleaved. `run true` is `commands.run` (Connect RPC stream) against `exec`.",
+        "server, interleaved. `run true` is `commands.run` (Connect RPC stream) against `exec`; e2b's SDK",
+        "runs it as `/bin/bash -l -c true` (a login shell), so the second run row times cove's `exec` of that.",
         "",
         "| operation | e2b SDK p50 ms | cove SDK p50 ms | e2b / cove |",
         "|---|---|---|---|",
@@ -78,5 +83,61 @@ def render(pairs: dict[str, tuple[Row, Row]]) -> list[str]:
     return lines
 
 
+START_STAGES = {
+    "e2b lookup": "e2b routing: the sandbox's record, its tokens checked",
+    "route": "Connect's envelope and dependencies",
+    "store": "the sandbox record (the service's own read)",
+    "node": "node and guest client",
+    "spawn": "spawn with attach: a handler, the process started, its id back",
+    "attach": "the attach's first event (the process is there)",
+    "output": "the response's headers",
+    "start event": "the start event written",
+    "run": "the command run to its end, its output relayed",
+}
+
+
+def start_stages(runs: int = 40) -> dict[str, float]:
+    """Medians of the stages of `commands.run("true")`'s Start stream, from the server's access
+    log (COVE_TRACE_STAGES=1 logs every stage of a request, those after its headers too)."""
+    import json
+    import statistics
+
+    from e2b import Sandbox as E2BSandbox
+
+    srv = Server("bench-e2b-stages", extra_env={"COVE_TRACE_STAGES": "1"})
+    srv.start()
+    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.api_key)
+    try:
+        e2b = E2BSandbox.create(timeout=600)
+        for _ in range(5):
+            e2b.commands.run("true")
+        time.sleep(0.3)  # the log writer's batch
+        mark = srv.log.stat().st_size
+        for _ in range(runs):
+            e2b.commands.run("true")
+        e2b.kill()
+        time.sleep(0.3)
+        acc: dict[str, list[float]] = {}
+        for line in srv.log.read_bytes()[mark:].decode().splitlines():
+            rec = json.loads(line)
+            if rec.get("path") == "/process.Process/Start" and "stages" in rec:
+                for part in rec["stages"].split(", "):
+                    name, _, ms = part.partition(";dur=")
+                    acc.setdefault(name, []).append(float(ms))
+    finally:
+        srv.close()
+    return {k: statistics.median(v) for k, v in acc.items()}
+
+
 if __name__ == "__main__":
-    print("\n".join(render(run())))
+    import sys
+
+    if sys.argv[1:2] == ["--stages"]:
+        st = start_stages(int(sys.argv[2]) if len(sys.argv) > 2 else 40)
+        print("| Start stage (median) | ms | what |\n|---|---|---|")
+        for name, what in START_STAGES.items():
+            if name in st:
+                print(f"| {name} | {st[name]:.3f} | {what} |")
+        print(f"| server total | {st.get('total', 0):.3f} | |")
+    else:
+        print("\n".join(render(run(int(sys.argv[1]) if len(sys.argv) > 1 else 30))))

@@ -590,3 +590,35 @@ def test_os_errors_map_to_protocol_codes() -> None:
         os_error(OSError(errno.EROFS, os.strerror(errno.EROFS), "/x")).message == "read-only file system: /x"
     )
     assert os_error(OSError(errno.EIO, os.strerror(errno.EIO))).message == os.strerror(errno.EIO)
+
+
+def test_group_lists_are_cached_until_the_group_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user switch reuses getgrouplist()'s answer only while /etc/group is the same, unchanged file
+    (a command that adds the user to a group is seen by the next exec)."""
+    from cove.guest import users
+
+    group = tmp_path / "group"
+    group.write_text("users:x:100:\n")
+    calls: list[tuple[str, int]] = []
+    answers = iter([[100], [100, 27], [100, 27, 44]])
+
+    def fake(name: str, gid: int) -> list[int]:
+        calls.append((name, gid))
+        return next(answers)
+
+    monkeypatch.setattr(users, "GROUP_FILE", str(group))
+    monkeypatch.setattr(users, "_GROUPS", {})
+    monkeypatch.setattr(users.os, "getgrouplist", fake)
+    who = users.User("alice", 1000, 100, "/home/alice", True)
+    assert users.group_list(who) == [100]
+    assert users.group_list(who) == [100]
+    assert len(calls) == 1
+    group.write_text("users:x:100:\nsudo:x:27:alice\n")  # changed in place: size and mtime
+    assert users.group_list(who) == [100, 27]
+    replacement = tmp_path / "group.new"
+    replacement.write_text("users:x:100:\nsudo:x:27:alice\n")
+    os.replace(replacement, group)  # same size, another file
+    assert users.group_list(who) == [100, 27, 44]
+    assert len(calls) == 3

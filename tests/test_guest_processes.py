@@ -519,14 +519,15 @@ def test_old_exited_processes_are_forgotten(tmp_path: Path) -> None:
         async def go() -> None:
             first = await a.client.spawn(argv=["true"], tag="first")
             await a.client.wait(first["id"], 5)
-            ids = [(await a.client.spawn(argv=["true"]))["id"] for _ in range(100)]
+            # PROCS_KEEP (100) + PROCS_SLACK (25): none forgotten yet, the spawns read no records
+            ids = [(await a.client.spawn(argv=["true"]))["id"] for _ in range(125)]
             for proc_id in ids:
                 await a.client.wait(proc_id, 5)
             listed = [p["id"] for p in await a.client.processes()]
-            assert len(listed) == 101 and listed[0] == first["id"]
-            last = await a.client.spawn(argv=["sleep", "30"])  # forgets the oldest exited one
+            assert len(listed) == 126 and listed[0] == first["id"]
+            last = await a.client.spawn(argv=["sleep", "30"])  # forgets all but the newest 100 exited
             listed = [p["id"] for p in await a.client.processes()]
-            assert listed == [*ids, last["id"]]
+            assert listed == [*ids[25:], last["id"]]
             with pytest.raises(GuestError) as info:
                 await a.client.wait(first["id"], 1)
             assert info.value.code == "not_found"
@@ -583,3 +584,102 @@ def test_a_reader_that_falls_behind_is_told_what_it_missed(client: GuestClient, 
     # test awaits `wait`, its event loop keeps draining the attach socket into the stream's buffer,
     # and each time the agent refills it the reader may have fallen behind again.
     assert run(asyncio.wait_for(go(), 20)).count("truncated") >= 1
+
+
+def test_spawn_and_attach_on_one_connection(client: GuestClient, spawn: Spawner) -> None:
+    """`spawn` with `attach` (e2b's commands.run): the process's id first, then its whole output and
+    exit as `attach` gives them; it is an ordinary background process meanwhile (listed, waitable)."""
+
+    async def go() -> None:
+        await client.ping()  # leaves a kept connection (if the client keeps them): the spawn takes it
+        events = [
+            item
+            async for item in client.spawn_attach(
+                offset=0, block=True, argv=["sh", "-c", "echo out; echo err >&2; exit 3"], hold=True
+            )
+        ]
+        kind, spawned = events[0]
+        assert kind == "spawned" and isinstance(spawned, dict) and spawned["pid"] > 0
+        assert events[1][0] == "attached"
+        out = b"".join(d for k, d in events if k == "stdout")  # type: ignore[misc]
+        err = b"".join(d for k, d in events if k == "stderr")  # type: ignore[misc]
+        assert (out, err) == (b"out\n", b"err\n")
+        assert events[-1][0] == "exit" and events[-1][1]["exit_code"] == 3  # type: ignore[index]
+        assert (await client.wait(spawned["id"], 5))["exit_code"] == 3
+        assert spawned["id"] in [p["id"] for p in await client.processes()]
+        assert (await client.ping())["ok"] is True  # the used-up kept handler was not given back
+        with pytest.raises(GuestError) as info:  # errors before the start come first
+            await anext(client.spawn_attach(argv=["true"], cwd="/no/such/dir"))
+        assert info.value.code == "not_found"
+
+    run(go())
+
+
+def test_a_spawn_with_attach_uses_up_a_kept_connection(agent: Agent) -> None:
+    """With the node's kept connections, `spawn_attach` takes a kept one (its handler becomes the
+    supervisor) and never gives it back: the next call works on another."""
+    from cove.node.guest_client import Idle
+
+    idle = Idle()
+    client = GuestClient(agent.socket, idle=idle)
+
+    async def go() -> None:
+        await client.ping()
+        assert len(idle._conns.get(agent.socket, [])) == 1
+        events = [item async for item in client.spawn_attach(offset=0, block=True, argv=["echo", "kept"])]
+        assert events[0][0] == "spawned" and b"".join(d for k, d in events if k == "stdout") == b"kept\n"  # type: ignore[misc]
+        assert not idle._conns.get(agent.socket)  # taken, not given back
+        assert (await client.ping())["ok"] is True
+        idle.close()
+
+    run(go())
+
+
+def test_spawn_attach_with_an_agent_from_before_attach(tmp_path: Path) -> None:
+    """An agent that does not know spawn's `attach` (one sealed into a template's memory) answers a
+    plain `{id, pid}`: the host then attaches on a connection of its own, and the caller sees the
+    same events."""
+    from cove.guest import protocol
+    from cove.guest.protocol import KIND_STDOUT
+
+    requests: list[dict[str, Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, length = protocol.HEADER.unpack(await reader.readexactly(protocol.HEADER_SIZE))
+        req = protocol.decode_json(await reader.readexactly(length))
+        requests.append(req)
+        if req["op"] == "spawn":
+            writer.write(protocol.encode_json({"ok": True, "id": "0badf00d", "pid": 42}))
+        elif req["op"] == "attach":
+            writer.write(protocol.encode_json({"event": "attached", "offset": 0, "truncated": False}))
+            writer.write(protocol.encode_frame(KIND_STDOUT, b"old\n"))
+            writer.write(protocol.encode_json({"ok": True, "exit_code": 0, "end_offset": 4}))
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        sock = str(tmp_path / "old.sock")
+        server = await asyncio.start_unix_server(serve, sock)
+        try:
+            client = GuestClient(sock)
+            events = [item async for item in client.spawn_attach(offset=0, block=True, argv=["echo", "old"])]
+        finally:
+            server.close()
+        assert events[0] == ("spawned", {"id": "0badf00d", "pid": 42})
+        assert [k for k, _ in events[1:]] == ["attached", "stdout", "exit"]
+        assert events[-1][1] == {"exit_code": 0, "end_offset": 4}
+        assert requests[0]["op"] == "spawn" and requests[0]["attach"] == {"offset": 0, "block": True}
+        assert requests[1] == {"op": "attach", "id": "0badf00d", "offset": 0, "block": True}
+
+    run(go())
+
+
+def test_background_commands_are_the_oom_killers_choice(client: GuestClient, spawn: Spawner) -> None:
+    """Started by posix_spawn or by the fork path (a terminal), a command's oom_score_adj is 0."""
+
+    async def output(proc_id: str) -> bytes:
+        return b"".join([d async for k, d in client.attach(proc_id, offset=0) if k == "stdout"])  # type: ignore[misc]
+
+    for pty in (None, {"rows": 24, "cols": 80}):
+        proc = spawn(argv=["cat", "/proc/self/oom_score_adj"], pty=pty)
+        assert run(output(proc["id"])).strip() == b"0", pty

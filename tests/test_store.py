@@ -69,3 +69,29 @@ def test_calls_queued_before_close_complete(tmp_path: Path) -> None:
             await store2.close()
 
     asyncio.run(main())
+
+
+def test_point_reads_see_every_committed_write_without_the_stores_thread(tmp_path: Path) -> None:
+    """get_sandbox and key_by_hash run on the event loop (the exec path's reads): they answer while
+    the store's thread is busy, and see each write committed before them."""
+
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "cove.db")
+        await store.open()
+        try:
+            await store.insert_sandbox(_record("sb-1"))
+            assert await store.update_sandbox("sb-1", state="paused")
+            got = await store.get_sandbox("sb-1")
+            assert got is not None and got.state == "paused"
+            release = threading.Event()
+            busy = asyncio.ensure_future(store._call(lambda db: release.wait(10)))
+            await asyncio.sleep(0.05)  # the store's thread is now in that call
+            got = await asyncio.wait_for(store.get_sandbox("sb-1"), 5)
+            assert got is not None and got.state == "paused" and not busy.done()
+            assert await store.key_by_hash("no such hash") is None
+            release.set()
+            await busy
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cove import __version__
+from cove import __version__, stages
 from cove.config import Settings
 from cove.controlplane import auth, errors
 from cove.controlplane.admission import Admission
@@ -114,11 +114,18 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 0
+        stamps = stages.begin()  # None unless COVE_TRACE_STAGES=1
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if stamps is not None:
+                    stamps.append(("output", time.perf_counter()))
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (stages.HEADER, stages.header(stamps))],
+                    }
             await send(message)
 
         self.traffic.begin()
@@ -133,6 +140,8 @@ class AccessLog:
                     "path": scope["path"],
                     "status": status,
                     "ms": round((time.perf_counter() - started) * 1000, 2),
+                    # every stage, those after the headers too (a stream's): COVE_TRACE_STAGES=1 only
+                    **({"stages": stages.header(stamps).decode()} if stamps is not None else {}),
                 },
             )
 
@@ -253,3 +262,5 @@ def install(app: FastAPI, cove: Cove) -> None:
     ):
         app.include_router(module.router)
     app.router.routes.extend(ports.routes)  # raw ASGI endpoints: proxied bodies stream through
+    # raw ASGI too, ahead of the rest: the exec round trip's and the pool claim's hot paths
+    app.router.routes[:0] = [*commands.fast_routes, *sandboxes.fast_routes]

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Request, WebSocket
 
+from cove import stages
 from cove.controlplane.errors import ApiError
 from cove.store.base import KeyRecord, Store
 
@@ -255,6 +256,7 @@ async def caller(request: Request) -> Caller:
     rec = await request.app.state.cove.keys.lookup(hash_key(key))
     if rec is None:
         raise ApiError(401, "unauthorized", "invalid API key")
+    stages.mark("auth")
     return Caller(key_id=rec.id, tenant=rec.tenant, admin=rec.admin)
 
 

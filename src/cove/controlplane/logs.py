@@ -1,17 +1,21 @@
 """Structured logs: one JSON object per line on stderr.
 
 Records are formatted and written by a thread of their own: the server logs every request, and
-neither the formatting nor a write to a slow stderr (a full pipe) may hold up its event loop.
+neither the formatting nor a write to a slow stderr (a full pipe) may hold up its event loop. The
+thread takes what has gathered every FLUSH_S instead of being woken per record: a wake-up per
+request cost the event loop about 0.3 ms (a futex wake and a GIL hand-over) on the exec path.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
+
+FLUSH_S = 0.05  # how long a record may wait to be written
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -45,14 +49,48 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-class _Handoff(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are: formatting happens there."""
+class _Writer:
+    """The thread that formats and writes the records gathered in `records`, every FLUSH_S."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, handler: logging.Handler) -> None:
+        self.handler = handler
+        self.records: collections.deque[logging.LogRecord] = collections.deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cove-log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            self.drain()
+        self.drain()
+
+    def drain(self) -> None:
+        while self.records:
+            self.handler.handle(self.records.popleft())
+
+    def stop(self) -> None:
+        """Write what is gathered, then end the thread."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self.drain()
 
 
-_listener: list[logging.handlers.QueueListener] = []
+class _Handoff(logging.Handler):
+    """Hands records to the writer thread as they are (a deque append wakes nobody): formatting
+    happens there."""
+
+    def __init__(self, records: collections.deque[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_listener: list[_Writer] = []
 
 
 def setup(level: str = "INFO", fmt: str | None = None, quiet_requests: bool = False) -> None:
@@ -62,16 +100,16 @@ def setup(level: str = "INFO", fmt: str | None = None, quiet_requests: bool = Fa
     handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     for old in _listener:
         old.stop()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener[:] = [logging.handlers.QueueListener(records, handler)]
-    _listener[0].start()
-    atexit.register(_listener[0].stop)  # writes what is queued before the process exits
+    writer = _Writer(handler)
+    _listener[:] = [writer]
+    writer.start()
+    atexit.register(writer.stop)  # writes what is gathered before the process exits
     # Fields no formatter here writes, which logging would otherwise gather for every record (the
     # caller's file and line is a stack walk; a request logs at least one record).
     logging._srcfile = None  # documented in logging's source as the switch for the stack walk
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [_Handoff(records)]
+    root.handlers[:] = [_Handoff(writer.records)]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []

@@ -33,6 +33,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from cove import stages
 from cove.controlplane.auth import Caller
 from cove.controlplane.layer_refs import LayerRefs
 from cove.controlplane.sources import Source, Sources
@@ -248,7 +249,9 @@ class Pools:
         otherwise pay for a new one (docs/guest-protocol.md)."""
         try:
             await self.node.configure(spec, thaw=True)
+            stages.mark("configured")
             await self.node.guest(member.id).ping()
+            stages.mark("ping")
         except (NodeError, OSError, GuestError, GuestUnavailable) as e:
             log.warning("pooled sandbox could not be claimed", extra={"sandbox": member.id, "error": str(e)})
             await self._discard(member)

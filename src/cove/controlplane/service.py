@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from cove import faults
+from cove import faults, stages
 from cove.config import Settings
 from cove.controlplane import audit
 from cove.controlplane.admission import Admission, StartSlot
@@ -146,9 +146,11 @@ class SandboxService:
     # -- lookups -------------------------------------------------------------------------
     async def get(self, who: Caller, sandbox_id: str) -> SandboxRecord:
         """The caller's sandbox, or 404 (also for another tenant's: ids must not leak)."""
+        stages.mark("route")  # dependencies and the body's validation, since auth
         rec = await self.store.get_sandbox(sandbox_id)
         if rec is None or rec.tenant != who.tenant:
             raise not_found("sandbox", sandbox_id)
+        stages.mark("store")
         return rec
 
     async def running(self, who: Caller, sandbox_id: str) -> SandboxRecord:
@@ -197,7 +199,9 @@ class SandboxService:
         return self.node_of(rec).checkpoints.available(rec.runtime or "namespaces")
 
     def guest(self, rec: SandboxRecord) -> GuestClient:
-        return self.node_of(rec).guest(rec.id)
+        client = self.node_of(rec).guest(rec.id)
+        stages.mark("node")
+        return client
 
     def port_opener(self, rec: SandboxRecord) -> Callable[[int], Awaitable[socket.socket]]:
         """Connects to a port on the running sandbox's loopback, on the node that holds it; a
@@ -246,6 +250,7 @@ class SandboxService:
         async with self.refs.held():  # the source's layers cannot be collected meanwhile
             home = await self.sources.home(who, req.template, req.snapshot)  # where its files are
             template, defaults = await self.sources.of(who, req.template, req.snapshot)
+            stages.mark("template")
             timeout = self.settings.default_timeout if req.timeout is None else req.timeout
             dl = defaults.get("limits", {})
             limits = Limits(
@@ -255,6 +260,7 @@ class SandboxService:
                 disk_mb=req.disk_mb if req.disk_mb is not None else dl.get("disk_mb"),
             )
             limits = await self.quotas.with_default_cpu(who.tenant, limits)
+            stages.mark("quota defaults")
             runtime = req.runtime or defaults.get("runtime") or "namespaces"
             # Pooled sandboxes have no volumes, mounts or disk limit: those start cold.
             mounts = bool(req.volumes or req.mounts or defaults.get("volumes"))
@@ -376,12 +382,16 @@ class SandboxService:
     async def _claim(self, rec: SandboxRecord, template: TemplateSpec, member: Any) -> bool:
         """Make a pooled sandbox `rec`'s (env, user, workdir, limits, egress policy) and record it
         as running; False if the member could not be used (the create then starts one cold)."""
+        stages.mark("quota admit")
         handle = await self.pools.claim(member, self._node_spec(rec, template))
+        stages.mark("claim")
         if handle is None:
             return False
         await self.node_of(rec).network.set_policy(rec.id, rec.network)
+        stages.mark("egress policy")
         rec.state, rec.node = "running", handle
         await self.store.insert_sandbox(rec)
+        stages.mark("store insert")
         self.pools.handed_over(member)
         log.info("sandbox running", extra={"sandbox": rec.id, "from": "pool", "pool": member.id})
         return True

@@ -29,6 +29,8 @@ from .request import Conn, field_bool, timeout_field
 from .users import User, become
 from .wakeup import drain, sigchld_pipe
 
+_OOM_RESET: list[bool] = []  # set in a handler once it has reset its oom_score_adj (pid 1 never does)
+
 
 def _spawn(
     argv: list[str], shell: bool, user: User, cwd: str, env: dict[str, str], fds: tuple[int, int, int]
@@ -39,11 +41,13 @@ def _spawn(
     cannot. Raises OpError for a bad cwd and SpawnFailed when the program cannot be executed.
     """
     in_r, out_w, err_w = fds
-    try:  # user commands should be the OOM killer's choice, not the agent
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("0")
-    except OSError:
-        pass
+    if not _OOM_RESET:  # user commands should be the OOM killer's choice, not the agent
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+            _OOM_RESET.append(True)  # this handler's own setting, inherited by what it starts
+        except OSError:
+            pass
     become(user)
     try:
         os.chdir(cwd)

@@ -20,7 +20,7 @@ from .config import CONFIG_PATH, load_config
 from .errors import log_exception
 from .files import UMASK
 from .handler import refresh_config, serve_connection
-from .users import ensure_workdir, resolve_user
+from .users import ensure_workdir, group_list, resolve_user
 from .wakeup import drain, sigchld_pipe
 
 SPARES = 1  # pre-forked handler waiting for the next connection (each costs ~1 MB of private memory)
@@ -202,7 +202,7 @@ def _warm_up() -> None:
     try:
         user = resolve_user(None)
         if user.known:
-            os.getgrouplist(user.name, user.gid)
+            group_list(user)  # loads the modules, and primes the handlers' cache
     except Exception:
         pass
 

@@ -12,12 +12,12 @@ import select
 import time
 
 from . import protocol
-from .command import EXIT_GRACE, STDIN_HIGH_WATER, exit_code
+from .command import BASE_PATH, EXIT_GRACE, STDIN_HIGH_WATER, exit_code
 from .errors import OpError, os_error
 from .protocol import CHUNK_SIZE, KIND_JSON, KIND_STDERR, KIND_STDIN, KIND_STDOUT
 from .registry import proc_path, write_meta
 from .request import LINGER, timeout_field
-from .users import User, become
+from .users import User, become, restore_root
 from .wakeup import drain, sigchld_pipe
 
 OUTPUT_LIMIT = 8 * 1024 * 1024  # output kept per process; older bytes are dropped
@@ -113,6 +113,16 @@ class Supervisor:
     # -- start
 
     def run(self, report_w: int) -> None:
+        """In a process forked for it: report the start (or why not) on `report_w`, then serve."""
+        self.serve(report_w, None, b"")
+
+    def serve_attached(self, host: _socket.socket, attach: dict) -> None:
+        """In the handler itself (spawn with `attach`): the host's connection is the first client,
+        attached; a start that fails raises OpError (the handler answers it)."""
+        request = protocol.encode_json({"op": "attach", **attach})
+        self.serve(-1, host, request)
+
+    def serve(self, report_w: int, host: _socket.socket | None, request: bytes) -> None:
         sock_path = proc_path(self.id, ".sock")
         try:  # noqa: SIM105
             os.unlink(sock_path)
@@ -127,18 +137,28 @@ class Supervisor:
             self.start_command()
         except (OpError, OSError) as exc:
             err = exc if isinstance(exc, OpError) else os_error(exc)
+            listener.close()
+            os.unlink(sock_path)
+            if host is not None:
+                raise err from None
             os.write(
                 report_w, protocol.dumps({"ok": False, "code": err.code, "message": err.message}).encode()
             )
             os.close(report_w)
-            listener.close()
-            os.unlink(sock_path)
             return
         self.meta.update(pid=self.pid, started_at=time.time(), supervisor=os.getpid())
         write_meta(self.meta)
-        os.write(report_w, protocol.dumps({"ok": True, "pid": self.pid}).encode())
-        os.close(report_w)
+        if host is None:
+            os.write(report_w, protocol.dumps({"ok": True, "pid": self.pid}).encode())
+            os.close(report_w)
         try:
+            if host is not None:
+                event = {"event": "spawned", "id": self.id, "pid": self.pid}
+                protocol.send_frame(host, KIND_JSON, protocol.dumps(event).encode())
+                host.setblocking(False)
+                cl = _Client(host)
+                self.clients.append(cl)
+                self.take(cl, request)
             self.loop(listener, wake_r)
         finally:
             try:  # noqa: SIM105
@@ -172,24 +192,17 @@ class Supervisor:
                     theirs.append(in_r)
                 fds = (in_r, out_w, err_w)
                 self.outputs = {out_r: KIND_STDOUT, err_r: KIND_STDERR}
-            status_r, status_w = os.pipe()
-            theirs.append(status_w)
-            mine.append(status_r)
-            pid = os.fork()
-            if pid == 0:
-                self._child(fds, status_w)
-            for fd in theirs:
-                os.close(fd)
-            theirs.clear()
-            data = b""
-            while chunk := os.read(status_r, 4096):
-                data += chunk
-            os.close(status_r)
-            mine.remove(status_r)
-            if data:
-                os.waitpid(pid, 0)
-                code, _, message = data.decode("utf-8", "replace").partition("\n")
-                raise OpError(code, message)
+            # posix_spawn cannot set the child's oom_score_adj: only where ours is already 0 (as the
+            # child's must be), else the fork path sets it in the child and leaves ours alone.
+            plain = self.size is None and _oom_score_adj() in ("0", None)
+            spawned = self._spawn(fds) if plain else None
+            if spawned is not None:
+                pid = spawned
+                for fd in theirs:
+                    os.close(fd)
+                theirs.clear()
+            else:
+                pid = self._fork(fds, mine, theirs)
         except BaseException:
             for fd in mine + theirs:
                 os.close(fd)
@@ -197,6 +210,69 @@ class Supervisor:
         self.pid = pid
         for fd in mine:
             os.set_blocking(fd, False)
+
+    def _fork(self, fds: tuple[int, int, int], mine: list[int], theirs: list[int]) -> int:
+        """Start the command in a forked child (a terminal's, or one posix_spawn could not start:
+        the child then reports as a shell does); OpError for a bad cwd or user."""
+        status_r, status_w = os.pipe()
+        theirs.append(status_w)
+        mine.append(status_r)
+        pid = os.fork()
+        if pid == 0:
+            self._child(fds, status_w)
+        for fd in theirs:
+            os.close(fd)
+        theirs.clear()
+        data = b""
+        while chunk := os.read(status_r, 4096):
+            data += chunk
+        os.close(status_r)
+        mine.remove(status_r)
+        if data:
+            os.waitpid(pid, 0)
+            code, _, message = data.decode("utf-8", "replace").partition("\n")
+            raise OpError(code, message)
+        return pid
+
+    def _spawn(self, fds: tuple[int, int, int]) -> int | None:
+        """Start a command with pipes by posix_spawn (vfork: a fork of this process and the copy-on-
+        write faults of its Python code before exec cost ~4 ms): as exec.py does, this process
+        switches to the user and cwd around it, then back to root (its own oom_score_adj is 0 here,
+        which the child inherits). None when the program cannot be executed: the fork path then
+        reports it as before (exit 127/126, the message on stderr)."""
+        in_fd, out_fd, err_fd = fds
+        stdin = (
+            (os.POSIX_SPAWN_DUP2, in_fd, 0)
+            if in_fd >= 0
+            else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)
+        )
+        actions = [stdin, (os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, err_fd, 2)]
+        sigdef = (_signal.SIGCHLD, _signal.SIGPIPE, _signal.SIGXFSZ)
+        argv = self.meta["argv"]
+        try:
+            become(self.user)
+            try:
+                os.chdir(self.cwd)
+            except FileNotFoundError:
+                raise OpError("not_found", f"working directory does not exist: {self.cwd}") from None
+            except NotADirectoryError:
+                raise OpError(
+                    "not_a_directory", f"working directory is not a directory: {self.cwd}"
+                ) from None
+            except PermissionError:
+                raise OpError(
+                    "permission_denied", f"working directory is not accessible: {self.cwd}"
+                ) from None
+            os.environ["PATH"] = self.env.get("PATH", BASE_PATH)  # posix_spawnp searches ours
+            try:
+                return os.posix_spawnp(
+                    argv[0], argv, self.env, file_actions=actions, setsid=True, setsigdef=sigdef
+                )
+            except OSError:
+                return None
+        finally:
+            if not restore_root():
+                raise OpError("internal", "the supervisor could not return to root after a spawn")
 
     def _child(self, fds: tuple[int, int, int], status_w: int) -> None:
         """In the forked child: become the command (never returns)."""
@@ -437,6 +513,10 @@ class Supervisor:
         if not data:
             self.drop(cl)  # the handler went away: an attach ends, the process is not touched
             return
+        self.take(cl, data)
+
+    def take(self, cl: _Client, data: bytes) -> None:
+        """Bytes a client sent: its request, or its input."""
         if cl.state not in ("request", "input"):
             return  # nothing more is expected: drop it
         cl.inbuf += data
@@ -603,6 +683,14 @@ class Supervisor:
             self.in_fd = -1
             self.stdin_buf.clear()
         os.close(fd)
+
+
+def _oom_score_adj() -> str | None:
+    try:
+        with open("/proc/self/oom_score_adj") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def signal_number(value: object) -> int:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+from cove import stages
 from cove.guest import protocol
 from cove.guest.protocol import (
     HEADER,
@@ -321,10 +322,14 @@ class GuestClient:
             os.close(fd)
 
     @contextlib.asynccontextmanager
-    async def _streaming(self) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async def _streaming(
+        self, kept: bool = False
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         """A connection of its own for a streamed operation, known to `idle` while it lasts (so a
-        checkpoint can end it: CRIU cannot dump a socket whose peer is outside the sandbox)."""
-        reader, writer = await self._open()
+        checkpoint can end it: CRIU cannot dump a socket whose peer is outside the sandbox).
+        `kept`: a kept connection if there is one (its handler is then used up: never given back)."""
+        conn = self.idle.take(self.key) if kept and self.idle is not None else None
+        reader, writer = (conn.reader, conn.writer) if conn is not None else await self._open()
         s = self.idle.stream(self.key, writer) if self.idle is not None else None
         try:
             yield reader, writer
@@ -401,6 +406,7 @@ class GuestClient:
         """
         fields = {"cmd": cmd, "argv": argv, "cwd": cwd, "env": env, "user": user, "timeout": timeout}
         conn = await self._lease()
+        stages.mark("connection")
         reader, writer = conn.reader, conn.writer
         feeder: asyncio.Task[None] | None = None
         try:
@@ -422,6 +428,7 @@ class GuestClient:
                 elif kind == KIND_STDERR:
                     yield "stderr", payload
                 elif kind == KIND_JSON:
+                    stages.mark("guest")  # the request sent, the command run, its reply read
                     reply = _reply(payload, conn)
                     yield "exit", {"exit_code": reply["exit_code"], "timed_out": reply["timed_out"]}
                     return
@@ -541,9 +548,32 @@ class GuestClient:
         process is not touched. `offset=-1`: live output only. `block`: a reader that falls behind
         holds the process's output back (its writes block) instead of missing bytes.
         Unknown id: GuestError("not_found")."""
-        async with self._streaming() as (reader, writer):
-            fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
-            await _send_request(writer, "attach", fields)
+        fields: dict[str, Any] = {"id": id, "offset": offset, **({"block": True} if block else {})}
+        async for item in self._attached("attach", fields):
+            yield item
+
+    async def spawn_attach(
+        self, offset: int | None = None, block: bool = False, **fields: Any
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
+        """`spawn` and `attach` in one operation on one connection: yields ("spawned", {id, pid})
+        first, then what `attach` yields. A spawn error (bad cwd, unknown user) is raised by the
+        first iteration step; closing the iterator detaches (the process is not touched)."""
+        attach = {"offset": offset, **({"block": True} if block else {})}
+        async for kind, data in self._attached("spawn", {**fields, "attach": attach}):
+            if kind == "spawn reply":  # an agent from before `attach` (a sealed template's): attach now
+                spawned = {"id": data["id"], "pid": data["pid"]}  # type: ignore[index]
+                yield "spawned", spawned
+                async for item in self.attach(spawned["id"], offset=offset, block=block):
+                    yield item
+                return
+            yield kind, data
+
+    async def _attached(
+        self, op: str, fields: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, bytes | dict[str, Any]]]:
+        # A spawn's handler becomes the process's supervisor: a kept one saves forking a handler.
+        async with self._streaming(kept=op == "spawn") as (reader, writer):
+            await _send_request(writer, op, fields)
             while True:
                 frame = await _read_frame(reader)
                 if frame is None:
@@ -559,6 +589,9 @@ class GuestClient:
                         yield str(event["event"]), event
                         continue
                     reply = _reply(payload)
+                    if op == "spawn" and "exit_code" not in reply:
+                        yield "spawn reply", reply
+                        return
                     yield "exit", {"exit_code": reply["exit_code"], "end_offset": reply["end_offset"]}
                     return
 

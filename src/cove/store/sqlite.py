@@ -1,4 +1,7 @@
-"""SQLite (WAL) implementation of the store. Calls run in a worker thread, one connection, one lock."""
+"""SQLite (WAL) implementation of the store. Calls run in a worker thread, one connection, one lock;
+point reads on the request path (a sandbox by id, a key by hash) run on the event loop itself, on a
+read-only connection of their own: WAL readers never wait for the writer, a read by primary key
+takes tens of µs, and the hand-over to the store's thread and back cost about 0.4 ms per exec."""
 
 from __future__ import annotations
 
@@ -176,6 +179,7 @@ class SQLiteStore(Store):
         # pool a claim's insert could wait behind slow kernel work (a teardown's unmount syncs the
         # filesystem, CRIU dumps).
         self._thread: ThreadPoolExecutor | None = None
+        self._reader: sqlite3.Connection | None = None  # the event loop's (see the module's docstring)
 
     def _run(self, fn: Any, *args: Any) -> Any:
         assert self._db is not None, "store is not open"
@@ -186,6 +190,16 @@ class SQLiteStore(Store):
         if self._thread is None:
             raise StoreError("the store is not open")
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, fn, *args)
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        """A point read on the caller's thread (each statement its own read transaction, seeing every
+        write committed before it); through the store's thread if SQLite says busy (WAL recovery)."""
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        try:
+            return fn(self._reader, *args)
+        except sqlite3.OperationalError:
+            return await self._call(fn, *args)
 
     async def open(self) -> None:
         def _open() -> None:
@@ -213,7 +227,11 @@ class SQLiteStore(Store):
                     "Restore it from a backup, or move it and its -wal and -shm files aside to start "
                     "empty (that forgets, and removes, every sandbox, snapshot and key of this server)"
                 ) from e
-            self._db = db
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA query_only=ON")
+            reader.execute("PRAGMA busy_timeout=0")  # never block the event loop: fall back instead
+            self._db, self._reader = db, reader
 
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cove-store")
         try:
@@ -227,6 +245,9 @@ class SQLiteStore(Store):
         if self._thread is None:
             return
         thread, self._thread = self._thread, None
+        if self._reader is not None:  # the event loop's own: closed here, on it
+            reader, self._reader = self._reader, None
+            reader.close()
 
         def _close() -> None:  # on the store's thread: after the calls queued before it
             if self._db is not None:
@@ -248,7 +269,7 @@ class SQLiteStore(Store):
             row = db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
             return _from_row(row) if row else None
 
-        return await self._call(q)
+        return await self._read(q)
 
     async def update_sandbox(self, sandbox_id: str, expect_state: str | None = None, **changes: Any) -> bool:
         unknown = set(changes) - set(_SANDBOX_FIELDS)
@@ -486,7 +507,7 @@ class SQLiteStore(Store):
             row = db.execute("SELECT * FROM api_keys WHERE hash = ?", (key_hash,)).fetchone()
             return self._key(row) if row else None
 
-        return await self._call(q)
+        return await self._read(q)
 
     async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         def q(db: sqlite3.Connection) -> list[KeyRecord]:

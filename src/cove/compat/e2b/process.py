@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from cove import stages
 from cove.node.guest_client import GuestError, GuestUnavailable
 
 from . import connect, fsops
@@ -131,6 +132,7 @@ class Service:
             )
         try:
             ctx.state["session"] = session = await fsops.session(self.cove, tgt)
+            stages.mark("session")
         except fsops.EnvdError as exc:
             raise _as_connect(exc) from exc
         return session
@@ -157,22 +159,34 @@ class Service:
 
     # -- streams -----------------------------------------------------------------------------
     async def _events(
-        self, ctx: Context, proc_id: str, pid: int, offset: int, pty: bool, cls: Any
+        self,
+        ctx: Context,
+        proc_id: str,
+        pid: int,
+        offset: int,
+        pty: bool,
+        cls: Any,
+        output: AsyncIterator[tuple[str, Any]] | None = None,
     ) -> AsyncIterator[Any]:
-        """start, data... and end events of one process, as `cls` (StartResponse/ConnectResponse)."""
+        """start, data... and end events of one process, as `cls` (StartResponse/ConnectResponse).
+        `output`: an attach already under way (the spawn's own), else one is made here."""
         session = _session(ctx)
         # block: as in envd, a slow reader slows the process down rather than missing output.
-        output = session.guest.attach(proc_id, offset=offset, block=True)
+        if output is None:
+            output = session.guest.attach(proc_id, offset=offset, block=True)
         try:
             async with _guest_errors(ctx):
                 await anext(output)  # "attached": the process is there
+            stages.mark("attach")
             yield cls(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+            stages.mark("start event")
             async with _guest_errors(ctx), _stream_cut(session):
                 async for kind, data in output:
                     if kind in ("stdout", "stderr"):
                         field = "pty" if pty else kind
                         yield cls(event=pb.ProcessEvent(data=pb.ProcessEvent.DataEvent(**{field: data})))
                     elif kind == "exit":
+                        stages.mark("run")
                         code = int(data["exit_code"])  # type: ignore[index]
                         # 128 + n is how a signal death reads; only the process record tells it from `exit 137`.
                         sig = await self._signal_of(ctx, proc_id) if code > 128 else None
@@ -198,9 +212,15 @@ class Service:
             "hold": True,  # until _events attaches (blocking): envd streams from the first byte
         }
         session = await self._open(ctx)
+        # Spawned and attached on one guest connection: the attach misses nothing (hold).
+        output = session.guest.spawn_attach(offset=0, block=True, **fields)
         try:
-            started = await session.guest.spawn(**fields)
+            kind, started = await anext(output)
+            stages.mark("spawn")
+            if kind != "spawned":
+                raise GuestUnavailable(f"the guest agent answered a spawn with {kind!r}")
         except GuestError as exc:
+            await output.aclose()  # type: ignore[attr-defined]
             err = fsops.from_guest(exc)
             code = (
                 "invalid_argument"
@@ -209,11 +229,12 @@ class Service:
             )
             raise ConnectError(code, err.message) from exc
         except GuestUnavailable as exc:
+            await output.aclose()  # type: ignore[attr-defined]
             raise _as_connect(await session.failed(exc)) from exc
         if ctx.timeout:
             self._kill_at(session, started["id"], ctx.timeout)
         async for event in self._events(
-            ctx, started["id"], started["pid"], 0, size is not None, pb.StartResponse
+            ctx, started["id"], started["pid"], 0, size is not None, pb.StartResponse, output
         ):
             yield event
 

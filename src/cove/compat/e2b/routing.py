@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cove import stages
 from cove.controlplane.auth import Caller
 from cove.store.base import SandboxRecord
 
@@ -172,6 +173,7 @@ class SandboxRouter:
                 msg = f"The sandbox {sandbox_id} was not found: it is paused (connect to resume it)"
                 await send_error(send, 502, msg, sandbox_id)
             return
+        stages.mark("e2b lookup")
         headers = dict(scope["headers"])
         tgt = Target(
             sandbox=rec,

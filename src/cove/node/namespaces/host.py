@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cove import syscalls
+from cove import stages, syscalls
 from cove.config import Settings
 from cove.node.base import Handle, NodeError, SandboxSpec, Seal
 from cove.node.namespaces import bucket_mounts, cgroups
@@ -232,15 +232,19 @@ class SandboxHost:
         agent re-reads its config when the file changes, so the replacement is atomic (rename)."""
         run = self.sandbox_dir(spec.id) / "run"
         tmp = run / "config.json.new"
+        stages.mark("to thread")
         tmp.write_text(config_json(spec))
         os.rename(tmp, run / "config.json")
+        stages.mark("config")
         limits = spec.limits
         memory = limits.memory_mb * 1024 * 1024 if limits.memory_mb else None
         cg = self.cgroup(spec.id)
         cg.set_limits(memory, limits.cpu, pids)
         cg.set_weight(cgroups.NORMAL_WEIGHT)  # a pool member started in the background
+        stages.mark("limits")
         if thaw:
             cg.freeze(False)
+            stages.mark("thaw")
 
     def dead(self, sandboxes: list[tuple[str, Handle]]) -> list[str]:
         """The ids among `(id, handle)` whose sandbox no longer runs."""
