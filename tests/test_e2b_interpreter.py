@@ -252,7 +252,9 @@ def test_contexts_create_list_restart_remove(kernel_ready: None, sbx: Sandbox) -
         sbx.restart_code_context("no-such-context")
 
 
-def test_bash_and_javascript_are_languages_too_and_others_are_refused(kernel_ready: None, sbx: Sandbox) -> None:
+def test_bash_and_javascript_are_languages_too_and_others_are_refused(
+    kernel_ready: None, sbx: Sandbox
+) -> None:
     sbx.run_code("cd /tmp && GREETING=hi", language="bash")
     execution = sbx.run_code("echo $GREETING from $(pwd)", language="bash")
     assert execution.logs.stdout == ["hi from /tmp\n"] and execution.error is None
@@ -278,6 +280,22 @@ def test_bash_and_javascript_are_languages_too_and_others_are_refused(kernel_rea
         sbx.run_code("1 + 1", language="scala")
     with pytest.raises(SandboxException, match="not supported"):
         sbx.create_code_context(language="cobol")
+
+
+def test_the_interpreter_answers_health_and_comes_back_after_its_kernel_is_killed(
+    kernel_ready: None, e2b_env: Server, sbx: Sandbox
+) -> None:
+    with httpx.Client(base_url=e2b_env.url, headers=routed(sbx, 49999), timeout=30) as c:
+        r = c.get("/health")
+        assert r.status_code == 200 and r.text == "OK"
+    sbx.run_code("lost = 1")
+    killed = sbx.commands.run(
+        "pkill -KILL -f '[k]ernel_bridge'; sleep 0.5; pgrep -f '[k]ernel_bridge' || echo none", user="root"
+    )
+    assert killed.stdout.strip() == "none"
+    # The next run starts a fresh default context (its variables went with the killed one).
+    assert sbx.run_code("1 + 1").text == "2"
+    assert sbx.run_code("'lost' in globals()").text == "False"
 
 
 def test_timeout_interrupts_the_run_and_the_context_goes_on(kernel_ready: None, sbx: Sandbox) -> None:
