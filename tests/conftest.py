@@ -55,6 +55,15 @@ def api(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
+def made(api: httpx.Client) -> Iterator[list[str]]:
+    """Ids of sandboxes to kill at the end of the test (through whichever `api` the module uses)."""
+    ids: list[str] = []
+    yield ids
+    for sid in ids:
+        api.delete(f"/v1/sandboxes/{sid}")
+
+
+@pytest.fixture
 def sandbox(api: httpx.Client) -> Iterator[dict]:
     """A running sandbox (killed afterwards)."""
     r = api.post("/v1/sandboxes", json={"timeout": 600})

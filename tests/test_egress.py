@@ -76,14 +76,6 @@ def api(srv: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture
-def made(api: httpx.Client) -> Iterator[list[str]]:
-    ids: list[str] = []
-    yield ids
-    for sid in ids:
-        api.delete(f"/v1/sandboxes/{sid}")
-
-
 def create(api: httpx.Client, made: list[str], network: dict[str, Any] | None = None) -> str:
     r = api.post("/v1/sandboxes", json={"timeout": 600, **({"network": network} if network else {})})
     assert r.status_code == 201, r.text

@@ -80,14 +80,6 @@ def api(srv: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture
-def made(api: httpx.Client) -> Iterator[list[str]]:
-    ids: list[str] = []
-    yield ids
-    for sid in ids:
-        api.delete(f"/v1/sandboxes/{sid}")
-
-
 def _create(api: httpx.Client, made: list[str], network: dict[str, Any]) -> str:
     r = api.post("/v1/sandboxes", json={"timeout": 600, "network": network})
     assert r.status_code == 201, r.text

@@ -59,14 +59,6 @@ def api(srv: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture
-def made(api: httpx.Client) -> Iterator[list[str]]:
-    ids: list[str] = []
-    yield ids
-    for sid in ids:
-        api.delete(f"/v1/sandboxes/{sid}")
-
-
 def create(api: httpx.Client, made: list[str], mode: str, allow: list[str] = (), deny: list[str] = ()) -> str:  # type: ignore[assignment]
     network = {"mode": mode, "allow": list(allow), "deny": list(deny)}
     r = api.post("/v1/sandboxes", json={"timeout": 600, "network": network})

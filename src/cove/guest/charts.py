@@ -33,14 +33,14 @@ _UNIT = re.compile(r"\s\((.*?)\)|\[(.*?)\]")
 
 
 def _num(v: Any) -> Any:
-    """A JSON-safe number (NaN and infinities have no JSON form)."""
+    """A JSON-safe number (NaN and infinities have no JSON form); a Python int stays one."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
     try:
         f = float(v)
     except (TypeError, ValueError):
         return str(v)
-    if math.isnan(f) or math.isinf(f):
-        return None
-    return int(f) if f.is_integer() and abs(f) < 2**53 and isinstance(v, int) else f
+    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def _label(artist: Any) -> str:

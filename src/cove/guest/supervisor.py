@@ -251,18 +251,7 @@ class Supervisor:
         argv = self.meta["argv"]
         try:
             become(self.user)
-            try:
-                os.chdir(self.cwd)
-            except FileNotFoundError:
-                raise OpError("not_found", f"working directory does not exist: {self.cwd}") from None
-            except NotADirectoryError:
-                raise OpError(
-                    "not_a_directory", f"working directory is not a directory: {self.cwd}"
-                ) from None
-            except PermissionError:
-                raise OpError(
-                    "permission_denied", f"working directory is not accessible: {self.cwd}"
-                ) from None
+            self._enter_workdir()
             os.environ["PATH"] = self.env.get("PATH", BASE_PATH)  # posix_spawnp searches ours
             try:
                 return os.posix_spawnp(
@@ -273,6 +262,17 @@ class Supervisor:
         finally:
             if not restore_root():
                 raise OpError("internal", "the supervisor could not return to root after a spawn")
+
+    def _enter_workdir(self) -> None:
+        """chdir to the command's working directory, as its user; OpError says why not."""
+        try:
+            os.chdir(self.cwd)
+        except FileNotFoundError:
+            raise OpError("not_found", f"working directory does not exist: {self.cwd}") from None
+        except NotADirectoryError:
+            raise OpError("not_a_directory", f"working directory is not a directory: {self.cwd}") from None
+        except PermissionError:
+            raise OpError("permission_denied", f"working directory is not accessible: {self.cwd}") from None
 
     def _child(self, fds: tuple[int, int, int], status_w: int) -> None:
         """In the forked child: become the command (never returns)."""
@@ -299,18 +299,7 @@ class Supervisor:
             except OSError:
                 pass
             become(self.user)
-            try:
-                os.chdir(self.cwd)
-            except FileNotFoundError:
-                raise OpError("not_found", f"working directory does not exist: {self.cwd}") from None
-            except NotADirectoryError:
-                raise OpError(
-                    "not_a_directory", f"working directory is not a directory: {self.cwd}"
-                ) from None
-            except PermissionError:
-                raise OpError(
-                    "permission_denied", f"working directory is not accessible: {self.cwd}"
-                ) from None
+            self._enter_workdir()
             argv = self.meta["argv"]
             try:
                 os.execvpe(argv[0], argv, self.env)
